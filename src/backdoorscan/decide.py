@@ -1,0 +1,24 @@
+"""The USB / Neural Cleanse decision: a one-sided MAD anomaly index over per-class perturbation sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+def anomaly_index(norms: np.ndarray | list[float]) -> np.ndarray:
+    """(median - L1_t) / (1.4826 * MAD) per class: large and positive for unusually small perturbations."""
+    norms = np.asarray(norms, dtype=np.float64)
+    median = np.median(norms)
+    mad = np.median(np.abs(norms - median)) * MAD_TO_SIGMA
+    mad = max(mad, 1e-12 * max(abs(median), 1.0))
+    return (median - norms) / mad
+
+
+def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float = 2.0,
+                 asr_min: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly index per class and which classes are flagged: index above threshold and a working trigger."""
+    index = anomaly_index(norms)
+    flagged = (index > threshold) & (np.asarray(asr, dtype=np.float64) >= asr_min)
+    return index, flagged

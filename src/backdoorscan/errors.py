@@ -1,0 +1,22 @@
+"""One user-facing error type: what went wrong, with which file, and what to do about it (exit code 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ScanError(Exception):
+    """A problem with the user's input that stops a scan; the CLI prints it as one line and exits 2."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None) -> None:
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        """`FILE: message (hint)` on a single line."""
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return " ".join(text.split())

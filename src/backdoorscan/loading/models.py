@@ -1,0 +1,283 @@
+"""Load a classifier as the user downloaded it: detect the format from the bytes, never run a pickle by default.
+
+Formats: torch.export programs (.pt2), TorchScript archives, ONNX (via onnx2torch), safetensors and plain
+state_dict files with `--arch`, and, only behind `unsafe_allow_pickle=True`, fully pickled modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import pickletools
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import ScanError
+from .onnx import load_onnx
+
+FORMATS = ("torch.export", "torchscript", "onnx", "safetensors", "state_dict", "pickle")
+PICKLE_HINT = (
+    "a pickle can run any code when loaded; if you trust its author, rerun with --unsafe-allow-pickle, "
+    "or convert it where it was made: torch.save(model.state_dict(), 'weights.pt') and pass --arch, "
+    "or torch.export.save(torch.export.export(model, (example,)), 'model.pt2')"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A classifier in inference form, plus what was loaded and how."""
+
+    module: nn.Module
+    path: Path
+    format: str
+    sha256: str
+    input_shape: tuple[int | None, ...] | None = None  # (N, C, H, W) as declared by the file, if any
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        text = f"{self.format} file {self.path.name}"
+        return text + ("; " + "; ".join(self.notes) if self.notes else "")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """Name the format from the file's content, not its extension."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    size = path.stat().st_size
+    if zipfile.is_zipfile(path):
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except zipfile.BadZipFile as exc:
+            raise ScanError("damaged zip archive", path=path, hint="download the file again") from exc
+        if any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names):
+            return "torch.export"
+        if any("/code/__torch__" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "pickle"  # a torch.save archive: a state_dict or a whole module, told apart on load
+        raise ScanError("zip archive that is neither a torch.save, TorchScript nor torch.export file", path=path)
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len < size and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if head[:1] == b"\x08":
+        return "onnx"
+    raise ScanError(
+        "unknown model format",
+        path=path,
+        hint="backdoorscan reads .pt2 (torch.export), TorchScript, ONNX, safetensors and state_dict files",
+    )
+
+
+def pickle_imports(path: Path) -> list[str]:
+    """What a pickle would import, read without executing it (torch.save archives and raw pickles)."""
+    if zipfile.is_zipfile(path):
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    found, strings = set(), []
+    try:
+        for op, arg, _ in pickletools.genops(path.read_bytes()):
+            if op.name in ("GLOBAL", "INST"):
+                found.add(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.add(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a truncated pickle still tells us what it had imported so far
+        pass
+    return sorted(found)
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept common checkpoint wrappers: {'state_dict': ...}, {'model': ...}, DataParallel 'module.' prefixes."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ScanError("the file holds no state_dict of tensors", path=path,
+                        hint="save it with torch.save(model.state_dict(), PATH)")
+    out = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """The output width of the last 2-D weight (the classifier head), if there is one."""
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(heads[-1].shape[0]) if heads else None
+
+
+def resolve_arch(spec: str, num_classes: int | None) -> nn.Module:
+    """Build an untrained module from `resnet18`, `path/to/file.py:function` or `package.module:function`."""
+    if ":" in spec:
+        target, func_name = spec.rsplit(":", 1)
+        if target.endswith(".py"):
+            file = Path(target)
+            if not file.is_file():
+                raise ScanError("architecture file not found", path=file, hint="--arch path/to/file.py:function")
+            mod_spec = importlib.util.spec_from_file_location(f"_backdoorscan_arch_{file.stem}", file)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)  # the user's own code, which they trust
+        else:
+            try:
+                module = importlib.import_module(target)
+            except ImportError as exc:
+                raise ScanError(f"cannot import {target!r} for --arch", hint="check the module path") from exc
+        factory = getattr(module, func_name, None)
+        if factory is None:
+            raise ScanError(f"--arch {spec}: no function {func_name!r} in {target}")
+        params = inspect.signature(factory).parameters
+        kwargs = {"num_classes": num_classes} if num_classes is not None and "num_classes" in params else {}
+        return factory(**kwargs)
+    import torchvision
+
+    if spec not in torchvision.models.list_models():
+        raise ScanError(f"unknown architecture {spec!r}",
+                        hint="name a torchvision model (resnet18, vgg16_bn, ...) or path/to/file.py:function")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    return torchvision.models.get_model(spec, weights=None, **kwargs)
+
+
+def _load_state_into(state: dict[str, torch.Tensor], arch: str | None, num_classes: int | None,
+                     path: Path) -> nn.Module:
+    if arch is None:
+        raise ScanError("this file holds only weights, so the architecture must be named", path=path,
+                        hint="add --arch resnet18 (torchvision) or --arch path/to/file.py:function")
+    inferred = infer_num_classes(state)
+    if num_classes is not None and inferred is not None and inferred != num_classes:
+        raise ScanError(f"--num-classes {num_classes} disagrees with the weights, whose head has {inferred} outputs",
+                        path=path, hint=f"use --num-classes {inferred}")
+    module = resolve_arch(arch, num_classes if num_classes is not None else inferred)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:3]
+        raise ScanError(f"the weights do not match --arch {arch}: {' '.join(s.strip() for s in first)[:200]}",
+                        path=path, hint="name the architecture the weights were trained with") from exc
+    return module
+
+
+def _load_pickle(path: Path, arch: str | None, num_classes: int | None, unsafe: bool,
+                 notes: list[str]) -> tuple[nn.Module, str]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" not in str(exc):
+            raise ScanError(f"cannot read the file ({str(exc).splitlines()[0][:120]})", path=path,
+                            hint="download it again; it may be truncated") from exc
+        if not unsafe:
+            imports = pickle_imports(path)
+            shown = ", ".join(imports[:6]) + (", ..." if len(imports) > 6 else "")
+            raise ScanError(f"refused: this is a pickle that would import {shown or 'arbitrary objects'}",
+                            path=path, hint=PICKLE_HINT) from exc
+        notes.append("loaded a full pickle with --unsafe-allow-pickle")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, nn.Module):
+            return obj, "pickle"
+    return _load_state_into(_unwrap_state_dict(obj, path), arch, num_classes, path), "state_dict"
+
+
+def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn.Module, tuple | None]:
+    program = torch.export.load(str(path))
+    shape = None
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in placeholders:
+        if node.name in user_inputs and "val" in node.meta:
+            shape = tuple(d if isinstance(d, int) else None for d in node.meta["val"].shape)
+            break
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+        notes.append(f"moved to {device}")
+    return program.module(), shape
+
+
+def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+               unsafe_allow_pickle: bool = False, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint in any supported format, in inference form, with gradients off for its parameters."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScanError("model file not found", path=path, hint="check the path")
+    if path.stat().st_size == 0:
+        raise ScanError("model file is empty", path=path, hint="download it again")
+    device = torch.device(device)
+    fmt, notes, shape = detect_format(path), [], None
+    try:
+        if fmt == "torch.export":
+            module, shape = _load_export(path, device, notes)
+        elif fmt == "torchscript":
+            module = torch.jit.load(str(path), map_location=device)
+            notes.append("TorchScript is deprecated upstream; prefer torch.export (.pt2)")
+        elif fmt == "onnx":
+            module, shape = load_onnx(path, notes)
+        elif fmt == "safetensors":
+            from safetensors.torch import load_file
+
+            module = _load_state_into(load_file(str(path)), arch, num_classes, path)
+        else:
+            module, fmt = _load_pickle(path, arch, num_classes, unsafe_allow_pickle, notes)
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise ScanError(f"cannot load this {fmt} file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]})",
+                        path=path, hint="check that the file is complete and of a supported format") from exc
+    if arch is not None and fmt in ("torch.export", "torchscript", "onnx", "pickle"):
+        notes.append(f"--arch {arch} ignored: the file carries its own architecture")
+    if fmt != "torch.export":  # an exported module is already in inference form and refuses .eval()
+        module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    module.to(device)
+    if shape is not None and shape and shape[0] is not None:
+        notes.append(f"static batch size {shape[0]}: inputs are run in chunks of {shape[0]}")
+        module = FixedBatch(module, shape[0])
+    return LoadedModel(module=module, path=path, format=fmt, sha256=sha256_file(path), input_shape=shape,
+                       notes=notes)
+
+
+class FixedBatch(nn.Module):
+    """Runs a module exported with a fixed batch size on any batch, chunked and zero-padded."""
+
+    def __init__(self, module: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.inner, self.batch = module, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in x.split(self.batch):
+            n = chunk.shape[0]
+            if n < self.batch:
+                pad = chunk.new_zeros((self.batch - n, *chunk.shape[1:]))
+                chunk = torch.cat([chunk, pad])
+            outs.append(self.inner(chunk)[:n])
+        return torch.cat(outs)

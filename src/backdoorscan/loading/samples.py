@@ -1,0 +1,250 @@
+"""Images in, [0, 1] float tensors out: image folders (flat or class subfolders) and `.npz` files.
+
+Large inputs are streamed in chunks (`iter_images`): a folder is read file by file, an `.npz` member is read
+row-block by row-block from its zip entry, so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ScanError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class Batch:
+    """A chunk of images converted to the model's channels and size."""
+
+    x: torch.Tensor  # float32 (B, C, H, W) in [0, 1]
+    y: torch.Tensor | None  # int64 labels when the source has them
+    ids: list[str]  # relative paths or npz row indices
+
+
+@dataclass
+class SampleSet(Batch):
+    """The clean samples a scan works from (a class-balanced draw)."""
+
+    source: Path | None = None
+    labels_from: str = "none"  # "file", "folders" or "predictions"
+
+
+def to_model_format(images: np.ndarray | torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8/float images (N, H, W[, C]) -> float32 (N, C, H, W) in [0, 1] at the model's channels and size."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    if x.ndim != 4:
+        raise ScanError(f"images must be (N, H, W) or (N, H, W, C), got shape {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
+    c, h, w = shape
+    if x.shape[1] == 4:
+        x = x[:, :3]
+    if x.shape[1] == 3 and c == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif x.shape[1] == 1 and c == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != c:
+        raise ScanError(f"images have {x.shape[1]} channels, the model takes {c}")
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return x.contiguous()
+
+
+class NpzSource:
+    """Rows of an `.npz` (`x` uint8 (N, H, W[, C]), optional `y`), read in blocks without loading `x` whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = set(zf.namelist())
+                if "x.npy" not in names:
+                    raise ScanError("the .npz has no array 'x'", path=path,
+                                    hint="store images as x: uint8 (N, H, W, C), labels as y")
+                with zf.open("x.npy") as fh:
+                    self.shape, _, self.dtype = _read_header(fh)
+                self.y = None
+                if "y.npy" in names:
+                    with zf.open("y.npy") as fh:
+                        self.y = np.lib.format.read_array(fh, allow_pickle=False).astype(np.int64)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise ScanError(f"cannot read the .npz ({exc})", path=path, hint="check the file") from exc
+        if len(self.shape) not in (3, 4) or self.shape[0] == 0:
+            raise ScanError(f"'x' has shape {self.shape}; expected (N, H, W) or (N, H, W, C) with N > 0", path=path)
+        if self.y is not None and len(self.y) != self.shape[0]:
+            raise ScanError(f"'y' has {len(self.y)} labels for {self.shape[0]} images", path=path)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def blocks(self, size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices, images) in file order; with `rows`, only those rows."""
+        with zipfile.ZipFile(self.path) as zf, zf.open("x.npy") as fh:
+            shape, fortran, dtype = _read_header(fh)
+            if fortran or dtype.hasobject:
+                raise ScanError("'x' must be a C-ordered numeric array", path=self.path)
+            row_shape, row_bytes = shape[1:], int(np.prod(shape[1:])) * dtype.itemsize
+            wanted = None if rows is None else np.zeros(shape[0], bool)
+            if wanted is not None:
+                wanted[rows] = True
+            for start in range(0, shape[0], size):
+                n = min(size, shape[0] - start)
+                data = fh.read(n * row_bytes)
+                if len(data) != n * row_bytes:
+                    raise ScanError("the .npz is truncated", path=self.path, hint="download it again")
+                block = np.frombuffer(data, dtype=dtype).reshape(n, *row_shape)
+                idx = np.arange(start, start + n)
+                if wanted is not None:
+                    keep = wanted[start:start + n]
+                    if not keep.any():
+                        continue
+                    block, idx = block[keep], idx[keep]
+                yield idx, block
+
+
+def _read_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an .npy stream, leaving it at the first data byte."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+class FolderSource:
+    """Image files below a folder: class subfolders (ImageFolder) give labels, a flat or mixed tree gives none."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_file():
+            self.root, self.files = path.parent, [path]
+        else:
+            self.root = path
+            self.files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ScanError("no images found (PNG, JPEG, BMP, PPM, WebP, TIFF)", path=path,
+                            hint="point to a folder of images, an image file or an .npz")
+        rel = [f.relative_to(self.root) for f in self.files]
+        self.classes: list[str] | None = None
+        self.y = None
+        if path.is_dir() and all(len(r.parts) == 2 for r in rel):
+            names = sorted({r.parts[0] for r in rel})
+            if len(names) > 1:
+                to_index = ({n: int(n) for n in names} if all(n.isdigit() for n in names)
+                            else {n: i for i, n in enumerate(names)})
+                self.classes = names
+                self.y = np.array([to_index[r.parts[0]] for r in rel], dtype=np.int64)
+        self.ids = [r.as_posix() for r in rel]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> np.ndarray | None:
+        """One image as uint8 (H, W, C), or None when the file cannot be decoded."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.files[index]) as im:
+                im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+                return np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, -1)
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None
+
+
+def open_source(path: str | Path) -> NpzSource | FolderSource:
+    """An .npz file, an image folder, or a single image file."""
+    path = Path(path)
+    if not path.exists():
+        raise ScanError("not found", path=path, hint="check the path")
+    if path.is_file() and zipfile.is_zipfile(path) and path.suffix.lower() != ".webp":
+        return NpzSource(path)
+    if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ScanError("not an image folder, image file or .npz", path=path)
+    return FolderSource(path)
+
+
+def iter_images(source: NpzSource | FolderSource, shape: tuple[int, int, int], chunk: int = 256,
+                rows: np.ndarray | None = None, skipped: list[str] | None = None) -> Iterator[Batch]:
+    """Stream the source in chunks converted to `shape`; unreadable files are skipped and listed in `skipped`."""
+    if isinstance(source, NpzSource):
+        for idx, block in source.blocks(chunk, rows):
+            y = torch.from_numpy(source.y[idx]) if source.y is not None else None
+            yield Batch(to_model_format(block, shape), y, [str(i) for i in idx])
+        return
+    order = range(len(source)) if rows is None else sorted(int(r) for r in rows)
+    images, ids, labels = [], [], []
+
+    def flush() -> Batch:
+        x = torch.cat([to_model_format(im[None], shape) for im in images])
+        y = torch.tensor(labels) if source.y is not None else None
+        return Batch(x, y, list(ids))
+
+    for i in order:
+        image = source.read(i)
+        if image is None:
+            if skipped is not None:
+                skipped.append(source.ids[i])
+            continue
+        images.append(image)
+        ids.append(source.ids[i])
+        if source.y is not None:
+            labels.append(int(source.y[i]))
+        if len(images) == chunk:
+            yield flush()
+            images, ids, labels = [], [], []
+    if images:
+        yield flush()
+
+
+def balanced_rows(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to n row indices spread as evenly as possible over the classes present in `labels`."""
+    classes = np.unique(labels)
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    taken = {c: 0 for c in classes}
+    chosen: list[int] = []
+    while len(chosen) < n:
+        open_classes = [c for c in classes if taken[c] < len(pools[c])]
+        if not open_classes:
+            break
+        for c in rng.permutation(open_classes):
+            if len(chosen) == n:
+                break
+            chosen.append(int(pools[c][taken[c]]))
+            taken[c] += 1
+    return np.sort(np.array(chosen, dtype=np.int64))
+
+
+def load_samples(path: str | Path, shape: tuple[int, int, int], n: int = 300, seed: int = 0,
+                 predict=None) -> SampleSet:
+    """A class-balanced draw of n clean samples: by the file's labels or folders, else by `predict(x)` labels."""
+    source = open_source(path)
+    rng = np.random.default_rng(seed)
+    total = len(source)
+    if source.y is not None:
+        rows, labels_from = balanced_rows(source.y, n, rng), ("file" if isinstance(source, NpzSource) else "folders")
+    else:
+        rows, labels_from = np.sort(rng.permutation(total)[: min(total, max(n * 4, n))]), "predictions"
+    batches = list(iter_images(source, shape, rows=rows))
+    if not batches:
+        raise ScanError("no readable images", path=path, hint="check that the files are images")
+    x = torch.cat([b.x for b in batches])
+    ids = [i for b in batches for i in b.ids]
+    y = torch.cat([b.y for b in batches]) if batches[0].y is not None else None
+    if y is None and predict is not None:
+        pred = predict(x).cpu().numpy()
+        keep = balanced_rows(pred, n, rng)
+        x, ids, y = x[keep], [ids[i] for i in keep], torch.from_numpy(pred[keep])
+    elif y is None:
+        x, ids = x[:n], ids[:n]
+    return SampleSet(x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from)

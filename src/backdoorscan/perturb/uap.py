@@ -1,0 +1,123 @@
+"""Universal adversarial perturbations (Moosavi-Dezfooli et al., CVPR 2017) in pixel space [0, 1].
+
+`targeted_uaps` is USB's Alg. 1, one targeted UAP per class with the class dimension as a batch dimension:
+sample by sample, every class whose v_t does not yet send the sample to t takes a targeted DeepFool step, and
+v_t is projected back onto the ball ||v||_p <= delta; a pass over the samples ends with the targeted success
+rate per class, and classes at theta or above stop. `untargeted_uap` is the single L-inf UAP of Xue et al.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .deepfool import deepfool
+from .project import project
+
+Progress = Callable[[int, int], None]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Labels of x, in batches, on x's device."""
+    return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch)])
+
+
+@torch.no_grad()
+def targeted_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                     targets: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """Per target t: share of the samples not of class t that f(clip(x + v_t)) sends to t."""
+    rates = torch.zeros(len(targets), device=x.device)
+    per = max(1, batch // max(1, x.shape[0]))
+    for start in range(0, len(targets), per):
+        vs, ts = v[start:start + per], targets[start:start + per]
+        pred = predict(model, (x[None] + vs[:, None]).clamp(0, 1).flatten(0, 1), batch).view(len(ts), -1)
+        others = y[None] != ts[:, None]
+        hits = (pred == ts[:, None]) & others
+        rates[start:start + per] = hits.sum(1) / others.sum(1).clamp_min(1)
+    return rates
+
+
+@dataclass
+class TargetedUAPs:
+    """One targeted UAP per class and how well each works."""
+
+    v: torch.Tensor  # (K, C, H, W)
+    success: torch.Tensor  # (K,) targeted success rate on samples of other classes
+    passes: int
+
+
+def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
+                  p: str = "l2", delta: float = 10.0, theta: float = 0.6, max_passes: int = 5,
+                  overshoot: float = 0.02, max_iter: int = 50, progress: Progress | None = None) -> TargetedUAPs:
+    """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted)."""
+    k = len(targets)
+    v = torch.zeros(k, *x.shape[1:], device=x.device)
+    done = torch.zeros(k, dtype=torch.bool, device=x.device)
+    success = torch.zeros(k, device=x.device)
+    passes = 0
+    for passes in range(1, max_passes + 1):
+        for i in range(x.shape[0]):
+            idx = (~done).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            r = deepfool(model, x[i][None] + v[idx], targets[idx], p=p, overshoot=overshoot, max_iter=max_iter)
+            moved = r.flatten(1).abs().amax(1) > 0
+            if moved.any():
+                sel = idx[moved]
+                v[sel] = project(v[sel] + r[moved], delta, p)
+            if progress is not None:
+                progress((passes - 1) * x.shape[0] + i + 1, max_passes * x.shape[0])
+        success = targeted_success(model, x, y, v, targets)
+        done = success >= theta
+        if done.all():
+            break
+    if progress is not None:
+        progress(max_passes * x.shape[0], max_passes * x.shape[0])
+    return TargetedUAPs(v=v, success=success, passes=passes)
+
+
+@torch.no_grad()
+def fooling_rate(model: nn.Module, x: torch.Tensor, v: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Share of samples whose predicted label changes when v is added."""
+    before = predict(model, x) if labels is None else labels
+    after = predict(model, (x + v).clamp(0, 1))
+    return float((before != after).float().mean())
+
+
+@dataclass
+class UntargetedUAP:
+    """A single untargeted UAP and its fooling rate on the samples it was computed from."""
+
+    v: torch.Tensor  # (C, H, W)
+    epsilon: float
+    fooling_rate: float
+    passes: int
+
+
+def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float = 0.1, p: str = "linf",
+                   target_rate: float = 0.8, max_passes: int = 10, overshoot: float = 0.02, max_iter: int = 50,
+                   progress: Progress | None = None) -> UntargetedUAP:
+    """Xue et al.'s perturbation: one UAP fooling at least `target_rate` of x, with ||v||_p <= epsilon."""
+    labels = predict(model, x)
+    v = torch.zeros(1, *x.shape[1:], device=x.device)
+    rate, passes = 0.0, 0
+    for passes in range(1, max_passes + 1):
+        for i in range(x.shape[0]):
+            xi = x[i][None]
+            with torch.no_grad():
+                fooled = bool(model((xi + v).clamp(0, 1)).argmax(1) != labels[i])
+            if not fooled:
+                r = deepfool(model, xi + v, None, p=p, overshoot=overshoot, max_iter=max_iter)
+                v = project(v + r, epsilon, p)
+            if progress is not None:
+                progress((passes - 1) * x.shape[0] + i + 1, max_passes * x.shape[0])
+        rate = fooling_rate(model, x, v[0], labels)
+        if rate >= target_rate:
+            break
+    if progress is not None:
+        progress(max_passes * x.shape[0], max_passes * x.shape[0])
+    return UntargetedUAP(v=v[0], epsilon=epsilon, fooling_rate=rate, passes=passes)

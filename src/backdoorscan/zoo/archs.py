@@ -1,0 +1,50 @@
+"""Architectures of the zoo; each is a factory usable as `--arch backdoorscan.zoo.archs:NAME`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+
+def mnist_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Two conv layers and two linear layers for 28x28 inputs (the USB paper's small CNN, max-pooled)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+def mnist_cnn_bn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """The same CNN with batch norm after each convolution."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+def cifar_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """A VGG-style CNN with batch norm for 32x32 inputs."""
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(*block(in_channels, 32), *block(32, 64), *block(64, 128),
+                         nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, num_classes))
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn, "cifar_cnn": cifar_cnn, "cifar_resnet18": cifar_resnet18,
+}
