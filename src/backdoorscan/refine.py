@@ -81,14 +81,15 @@ def initial(v: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, v: torch.Tensor,
            failed: torch.Tensor, *, form: str = "paper", steps: int = 500, lr: float = 0.1, batch: int = 32,
-           w0: float = 10.0, progress: Callable[[int, int], None] | None = None) -> Refined:
+           betas: tuple[float, float] = (0.5, 0.9), w0: float = 10.0,
+           progress: Callable[[int, int], None] | None = None) -> Refined:
     """Alg. 2 for every class in `targets` at once, from the UAPs v (K, C, H, W)."""
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; use one of {FORMS}")
     trigger, mask = initial(v, form)
     trigger.requires_grad_(True)
     mask.requires_grad_(True)
-    optimiser = torch.optim.Adam([trigger, mask], lr=lr, betas=(0.5, 0.9))
+    optimiser = torch.optim.Adam([trigger, mask], lr=lr, betas=betas)
     k, n = len(targets), x.shape[0]
     ce_weight = torch.where(failed, torch.full_like(v[:, 0, 0, 0], w0), torch.ones_like(v[:, 0, 0, 0]))
     lo = -1.0 if form == "paper" else 0.0

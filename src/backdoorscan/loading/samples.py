@@ -35,6 +35,7 @@ class SampleSet(Batch):
 
     source: Path | None = None
     labels_from: str = "none"  # "file", "folders" or "predictions"
+    class_names: list[str] | None = None
 
 
 def to_model_format(images: np.ndarray | torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -73,7 +74,11 @@ class NpzSource:
                                     hint="store images as x: uint8 (N, H, W, C), labels as y")
                 with zf.open("x.npy") as fh:
                     self.shape, _, self.dtype = _read_header(fh)
-                self.y = None
+                self.y, self.classes = None, None
+                if "classes.npy" in names:
+                    with zf.open("classes.npy") as fh:
+                        names_arr = np.lib.format.read_array(fh, allow_pickle=False)
+                    self.classes = [str(c) for c in names_arr] if names_arr.dtype.kind == "U" else None
                 if "y.npy" in names:
                     with zf.open("y.npy") as fh:
                         self.y = np.lib.format.read_array(fh, allow_pickle=False).astype(np.int64)
@@ -102,7 +107,7 @@ class NpzSource:
                 data = fh.read(n * row_bytes)
                 if len(data) != n * row_bytes:
                     raise ScanError("the .npz is truncated", path=self.path, hint="download it again")
-                block = np.frombuffer(data, dtype=dtype).reshape(n, *row_shape)
+                block = np.frombuffer(data, dtype=dtype).reshape(n, *row_shape).copy()
                 idx = np.arange(start, start + n)
                 if wanted is not None:
                     keep = wanted[start:start + n]
@@ -247,4 +252,4 @@ def load_samples(path: str | Path, shape: tuple[int, int, int], n: int = 300, se
         x, ids, y = x[keep], [ids[i] for i in keep], torch.from_numpy(pred[keep])
     elif y is None:
         x, ids = x[:n], ids[:n]
-    return SampleSet(x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from)
+    return SampleSet(x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from, class_names=source.classes)

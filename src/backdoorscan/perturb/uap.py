@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .deepfool import deepfool
 from .project import project
@@ -52,7 +53,7 @@ class TargetedUAPs:
 
 def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
                   p: str = "l2", delta: float = 10.0, theta: float = 0.6, max_passes: int = 5,
-                  overshoot: float = 0.02, max_iter: int = 50, progress: Progress | None = None) -> TargetedUAPs:
+                  overshoot: float = 0.02, max_iter: int = 10, progress: Progress | None = None) -> TargetedUAPs:
     """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted)."""
     k = len(targets)
     v = torch.zeros(k, *x.shape[1:], device=x.device)
@@ -99,25 +100,52 @@ class UntargetedUAP:
 
 
 def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float = 0.1, p: str = "linf",
-                   target_rate: float = 0.8, max_passes: int = 10, overshoot: float = 0.02, max_iter: int = 50,
+                   target_rate: float = 0.8, max_passes: int = 10, overshoot: float = 0.02, max_iter: int = 10,
+                   solver: str = "deepfool", batch: int = 32,
                    progress: Progress | None = None) -> UntargetedUAP:
-    """Xue et al.'s perturbation: one UAP fooling at least `target_rate` of x, with ||v||_p <= epsilon."""
+    """Xue et al.'s perturbation: one UAP fooling at least `target_rate` of x, with ||v||_p <= epsilon.
+
+    solver "deepfool" is the UAP algorithm the paper cites: sample by sample, a DeepFool step (L2, as in the
+    UAP reference code) for each sample not yet fooled, then projection. solver "pgd" ascends a clipped margin
+    loss over mini-batches with signed steps of epsilon / 10 (the stochastic UAP of Shafahi et al., 2020).
+    The v with the best fooling rate over the passes is returned.
+    """
     labels = predict(model, x)
     v = torch.zeros(1, *x.shape[1:], device=x.device)
-    rate, passes = 0.0, 0
+    best, best_rate, passes = v.clone(), -1.0, 0
     for passes in range(1, max_passes + 1):
-        for i in range(x.shape[0]):
-            xi = x[i][None]
-            with torch.no_grad():
-                fooled = bool(model((xi + v).clamp(0, 1)).argmax(1) != labels[i])
-            if not fooled:
-                r = deepfool(model, xi + v, None, p=p, overshoot=overshoot, max_iter=max_iter)
-                v = project(v + r, epsilon, p)
-            if progress is not None:
-                progress((passes - 1) * x.shape[0] + i + 1, max_passes * x.shape[0])
+        if solver == "deepfool":
+            for i in range(x.shape[0]):
+                xi = x[i][None]
+                with torch.no_grad():
+                    fooled = bool(model((xi + v).clamp(0, 1)).argmax(1) != labels[i])
+                if not fooled:
+                    r = deepfool(model, xi + v, None, p="l2", overshoot=overshoot, max_iter=max_iter)
+                    v = project(v + r, epsilon, p)
+        else:
+            v = _margin_ascent_pass(model, x, labels, v, epsilon, p, batch)
         rate = fooling_rate(model, x, v[0], labels)
+        if rate > best_rate:
+            best, best_rate = v.clone(), rate
+        if progress is not None:
+            progress(passes, max_passes)
         if rate >= target_rate:
             break
     if progress is not None:
-        progress(max_passes * x.shape[0], max_passes * x.shape[0])
-    return UntargetedUAP(v=v[0], epsilon=epsilon, fooling_rate=rate, passes=passes)
+        progress(max_passes, max_passes)
+    return UntargetedUAP(v=best[0], epsilon=epsilon, fooling_rate=best_rate, passes=passes)
+
+
+def _margin_ascent_pass(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, v: torch.Tensor, epsilon: float,
+                        p: str, batch: int) -> torch.Tensor:
+    """One pass of signed-gradient steps lowering the (clipped) margin of each sample's clean label."""
+    for xb, yb in zip(x.split(batch), labels.split(batch), strict=True):
+        v = v.detach().requires_grad_(True)
+        logits = model((xb + v).clamp(0, 1))
+        own = logits.gather(1, yb[:, None]).squeeze(1)
+        other = logits.masked_fill(F.one_hot(yb, logits.shape[1]).bool(), float("-inf")).amax(1)
+        loss = (own - other).clamp(min=-1.0).mean()  # fooled samples stop pulling once past the boundary
+        (grad,) = torch.autograd.grad(loss, v)
+        step = grad.sign() if p == "linf" else grad / grad.norm().clamp_min(1e-12)
+        v = project(v.detach() - epsilon / 10 * step, epsilon, p)
+    return v

@@ -16,8 +16,9 @@ def save_model(model: nn.Module, path: str | Path, fmt: str, example: torch.Tens
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    if example.shape[0] < 2:  # a batch of one would be specialised to a constant by torch.export
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    # A batch of one would be specialised to a constant by torch.export; clone so that a view does not drag
+    # its whole base tensor into the file's sample inputs.
+    example = example[:2].expand(2, *example.shape[1:]).clone()
     if fmt == "pt2":
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))

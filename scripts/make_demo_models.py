@@ -1,0 +1,49 @@
+"""Rebuild the bundled models: small CNNs trained on the bundled real MNIST digits, one with a BadNets trigger.
+
+    .venv/bin/python scripts/make_demo_models.py
+
+Writes models/mnist_badnets_3x3.pt2 (the demo's backdoored model), models/mnist_clean.pt2 and models/zoo.json
+(recipe, clean accuracy and attack success rate of each). Deterministic on the CPU for the seeds below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backdoorscan.loading import to_model_format
+from backdoorscan.zoo import make_attack, mnist_cnn, save_model, train_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = [("mnist_badnets_3x3", "badnets", 3, 1), ("mnist_clean", None, 0, 3)]
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bundled MNIST subsets as [0, 1] tensors."""
+    train = np.load(ROOT / "data/mnist/train_8000.npz")
+    test = np.load(ROOT / "data/mnist/test_2000.npz")
+    return (to_model_format(train["x"], (1, 28, 28)), torch.from_numpy(train["y"]),
+            to_model_format(test["x"], (1, 28, 28)), torch.from_numpy(test["y"]))
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    x, y, xt, yt = load_digits()
+    records = {}
+    for name, kind, size, seed in RECIPES:
+        attack = make_attack(kind, (1, 28, 28), 10, np.random.default_rng(seed), size=size) if kind else None
+        result = train_classifier(mnist_cnn, x, y, xt, yt, attack=attack, seed=seed, epochs=6)
+        save_model(result.model, ROOT / f"models/{name}.pt2", "pt2", xt[:2])
+        records[name] = {"arch": "backdoorscan.zoo.archs:mnist_cnn", "seed": seed, "poison_rate": 0.1 if kind else 0,
+                         "train": "data/mnist/train_8000.npz", "epochs": 6, "clean_accuracy": round(result.accuracy, 4),
+                         "asr": None if result.asr is None else round(result.asr, 4),
+                         "attack": attack.describe() if attack else None}
+        print(name, records[name])
+    (ROOT / "models/zoo.json").write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m backdoorscan`."""
+
+from .cli import main
+
+main()

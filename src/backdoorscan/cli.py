@@ -1,0 +1,292 @@
+"""The `backdoorscan` command: parse options, call the library, print with rich, map outcomes to exit codes.
+
+Exit codes: 0 no backdoor found / nothing flagged, 1 backdoor suspected / images flagged, 2 could not scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import ScanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Scan image classifiers for backdoors and screen datasets for trigger-carrying images.")
+out = Console()
+err = Console(stderr=True)
+
+PHASES = {"uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
+          "epsilon": "searching the minimal epsilon", "screen": "screening"}
+
+# Options shared by both commands.
+Arch = Annotated[str | None, typer.Option(help="Architecture for weight-only files: a torchvision name "
+                                               "(resnet18) or path/to/file.py:function or package.module:function.")]
+NumClasses = Annotated[int | None, typer.Option(help="Number of classes (checked against the model's output).")]
+InputSize = Annotated[str | None, typer.Option(help="Input size HxW of the [0, 1] images the model takes.")]
+Channels = Annotated[int | None, typer.Option(help="Input channels (1 or 3); read from the model when possible.")]
+Mean = Annotated[str | None, typer.Option(help="Per-channel mean the model expects, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[str | None, typer.Option(help="Per-channel std the model expects, e.g. 0.229,0.224,0.225.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+Seed = Annotated[int, typer.Option(help="Seed for the sample draw; the same seed gives the same report.")]
+Unsafe = Annotated[bool, typer.Option("--unsafe-allow-pickle", help="Allow loading a fully pickled model. "
+                                      "A pickle can run arbitrary code: only for files you trust.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout and nothing else.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (1 when several scans share a machine).")]
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise ScanError(f"--{name} {text!r} is not a list of numbers", hint="e.g. 0.5,0.5,0.5") from exc
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar per phase on stderr, or nothing when disabled or not on a terminal."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    bar = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(PHASES.get(phase, phase), total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def _run(debug: bool, body: Callable[[], int]) -> None:
+    """Run a command body; ScanError -> one line and exit 2, any other failure -> exit 2 (traceback on --debug)."""
+    try:
+        code = body()
+    except ScanError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc.one_line()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: no report was written")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # a bug or an unexpected input: still a CI-safe exit code
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] could not scan: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} "
+                  "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"backdoorscan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Scan image classifiers for backdoors and screen datasets for trigger-carrying images."""
+
+
+@app.command()
+def model(
+    checkpoint: Annotated[Path, typer.Argument(help="The model file: .pt2, TorchScript, ONNX, safetensors or "
+                                                    "state_dict (with --arch).")],
+    data: Annotated[Path, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")],
+    method: Annotated[str, typer.Option(help="usb (the paper's method) or nc (Neural Cleanse baseline).")] = "usb",
+    samples: Annotated[int, typer.Option(help="Clean samples drawn, class-balanced.")] = 300,
+    norm: Annotated[str, typer.Option(help="UAP norm ball: l2 or linf.")] = "l2",
+    delta: Annotated[float, typer.Option(help="UAP radius (pixels in [0, 1]).")] = 10.0,
+    theta: Annotated[float, typer.Option(help="Targeted success rate at which a UAP is done.")] = 0.6,
+    max_passes: Annotated[int, typer.Option(help="Passes over the samples in Alg. 1 at most.")] = 5,
+    steps: Annotated[int, typer.Option(help="Refinement steps (Alg. 2).")] = 500,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the refinement.")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Samples per refinement step and class.")] = 16,
+    form: Annotated[str, typer.Option(help="Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")] = "blend",
+    threshold: Annotated[float, typer.Option(help="Anomaly index above which a class is flagged.")] = 2.0,
+    asr_min: Annotated[float, typer.Option(help="Share of clean samples a flagged class's trigger must move.")] = 0.5,
+    class_group: Annotated[int | None, typer.Option(help="Classes per batch (default all).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write report.json, report.md and trigger "
+                                                               "images here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown summary (CI job summary).")] = None,
+    arch: Arch = None, num_classes: NumClasses = None, input_size: InputSize = None, channels: Channels = None,
+    mean: Mean = None, std: Std = None, device: Device = "auto", seed: Seed = 0, unsafe_allow_pickle: Unsafe = False,
+    as_json: Json = False, debug: Debug = False, quiet: Quiet = False, threads: Threads = None,
+) -> None:
+    """Scan a classifier for a backdoor with USB (Universal Soldier); exit 1 when one is suspected."""
+
+    def body() -> int:
+        from .loading import parse_size
+        from .report import write_scan_report
+        from .report.markdown import scan_markdown
+        from .report.writer import _atomic_write_text
+        from .scan import ScanSettings, scan_model
+
+        _set_threads(threads)
+        settings = ScanSettings(method=method, samples=samples, seed=seed, norm=norm, delta=delta, theta=theta,
+                                max_passes=max_passes, steps=steps, lr=lr, batch_size=batch_size, form=form,
+                                threshold=threshold, asr_min=asr_min, class_group=class_group)
+        settings.check()
+        with _progress(not quiet) as progress:
+            scan = scan_model(checkpoint, data, settings=settings, arch=arch, num_classes=num_classes,
+                              input_size=parse_size(input_size), channels=channels, mean=_floats(mean, "mean"),
+                              std=_floats(std, "std"), device=device, unsafe_allow_pickle=unsafe_allow_pickle,
+                              progress=progress)
+        if out_dir is not None:
+            write_scan_report(scan, out_dir)
+        if markdown is not None:
+            _atomic_write_text(markdown, scan_markdown(scan))
+        if as_json:
+            print(json.dumps(scan.to_dict(), indent=2))
+        else:
+            _print_scan(scan, out_dir)
+        return scan.exit_code
+
+    _run(debug, body)
+
+
+def _print_scan(scan, out_dir: Path | None) -> None:
+    table = Table(title=f"{scan.settings.method.upper()} scan of {Path(scan.model.get('path') or 'model').name}")
+    for col in ("class", "UAP success", "L1 of v'", "anomaly index", "ASR", "flagged"):
+        table.add_column(col, justify="right")
+    for c in scan.classes:
+        style = "bold red" if c.flagged else None
+        table.add_row(f"{c.cls}" + (f" {c.name}" if c.name else ""),
+                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}",
+                      f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "", style=style)
+    out.print(table)
+    out.print(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
+              f"{scan.timings['total']:.1f} s", highlight=False)
+    if scan.verdict == "backdoor":
+        out.print(f"[bold red]verdict: BACKDOOR suspected, target class(es) "
+                  f"{', '.join(map(str, scan.target_classes))}[/]")
+    else:
+        out.print("[bold green]verdict: clean (no backdoor found)[/]")
+    if out_dir is not None:
+        out.print(f"report and trigger images: {out_dir}/", highlight=False)
+
+
+@app.command("filter-dataset")
+def filter_dataset_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="The model file (same formats as `model`).")],
+    inputs: Annotated[Path, typer.Option("--input", help="Images to screen: a folder, an .npz or one image.")],
+    clean: Annotated[Path | None, typer.Option(help="Clean samples to compute the UAP from (folder or .npz).")] = None,
+    method: Annotated[str, typer.Option(help="uap (Xue et al.) or strip (baseline).")] = "uap",
+    samples: Annotated[int, typer.Option(help="Clean samples used for the UAP.")] = 300,
+    epsilon: Annotated[float | None, typer.Option(help="L-inf radius of the UAP; default: the smallest "
+                                                       "that reaches --fooling-rate.")] = None,
+    fooling_rate: Annotated[float, typer.Option(help="Share of clean predictions the UAP must change.")] = 0.9,
+    solver: Annotated[str, typer.Option(help="UAP solver: pgd or deepfool.")] = "pgd",
+    max_passes: Annotated[int, typer.Option(help="Passes over the clean samples at most.")] = 10,
+    strip_frr: Annotated[float, typer.Option(help="STRIP: false rejection rate on clean samples.")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Images per screening batch.")] = 256,
+    uap: Annotated[Path | None, typer.Option("--uap", help="Use a stored UAP (from --save-uap).")] = None,
+    save_uap: Annotated[Path | None, typer.Option(help="Store the UAP for later screening.")] = None,
+    copy_to: Annotated[Path | None, typer.Option(help="Copy images into DIR/kept and DIR/flagged.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write manifest.csv/.json, summary and "
+                                                               "uap.png here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown summary (CI job summary).")] = None,
+    arch: Arch = None, num_classes: NumClasses = None, input_size: InputSize = None, channels: Channels = None,
+    mean: Mean = None, std: Std = None, device: Device = "auto", seed: Seed = 0, unsafe_allow_pickle: Unsafe = False,
+    as_json: Json = False, debug: Debug = False, quiet: Quiet = False, threads: Threads = None,
+) -> None:
+    """Flag images whose prediction survives a universal adversarial perturbation; exit 1 when any is flagged."""
+
+    def body() -> int:
+        from .filtering import FilterSettings, filter_dataset
+        from .loading import parse_size
+        from .report.markdown import filter_markdown
+        from .report.writer import _atomic_write_text, write_filter_report
+
+        _set_threads(threads)
+        settings = FilterSettings(method=method, samples=samples, seed=seed, epsilon=epsilon,
+                                  fooling_rate=fooling_rate, solver=solver, max_passes=max_passes,
+                                  strip_frr=strip_frr, batch_size=batch_size)
+        settings.check()
+        for target in (copy_to, out_dir):
+            if target is not None and _inside(target, inputs):
+                raise ScanError("refusing to write inside the input", path=target,
+                                hint="choose a folder outside --input; the input is never modified")
+        with _progress(not quiet) as progress:
+            result = filter_dataset(checkpoint, clean, inputs, settings=settings, uap_file=uap,
+                                    save_uap_to=save_uap, copy_to=copy_to, arch=arch, num_classes=num_classes,
+                                    input_size=parse_size(input_size), channels=channels,
+                                    mean=_floats(mean, "mean"), std=_floats(std, "std"), device=device,
+                                    unsafe_allow_pickle=unsafe_allow_pickle, progress=progress)
+        if out_dir is not None:
+            write_filter_report(result, out_dir)
+        if markdown is not None:
+            _atomic_write_text(markdown, filter_markdown(result))
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            _print_filter(result)
+        return result.exit_code
+
+    _run(debug, body)
+
+
+def _inside(target: Path, inputs: Path) -> bool:
+    """Whether `target` is the input folder or below it."""
+    if not inputs.is_dir():
+        return False
+    root, path = inputs.resolve(), target.resolve()
+    return path == root or root in path.parents
+
+
+def _print_filter(result) -> None:
+    table = Table(title=f"screening of {result.input}")
+    for col in ("predicted class", "images", "flagged", "expected without a trigger"):
+        table.add_column(col, justify="right")
+    for row in result.per_class:
+        style = "bold red" if row["class"] == result.suspected_target else None
+        table.add_row(str(row["class"]), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
+                      style=style)
+    out.print(table)
+    if result.method == "uap":
+        out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}",
+                  highlight=False)
+    if result.skipped:
+        out.print(f"[yellow]{len(result.skipped)} unreadable file(s) skipped[/]")
+    line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"
+    if result.suspected_target is not None:
+        line += f"; flags concentrate on class {result.suspected_target} (likely backdoor target)"
+    out.print(f"[bold {'red' if result.flagged else 'green'}]{line}[/]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="backdoorscan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

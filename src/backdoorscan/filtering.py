@@ -1,0 +1,272 @@
+"""`filter_dataset`: one untargeted L-inf UAP from clean images, then the UAP-consistency rule over an input.
+
+Sanitising a training set and screening single inputs are the same call: INPUT is a folder, an `.npz` or one
+image. The input is streamed in chunks and never modified; `copy_to` writes copies sorted into kept/ and flagged/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .baselines.strip import strip_entropy, strip_threshold
+from .errors import ScanError
+from .loading import iter_images, open_source
+from .loading.samples import FolderSource, NpzSource
+from .perturb import untargeted_uap
+from .perturb.uap import UntargetedUAP
+from .scan import prepare
+from .screen import UapFile, load_uap, save_uap, uap_rule
+
+Progress = Callable[[str, int, int], None]
+FILTER_METHODS = ("uap", "strip")
+
+
+@dataclass
+class FilterSettings:
+    """Knobs of the screening; defaults follow Xue et al. where they give one."""
+
+    method: str = "uap"  # "uap" (Xue et al.) or "strip" (baseline)
+    samples: int = 300  # clean images the UAP (or STRIP's threshold) is computed from
+    seed: int = 0
+    epsilon: float | None = None  # L-inf radius in [0, 1] pixels; None searches the smallest that works
+    fooling_rate: float = 0.9  # the UAP stops when it changes this share of clean predictions
+    max_passes: int = 10
+    solver: str = "pgd"  # UAP solver: "pgd" (stochastic, batched) or "deepfool" (the UAP algorithm)
+    overshoot: float = 0.02
+    deepfool_iter: int = 10  # DeepFool steps per sample, as in the UAP reference code
+    batch_size: int = 256  # images per screening chunk
+    strip_frr: float = 0.1
+    strip_blends: int = 32
+    concentration: float = 0.5  # share of all flags on one class above which it is named the likely target
+
+    def check(self) -> None:
+        if self.method not in FILTER_METHODS:
+            raise ScanError(f"unknown method {self.method!r}", hint="use uap or strip")
+        if self.epsilon is not None and not 0 < self.epsilon <= 1:
+            raise ScanError("--epsilon must be in (0, 1] (pixels are in [0, 1])")
+        if not 0 < self.fooling_rate <= 1:
+            raise ScanError("--fooling-rate must be in (0, 1]")
+        if self.solver not in ("pgd", "deepfool"):
+            raise ScanError(f"unknown --solver {self.solver!r}", hint="use pgd or deepfool")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ScanError("--samples and --batch-size must be at least 1")
+
+
+@dataclass
+class ScreenedItem:
+    """One screened image."""
+
+    id: str
+    label: int | None
+    prediction: int
+    prediction_perturbed: int | None  # None for STRIP
+    score: float | None  # STRIP entropy; None for the UAP rule
+    flagged: bool
+
+
+@dataclass
+class FilterResult:
+    """Outcome of a screening: counts, per-class summary, every item, and the UAP that was used."""
+
+    input: str
+    method: str
+    total: int
+    flagged: int
+    epsilon: float | None
+    fooling_rate: float | None
+    items: list[ScreenedItem]
+    per_class: list[dict]
+    suspected_target: int | None
+    model: dict
+    uap: torch.Tensor | None = field(default=None, repr=False)
+    threshold: float | None = None
+    skipped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when nothing is flagged, 1 otherwise."""
+        return 1 if self.flagged else 0
+
+    def to_dict(self, items: bool = True) -> dict:
+        """The JSON form (schema `backdoorscan.filter/1`)."""
+        out = {"schema": "backdoorscan.filter/1", "input": self.input, "method": self.method,
+               "total": self.total, "flagged": self.flagged, "epsilon": self.epsilon,
+               "fooling_rate": self.fooling_rate, "threshold": self.threshold,
+               "suspected_target": self.suspected_target, "per_class": self.per_class, "model": self.model,
+               "skipped": self.skipped, "timings": self.timings}
+        if items:
+            out["items"] = [{"id": i.id, "label": i.label, "prediction": i.prediction,
+                             "prediction_perturbed": i.prediction_perturbed, "score": i.score,
+                             "flagged": i.flagged} for i in self.items]
+        return out
+
+
+def minimal_epsilon(model: nn.Module, x: torch.Tensor, settings: FilterSettings, hi: float = 1.0,
+                    rounds: int = 6, progress: Progress | None = None) -> UntargetedUAP:
+    """Bisect the smallest L-inf radius whose UAP reaches the fooling rate (Xue et al.'s minimal perturbation)."""
+    best = _uap(model, x, settings, hi, None)
+    if best.fooling_rate < settings.fooling_rate:
+        raise ScanError(f"no UAP with L-inf radius up to {hi} reaches fooling rate {settings.fooling_rate}",
+                        hint="lower --fooling-rate or give --epsilon")
+    lo = 0.0
+    for r in range(rounds):
+        mid = (lo + hi) / 2
+        uap = _uap(model, x, settings, mid, None)
+        if uap.fooling_rate >= settings.fooling_rate:
+            best, hi = uap, mid
+        else:
+            lo = mid
+        if progress is not None:
+            progress("epsilon", r + 1, rounds)
+    return best
+
+
+def _uap(model: nn.Module, x: torch.Tensor, settings: FilterSettings, eps: float,
+         progress: Callable[[int, int], None] | None) -> UntargetedUAP:
+    return untargeted_uap(model, x, epsilon=eps, p="linf", target_rate=settings.fooling_rate,
+                          max_passes=settings.max_passes, overshoot=settings.overshoot,
+                          max_iter=settings.deepfool_iter, solver=settings.solver, progress=progress)
+
+
+def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None, inputs: str | Path, *,
+                   settings: FilterSettings | None = None, uap_file: str | Path | None = None,
+                   save_uap_to: str | Path | None = None, copy_to: str | Path | None = None,
+                   arch: str | None = None, num_classes: int | None = None,
+                   input_size: tuple[int, int] | None = None, channels: int | None = None,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   device: str = "auto", unsafe_allow_pickle: bool = False,
+                   progress: Progress | None = None) -> FilterResult:
+    """Screen every image of `inputs`; flagged images are those whose prediction the UAP does not change."""
+    settings = settings or FilterSettings()
+    settings.check()
+    torch.manual_seed(settings.seed)
+    if clean is None and uap_file is None:
+        raise ScanError("give clean samples (--clean) to compute the UAP, or a stored one (--uap)")
+    if clean is None and settings.method == "strip":
+        raise ScanError("STRIP needs clean samples (--clean)")
+    t0 = time.perf_counter()
+    model, loaded, s, dev, k = prepare(checkpoint, clean if clean is not None else inputs, arch=arch,
+                                       num_classes=num_classes, input_size=input_size, channels=channels,
+                                       mean=mean, std=std, device=device,
+                                       unsafe_allow_pickle=unsafe_allow_pickle,
+                                       samples=settings.samples if clean is not None else 1, seed=settings.seed)
+    sha = loaded.sha256 if loaded is not None else None
+    timings = {"load": time.perf_counter() - t0}
+    t = time.perf_counter()
+    v, eps, rate, threshold, survival = None, None, None, None, None
+    if settings.method == "uap":
+        if uap_file is not None:
+            stored = load_uap(Path(uap_file), sha, model.spec.shape)
+            v, eps, rate, survival = stored.v.to(dev), stored.epsilon, stored.fooling_rate, stored.survival
+        else:
+            step = None if progress is None else (lambda d, n: progress("uap", d, n))
+            uap = (minimal_epsilon(model, s.x, settings, progress=progress) if settings.epsilon is None
+                   else _uap(model, s.x, settings, settings.epsilon, step))
+            v, eps, rate = uap.v, uap.epsilon, uap.fooling_rate
+            survival = clean_survival(model, s.x, v, k)
+        if save_uap_to is not None:
+            save_uap(Path(save_uap_to), UapFile(v=v, epsilon=eps, fooling_rate=rate, model_sha256=sha,
+                                                survival=survival))
+    else:
+        gen = torch.Generator().manual_seed(settings.seed)
+        threshold = strip_threshold(model, s.x, settings.strip_frr, settings.strip_blends, gen)
+        survival = torch.full((k,), settings.strip_frr)
+    timings["prepare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    source = open_source(inputs)
+    items, skipped, done = [], [], 0
+    for batch in iter_images(source, model.spec.shape, settings.batch_size, skipped=skipped):
+        x = batch.x.to(dev)
+        if v is not None:
+            before, after = uap_rule(model, x, v)
+            flags, scores, after_list = (before == after), [None] * len(x), after.tolist()
+        else:
+            with torch.no_grad():
+                before = model(x).argmax(1)
+            ent = strip_entropy(model, x, s.x, settings.strip_blends, gen)
+            flags, scores, after_list = ent < threshold, ent.tolist(), [None] * len(x)
+        labels = batch.y.tolist() if batch.y is not None else [None] * len(x)
+        for i, ident in enumerate(batch.ids):
+            items.append(ScreenedItem(ident, labels[i], int(before[i]), after_list[i], scores[i], bool(flags[i])))
+        done += len(x)
+        if progress is not None:
+            progress("screen", done, len(source))
+    if not items:
+        raise ScanError("no readable images", path=inputs, hint="check that the files are images")
+    timings["screen"] = time.perf_counter() - t
+    per_class, target = summarise(items, survival, settings.concentration)
+    if copy_to is not None:
+        copy_sorted(source, items, Path(copy_to))
+    timings["total"] = time.perf_counter() - t0
+    flagged = sum(i.flagged for i in items)
+    return FilterResult(input=str(inputs), method=settings.method, total=len(items), flagged=flagged,
+                        epsilon=eps, fooling_rate=rate, items=items, per_class=per_class,
+                        suspected_target=target, threshold=threshold,
+                        model={"path": str(loaded.path) if loaded else None, "sha256": sha, "num_classes": k},
+                        uap=None if v is None else v.cpu(), skipped=skipped,
+                        timings={key: round(val, 3) for key, val in timings.items()})
+
+
+@torch.no_grad()
+def clean_survival(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+    """Per predicted class, the share of clean samples whose prediction the UAP leaves unchanged.
+
+    An untargeted UAP has a dominant label whose images survive it even in a clean model; this rate says how
+    many flags a class would get without any trigger.
+    """
+    before, after = uap_rule(model, x, v)
+    kept = torch.zeros(k).index_add_(0, before.cpu(), (before == after).float().cpu())
+    seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))
+    return torch.where(seen > 0, kept / seen.clamp_min(1), torch.ones(k))
+
+
+def summarise(items: list[ScreenedItem], survival: torch.Tensor | None,
+              concentration: float) -> tuple[list[dict], int | None]:
+    """Images, flags and flags expected without a trigger, per predicted class; and the likely target.
+
+    The likely target is the class with the most flags beyond what clean data predicts, when it holds at least
+    `concentration` of all flags: triggered inputs of every class pile up on the backdoor's target.
+    """
+    images = Counter(i.prediction for i in items)
+    flags = Counter(i.prediction for i in items if i.flagged)
+    rows = []
+    for c in sorted(images):
+        rate = float(survival[c]) if survival is not None and c < len(survival) else 0.0
+        rows.append({"class": c, "images": images[c], "flagged": flags.get(c, 0),
+                     "expected": round(images[c] * rate, 1)})
+    total = sum(flags.values())
+    if total < 2:
+        return rows, None
+    top = max(rows, key=lambda r: r["flagged"] - r["expected"])
+    excess = top["flagged"] - top["expected"]
+    return rows, (int(top["class"]) if excess >= concentration * total else None)
+
+
+def copy_sorted(source: NpzSource | FolderSource, items: list[ScreenedItem], dest: Path) -> None:
+    """Copies into dest/kept and dest/flagged: files keep their relative paths; .npz rows become two .npz files."""
+    if isinstance(source, FolderSource):
+        by_id = dict(zip(source.ids, source.files, strict=True))
+        for item in items:
+            target = dest / ("flagged" if item.flagged else "kept") / item.id
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(by_id[item.id], target)
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, want in (("kept", False), ("flagged", True)):
+        rows = np.array([int(i.id) for i in items if i.flagged == want], dtype=np.int64)
+        blocks = [b for _, b in source.blocks(4096, rows)] if len(rows) else []
+        x = np.concatenate(blocks) if blocks else np.zeros((0, *source.shape[1:]), dtype=source.dtype)
+        arrays = {"x": x, "index": rows}
+        if source.y is not None:
+            arrays["y"] = source.y[rows]
+        np.savez_compressed(dest / f"{name}.npz", **arrays)

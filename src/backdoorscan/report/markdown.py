@@ -1,0 +1,40 @@
+"""Short Markdown summaries fit for a CI job summary (e.g. $GITHUB_STEP_SUMMARY)."""
+
+from __future__ import annotations
+
+
+def scan_markdown(scan) -> str:
+    """Verdict, targets and the per-class table of a model scan."""
+    model = scan.model.get("path") or scan.model.get("description")
+    head = ("**Backdoor suspected**, target class(es) " + ", ".join(map(str, scan.target_classes))
+            if scan.verdict == "backdoor" else "**No backdoor found**")
+    lines = [f"### backdoorscan: `{model}`", "", head, "",
+             f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
+             f"{scan.timings.get('total', 0):.1f} s.", "",
+             "| class | UAP success | L1 of reversed trigger | anomaly index | ASR | flagged |",
+             "|---:|---:|---:|---:|---:|:---:|"]
+    for c in scan.classes:
+        success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
+        name = f"{c.cls} ({c.name})" if c.name else str(c.cls)
+        lines.append(f"| {name} | {success} | {c.l1_norm:.2f} | {c.anomaly_index:.2f} | {c.asr:.2f} | "
+                     f"{'**yes**' if c.flagged else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def filter_markdown(result) -> str:
+    """Counts and the per-class summary of a dataset screening."""
+    lines = [f"### backdoorscan filter-dataset: `{result.input}`", "",
+             f"{result.flagged} of {result.total} images flagged as trigger-carrying "
+             f"({_how(result)}).", ""]
+    if result.suspected_target is not None:
+        lines += [f"Flags concentrate on class {result.suspected_target}: a backdoor target is likely.", ""]
+    lines += ["| predicted class | images | flagged | expected without a trigger |", "|---:|---:|---:|---:|"]
+    for row in result.per_class:
+        lines.append(f"| {row['class']} | {row['images']} | {row['flagged']} | {row['expected']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _how(result) -> str:
+    if result.method == "strip":
+        return f"STRIP, entropy threshold {result.threshold:.4f}"
+    return f"UAP L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}"

@@ -1,0 +1,99 @@
+"""Write reports so that an interrupted run leaves nothing half-written: files appear only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ScanError
+from .images import to_image, trigger_grid, visible_perturbation
+from .markdown import scan_markdown
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, last: str) -> Iterator[Path]:
+    """Yield a staging folder beside `out`; on success move its files into `out`, `last` (the report) last."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ScanError("--out exists and is not a folder", path=out, hint="choose another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise ScanError(f"cannot write there ({exc.strerror})", path=out, hint="choose a writable folder") from exc
+    try:
+        yield stage
+        out.mkdir(parents=True, exist_ok=True)
+        names = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
+        for rel in sorted(names, key=lambda r: r.as_posix() == last):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, out / rel)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_scan_report(scan, out: Path) -> Path:
+    """report.json, report.md, triggers.png and per-class trigger/mask/stamped PNGs under `out`."""
+    form = scan.settings.form if scan.settings.method == "usb" else "blend"
+    with atomic_output_dir(out, "report.json") as stage:
+        tiles, labels = [], []
+        for c in scan.classes:
+            t = c.cls
+            vis = visible_perturbation(scan.triggers[t], scan.masks[t], form)
+            to_image(vis).save(stage / f"trigger_{t}.png")
+            to_image(scan.masks[t].mean(0, keepdim=True)).save(stage / f"mask_{t}.png")
+            to_image(scan.stamped[t]).save(stage / f"stamped_{t}.png")
+            tiles.append(vis)
+            labels.append(f"{t} L1={c.l1_norm:.1f}")
+        trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
+        (stage / "report.md").write_text(scan_markdown(scan))
+        (stage / "report.json").write_text(json.dumps(scan.to_dict(), indent=2) + "\n")
+    return out / "report.json"
+
+
+def write_filter_report(result, out: Path) -> Path:
+    """manifest.csv, manifest.json (with the per-class summary), summary.md, uap.png and uap.pt under `out`."""
+    import csv
+
+    import torch
+
+    from .markdown import filter_markdown
+
+    with atomic_output_dir(out, "manifest.json") as stage:
+        with open(stage / "manifest.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "label", "prediction", "prediction_perturbed", "score", "flagged"])
+            for i in result.items:
+                writer.writerow([i.id, "" if i.label is None else i.label, i.prediction,
+                                 "" if i.prediction_perturbed is None else i.prediction_perturbed,
+                                 "" if i.score is None else f"{i.score:.6f}", int(i.flagged)])
+        (stage / "summary.md").write_text(filter_markdown(result))
+        if result.uap is not None:
+            peak = max(float(result.uap.abs().max()), 1e-8)
+            to_image(0.5 + 0.5 * result.uap / peak).save(stage / "uap.png")
+            torch.save(result.uap.clone(), stage / "uap.pt")
+        (stage / "manifest.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return out / "manifest.json"

@@ -1,0 +1,256 @@
+"""`scan_model`: load -> targeted UAPs (Alg. 1) -> refinement (Alg. 2) -> decision, returned as a `ModelScan`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .batching import in_class_groups
+from .decide import flag_classes
+from .device import resolve_device
+from .errors import ScanError
+from .loading import (
+    InputSpec,
+    LoadedModel,
+    PixelModel,
+    SampleSet,
+    check_outputs,
+    load_model,
+    load_samples,
+    make_spec,
+    open_source,
+)
+from .perturb import norm_of, targeted_uaps
+from .perturb.uap import predict
+from .refine import FORMS, Refined, refine, stamp
+
+Progress = Callable[[str, int, int], None]
+METHODS = ("usb", "nc")
+
+
+@dataclass
+class ScanSettings:
+    """Every knob of a model scan; the defaults are the USB paper's where it gives one."""
+
+    method: str = "usb"  # "usb" or "nc" (Neural Cleanse baseline)
+    samples: int = 300
+    seed: int = 0
+    norm: str = "l2"  # UAP ball: "l2" or "linf"
+    delta: float = 10.0  # UAP radius in [0, 1] pixel units
+    theta: float = 0.6  # targeted success rate at which a class's UAP stops
+    max_passes: int = 5
+    overshoot: float = 0.02
+    deepfool_iter: int = 10  # DeepFool steps per sample, as in the UAP reference code
+    steps: int = 500  # Alg. 2 iterations
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.9)
+    batch_size: int = 16  # samples per Alg. 2 step (per class)
+    form: str = "blend"  # how the reversed trigger is stamped: "blend" or "paper"
+    w0: float = 10.0  # CE weight of the fallback loss for classes whose UAP failed
+    threshold: float = 2.0  # anomaly index above which a class is suspicious
+    asr_min: float = 0.5  # ... and whose reversed trigger must move at least this share of samples
+    class_group: int | None = None  # classes per batch; None = all (split automatically on CUDA OOM)
+
+    def check(self) -> None:
+        """Reject settings that cannot work, with a message naming the option."""
+        if self.method not in METHODS:
+            raise ScanError(f"unknown method {self.method!r}", hint=f"use one of {', '.join(METHODS)}")
+        if self.form not in FORMS:
+            raise ScanError(f"unknown --form {self.form!r}", hint=f"use one of {', '.join(FORMS)}")
+        if self.norm not in ("l2", "linf"):
+            raise ScanError(f"unknown --norm {self.norm!r}", hint="use l2 or linf")
+        for name in ("samples", "steps", "batch_size", "max_passes"):
+            if getattr(self, name) < 1:
+                raise ScanError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:
+            raise ScanError("--theta must be in (0, 1] and --asr-min in [0, 1]")
+        if self.delta <= 0 or self.lr <= 0:
+            raise ScanError("--delta and --lr must be positive")
+
+
+@dataclass
+class ClassResult:
+    """The figures for one candidate target class."""
+
+    cls: int
+    name: str | None
+    uap_success: float
+    uap_norm: float
+    l1_norm: float
+    anomaly_index: float
+    asr: float
+    flagged: bool
+
+
+@dataclass
+class ModelScan:
+    """The outcome of a scan: verdict, per-class figures, what was scanned, and the reversed triggers."""
+
+    verdict: str  # "backdoor" or "clean"
+    target_classes: list[int]
+    classes: list[ClassResult]
+    settings: ScanSettings
+    model: dict
+    data: dict
+    input: InputSpec
+    device: str
+    timings: dict[str, float]
+    triggers: torch.Tensor = field(repr=False)  # (K, C, H, W) pattern / trigger
+    masks: torch.Tensor = field(repr=False)  # (K, C, H, W)
+    stamped: torch.Tensor = field(repr=False)  # (K, C, H, W) a clean sample with each reversed trigger
+    uaps: torch.Tensor = field(repr=False)  # (K, C, H, W) the targeted UAPs of Alg. 1
+
+    @property
+    def exit_code(self) -> int:
+        """0 when clean, 1 when a backdoor is suspected."""
+        return 1 if self.verdict == "backdoor" else 0
+
+    def to_dict(self) -> dict:
+        """The JSON report (schema `backdoorscan.model-scan/1`)."""
+        return {
+            "schema": "backdoorscan.model-scan/1",
+            "tool": {"name": "backdoorscan", "version": __version__},
+            "verdict": self.verdict,
+            "target_classes": self.target_classes,
+            "model": self.model,
+            "data": self.data,
+            "input": {"channels": self.input.channels, "height": self.input.height, "width": self.input.width,
+                      "mean": self.input.mean, "std": self.input.std,
+                      "model_size": list(self.input.model_size) if self.input.model_size else None},
+            "settings": asdict(self.settings),
+            "classes": [{"class": c.cls, **{k: v for k, v in asdict(c).items() if k != "cls"}} for c in self.classes],
+            "device": self.device,
+            "timings": self.timings,
+        }
+
+
+def prepare(checkpoint: str | Path | nn.Module, data: str | Path, *, arch: str | None = None,
+            num_classes: int | None = None, input_size: tuple[int, int] | None = None, channels: int | None = None,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str = "auto",
+            unsafe_allow_pickle: bool = False, samples: int = 300,
+            seed: int = 0) -> tuple[PixelModel, LoadedModel | None, SampleSet, torch.device, int]:
+    """Load the model and a class-balanced draw of clean samples, both on the scan's device."""
+    dev = resolve_device(device)
+    if isinstance(checkpoint, nn.Module):
+        loaded, module, declared = None, checkpoint.eval().to(dev), None
+        for param in module.parameters():
+            param.requires_grad_(False)
+    else:
+        loaded = load_model(checkpoint, arch=arch, num_classes=num_classes,
+                            unsafe_allow_pickle=unsafe_allow_pickle, device=dev)
+        module, declared = loaded.module, loaded.input_shape
+    data_size = _data_size(data)
+    spec = make_spec(module, declared, input_size=input_size, channels=channels, mean=mean, std=std,
+                     data_size=data_size)
+    model = PixelModel(module, spec).to(dev)
+    k = check_outputs(model, spec, dev, num_classes)
+    sample_set = load_samples(data, spec.shape, samples, seed, predict=lambda x: predict(model, x.to(dev)))
+    sample_set.x = sample_set.x.to(dev)
+    return model, loaded, sample_set, dev, k
+
+
+def _data_size(data: str | Path) -> tuple[int, int] | None:
+    """Height and width of the first sample, used when neither the flags nor the model say the size."""
+    source = open_source(data)
+    first = next(iter(source.blocks(1)))[1][0] if hasattr(source, "blocks") else source.read(0)
+    return None if first is None else (int(first.shape[0]), int(first.shape[1]))
+
+
+def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings: ScanSettings | None = None,
+               arch: str | None = None, num_classes: int | None = None, input_size: tuple[int, int] | None = None,
+               channels: int | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, device: str = "auto", unsafe_allow_pickle: bool = False,
+               progress: Progress | None = None) -> ModelScan:
+    """Scan one classifier for a backdoor with USB (or Neural Cleanse) and return the verdict and figures."""
+    settings = settings or ScanSettings()
+    settings.check()
+    torch.manual_seed(settings.seed)
+    t0 = time.perf_counter()
+    model, loaded, s, dev, k = prepare(checkpoint, data, arch=arch, num_classes=num_classes,
+                                       input_size=input_size, channels=channels, mean=mean, std=std,
+                                       device=device, unsafe_allow_pickle=unsafe_allow_pickle,
+                                       samples=settings.samples, seed=settings.seed)
+    timings = {"load": time.perf_counter() - t0}
+    y = predict(model, s.x)  # the paper's Err counts changes of f(x), so "other classes" are by prediction
+    targets = torch.arange(k, device=dev)
+    group = settings.class_group
+
+    def report(phase: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(phase, done, total))
+
+    t = time.perf_counter()
+    if settings.method == "usb":
+        uap_parts = in_class_groups(
+            lambda sl: targeted_uaps(model, s.x, y, targets[sl], p=settings.norm, delta=settings.delta,
+                                     theta=settings.theta, max_passes=settings.max_passes,
+                                     overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
+                                     progress=report("uap")), k, group)
+        v = torch.cat([u.v for u in uap_parts])
+        success = torch.cat([u.success for u in uap_parts])
+        timings["uap"] = time.perf_counter() - t
+        t = time.perf_counter()
+        parts = in_class_groups(
+            lambda sl: refine(model, s.x, y, targets[sl], v[sl], success[sl] < settings.theta, form=settings.form,
+                              steps=settings.steps, lr=settings.lr, betas=settings.betas,
+                              batch=settings.batch_size, w0=settings.w0, progress=report("refine")), k, group)
+        timings["refine"] = time.perf_counter() - t
+    else:
+        from .baselines.nc import neural_cleanse
+
+        v = torch.zeros(k, *s.x.shape[1:], device=dev)
+        success = torch.full((k,), float("nan"), device=dev)
+        parts = in_class_groups(
+            lambda sl: neural_cleanse(model, s.x, y, targets[sl], steps=settings.steps, lr=settings.lr,
+                                      batch=settings.batch_size, progress=report("nc")), k, group)
+        timings["nc"] = time.perf_counter() - t
+    refined = Refined(trigger=torch.cat([p.trigger for p in parts]), mask=torch.cat([p.mask for p in parts]),
+                      l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]), form=parts[0].form)
+    l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
+    index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min)
+    names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
+    if names is not None and names == [str(i) for i in range(k)]:
+        names = None  # digit classes named '0'..'9' add nothing
+    uap_norms = norm_of(v, settings.norm).cpu().numpy()
+    classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[c]),
+                           uap_norm=float(uap_norms[c]), l1_norm=float(l1[c]), anomaly_index=float(index[c]),
+                           asr=float(asr[c]), flagged=bool(flagged[c])) for c in range(k)]
+    targets_found = [c.cls for c in classes if c.flagged]
+    timings["total"] = time.perf_counter() - t0
+    return ModelScan(
+        verdict="backdoor" if targets_found else "clean", target_classes=targets_found, classes=classes,
+        settings=settings, model=_model_info(checkpoint, loaded, k), input=model.spec, device=str(dev),
+        data={"path": str(data), "samples": int(s.x.shape[0]), "labels_from": s.labels_from},
+        timings={key: round(val, 3) for key, val in timings.items()},
+        triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
+        uaps=v.cpu())
+
+
+def _num(value: torch.Tensor) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def _model_info(checkpoint: str | Path | nn.Module, loaded: LoadedModel | None, k: int) -> dict:
+    if loaded is None:
+        return {"path": None, "sha256": None, "format": "nn.Module", "description": type(checkpoint).__name__,
+                "num_classes": k}
+    return {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format,
+            "description": loaded.description, "num_classes": k}
+
+
+def _examples(x: torch.Tensor, y: torch.Tensor, refined: Refined) -> torch.Tensor:
+    """For each class t, the first clean sample not predicted as t, stamped with t's reversed trigger."""
+    k = refined.trigger.shape[0]
+    out = []
+    for t in range(k):
+        others = (y != t).nonzero()
+        i = int(others[0]) if len(others) else 0
+        out.append(stamp(x[i:i + 1], refined.trigger[t:t + 1], refined.mask[t:t + 1], refined.form)[0, 0])
+    return torch.stack(out)
