@@ -43,6 +43,27 @@ def main() -> None:
                          "attack": attack.describe() if attack else None}
         print(name, records[name])
     (ROOT / "models/zoo.json").write_text(json.dumps(records, indent=2) + "\n")
+    write_screening_demo(records["mnist_badnets_3x3"]["attack"])
+
+
+def write_screening_demo(attack: dict, n: int = 300) -> None:
+    """data/mnist/screen_demo.npz: n held-out clean digits and n triggered ones (of non-target classes).
+
+    The digits are MNIST test rows 5000 onwards (outside the bundled test_2000 subset), from ../shared/data.
+    `kind` is 0 for clean and 1 for triggered, so the screening can be scored.
+    """
+    from backdoorscan.zoo import BadNets
+
+    test = np.load(ROOT.parent / "shared/data/mnist_test.npz")
+    x, y = test["x"][5000:5000 + 2 * n], test["y"][5000:5000 + 2 * n]
+    trig = BadNets(target=attack["target"], size=attack["size"], row=attack["row"], col=attack["col"],
+                   color=tuple(attack["color"]))
+    other = np.flatnonzero(y[n:] != trig.target) + n
+    stamped = trig.apply(to_model_format(x[other], (1, 28, 28)))
+    stamped = (stamped * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    np.savez_compressed(ROOT / "data/mnist/screen_demo.npz", x=np.concatenate([x[:n], stamped]),
+                        y=np.concatenate([y[:n], y[other]]),
+                        kind=np.concatenate([np.zeros(n, np.int64), np.ones(len(other), np.int64)]))
 
 
 if __name__ == "__main__":

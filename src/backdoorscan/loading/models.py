@@ -236,7 +236,9 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         if fmt == "torch.export":
             module, shape = _load_export(path, device, notes)
         elif fmt == "torchscript":
-            module = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():  # deprecated upstream, still common: say it once, in the notes
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location=device)
             notes.append("TorchScript is deprecated upstream; prefer torch.export (.pt2)")
         elif fmt == "onnx":
             module, shape = load_onnx(path, notes)

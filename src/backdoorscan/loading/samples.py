@@ -40,7 +40,7 @@ class SampleSet(Batch):
 
 def to_model_format(images: np.ndarray | torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """uint8/float images (N, H, W[, C]) -> float32 (N, C, H, W) in [0, 1] at the model's channels and size."""
-    x = torch.as_tensor(np.asarray(images))
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.ndim == 3:
         x = x.unsqueeze(-1)
     if x.ndim != 4:

@@ -1,0 +1,104 @@
+"""filter-dataset on real digits: triggered images are flagged, clean ones kept, the input never touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from backdoorscan.cli import app
+from backdoorscan.filtering import FilterSettings, filter_dataset
+
+from .conftest import BADNETS, CLEAN, DATA, MNIST_TEST
+
+SCREEN = DATA / "mnist/screen_demo.npz"  # 300 held-out clean digits, then triggered digits of other classes
+
+
+@pytest.fixture(scope="module")
+def screened():
+    return filter_dataset(BADNETS, MNIST_TEST, SCREEN, device="cpu")
+
+
+def test_triggered_images_are_flagged_and_clean_ones_kept(screened, attack_meta):
+    kind = np.load(SCREEN)["kind"]
+    flagged = np.array([i.flagged for i in screened.items])
+    assert flagged[kind == 1].mean() >= 0.95  # backdoor attack success after filtering <= 5 %
+    assert flagged[kind == 0].mean() <= 0.2  # false rejection rate
+    assert screened.suspected_target == attack_meta["target"]
+    assert screened.fooling_rate >= 0.9 and 0 < screened.epsilon <= 1
+    assert screened.exit_code == 1
+
+
+def test_clean_model_flags_do_not_concentrate():
+    result = filter_dataset(CLEAN, MNIST_TEST, SCREEN, device="cpu")
+    assert result.suspected_target is None
+    kind = np.load(SCREEN)["kind"]
+    flagged = np.array([i.flagged for i in result.items])
+    assert flagged[kind == 1].mean() < 0.5  # without a backdoor the patch is not special
+
+
+def _tree_digest(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
+    d = np.load(SCREEN)
+    src = tmp_path / "incoming"
+    for i in [0, 1, 2, 400, 401, 402]:
+        sub = src / ("batch_a" if i < 300 else "batch_b") / "deep"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(d["x"][i, ..., 0]).save(sub / f"img_{i}.png")
+    before = _tree_digest(src)
+    uap_file = tmp_path / "model.uap"
+    runner = CliRunner()
+    res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src),
+                              "--copy-to", str(tmp_path / "sorted"), "--out", str(tmp_path / "out"),
+                              "--save-uap", str(uap_file), "--json", "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    report = json.loads(res.stdout)
+    assert {"total", "flagged", "epsilon", "fooling_rate", "items"} <= set(report)
+    assert report["total"] == 6
+    flagged = {i["id"] for i in report["items"] if i["flagged"]}
+    assert {f"batch_b/deep/img_{i}.png" for i in (400, 401, 402)} <= flagged
+    assert _tree_digest(src) == before  # the input is untouched
+    for item in report["items"]:
+        where = "flagged" if item["flagged"] else "kept"
+        assert (tmp_path / "sorted" / where / item["id"]).read_bytes() == (src / item["id"]).read_bytes()
+    assert (tmp_path / "out/manifest.csv").read_text().count("\n") == 7
+    assert (tmp_path / "out/uap.png").exists() and (tmp_path / "out/manifest.json").exists()
+    # A deployment screens single inputs with the stored UAP: two forward passes, no clean data.
+    one = src / "batch_b/deep/img_400.png"
+    res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(uap_file), "--input", str(one),
+                              "--json", "--device", "cpu"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["flagged"] == 1
+    res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(uap_file),
+                              "--input", str(src / "batch_a/deep/img_0.png"), "--json", "--device", "cpu"])
+    assert res.exit_code in (0, 1) and json.loads(res.stdout)["total"] == 1
+    # ... and a UAP is refused for another model.
+    res = runner.invoke(app, ["filter-dataset", str(CLEAN), "--uap", str(uap_file), "--input", str(one)])
+    assert res.exit_code == 2 and "another model" in res.output
+
+
+def test_npz_copy_to_and_strip(tmp_path):
+    result = filter_dataset(BADNETS, MNIST_TEST, SCREEN, settings=FilterSettings(method="strip"),
+                            copy_to=tmp_path / "sorted", device="cpu")
+    kind = np.load(SCREEN)["kind"]
+    flagged = np.array([i.flagged for i in result.items])
+    assert flagged[kind == 1].mean() >= 0.8 and flagged[kind == 0].mean() <= 0.3
+    kept, bad = np.load(tmp_path / "sorted/kept.npz"), np.load(tmp_path / "sorted/flagged.npz")
+    assert len(kept["x"]) + len(bad["x"]) == len(kind)
+    assert np.array_equal(bad["x"], np.load(SCREEN)["x"][bad["index"]])
+
+
+def test_refuses_to_write_inside_the_input(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(src / "a.png")
+    res = CliRunner().invoke(app, ["filter-dataset", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src),
+                                   "--copy-to", str(src / "sorted")])
+    assert res.exit_code == 2 and "inside the input" in res.output

@@ -1,0 +1,78 @@
+"""The perturbation engine: DeepFool, projections, SSIM and the anomaly index, on a real trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backdoorscan.decide import anomaly_index, flag_classes
+from backdoorscan.perturb import deepfool, norm_of, project
+from backdoorscan.perturb.uap import predict, untargeted_uap
+from backdoorscan.ssim import gaussian_window, ssim
+
+
+def test_targeted_deepfool_reaches_the_target(small_model, digits):
+    x = digits[2][:20]
+    target = (predict(small_model, x) + 3) % 10
+    r = deepfool(small_model, x, target, p="l2", max_iter=50)
+    reached = predict(small_model, (x + r).clamp(0, 1)) == target
+    assert reached.float().mean() >= 0.95
+    assert float(norm_of(r, "l2").median()) < 10
+
+
+def test_untargeted_deepfool_changes_the_label(small_model, digits):
+    x = digits[2][:20]
+    before = predict(small_model, x)
+    for p in ("l2", "linf"):
+        r = deepfool(small_model, x, None, p=p, max_iter=50)
+        assert (predict(small_model, (x + r).clamp(0, 1)) != before).float().mean() >= 0.95
+
+
+def test_projection_keeps_the_norm():
+    v = torch.randn(5, 1, 28, 28) * 3
+    assert torch.all(norm_of(project(v, 2.0, "l2"), "l2") <= 2.0 + 1e-5)
+    small = v / norm_of(v, "l2").view(-1, 1, 1, 1)
+    assert torch.allclose(project(small, 2.0, "l2"), small)  # inside the ball: unchanged
+    assert float(project(v, 0.1, "linf").abs().max()) <= 0.1 + 1e-7
+
+
+def _ssim_reference(a, b):
+    """Straightforward SSIM with depthwise convolutions, to check the matmul implementation."""
+    g = gaussian_window(11, 1.5)
+    w = (g[:, None] * g[None, :]).view(1, 1, 11, 11).expand(a.shape[1], 1, 11, 11)
+    blur = lambda t: F.conv2d(t, w, groups=a.shape[1])  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    va, vb, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    m = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return m.flatten(1).mean(1)
+
+
+def test_ssim(digits):
+    x = digits[2][:8]
+    assert torch.allclose(ssim(x, x), torch.ones(8))
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    s = ssim(x, noisy)
+    assert torch.all(s < 0.9)
+    assert torch.allclose(s, _ssim_reference(x, noisy), atol=1e-5)
+    rgb = torch.rand(3, 3, 32, 32)
+    assert torch.allclose(ssim(rgb, rgb.flip(0)), _ssim_reference(rgb, rgb.flip(0)), atol=1e-5)
+
+
+def test_anomaly_index_on_hand_made_norms():
+    norms = [100, 110, 90, 105, 95, 100, 102, 98, 10, 97]
+    index = anomaly_index(norms)
+    # median 99, MAD = median |x - 99| = 3.5, so class 8 is (99 - 10) / (1.4826 * 3.5) = 17.15
+    assert np.isclose(index[8], 89 / (1.4826 * 3.5))
+    assert index[1] < 0  # large norms are never suspicious (one-sided)
+    _, flagged = flag_classes(norms, [1.0] * 10)
+    assert flagged.tolist() == [i == 8 for i in range(10)]
+    _, flagged = flag_classes(norms, [1.0] * 8 + [0.1, 1.0])
+    assert not flagged.any()  # a small trigger that does not work is not a backdoor
+
+
+def test_untargeted_uap_fools_most_samples(small_model, digits):
+    x = digits[2][:200]
+    uap = untargeted_uap(small_model, x, epsilon=0.7, target_rate=0.8, solver="pgd")
+    assert uap.fooling_rate >= 0.8 and float(uap.v.abs().max()) <= 0.7 + 1e-6

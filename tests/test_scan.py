@@ -1,0 +1,114 @@
+"""USB end to end on real digits: the BadNets model is flagged with its target, the clean one is not."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from backdoorscan import ScanSettings, scan_model
+from backdoorscan.cli import app
+from backdoorscan.refine import refine, stamp
+
+from .conftest import BADNETS, CLEAN, MNIST_TEST
+
+
+@pytest.fixture(scope="module")
+def badnets_cli(tmp_path_factory):
+    """One CLI scan of the committed BadNets model with --json, --out and --markdown."""
+    out = tmp_path_factory.mktemp("scan") / "report"
+    md = out.parent / "summary.md"
+    result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), "--device", "cpu",
+                                      "--json", "--out", str(out), "--markdown", str(md)])
+    return result, out, md
+
+
+def test_badnets_model_is_flagged_with_its_target(badnets_cli, attack_meta):
+    result, _, _ = badnets_cli
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "backdoor"
+    assert report["target_classes"] == [attack_meta["target"]]
+    target = report["classes"][attack_meta["target"]]
+    others = [c["l1_norm"] for c in report["classes"] if c["class"] != attack_meta["target"]]
+    assert target["l1_norm"] * 4 < np.median(others)  # the paper's "much smaller" reversed trigger
+    assert target["asr"] >= 0.9
+
+
+def test_json_report_carries_the_documented_fields(badnets_cli):
+    result, out, md = badnets_cli
+    report = json.loads(result.stdout)
+    assert report["schema"] == "backdoorscan.model-scan/1"
+    assert {"verdict", "target_classes", "classes", "model", "settings", "timings", "device"} <= set(report)
+    assert len(report["classes"]) == 10
+    for c in report["classes"]:
+        assert {"class", "l1_norm", "anomaly_index", "asr", "flagged", "uap_success"} <= set(c)
+    assert len(report["model"]["sha256"]) == 64 and report["model"]["format"] == "torch.export"
+    assert json.loads((out / "report.json").read_text()) == report
+    assert "Backdoor suspected" in md.read_text()
+
+
+def test_trigger_images_are_written(badnets_cli, attack_meta):
+    _, out, _ = badnets_cli
+    for t in range(10):
+        for kind in ("trigger", "mask", "stamped"):
+            assert Image.open(out / f"{kind}_{t}.png").size[0] >= 112
+    grid = Image.open(out / "triggers.png")
+    assert grid.size[0] > 10 * 112
+    # The reversed trigger of the target sits where the real patch is.
+    mask = np.asarray(Image.open(out / f"mask_{attack_meta['target']}.png"), dtype=float)
+    scale = mask.shape[0] // 28
+    r, c, s = attack_meta["row"], attack_meta["col"], attack_meta["size"]
+    inside = mask[r * scale:(r + s) * scale, c * scale:(c + s) * scale].sum()
+    assert inside / mask.sum() > 0.3
+
+
+def test_clean_model_is_not_flagged():
+    scan = scan_model(CLEAN, MNIST_TEST, device="cpu")
+    assert scan.verdict == "clean" and scan.target_classes == [] and scan.exit_code == 0
+    assert all(c.anomaly_index < 2 or c.asr < 0.5 for c in scan.classes)
+
+
+def test_same_seed_same_report():
+    settings = ScanSettings(steps=40, samples=60, max_passes=1, seed=5)
+    a = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu").to_dict()
+    b = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu").to_dict()
+    a.pop("timings"), b.pop("timings")
+    assert a == b
+
+
+def test_refinement_starts_from_the_uap(digits):
+    x = digits[2][:4]
+    v = torch.rand(2, 1, 28, 28) * 0.1
+    stamped = stamp(x, v, torch.ones_like(v), "paper")
+    assert torch.allclose(stamped, (x[None] + v[:, None]).clamp(0, 1))  # Alg. 2: first x' = x + v
+
+
+def test_refinement_paper_form_runs_batched_over_classes(small_model, digits):
+    x, y = digits[2][:32], digits[3][:32]
+    targets = torch.arange(10)
+    refined = refine(small_model, x, y, targets, torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.bool),
+                     form="paper", steps=5)
+    assert refined.trigger.shape == (10, 1, 28, 28) and refined.l1.shape == (10,)
+    assert float(refined.mask.min()) >= 0 and float(refined.mask.max()) <= 1
+
+
+def test_neural_cleanse_baseline_finds_the_same_target(attack_meta):
+    scan = scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(method="nc", steps=300), device="cpu")
+    assert scan.target_classes == [attack_meta["target"]]
+
+
+def test_a_2x2_badnets_model_trained_here_is_flagged(digits):
+    """Train a CNN with a random 2x2 BadNets patch (10 % poisoned) on real digits, then scan it."""
+    from backdoorscan.zoo import make_attack, mnist_cnn, train_classifier
+
+    x, y, xt, yt = digits
+    attack = make_attack("badnets", (1, 28, 28), 10, np.random.default_rng(13), size=2)
+    trained = train_classifier(mnist_cnn, x, y, xt, yt, attack=attack, seed=13, epochs=6)
+    assert trained.accuracy > 0.9 and trained.asr > 0.9  # the attack worked
+    scan = scan_model(trained.model, MNIST_TEST, device="cpu")
+    assert scan.target_classes == [attack.target]
