@@ -10,8 +10,7 @@ import torch
 T = TypeVar("T")
 
 
-def in_class_groups(fn: Callable[[slice], T], num: int, group: int | None = None,
-                    on_split: Callable[[int], None] | None = None) -> list[T]:
+def in_class_groups(fn: Callable[[slice], T], num: int, group: int | None = None) -> list[T]:
     """Call fn on consecutive slices of range(num); a CUDA out-of-memory error halves the slice and retries it.
 
     The per-class problems are independent, so splitting them changes no result, only the peak memory.
@@ -28,6 +27,4 @@ def in_class_groups(fn: Callable[[slice], T], num: int, group: int | None = None
                 raise
             torch.cuda.empty_cache()
             group = max(1, group // 2)
-            if on_split is not None:
-                on_split(group)
     return results

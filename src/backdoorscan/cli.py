@@ -96,6 +96,29 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
     raise typer.Exit(code)
 
 
+def _model_options(arch: str | None, num_classes: int | None, input_size: str | None, channels: int | None,
+                   mean: str | None, std: str | None, device: str, unsafe_allow_pickle: bool) -> dict:
+    """The loading and preprocessing keywords shared by scan_model and filter_dataset."""
+    from .loading import parse_size
+
+    return {"arch": arch, "num_classes": num_classes, "input_size": parse_size(input_size), "channels": channels,
+            "mean": _floats(mean, "mean"), "std": _floats(std, "std"), "device": device,
+            "unsafe_allow_pickle": unsafe_allow_pickle}
+
+
+def _emit(result, as_json: bool, markdown: Path | None, to_markdown: Callable, show: Callable[[], None]) -> int:
+    """Write the Markdown summary, print JSON or the human view, and return the result's exit code."""
+    from .report.writer import write_text_atomic
+
+    if markdown is not None:
+        write_text_atomic(markdown, to_markdown(result))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        show()
+    return result.exit_code
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
@@ -145,10 +168,8 @@ def model(
     """Scan a classifier for a backdoor with USB (Universal Soldier); exit 1 when one is suspected."""
 
     def body() -> int:
-        from .loading import parse_size
         from .report import write_scan_report
         from .report.markdown import scan_markdown
-        from .report.writer import _atomic_write_text
         from .scan import ScanSettings, scan_model
 
         _set_threads(threads)
@@ -157,19 +178,12 @@ def model(
                                 threshold=threshold, asr_min=asr_min, class_group=class_group)
         settings.check()
         with _progress(not quiet) as progress:
-            scan = scan_model(checkpoint, data, settings=settings, arch=arch, num_classes=num_classes,
-                              input_size=parse_size(input_size), channels=channels, mean=_floats(mean, "mean"),
-                              std=_floats(std, "std"), device=device, unsafe_allow_pickle=unsafe_allow_pickle,
-                              progress=progress)
+            scan = scan_model(checkpoint, data, settings=settings, progress=progress,
+                              **_model_options(arch, num_classes, input_size, channels, mean, std, device,
+                                               unsafe_allow_pickle))
         if out_dir is not None:
             write_scan_report(scan, out_dir)
-        if markdown is not None:
-            _atomic_write_text(markdown, scan_markdown(scan))
-        if as_json:
-            print(json.dumps(scan.to_dict(), indent=2))
-        else:
-            _print_scan(scan, out_dir)
-        return scan.exit_code
+        return _emit(scan, as_json, markdown, scan_markdown, lambda: _print_scan(scan, out_dir))
 
     _run(debug, body)
 
@@ -223,9 +237,8 @@ def filter_dataset_cmd(
 
     def body() -> int:
         from .filtering import FilterSettings, filter_dataset
-        from .loading import parse_size
         from .report.markdown import filter_markdown
-        from .report.writer import _atomic_write_text, write_filter_report
+        from .report.writer import write_filter_report
 
         _set_threads(threads)
         settings = FilterSettings(method=method, samples=samples, seed=seed, epsilon=epsilon,
@@ -238,19 +251,12 @@ def filter_dataset_cmd(
                                 hint="choose a folder outside --input; the input is never modified")
         with _progress(not quiet) as progress:
             result = filter_dataset(checkpoint, clean, inputs, settings=settings, uap_file=uap,
-                                    save_uap_to=save_uap, copy_to=copy_to, arch=arch, num_classes=num_classes,
-                                    input_size=parse_size(input_size), channels=channels,
-                                    mean=_floats(mean, "mean"), std=_floats(std, "std"), device=device,
-                                    unsafe_allow_pickle=unsafe_allow_pickle, progress=progress)
+                                    save_uap_to=save_uap, copy_to=copy_to, progress=progress,
+                                    **_model_options(arch, num_classes, input_size, channels, mean, std, device,
+                                                     unsafe_allow_pickle))
         if out_dir is not None:
             write_filter_report(result, out_dir)
-        if markdown is not None:
-            _atomic_write_text(markdown, filter_markdown(result))
-        if as_json:
-            print(json.dumps(result.to_dict(), indent=2))
-        else:
-            _print_filter(result)
-        return result.exit_code
+        return _emit(result, as_json, markdown, filter_markdown, lambda: _print_filter(result))
 
     _run(debug, body)
 

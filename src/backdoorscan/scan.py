@@ -27,6 +27,7 @@ from .loading import (
     make_spec,
     open_source,
 )
+from .loading.samples import NpzSource
 from .perturb import norm_of, targeted_uaps
 from .perturb.uap import predict
 from .refine import FORMS, Refined, refine, stamp
@@ -159,7 +160,7 @@ def prepare(checkpoint: str | Path | nn.Module, data: str | Path, *, arch: str |
 def _data_size(data: str | Path) -> tuple[int, int] | None:
     """Height and width of the first sample, used when neither the flags nor the model say the size."""
     source = open_source(data)
-    first = next(iter(source.blocks(1)))[1][0] if hasattr(source, "blocks") else source.read(0)
+    first = next(iter(source.blocks(1)))[1][0] if isinstance(source, NpzSource) else source.read(0)
     return None if first is None else (int(first.shape[0]), int(first.shape[1]))
 
 

@@ -15,12 +15,8 @@ from .images import to_image, trigger_grid, visible_perturbation
 from .markdown import scan_markdown
 
 
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
-    _atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temporary file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
