@@ -47,7 +47,9 @@ def main() -> None:
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
                          "accuracy": model["accuracy"], "asr": model["asr"], "verdict": scan.verdict,
                          "found": scan.target_classes, "l1_target": None if target is None else l1[target],
-                         "l1_mean": float(np.mean(l1)), "seconds": round(time.perf_counter() - t, 2)})
+                         "l1_mean": float(np.mean(l1)), "seconds": round(time.perf_counter() - t, 2),
+                         "l1": [round(v, 3) for v in l1], "asr_per_class": [round(c.asr, 3) for c in scan.classes],
+                         "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes]})
             print(json.dumps(rows[-1]), flush=True)
     suffix = "" if args.form == "blend" else f"_{args.form}"
     (zoo / f"detection{suffix}.json").write_text(json.dumps({"device": device_name(dev), "form": args.form,

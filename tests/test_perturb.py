@@ -70,6 +70,9 @@ def test_anomaly_index_on_hand_made_norms():
     assert flagged.tolist() == [i == 8 for i in range(10)]
     _, flagged = flag_classes(norms, [1.0] * 8 + [0.1, 1.0])
     assert not flagged.any()  # a small trigger that does not work is not a backdoor
+    tight = [100, 101, 99, 100, 100, 101, 99, 100, 70, 100]  # MAD 0.5: index of class 8 is 40
+    index, flagged = flag_classes(tight, [1.0] * 10)
+    assert index[8] > 2 and not flagged.any()  # 70 % of the median is no backdoor-sized outlier
 
 
 def test_untargeted_uap_fools_most_samples(small_model, digits):

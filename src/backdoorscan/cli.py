@@ -157,6 +157,7 @@ def model(
     form: Annotated[str, typer.Option(help="Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")] = "blend",
     threshold: Annotated[float, typer.Option(help="Anomaly index above which a class is flagged.")] = 2.0,
     asr_min: Annotated[float, typer.Option(help="Share of clean samples a flagged class's trigger must move.")] = 0.5,
+    max_ratio: Annotated[float, typer.Option(help="Largest L1 / median L1 a flagged class may have.")] = 0.5,
     class_group: Annotated[int | None, typer.Option(help="Classes per batch (default all).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write report.json, report.md and trigger "
                                                                "images here.")] = None,
@@ -175,7 +176,8 @@ def model(
         _set_threads(threads)
         settings = ScanSettings(method=method, samples=samples, seed=seed, norm=norm, delta=delta, theta=theta,
                                 max_passes=max_passes, steps=steps, lr=lr, batch_size=batch_size, form=form,
-                                threshold=threshold, asr_min=asr_min, class_group=class_group)
+                                threshold=threshold, asr_min=asr_min, max_ratio=max_ratio,
+                                class_group=class_group)
         settings.check()
         with _progress(not quiet) as progress:
             scan = scan_model(checkpoint, data, settings=settings, progress=progress,
@@ -190,12 +192,12 @@ def model(
 
 def _print_scan(scan, out_dir: Path | None) -> None:
     table = Table(title=f"{scan.settings.method.upper()} scan of {Path(scan.model.get('path') or 'model').name}")
-    for col in ("class", "UAP success", "L1 of v'", "anomaly index", "ASR", "flagged"):
+    for col in ("class", "UAP success", "L1 of v'", "L1 / median", "anomaly index", "ASR", "flagged"):
         table.add_column(col, justify="right")
     for c in scan.classes:
         style = "bold red" if c.flagged else None
         table.add_row(f"{c.cls}" + (f" {c.name}" if c.name else ""),
-                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}",
+                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}",
                       f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "", style=style)
     out.print(table)
     out.print(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "

@@ -16,9 +16,21 @@ def anomaly_index(norms: np.ndarray | list[float]) -> np.ndarray:
     return (median - norms) / mad
 
 
+def size_ratio(norms: np.ndarray | list[float]) -> np.ndarray:
+    """Each class's perturbation size relative to the median class."""
+    norms = np.asarray(norms, dtype=np.float64)
+    return norms / max(float(np.median(norms)), 1e-12)
+
+
 def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float = 2.0,
-                 asr_min: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly index per class and which classes are flagged: index above threshold and a working trigger."""
+                 asr_min: float = 0.5, max_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly index per class and which classes are flagged.
+
+    A class is flagged when its index exceeds `threshold`, its reversed trigger works (ASR >= asr_min) and it is
+    at most `max_ratio` times the median size. The last guard keeps a tight cluster of clean classes (a tiny MAD)
+    from turning a merely smaller class into an outlier: backdoor targets are several times smaller.
+    """
     index = anomaly_index(norms)
-    flagged = (index > threshold) & (np.asarray(asr, dtype=np.float64) >= asr_min)
+    flagged = ((index > threshold) & (np.asarray(asr, dtype=np.float64) >= asr_min)
+               & (size_ratio(norms) <= max_ratio))
     return index, flagged

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import __version__
 from .batching import in_class_groups
-from .decide import flag_classes
+from .decide import flag_classes, size_ratio
 from .device import resolve_device
 from .errors import ScanError
 from .loading import (
@@ -57,6 +57,7 @@ class ScanSettings:
     w0: float = 10.0  # CE weight of the fallback loss for classes whose UAP failed
     threshold: float = 2.0  # anomaly index above which a class is suspicious
     asr_min: float = 0.5  # ... and whose reversed trigger must move at least this share of samples
+    max_ratio: float = 0.5  # ... and whose L1 is at most this fraction of the median class's
     class_group: int | None = None  # classes per batch; None = all (split automatically on CUDA OOM)
 
     def check(self) -> None:
@@ -72,6 +73,8 @@ class ScanSettings:
                 raise ScanError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:
             raise ScanError("--theta must be in (0, 1] and --asr-min in [0, 1]")
+        if self.max_ratio <= 0:
+            raise ScanError("--max-ratio must be positive")
         if self.delta <= 0 or self.lr <= 0:
             raise ScanError("--delta and --lr must be positive")
 
@@ -85,6 +88,7 @@ class ClassResult:
     uap_success: float
     uap_norm: float
     l1_norm: float
+    size_ratio: float  # L1 / median L1 over the classes
     anomaly_index: float
     asr: float
     flagged: bool
@@ -214,13 +218,16 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
     refined = Refined(trigger=torch.cat([p.trigger for p in parts]), mask=torch.cat([p.mask for p in parts]),
                       l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]), form=parts[0].form)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
-    index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min)
+    index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min,
+                                  max_ratio=settings.max_ratio)
+    ratio = size_ratio(l1)
     names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
     if names is not None and names == [str(i) for i in range(k)]:
         names = None  # digit classes named '0'..'9' add nothing
     uap_norms = norm_of(v, settings.norm).cpu().numpy()
     classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[c]),
-                           uap_norm=float(uap_norms[c]), l1_norm=float(l1[c]), anomaly_index=float(index[c]),
+                           uap_norm=float(uap_norms[c]), l1_norm=float(l1[c]), size_ratio=float(ratio[c]),
+                           anomaly_index=float(index[c]),
                            asr=float(asr[c]), flagged=bool(flagged[c])) for c in range(k)]
     targets_found = [c.cls for c in classes if c.flagged]
     timings["total"] = time.perf_counter() - t0

@@ -11,12 +11,12 @@ def scan_markdown(scan) -> str:
     lines = [f"### backdoorscan: `{model}`", "", head, "",
              f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
              f"{scan.timings.get('total', 0):.1f} s.", "",
-             "| class | UAP success | L1 of reversed trigger | anomaly index | ASR | flagged |",
-             "|---:|---:|---:|---:|---:|:---:|"]
+             "| class | UAP success | L1 of reversed trigger | L1 / median | anomaly index | ASR | flagged |",
+             "|---:|---:|---:|---:|---:|---:|:---:|"]
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
         name = f"{c.cls} ({c.name})" if c.name else str(c.cls)
-        lines.append(f"| {name} | {success} | {c.l1_norm:.2f} | {c.anomaly_index:.2f} | {c.asr:.2f} | "
+        lines.append(f"| {name} | {success} | {c.l1_norm:.2f} | {c.size_ratio:.2f} | {c.anomaly_index:.2f} | {c.asr:.2f} | "
                      f"{'**yes**' if c.flagged else ''} |")
     return "\n".join(lines) + "\n"
 
