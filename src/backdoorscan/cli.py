@@ -197,8 +197,9 @@ def _print_scan(scan, out_dir: Path | None) -> None:
     for c in scan.classes:
         style = "bold red" if c.flagged else None
         table.add_row(f"{c.cls}" + (f" {c.name}" if c.name else ""),
-                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}",
-                      f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "", style=style)
+                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}",
+                      f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "",
+                      style=style)
     out.print(table)
     out.print(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
               f"{scan.timings['total']:.1f} s", highlight=False)

@@ -16,8 +16,8 @@ def scan_markdown(scan) -> str:
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
         name = f"{c.cls} ({c.name})" if c.name else str(c.cls)
-        lines.append(f"| {name} | {success} | {c.l1_norm:.2f} | {c.size_ratio:.2f} | {c.anomaly_index:.2f} | {c.asr:.2f} | "
-                     f"{'**yes**' if c.flagged else ''} |")
+        lines.append(f"| {name} | {success} | {c.l1_norm:.2f} | {c.size_ratio:.2f} | {c.anomaly_index:.2f} | "
+                     f"{c.asr:.2f} | {'**yes**' if c.flagged else ''} |")
     return "\n".join(lines) + "\n"
 
 
