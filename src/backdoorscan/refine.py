@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .perturb.uap import success_rates
 from .ssim import ssim
 
 FORMS = ("paper", "blend")
@@ -41,19 +42,10 @@ def trigger_size(trigger: torch.Tensor, mask: torch.Tensor, form: str) -> torch.
     return size.abs().flatten(1).sum(1)
 
 
-@torch.no_grad()
 def stamped_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor,
-                    trigger: torch.Tensor, mask: torch.Tensor, form: str, batch: int = 2048) -> torch.Tensor:
+                    trigger: torch.Tensor, mask: torch.Tensor, form: str) -> torch.Tensor:
     """Per class t: share of samples not of class t that the stamped trigger sends to t."""
-    rates = torch.zeros(len(targets), device=x.device)
-    per = max(1, batch // max(1, x.shape[0]))
-    for s in range(0, len(targets), per):
-        sl = slice(s, s + per)
-        xs = stamp(x, trigger[sl], mask[sl], form)
-        pred = torch.cat([model(c).argmax(1) for c in xs.flatten(0, 1).split(batch)]).view(xs.shape[0], -1)
-        others = y[None] != targets[sl, None]
-        rates[sl] = ((pred == targets[sl, None]) & others).sum(1) / others.sum(1).clamp_min(1)
-    return rates
+    return success_rates(model, y, targets, lambda sl: stamp(x, trigger[sl], mask[sl], form), x.shape[0])
 
 
 @dataclass

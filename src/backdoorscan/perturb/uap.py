@@ -28,18 +28,28 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor
 
 
 @torch.no_grad()
-def targeted_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
-                     targets: torch.Tensor, batch: int = 2048) -> torch.Tensor:
-    """Per target t: share of the samples not of class t that f(clip(x + v_t)) sends to t."""
-    rates = torch.zeros(len(targets), device=x.device)
-    per = max(1, batch // max(1, x.shape[0]))
+def success_rates(model: nn.Module, y: torch.Tensor, targets: torch.Tensor,
+                  perturbed: Callable[[slice], torch.Tensor], n: int, batch: int = 2048) -> torch.Tensor:
+    """Per target t: share of the n samples not of class t whose perturbed copy the model sends to t.
+
+    `perturbed(sl)` returns the samples perturbed for the classes targets[sl], shaped (len(sl), n, C, H, W);
+    classes are taken in chunks so that about `batch` images go through the model at once.
+    """
+    rates = torch.zeros(len(targets), device=y.device)
+    per = max(1, batch // max(1, n))
     for start in range(0, len(targets), per):
-        vs, ts = v[start:start + per], targets[start:start + per]
-        pred = predict(model, (x[None] + vs[:, None]).clamp(0, 1).flatten(0, 1), batch).view(len(ts), -1)
+        sl = slice(start, start + per)
+        ts = targets[sl]
+        pred = predict(model, perturbed(sl).flatten(0, 1), batch).view(len(ts), -1)
         others = y[None] != ts[:, None]
-        hits = (pred == ts[:, None]) & others
-        rates[start:start + per] = hits.sum(1) / others.sum(1).clamp_min(1)
+        rates[sl] = ((pred == ts[:, None]) & others).sum(1) / others.sum(1).clamp_min(1)
     return rates
+
+
+def targeted_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """Per target t: share of the samples not of class t that f(clip(x + v_t)) sends to t."""
+    return success_rates(model, y, targets, lambda sl: (x[None] + v[sl, None]).clamp(0, 1), x.shape[0])
 
 
 @dataclass
