@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint bench bench-speed clean
+.PHONY: setup demo test lint bench bench-speed bench-mnist bench-cifar10 clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,12 +32,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 
-# Benchmarks read ../shared/data when present and say so when it is absent.
-bench: $(STAMP)
-	$(BIN)/python benchmarks/speed.py
-	$(BIN)/python benchmarks/zoo.py --out bench-out/zoo
-	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo
+# Benchmarks read ../shared/data when present and say so when it is absent (CIFAR-10 needs it).
+# On 2 CPU cores: bench-mnist ~35 min, bench-cifar10 ~90 min (docs/results.md has the figures they print).
+bench: bench-speed bench-mnist bench-cifar10
+
+bench-mnist: $(STAMP)
+	$(BIN)/python benchmarks/zoo.py --dataset mnist --out bench-out/zoo --per-group 5
+	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo --methods usb,nc
 	$(BIN)/python benchmarks/filtering.py --zoo bench-out/zoo
+
+bench-cifar10: $(STAMP)
+	$(BIN)/python benchmarks/zoo.py --dataset cifar10 --out bench-out/zoo-cifar10 --per-group 3
+	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-cifar10 --methods usb,nc
+	$(BIN)/python benchmarks/filtering.py --zoo bench-out/zoo-cifar10
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py

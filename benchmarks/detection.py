@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, device_name
+from common import clean_samples, device_name
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.device import resolve_device
@@ -24,7 +24,7 @@ from backdoorscan.device import resolve_device
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="bench-out/zoo")
-    parser.add_argument("--data", default=str(ROOT / "data/mnist/test_2000.npz"), help="clean samples")
+    parser.add_argument("--data", help="clean samples (default: the zoo's clean.npz, else the bundled MNIST digits)")
     parser.add_argument("--methods", default="usb,nc")
     parser.add_argument("--form", default="blend", help="USB trigger form: blend or paper")
     parser.add_argument("--device", default="auto")
@@ -35,13 +35,14 @@ def main() -> None:
     if not (zoo / "zoo.json").exists():
         sys.exit(f"{zoo}/zoo.json not found: build a zoo first with benchmarks/zoo.py")
     meta = json.loads((zoo / "zoo.json").read_text())
+    data = args.data or clean_samples(zoo, meta)
     dev = resolve_device(args.device)
     rows = []
     for model in [m for m in meta["models"] if m["counted"]]:
         for method in args.methods.split(","):
             t = time.perf_counter()
-            scan = scan_model(zoo / model["file"], args.data, settings=ScanSettings(method=method, form=args.form),
-                              device=str(dev))
+            scan = scan_model(zoo / model["file"], data, settings=ScanSettings(method=method, form=args.form),
+                              arch=model.get("arch_ref"), device=str(dev))
             target = model["attack"]["target"] if model["attack"] else None
             l1 = [c.l1_norm for c in scan.classes]
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,

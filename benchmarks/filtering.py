@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/filtering.py --zoo bench-out/zoo
 
-Screening set per model: held-out clean MNIST test digits (rows 2,000-2,999, outside the clean samples) and the
-same digits of non-target classes with the model's trigger. FRR = clean images flagged; BASR after filtering =
-triggered images that pass the filter and are still classified as the target. Run for the UAP rule and STRIP.
+Screening set per model: held-out clean test images of the zoo's dataset (rows 2,000-2,999, outside the clean
+samples) and the same images of non-target classes with the model's trigger. FRR = clean images flagged; BASR
+after filtering = triggered images that pass the filter and are still classified as the target.
+Run for the UAP rule and STRIP.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, device_name, mnist
+from common import clean_samples, dataset, device_name
 
 from backdoorscan.device import resolve_device
 from backdoorscan.filtering import FilterSettings, filter_dataset
@@ -36,7 +37,7 @@ def attack_from(meta: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="bench-out/zoo")
-    parser.add_argument("--clean", default=str(ROOT / "data/mnist/test_2000.npz"))
+    parser.add_argument("--clean", help="clean samples (default: the zoo's clean.npz, else the bundled MNIST digits)")
     parser.add_argument("--methods", default="uap,strip")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
@@ -46,7 +47,8 @@ def main() -> None:
     if not (zoo / "zoo.json").exists():
         sys.exit(f"{zoo}/zoo.json not found: build a zoo first with benchmarks/zoo.py")
     meta = json.loads((zoo / "zoo.json").read_text())
-    xt, yt, _ = mnist("test")
+    clean = args.clean or clean_samples(zoo, meta)
+    xt, yt, _ = dataset(meta.get("dataset", "mnist"), "test")
     xs, ys = xt[2000:3000], yt[2000:3000]
     dev = resolve_device(args.device)
     rows = []
@@ -61,8 +63,8 @@ def main() -> None:
             np.savez(path, x=(x * 255).round().byte().permute(0, 2, 3, 1).numpy())
             for method in args.methods.split(","):
                 t = time.perf_counter()
-                res = filter_dataset(zoo / model["file"], args.clean, path, settings=FilterSettings(method=method),
-                                     device=str(dev))
+                res = filter_dataset(zoo / model["file"], clean, path, settings=FilterSettings(method=method),
+                                     arch=model.get("arch_ref"), device=str(dev))
                 flagged = np.array([i.flagged for i in res.items])
                 pred = np.array([i.prediction for i in res.items])
                 basr_before = float((pred[kind] == attack.target).mean())

@@ -1,10 +1,13 @@
-"""Build a model zoo on real MNIST: clean models and BadNets 2x2 / 3x3 and blended-trigger models.
+"""Build a model zoo on real data: clean, BadNets and blended-trigger models on MNIST or CIFAR-10.
 
     .venv/bin/python benchmarks/zoo.py --out bench-out/zoo --per-group 5
+    .venv/bin/python benchmarks/zoo.py --dataset cifar10 --out bench-out/zoo-cifar10 --per-group 3
 
-Attacks follow the USB paper: 10 % poisoning, random target, random position and colour. Each model is saved as
-a user would receive it (.pt2), with its seed, attack, clean accuracy and attack success rate in zoo.json. A
-backdoored model whose attack failed (ASR < 90 %) is recorded but not counted, and another seed is trained.
+Attacks follow the USB paper: 10 % poisoning, random target, random position and colour; patches are 2x2 and 3x3
+on MNIST, 3x3 and 4x4 on CIFAR-10. Each model is saved as a user would receive it (.pt2), with its seed, attack,
+clean accuracy and attack success rate in zoo.json. A backdoored model whose attack failed (ASR < 90 %) is recorded
+but not counted, and another seed is trained. The zoo also holds clean.npz, the clean samples its scans use (the
+first 2,000 test images, on which accuracy and ASR are measured too).
 """
 
 from __future__ import annotations
@@ -16,57 +19,81 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import mnist
+from common import dataset, device_name
 
+from backdoorscan.device import resolve_device
+from backdoorscan.report.writer import write_text_atomic
 from backdoorscan.zoo import ARCHS, make_attack, save_model, train_classifier
 
-GROUPS = {"clean": (None, 0), "badnets_2x2": ("badnets", 2), "badnets_3x3": ("badnets", 3), "blend": ("blend", 0)}
+GROUPS = {
+    "mnist": {"clean": (None, 0), "badnets_2x2": ("badnets", 2), "badnets_3x3": ("badnets", 3), "blend": ("blend", 0)},
+    "cifar10": {"clean": (None, 0), "badnets_3x3": ("badnets", 3), "badnets_4x4": ("badnets", 4),
+                "blend": ("blend", 0)},
+}
+DEFAULTS = {  # archs and file formats cycled through within a group, training images, epochs
+    "mnist": ("mnist_cnn,mnist_cnn_bn", "pt2", 20000, 6),
+    "cifar10": ("cifar_small,cifar_small_bn", "pt2,onnx,safetensors", 50000, 4),
+}
+SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist", choices=sorted(GROUPS))
     parser.add_argument("--out", default="bench-out/zoo")
     parser.add_argument("--per-group", type=int, default=5)
-    parser.add_argument("--groups", default=",".join(GROUPS))
-    parser.add_argument("--archs", default="mnist_cnn,mnist_cnn_bn", help="cycled through within each group")
-    parser.add_argument("--train-size", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--groups", help="default: all groups of the dataset")
+    parser.add_argument("--archs", help="cycled through within each group (default per dataset)")
+    parser.add_argument("--formats", help=f"file formats cycled through within each group, of {sorted(SUFFIX)}")
+    parser.add_argument("--train-size", type=int)
+    parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    archs_default, formats_default, size_default, epochs_default = DEFAULTS[args.dataset]
+    archs = (args.archs or archs_default).split(",")
+    formats = (args.formats or formats_default).split(",")
+    epochs = args.epochs or epochs_default
+    groups = GROUPS[args.dataset]
     torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    x, y, train_src = mnist("train")
-    xt, yt, test_src = mnist("test")
-    x, y = x[: args.train_size], y[: args.train_size]
-    xt, yt = xt[:2000], yt[:2000]  # accuracy and ASR on the first 2,000 test digits
-    archs = args.archs.split(",")
-    records = []
-    for g, group in enumerate(args.groups.split(",")):
-        kind, size = GROUPS[group]
+    x, y, train_src = dataset(args.dataset, "train")
+    xt, yt, test_src = dataset(args.dataset, "test")
+    x, y = x[: args.train_size or size_default], y[: args.train_size or size_default]
+    xt, yt = xt[:2000], yt[:2000]  # accuracy and ASR on the first 2,000 test images, also the scans' clean samples
+    np.savez(out / "clean.npz", x=(xt * 255).round().byte().permute(0, 2, 3, 1).numpy(), y=yt.numpy())
+    shape, records = tuple(x.shape[1:]), []
+    for g, group in enumerate((args.groups or ",".join(groups)).split(",")):
+        kind, size = groups[group]
         counted, attempt = 0, 0
         while counted < args.per_group and attempt < 2 * args.per_group:
             seed = args.seed + 1000 * g + attempt
             arch = archs[attempt % len(archs)]
             attempt += 1
-            attack = make_attack(kind, (1, 28, 28), 10, np.random.default_rng(seed), size=size) if kind else None
+            attack = make_attack(kind, shape, 10, np.random.default_rng(seed), size=size) if kind else None
             t = time.perf_counter()
-            result = train_classifier(ARCHS[arch], x, y, xt, yt, attack=attack, seed=seed, epochs=args.epochs)
+            result = train_classifier(ARCHS[arch], x, y, xt, yt, attack=attack, seed=seed, epochs=epochs, device=dev)
             ok = attack is None or result.asr >= 0.9
-            name = f"{group}_{seed}"
+            name, fmt = f"{group}_{seed}", formats[(attempt - 1) % len(formats)]
             if ok:
-                save_model(result.model, out / f"{name}.pt2", "pt2", xt[:2])
+                save_model(result.model, out / f"{name}{SUFFIX[fmt]}", fmt, xt[:2])
                 counted += 1
-            records.append({"name": name, "file": f"{name}.pt2" if ok else None, "group": group, "arch": arch,
+            records.append({"name": name, "file": f"{name}{SUFFIX[fmt]}" if ok else None, "format": fmt,
+                            "group": group, "arch": arch,
+                            # safetensors holds weights only: the scan needs the architecture, as a user's would
+                            "arch_ref": f"backdoorscan.zoo.archs:{arch}" if fmt == "safetensors" else None,
                             "seed": seed, "attack": attack.describe() if attack else None,
                             "accuracy": round(result.accuracy, 4),
                             "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
                             "train_seconds": round(time.perf_counter() - t, 1)})
             print(json.dumps(records[-1]), flush=True)
-    meta = {"dataset": "mnist", "train": train_src, "test": test_src, "train_size": len(x), "epochs": args.epochs,
-            "poison_rate": 0.1, "models": records}
-    (out / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
+            meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "train_size": len(x),
+                    "epochs": epochs, "poison_rate": 0.1, "clean_samples": "clean.npz", "device": device_name(dev),
+                    "models": records}
+            write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")  # a long build can be resumed
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Small real models for tests, the demo and benchmarks: architectures, backdoor attacks, training, export."""
 
-from .archs import ARCHS, cifar_cnn, cifar_resnet18, mnist_cnn, mnist_cnn_bn
+from .archs import ARCHS, cifar_cnn, cifar_resnet18, cifar_small, cifar_small_bn, mnist_cnn, mnist_cnn_bn
 from .attacks import Attack, BadNets, Blend, make_attack
 from .export import save_model
 from .train import TrainResult, evaluate, train_classifier
 
 __all__ = [
-    "ARCHS", "Attack", "BadNets", "Blend", "TrainResult", "cifar_cnn", "cifar_resnet18", "evaluate",
+    "ARCHS", "Attack", "BadNets", "Blend", "TrainResult", "cifar_cnn", "cifar_resnet18", "cifar_small",
+    "cifar_small_bn", "evaluate",
     "make_attack", "mnist_cnn", "mnist_cnn_bn", "save_model", "train_classifier",
 ]

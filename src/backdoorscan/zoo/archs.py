@@ -25,6 +25,25 @@ def mnist_cnn_bn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     )
 
 
+def _cifar_small(num_classes: int, in_channels: int, batch_norm: bool) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), *([nn.BatchNorm2d(cout)] if batch_norm else []), nn.ReLU(),
+                nn.MaxPool2d(2)]
+
+    return nn.Sequential(*block(in_channels, 32), *block(32, 64), *block(64, 128),
+                         nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+def cifar_small(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Three conv layers (32, 64, 128) and two linear layers for 32x32 inputs: trains on a laptop CPU."""
+    return _cifar_small(num_classes, in_channels, batch_norm=False)
+
+
+def cifar_small_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """The same small CIFAR CNN with batch norm after each convolution."""
+    return _cifar_small(num_classes, in_channels, batch_norm=True)
+
+
 def cifar_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """A VGG-style CNN with batch norm for 32x32 inputs."""
     def block(cin: int, cout: int) -> list[nn.Module]:
@@ -46,5 +65,6 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
 
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
-    "mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn, "cifar_cnn": cifar_cnn, "cifar_resnet18": cifar_resnet18,
+    "mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn, "cifar_small": cifar_small,
+    "cifar_small_bn": cifar_small_bn, "cifar_cnn": cifar_cnn, "cifar_resnet18": cifar_resnet18,
 }
