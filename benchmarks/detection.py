@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/detection.py --zoo bench-out/zoo --methods usb,nc
 
-Writes ZOO/detection.json (one row per model and method) and prints the Markdown table.
+Writes ZOO/detection.json (one row per model and method) and prints the Markdown table. The decision is a pure
+function of the per-class L1 norms and ASRs stored in each row, so `--rescore FILE` re-applies it with other
+settings (e.g. `--scale linear`) without scanning again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from common import clean_samples, device_name
 
 from backdoorscan import ScanSettings, scan_model
+from backdoorscan.decide import flag_classes
 from backdoorscan.device import resolve_device
 
 
@@ -29,7 +32,17 @@ def main() -> None:
     parser.add_argument("--form", default="blend", help="USB trigger form: blend or paper")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rescore", help="a detection.json to decide again with --scale/--threshold/--max-ratio")
+    parser.add_argument("--scale", default=ScanSettings.scale)
+    parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
+    parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
     args = parser.parse_args()
+    if args.rescore:
+        saved = json.loads(Path(args.rescore).read_text())
+        rows = [rescore(r, args.scale, args.threshold, args.max_ratio) for r in saved["rows"]]
+        print(table(rows, f"{saved['device']}; decided again with scale {args.scale}, threshold "
+                          f"{args.threshold}, max ratio {args.max_ratio}"))
+        return
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
     if not (zoo / "zoo.json").exists():
@@ -56,6 +69,14 @@ def main() -> None:
     (zoo / f"detection{suffix}.json").write_text(json.dumps({"device": device_name(dev), "form": args.form,
                                                              "rows": rows}, indent=2) + "\n")
     print(table(rows, device_name(dev)))
+
+
+def rescore(row: dict, scale: str, threshold: float, max_ratio: float) -> dict:
+    """The row with verdict and found classes decided again from its stored per-class L1 and ASR."""
+    _, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, max_ratio=max_ratio,
+                              scale=scale)
+    found = [int(c) for c in np.flatnonzero(flagged)]
+    return {**row, "found": found, "verdict": "backdoor" if found else "clean"}
 
 
 def table(rows: list[dict], device: str) -> str:

@@ -62,11 +62,17 @@ def test_ssim(digits):
 
 def test_anomaly_index_on_hand_made_norms():
     norms = [100, 110, 90, 105, 95, 100, 102, 98, 10, 97]
-    index = anomaly_index(norms)
+    index = anomaly_index(norms, "linear")
     # median 99, MAD = median |x - 99| = 3.5, so class 8 is (99 - 10) / (1.4826 * 3.5) = 17.15
     assert np.isclose(index[8], 89 / (1.4826 * 3.5))
     assert index[1] < 0  # large norms are never suspicious (one-sided)
-    _, flagged = flag_classes(norms, [1.0] * 10)
+    logs = np.log(norms)
+    med = np.median(logs)
+    assert np.isclose(anomaly_index(norms)[8], (med - logs[8]) / (1.4826 * np.median(np.abs(logs - med))))
+    # a spread-out clean cluster (sizes 200-480) hides a 10x smaller target from the linear index, not the log one
+    spread = [200, 480, 210, 470, 220, 460, 240, 450, 40, 330]
+    assert anomaly_index(spread, "linear")[8] < 2 < anomaly_index(spread)[8]
+    _, flagged = flag_classes(norms, [1.0] * 10, scale="linear")
     assert flagged.tolist() == [i == 8 for i in range(10)]
     _, flagged = flag_classes(norms, [1.0] * 8 + [0.1, 1.0])
     assert not flagged.any()  # a small trigger that does not work is not a backdoor

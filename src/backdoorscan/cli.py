@@ -156,6 +156,8 @@ def model(
     batch_size: Annotated[int, typer.Option(help="Samples per refinement step and class.")] = 16,
     form: Annotated[str, typer.Option(help="Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")] = "blend",
     threshold: Annotated[float, typer.Option(help="Anomaly index above which a class is flagged.")] = 2.0,
+    scale: Annotated[str, typer.Option(help="Anomaly index over log L1 (log) or L1 (linear, as in the "
+                                             "papers).")] = "log",
     asr_min: Annotated[float, typer.Option(help="Share of clean samples a flagged class's trigger must move.")] = 0.5,
     max_ratio: Annotated[float, typer.Option(help="Largest L1 / median L1 a flagged class may have.")] = 0.5,
     class_group: Annotated[int | None, typer.Option(help="Classes per batch (default all).")] = None,
@@ -176,7 +178,7 @@ def model(
         _set_threads(threads)
         settings = ScanSettings(method=method, samples=samples, seed=seed, norm=norm, delta=delta, theta=theta,
                                 max_passes=max_passes, steps=steps, lr=lr, batch_size=batch_size, form=form,
-                                threshold=threshold, asr_min=asr_min, max_ratio=max_ratio,
+                                threshold=threshold, scale=scale, asr_min=asr_min, max_ratio=max_ratio,
                                 class_group=class_group)
         settings.check()
         with _progress(not quiet) as progress:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import __version__
 from .batching import in_class_groups
-from .decide import flag_classes, size_ratio
+from .decide import SCALES, flag_classes, size_ratio
 from .device import resolve_device
 from .errors import ScanError
 from .loading import (
@@ -56,6 +56,7 @@ class ScanSettings:
     form: str = "blend"  # how the reversed trigger is stamped: "blend" or "paper"
     w0: float = 10.0  # CE weight of the fallback loss for classes whose UAP failed
     threshold: float = 2.0  # anomaly index above which a class is suspicious
+    scale: str = "log"  # anomaly index over log L1 ("log") or L1 ("linear", the papers'); see decide.py
     asr_min: float = 0.5  # ... and whose reversed trigger must move at least this share of samples
     max_ratio: float = 0.5  # ... and whose L1 is at most this fraction of the median class's
     class_group: int | None = None  # classes per batch; None = all (split automatically on CUDA OOM)
@@ -66,6 +67,8 @@ class ScanSettings:
             raise ScanError(f"unknown method {self.method!r}", hint=f"use one of {', '.join(METHODS)}")
         if self.form not in FORMS:
             raise ScanError(f"unknown --form {self.form!r}", hint=f"use one of {', '.join(FORMS)}")
+        if self.scale not in SCALES:
+            raise ScanError(f"unknown --scale {self.scale!r}", hint=f"use one of {', '.join(SCALES)}")
         if self.norm not in ("l2", "linf"):
             raise ScanError(f"unknown --norm {self.norm!r}", hint="use l2 or linf")
         for name in ("samples", "steps", "batch_size", "max_passes"):
@@ -219,7 +222,7 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
                       l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]), form=parts[0].form)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min,
-                                  max_ratio=settings.max_ratio)
+                                  max_ratio=settings.max_ratio, scale=settings.scale)
     ratio = size_ratio(l1)
     names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
     if names is not None and names == [str(i) for i in range(k)]:
