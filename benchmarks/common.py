@@ -14,6 +14,7 @@ from backdoorscan.loading import to_model_format
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+BUNDLED_TEST = ROOT / "data/mnist/test_2000.npz"  # the bundled clean digits (demo, tests, fallback)
 
 
 def mnist(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -22,7 +23,7 @@ def mnist(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     if shared.exists():
         d, where = np.load(shared), str(shared)
     else:
-        bundled = ROOT / ("data/mnist/train_8000.npz" if split == "train" else "data/mnist/test_2000.npz")
+        bundled = ROOT / "data/mnist/train_8000.npz" if split == "train" else BUNDLED_TEST
         print(f"NOTE: {shared} is absent; using the bundled subset {bundled.name} (smaller, figures differ)",
               file=sys.stderr)
         d, where = np.load(bundled), str(bundled)
@@ -75,7 +76,7 @@ def clean_samples(zoo: Path, meta: dict) -> str:
     """The clean samples a zoo's scans use: its clean.npz (older MNIST zoos have none: the bundled test digits)."""
     if meta.get("clean_samples"):
         return str(zoo / meta["clean_samples"])
-    return str(ROOT / "data/mnist/test_2000.npz")
+    return str(BUNDLED_TEST)
 
 
 def device_name(device: torch.device) -> str:

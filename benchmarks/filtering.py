@@ -23,6 +23,7 @@ from common import clean_samples, dataset, device_name
 
 from backdoorscan.device import resolve_device
 from backdoorscan.filtering import FilterSettings, filter_dataset
+from backdoorscan.loading import to_uint8_images
 from backdoorscan.zoo.attacks import BadNets, Blend
 
 
@@ -60,7 +61,7 @@ def main() -> None:
         kind = np.r_[np.zeros(len(xs)), np.ones(len(triggered))].astype(bool)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "screen.npz"
-            np.savez(path, x=(x * 255).round().byte().permute(0, 2, 3, 1).numpy())
+            np.savez(path, x=to_uint8_images(x))
             for method in args.methods.split(","):
                 t = time.perf_counter()
                 res = filter_dataset(zoo / model["file"], clean, path, settings=FilterSettings(method=method),

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, SHARED, device_name
+from common import BUNDLED_TEST, ROOT, SHARED, device_name
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.device import resolve_device
 from backdoorscan.filtering import filter_dataset
 
 MODEL = ROOT / "models/mnist_badnets_3x3.pt2"
-CLEAN = ROOT / "data/mnist/test_2000.npz"
+CLEAN = BUNDLED_TEST
 
 
 def timed_scan(model, data, device: torch.device, **settings) -> tuple[float, object]:

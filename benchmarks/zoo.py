@@ -22,6 +22,7 @@ import torch
 from common import dataset, device_name
 
 from backdoorscan.device import resolve_device
+from backdoorscan.loading import to_uint8_images
 from backdoorscan.report.writer import write_text_atomic
 from backdoorscan.zoo import ARCHS, make_attack, save_model, train_classifier
 
@@ -64,20 +65,22 @@ def main() -> None:
     xt, yt, test_src = dataset(args.dataset, "test")
     x, y = x[: args.train_size or size_default], y[: args.train_size or size_default]
     xt, yt = xt[:2000], yt[:2000]  # accuracy and ASR on the first 2,000 test images, also the scans' clean samples
-    np.savez(out / "clean.npz", x=(xt * 255).round().byte().permute(0, 2, 3, 1).numpy(), y=yt.numpy())
+    np.savez(out / "clean.npz", x=to_uint8_images(xt), y=yt.numpy())
     shape, records = tuple(x.shape[1:]), []
+    meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "train_size": len(x), "epochs": epochs,
+            "poison_rate": 0.1, "clean_samples": "clean.npz", "device": device_name(dev), "models": records}
     for g, group in enumerate((args.groups or ",".join(groups)).split(",")):
         kind, size = groups[group]
         counted, attempt = 0, 0
         while counted < args.per_group and attempt < 2 * args.per_group:
             seed = args.seed + 1000 * g + attempt
-            arch = archs[attempt % len(archs)]
+            arch, fmt = archs[attempt % len(archs)], formats[attempt % len(formats)]
             attempt += 1
             attack = make_attack(kind, shape, 10, np.random.default_rng(seed), size=size) if kind else None
             t = time.perf_counter()
             result = train_classifier(ARCHS[arch], x, y, xt, yt, attack=attack, seed=seed, epochs=epochs, device=dev)
             ok = attack is None or result.asr >= 0.9
-            name, fmt = f"{group}_{seed}", formats[(attempt - 1) % len(formats)]
+            name = f"{group}_{seed}"
             if ok:
                 save_model(result.model, out / f"{name}{SUFFIX[fmt]}", fmt, xt[:2])
                 counted += 1
@@ -90,10 +93,8 @@ def main() -> None:
                             "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
                             "train_seconds": round(time.perf_counter() - t, 1)})
             print(json.dumps(records[-1]), flush=True)
-            meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "train_size": len(x),
-                    "epochs": epochs, "poison_rate": 0.1, "clean_samples": "clean.npz", "device": device_name(dev),
-                    "models": records}
-            write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")  # a long build can be resumed
+            # after every model, so that an interrupted build keeps the records of the models it saved
+            write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoorscan.loading import to_model_format
+from backdoorscan.loading import to_model_format, to_uint8_images
 from backdoorscan.zoo import make_attack, mnist_cnn, save_model, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def write_screening_demo(attack: dict, n: int = 300) -> None:
                    color=tuple(attack["color"]))
     other = np.flatnonzero(y[n:] != trig.target) + n
     stamped = trig.apply(to_model_format(x[other], (1, 28, 28)))
-    stamped = (stamped * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    stamped = to_uint8_images(stamped)
     np.savez_compressed(ROOT / "data/mnist/screen_demo.npz", x=np.concatenate([x[:n], stamped]),
                         y=np.concatenate([y[:n], y[other]]),
                         kind=np.concatenate([np.zeros(n, np.int64), np.ones(len(other), np.int64)]))

@@ -2,10 +2,18 @@
 
 from .models import LoadedModel, detect_format, load_model, resolve_arch, sha256_file
 from .preprocess import InputSpec, PixelModel, check_outputs, make_spec, parse_size
-from .samples import Batch, SampleSet, iter_images, load_samples, open_source, to_model_format
+from .samples import (
+    Batch,
+    SampleSet,
+    iter_images,
+    load_samples,
+    open_source,
+    to_model_format,
+    to_uint8_images,
+)
 
 __all__ = [
     "Batch", "InputSpec", "LoadedModel", "PixelModel", "SampleSet", "check_outputs", "detect_format",
     "iter_images", "load_model", "load_samples", "make_spec", "open_source", "parse_size", "resolve_arch",
-    "sha256_file", "to_model_format",
+    "sha256_file", "to_model_format", "to_uint8_images",
 ]

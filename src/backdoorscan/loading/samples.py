@@ -61,6 +61,11 @@ def to_model_format(images: np.ndarray | torch.Tensor, shape: tuple[int, int, in
     return x.contiguous()
 
 
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C), the `.npz` layout `to_model_format` reads back."""
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 class NpzSource:
     """Rows of an `.npz` (`x` uint8 (N, H, W[, C]), optional `y`), read in blocks without loading `x` whole."""
 
