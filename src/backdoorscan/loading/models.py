@@ -2,19 +2,26 @@
 
 Formats: torch.export programs (.pt2), TorchScript archives, ONNX (via onnx2torch), safetensors and plain
 state_dict files with `--arch`, and, only behind `unsafe_allow_pickle=True`, fully pickled modules.
+
+Every file is treated as hostile: archives are inspected before a torch loader opens them (`safety.archive`),
+torch's unpickler is forced to weights-only for the whole load, and the loaded graph is checked operator by
+operator (`safety.graph`) before the first forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
+import os
 import pickle
-import pickletools
 import struct
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +29,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import ScanError
+from ..safety.archive import check_archive
+from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
+from ..safety.limits import Limits
 from .onnx import load_onnx
 
-FORMATS = ("torch.export", "torchscript", "onnx", "safetensors", "state_dict", "pickle")
 PICKLE_HINT = (
     "a pickle can run any code when loaded; if you trust its author, rerun with --unsafe-allow-pickle, "
     "or convert it where it was made: torch.save(model.state_dict(), 'weights.pt') and pass --arch, "
@@ -65,8 +74,9 @@ def detect_format(path: Path) -> str:
     size = path.stat().st_size
     if zipfile.is_zipfile(path):
         try:
-            names = zipfile.ZipFile(path).namelist()
-        except zipfile.BadZipFile as exc:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise ScanError("damaged zip archive", path=path, hint="download the file again") from exc
         if any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names):
             return "torch.export"
@@ -92,18 +102,18 @@ def detect_format(path: Path) -> str:
 
 def pickle_imports(path: Path) -> list[str]:
     """What a pickle would import, read without executing it (torch.save archives and raw pickles)."""
-    if zipfile.is_zipfile(path):
-        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    found, strings = set(), []
+    from ..safety.pickles import PickleFormatError, pickle_globals
+
+    found: set[str] = set()
     try:
-        for op, arg, _ in pickletools.genops(path.read_bytes()):
-            if op.name in ("GLOBAL", "INST"):
-                found.add(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.add(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # a truncated pickle still tells us what it had imported so far
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for name in zf.namelist():
+                    if name.endswith(".pkl"):
+                        found |= pickle_globals(zf.read(name))
+        else:
+            found = pickle_globals(path.read_bytes())
+    except (PickleFormatError, zipfile.BadZipFile, OSError):
         pass
     return sorted(found)
 
@@ -183,10 +193,36 @@ def _load_state_into(state: dict[str, torch.Tensor], arch: str | None, num_class
     return module
 
 
+@contextlib.contextmanager
+def guarded_loading(weights_only: bool = True) -> Iterator[None]:
+    """While a loader runs: torch's unpickler forced to weights-only, torch's loggers and warnings silenced.
+
+    `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides call sites inside torch that pass `weights_only=False`
+    (torch.export reads sample inputs and pickled payloads that way).
+    """
+    logger = logging.getLogger("torch")
+    level, saved = logger.level, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    logger.setLevel(logging.CRITICAL + 1)
+    if weights_only:
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        if weights_only:
+            if saved is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
 def _load_pickle(path: Path, arch: str | None, num_classes: int | None, unsafe: bool,
                  notes: list[str]) -> tuple[nn.Module, str]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with guarded_loading():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" not in str(exc):
             raise ScanError(f"cannot read the file ({str(exc).splitlines()[0][:120]})", path=path,
@@ -197,8 +233,7 @@ def _load_pickle(path: Path, arch: str | None, num_classes: int | None, unsafe: 
             raise ScanError(f"refused: this is a pickle that would import {shown or 'arbitrary objects'}",
                             path=path, hint=PICKLE_HINT) from exc
         notes.append("loaded a full pickle with --unsafe-allow-pickle")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with guarded_loading(weights_only=False):
             obj = torch.load(path, map_location="cpu", weights_only=False)
         if isinstance(obj, nn.Module):
             return obj, "pickle"
@@ -206,7 +241,10 @@ def _load_pickle(path: Path, arch: str | None, num_classes: int | None, unsafe: 
 
 
 def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn.Module, tuple | None]:
-    program = torch.export.load(str(path))
+    with guarded_loading():
+        program = torch.export.load(str(path))
+    nodes = check_exported_program(program, path)
+    notes.append(f"{nodes} graph nodes checked: pure tensor operators only")
     shape = None
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     user_inputs = set(program.graph_signature.user_inputs)
@@ -223,25 +261,38 @@ def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn
 
 
 def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
-               unsafe_allow_pickle: bool = False, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint in any supported format, in inference form, with gradients off for its parameters."""
+               unsafe_allow_pickle: bool = False, device: str | torch.device = "cpu",
+               limits: Limits | None = None) -> LoadedModel:
+    """Load a checkpoint in any supported format, in inference form, with gradients off for its parameters.
+
+    The file is inspected before loading and its graph checked after; a refusal is a ScanError naming the reason.
+    """
     path = Path(path)
+    limits = limits or Limits()
     if not path.is_file():
         raise ScanError("model file not found", path=path, hint="check the path")
     if path.stat().st_size == 0:
         raise ScanError("model file is empty", path=path, hint="download it again")
     device = torch.device(device)
     fmt, notes, shape = detect_format(path), [], None
+    max_bytes = limits.memory_bytes()
+    if path.stat().st_size > max_bytes:
+        raise ScanError(f"refused: the file is larger than the memory bound of {max_bytes >> 20} MiB", path=path,
+                        hint="raise --max-memory if the machine has the memory")
+    check_archive(path, fmt, max_bytes, limits.max_ratio, allow_pickle=unsafe_allow_pickle)
     try:
         if fmt == "torch.export":
             module, shape = _load_export(path, device, notes)
         elif fmt == "torchscript":
-            with warnings.catch_warnings():  # deprecated upstream, still common: say it once, in the notes
-                warnings.simplefilter("ignore", FutureWarning)
+            with guarded_loading():
                 module = torch.jit.load(str(path), map_location=device)
+            nodes = check_torchscript_graph(module, path)
+            notes.append(f"{nodes} graph nodes checked: pure tensor operators only")
             notes.append("TorchScript is deprecated upstream; prefer torch.export (.pt2)")
         elif fmt == "onnx":
-            module, shape = load_onnx(path, notes)
+            module, shape = load_onnx(path, notes, max_bytes)
+            nodes = check_onnx_module(module, path)
+            notes.append(f"{nodes} converted graph nodes checked")
         elif fmt == "safetensors":
             from safetensors.torch import load_file
 

@@ -6,15 +6,21 @@ down-converted with `onnx.version_converter`. Two further repairs make common ex
 without zeros (the two are then identical), and `Identity` nodes that alias a shared initializer (the legacy
 exporter's weight de-duplication, which makes onnx2torch raise KeyError) are replaced by a copy of that weight.
 What cannot be repaired is reported with the operator's name.
+
+Before any tensor is read, custom operator domains and local functions are refused and every external-data
+reference is checked: inside the model's folder, no symlink out of it, the declared length equal to what the
+tensor's shape needs, within the file, and the total within the memory bound.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch.nn as nn
 
 from ..errors import ScanError
+from ..safety.graph import check_onnx_proto
 
 ONNX2TORCH_MAX_OPSET = 17
 
@@ -86,13 +92,90 @@ def input_shape(model_proto) -> tuple[int | None, ...] | None:
     return None
 
 
-def load_onnx(path: Path, notes: list[str]) -> tuple[nn.Module, tuple[int | None, ...] | None]:
-    """Parse, repair and convert an ONNX file; returns the torch module and the declared input shape."""
-    import onnx
-    from onnx import version_converter
+def _tensor_bytes(tensor) -> int:
+    """Bytes a TensorProto's shape and element type need."""
+    from onnx import helper
 
     try:
-        proto = onnx.load(str(path))
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    count = 1
+    for dim in tensor.dims:
+        if dim < 0:
+            return -1
+        count *= int(dim)
+    return count * itemsize
+
+
+def _all_tensors(proto):
+    """Initializers and tensor attributes of every node, subgraphs included."""
+    def walk(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from walk(attr.g)
+                for sub in attr.graphs:
+                    yield from walk(sub)
+
+    yield from walk(proto.graph)
+
+
+def check_tensor_sizes(proto, path: Path, max_bytes: int) -> None:
+    """Refuse external data that escapes the folder, lies about its length or exceeds the memory bound."""
+    from onnx import TensorProto
+
+    base = path.resolve().parent
+    total = 0
+    for tensor in _all_tensors(proto):
+        need = _tensor_bytes(tensor)
+        name = tensor.name[:60]
+        if need < 0:
+            raise ScanError(f"refused: ONNX tensor {name!r} has a negative dimension", path=path)
+        total += need
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(base):
+            raise ScanError(f"refused: ONNX tensor {name!r} points outside the model's folder "
+                            f"({location[:80]!r})", path=path)
+        if not target.is_file():
+            raise ScanError(f"ONNX external data file {location[:80]!r} is missing", path=path,
+                            hint="keep the model's data file beside it")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", need))
+        except ValueError as exc:
+            raise ScanError(f"refused: ONNX tensor {name!r} has a malformed offset or length", path=path) from exc
+        if length != need or offset < 0 or offset + length > target.stat().st_size:
+            raise ScanError(f"refused: ONNX tensor {name!r} declares {length} bytes at offset {offset} of "
+                            f"{location[:60]!r}, but its shape needs {need} and the file holds "
+                            f"{target.stat().st_size}", path=path)
+    if total > max_bytes:
+        raise ScanError(f"refused: the ONNX tensors need {total >> 20} MiB, more than the memory bound of "
+                        f"{max_bytes >> 20} MiB", path=path, hint="raise --max-memory if the machine has it")
+
+
+def load_onnx(path: Path, notes: list[str], max_bytes: int) -> tuple[nn.Module, tuple[int | None, ...] | None]:
+    """Check, parse, repair and convert an ONNX file; returns the torch module and the declared input shape."""
+    import onnx
+    from onnx import version_converter
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf errors have many types
+        raise ScanError(f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:120]})", path=path,
+                        hint="check that the download is complete") from exc
+    check_onnx_proto(proto, path)
+    check_tensor_sizes(proto, path, max_bytes)
+    try:
+        load_external_data_for_model(proto, str(path.resolve().parent))
         onnx.checker.check_model(proto)
     except Exception as exc:  # protobuf and checker errors have many types
         raise ScanError(f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:120]})", path=path,
