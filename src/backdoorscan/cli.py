@@ -1,25 +1,36 @@
 """The `backdoorscan` command: parse options, call the library, print with rich, map outcomes to exit codes.
 
-Exit codes: 0 no backdoor found / nothing flagged, 1 backdoor suspected / images flagged, 2 could not scan.
+Exit codes: 0 no backdoor found / nothing flagged, 1 backdoor suspected / images flagged, 2 could not scan,
+3 inconclusive (the model loaded but the scan could not measure it).
+
+By default a scan runs in a child process that is sandboxed (`safety.sandbox`) and killed at `--timeout`; this
+process only supervises it and relays its output. Every string that came from a file is printed as plain text.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
-from .errors import ScanError
+from .errors import Inconclusive, ScanError
+from .safety.limits import Limits, parse_bytes
+from .supervise import run_supervised
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Scan image classifiers for backdoors and screen datasets for trigger-carrying images.")
@@ -45,6 +56,13 @@ Json = Annotated[bool, typer.Option("--json", help="Print the JSON report on std
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (1 when several scans share a machine).")]
+Timeout = Annotated[float, typer.Option(help="Seconds the whole scan may take; past it, exit 2.")]
+ForwardTimeout = Annotated[float, typer.Option(help="Seconds the model's first forward may take.")]
+MaxMemory = Annotated[str | None, typer.Option(help="Memory bound, e.g. 4G (default: 75 % of the memory "
+                                                    "available): larger archives are refused, CPU scans capped.")]
+Sandbox = Annotated[str, typer.Option(help="Run the scan in a child process restricted by Landlock: auto (where "
+                                           "the kernel has it), on (refuse to scan without it) or off.")]
+LIMITS = Limits()
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:
@@ -75,25 +93,55 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]
         yield update
 
 
+def _error_line(label: str, text: str, style: str = "bold red") -> None:
+    """One line on stderr; `text` may come from a hostile file, so it is never parsed as markup."""
+    err.print(Text.assemble((f"{label}: ", style), " ".join(text.split())), highlight=False, soft_wrap=True)
+
+
+def _quiet(debug: bool) -> None:
+    """torch's loggers and Python warnings (a model may raise them) stay silent unless --debug."""
+    if not debug:
+        logging.getLogger("torch").setLevel(logging.CRITICAL + 1)
+        warnings.simplefilter("ignore")
+
+
 def _run(debug: bool, body: Callable[[], int]) -> None:
-    """Run a command body; ScanError -> one line and exit 2, any other failure -> exit 2 (traceback on --debug)."""
+    """Run a command body; ScanError -> one line and exit 2 (Inconclusive: exit 3), any other failure -> exit 2."""
     try:
+        _quiet(debug)
         code = body()
+    except Inconclusive as exc:
+        if debug:
+            traceback.print_exc()
+        _error_line("inconclusive", exc.one_line().replace("inconclusive: ", "", 1), "bold yellow")
+        code = exc.exit_code
     except ScanError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {exc.one_line()}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _error_line("error", exc.one_line())
+        code = 2
     except KeyboardInterrupt:
-        err.print("interrupted: no report was written")
-        raise typer.Exit(2) from None
-    except Exception as exc:  # a bug or an unexpected input: still a CI-safe exit code
+        _error_line("interrupted", "no report was written")
+        code = 2
+    except BaseException as exc:  # a bug or an unexpected input: still a CI-safe exit code
+        if isinstance(exc, (typer.Exit, SystemExit)):
+            raise
         if debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] could not scan: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} "
-                  "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+        _error_line("error", f"could not scan: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+        code = 2
+    if os.environ.get("BACKDOORSCAN_SANDBOX_CHILD") is not None:  # a sandboxed child: stop without waiting for
+        sys.stdout.flush()                                         # a model thread that may never return
+        sys.stderr.flush()
+        os._exit(code)
     raise typer.Exit(code)
+
+
+def _limits(timeout: float, forward_timeout: float, max_memory: str | None) -> Limits:
+    limits = Limits(timeout=timeout, forward_timeout=forward_timeout, max_memory=parse_bytes(max_memory))
+    limits.check()
+    return limits
 
 
 def _model_options(arch: str | None, num_classes: int | None, input_size: str | None, channels: int | None,
@@ -142,6 +190,7 @@ def main_callback(
 
 @app.command()
 def model(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="The model file: .pt2, TorchScript, ONNX, safetensors or "
                                                     "state_dict (with --arch).")],
     data: Annotated[Path, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")],
@@ -167,22 +216,28 @@ def model(
     arch: Arch = None, num_classes: NumClasses = None, input_size: InputSize = None, channels: Channels = None,
     mean: Mean = None, std: Std = None, device: Device = "auto", seed: Seed = 0, unsafe_allow_pickle: Unsafe = False,
     as_json: Json = False, debug: Debug = False, quiet: Quiet = False, threads: Threads = None,
+    timeout: Timeout = LIMITS.timeout, forward_timeout: ForwardTimeout = LIMITS.forward_timeout,
+    max_memory: MaxMemory = None, sandbox: Sandbox = "auto",
 ) -> None:
-    """Scan a classifier for a backdoor with USB (Universal Soldier); exit 1 when one is suspected."""
+    """Scan a classifier for a backdoor with USB (Universal Soldier); exit 1 suspected, 3 inconclusive."""
 
     def body() -> int:
         from .report import write_scan_report
         from .report.markdown import scan_markdown
         from .scan import ScanSettings, scan_model
 
-        _set_threads(threads)
+        limits = _limits(timeout, forward_timeout, max_memory)
         settings = ScanSettings(method=method, samples=samples, seed=seed, norm=norm, delta=delta, theta=theta,
                                 max_passes=max_passes, steps=steps, lr=lr, batch_size=batch_size, form=form,
                                 threshold=threshold, scale=scale, asr_min=asr_min, max_ratio=max_ratio,
                                 class_group=class_group)
         settings.check()
+        code = run_supervised(ctx, sandbox, limits, device, [out_dir], [markdown], err)
+        if code is not None:
+            return code
+        _set_threads(threads)
         with _progress(not quiet) as progress:
-            scan = scan_model(checkpoint, data, settings=settings, progress=progress,
+            scan = scan_model(checkpoint, data, settings=settings, progress=progress, limits=limits,
                               **_model_options(arch, num_classes, input_size, channels, mean, std, device,
                                                unsafe_allow_pickle))
         if out_dir is not None:
@@ -193,29 +248,42 @@ def model(
 
 
 def _print_scan(scan, out_dir: Path | None) -> None:
-    table = Table(title=f"{scan.settings.method.upper()} scan of {Path(scan.model.get('path') or 'model').name}")
+    if scan.verdict == "inconclusive" and not scan.classes:
+        _print_verdict(scan, out_dir)
+        return
+    name = Path(scan.model.get("path") or "model").name
+    table = Table(title=escape(f"{scan.settings.method.upper()} scan of {name}"))
     for col in ("class", "UAP success", "L1 of v'", "L1 / median", "anomaly index", "ASR", "flagged"):
         table.add_column(col, justify="right")
     for c in scan.classes:
         style = "bold red" if c.flagged else None
-        table.add_row(f"{c.cls}" + (f" {c.name}" if c.name else ""),
+        table.add_row(escape(f"{c.cls}" + (f" {c.name}" if c.name else "")),
                       "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}",
                       f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "",
                       style=style)
     out.print(table)
-    out.print(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
-              f"{scan.timings['total']:.1f} s", highlight=False)
+    _print_verdict(scan, out_dir)
+
+
+def _print_verdict(scan, out_dir: Path | None) -> None:
+    out.print(Text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
+                   f"{scan.timings['total']:.1f} s"), highlight=False)
     if scan.verdict == "backdoor":
-        out.print(f"[bold red]verdict: BACKDOOR suspected, target class(es) "
-                  f"{', '.join(map(str, scan.target_classes))}[/]")
+        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {', '.join(map(str, scan.target_classes))}",
+                       style="bold red"))
+    elif scan.verdict == "inconclusive":
+        out.print(Text("verdict: INCONCLUSIVE (the scan could not measure this model)", style="bold yellow"))
+        for reason in scan.reasons:
+            out.print(Text(f"  - {reason}"), highlight=False)
     else:
-        out.print("[bold green]verdict: clean (no backdoor found)[/]")
+        out.print(Text("verdict: clean (no backdoor found)", style="bold green"))
     if out_dir is not None:
-        out.print(f"report and trigger images: {out_dir}/", highlight=False)
+        out.print(Text(f"report and trigger images: {out_dir}/"), highlight=False)
 
 
 @app.command("filter-dataset")
 def filter_dataset_cmd(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="The model file (same formats as `model`).")],
     inputs: Annotated[Path, typer.Option("--input", help="Images to screen: a folder, an .npz or one image.")],
     clean: Annotated[Path | None, typer.Option(help="Clean samples to compute the UAP from (folder or .npz).")] = None,
@@ -237,6 +305,8 @@ def filter_dataset_cmd(
     arch: Arch = None, num_classes: NumClasses = None, input_size: InputSize = None, channels: Channels = None,
     mean: Mean = None, std: Std = None, device: Device = "auto", seed: Seed = 0, unsafe_allow_pickle: Unsafe = False,
     as_json: Json = False, debug: Debug = False, quiet: Quiet = False, threads: Threads = None,
+    timeout: Timeout = LIMITS.timeout, forward_timeout: ForwardTimeout = LIMITS.forward_timeout,
+    max_memory: MaxMemory = None, sandbox: Sandbox = "auto",
 ) -> None:
     """Flag images whose prediction survives a universal adversarial perturbation; exit 1 when any is flagged."""
 
@@ -245,7 +315,7 @@ def filter_dataset_cmd(
         from .report.markdown import filter_markdown
         from .report.writer import write_filter_report
 
-        _set_threads(threads)
+        limits = _limits(timeout, forward_timeout, max_memory)
         settings = FilterSettings(method=method, samples=samples, seed=seed, epsilon=epsilon,
                                   fooling_rate=fooling_rate, solver=solver, max_passes=max_passes,
                                   strip_frr=strip_frr, batch_size=batch_size)
@@ -254,9 +324,13 @@ def filter_dataset_cmd(
             if target is not None and _inside(target, inputs):
                 raise ScanError("refusing to write inside the input", path=target,
                                 hint="choose a folder outside --input; the input is never modified")
+        code = run_supervised(ctx, sandbox, limits, device, [out_dir, copy_to], [markdown, save_uap], err)
+        if code is not None:
+            return code
+        _set_threads(threads)
         with _progress(not quiet) as progress:
             result = filter_dataset(checkpoint, clean, inputs, settings=settings, uap_file=uap,
-                                    save_uap_to=save_uap, copy_to=copy_to, progress=progress,
+                                    save_uap_to=save_uap, copy_to=copy_to, progress=progress, limits=limits,
                                     **_model_options(arch, num_classes, input_size, channels, mean, std, device,
                                                      unsafe_allow_pickle))
         if out_dir is not None:
@@ -275,7 +349,7 @@ def _inside(target: Path, inputs: Path) -> bool:
 
 
 def _print_filter(result) -> None:
-    table = Table(title=f"screening of {result.input}")
+    table = Table(title=escape(f"screening of {result.input}"))
     for col in ("predicted class", "images", "flagged", "expected without a trigger"):
         table.add_column(col, justify="right")
     for row in result.per_class:
@@ -287,11 +361,11 @@ def _print_filter(result) -> None:
         out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}",
                   highlight=False)
     if result.skipped:
-        out.print(f"[yellow]{len(result.skipped)} unreadable file(s) skipped[/]")
+        out.print(Text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
     line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"
     if result.suspected_target is not None:
         line += f"; flags concentrate on class {result.suspected_target} (likely backdoor target)"
-    out.print(f"[bold {'red' if result.flagged else 'green'}]{line}[/]")
+    out.print(Text(line, style=f"bold {'red' if result.flagged else 'green'}"))
 
 
 def main() -> None:

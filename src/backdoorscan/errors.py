@@ -20,3 +20,9 @@ class ScanError(Exception):
         if self.hint:
             text += f" ({self.hint})"
         return " ".join(text.split())
+
+
+class Inconclusive(ScanError):
+    """The model loaded but could not be measured (see `evidence.py`); the CLI prints one line and exits 3."""
+
+    exit_code = 3

@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 
 from .baselines.strip import strip_entropy, strip_threshold
-from .errors import ScanError
+from .errors import Inconclusive, ScanError
 from .loading import iter_images, open_source
 from .loading.samples import FolderSource, NpzSource
+from .loading.setup import prepare
 from .perturb import untargeted_uap
 from .perturb.uap import UntargetedUAP
-from .scan import prepare
+from .safety.limits import Limits
 from .screen import UapFile, load_uap, save_uap, uap_rule
 
 Progress = Callable[[str, int, int], None]
@@ -145,8 +146,12 @@ def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None,
                    input_size: tuple[int, int] | None = None, channels: int | None = None,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                    device: str = "auto", unsafe_allow_pickle: bool = False,
-                   progress: Progress | None = None) -> FilterResult:
-    """Screen every image of `inputs`; flagged images are those whose prediction the UAP does not change."""
+                   progress: Progress | None = None, limits: Limits | None = None) -> FilterResult:
+    """Screen every image of `inputs`; flagged images are those whose prediction the UAP does not change.
+
+    Raises `Inconclusive` when the model cannot be measured (see `evidence.py`) or no UAP reaches half the
+    fooling-rate target: then survival says nothing about triggers.
+    """
     settings = settings or FilterSettings()
     settings.check()
     torch.manual_seed(settings.seed)
@@ -155,11 +160,17 @@ def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None,
     if clean is None and settings.method == "strip":
         raise ScanError("STRIP needs clean samples (--clean)")
     t0 = time.perf_counter()
-    model, loaded, s, dev, k = prepare(checkpoint, clean if clean is not None else inputs, arch=arch,
-                                       num_classes=num_classes, input_size=input_size, channels=channels,
-                                       mean=mean, std=std, device=device,
-                                       unsafe_allow_pickle=unsafe_allow_pickle,
-                                       samples=settings.samples if clean is not None else 1, seed=settings.seed)
+    ready = prepare(checkpoint, clean if clean is not None else inputs, arch=arch, num_classes=num_classes,
+                    input_size=input_size, channels=channels, mean=mean, std=std, device=device,
+                    unsafe_allow_pickle=unsafe_allow_pickle,
+                    samples=settings.samples if clean is not None else 1, seed=settings.seed, limits=limits)
+    model, loaded, s, dev, k = ready.model, ready.loaded, ready.samples, ready.device, ready.num_classes
+    # Without clean samples (a stored UAP), only the checks that need no labelled clean data apply.
+    applicable = {"single_logits_output", "input_gradient"} if clean is None else set(ready.evidence.checks)
+    failed = [name for name, check in ready.evidence.checks.items() if not check["ok"] and name in applicable]
+    if failed:
+        reason = next(r for r in ready.evidence.reasons if r)
+        raise Inconclusive(f"inconclusive: {reason}", path=checkpoint if isinstance(checkpoint, (str, Path)) else None)
     sha = loaded.sha256 if loaded is not None else None
     timings = {"load": time.perf_counter() - t0}
     t = time.perf_counter()
@@ -173,6 +184,9 @@ def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None,
             uap = (minimal_epsilon(model, s.x, settings, progress=progress) if settings.epsilon is None
                    else _uap(model, s.x, settings, settings.epsilon, step))
             v, eps, rate = uap.v, uap.epsilon, uap.fooling_rate
+            if rate < 0.5 * settings.fooling_rate:
+                raise Inconclusive(f"inconclusive: the UAP changes only {rate:.0%} of clean predictions (target "
+                                   f"{settings.fooling_rate:.0%}): survival would not tell triggers apart")
             survival = clean_survival(model, s.x, v, k)
         if save_uap_to is not None:
             save_uap(Path(save_uap_to), UapFile(v=v, epsilon=eps, fooling_rate=rate, model_sha256=sha,

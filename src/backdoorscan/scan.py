@@ -14,23 +14,14 @@ import torch.nn as nn
 from . import __version__
 from .batching import in_class_groups
 from .decide import SCALES, flag_classes, size_ratio
-from .device import resolve_device
 from .errors import ScanError
-from .loading import (
-    InputSpec,
-    LoadedModel,
-    PixelModel,
-    SampleSet,
-    check_outputs,
-    load_model,
-    load_samples,
-    make_spec,
-    open_source,
-)
-from .loading.samples import NpzSource
+from .evidence import INCONCLUSIVE_EXIT, Evidence, check_search
+from .loading import InputSpec, LoadedModel
+from .loading.setup import prepare
 from .perturb import norm_of, targeted_uaps
 from .perturb.uap import predict
 from .refine import FORMS, Refined, refine, stamp
+from .safety.limits import Limits
 
 Progress = Callable[[str, int, int], None]
 METHODS = ("usb", "nc")
@@ -101,7 +92,7 @@ class ClassResult:
 class ModelScan:
     """The outcome of a scan: verdict, per-class figures, what was scanned, and the reversed triggers."""
 
-    verdict: str  # "backdoor" or "clean"
+    verdict: str  # "backdoor", "clean" or "inconclusive" (the scan could not measure the model; see `reasons`)
     target_classes: list[int]
     classes: list[ClassResult]
     settings: ScanSettings
@@ -114,11 +105,17 @@ class ModelScan:
     masks: torch.Tensor = field(repr=False)  # (K, C, H, W)
     stamped: torch.Tensor = field(repr=False)  # (K, C, H, W) a clean sample with each reversed trigger
     uaps: torch.Tensor = field(repr=False)  # (K, C, H, W) the targeted UAPs of Alg. 1
+    evidence: Evidence = field(default_factory=Evidence)
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the verdict is inconclusive (empty otherwise)."""
+        return self.evidence.reasons
 
     @property
     def exit_code(self) -> int:
-        """0 when clean, 1 when a backdoor is suspected."""
-        return 1 if self.verdict == "backdoor" else 0
+        """0 when clean, 1 when a backdoor is suspected, 3 when inconclusive."""
+        return {"backdoor": 1, "inconclusive": INCONCLUSIVE_EXIT}.get(self.verdict, 0)
 
     def to_dict(self) -> dict:
         """The JSON report (schema `backdoorscan.model-scan/1`)."""
@@ -127,6 +124,8 @@ class ModelScan:
             "tool": {"name": "backdoorscan", "version": __version__},
             "verdict": self.verdict,
             "target_classes": self.target_classes,
+            "reasons": self.reasons,
+            "evidence": self.evidence.checks,
             "model": self.model,
             "data": self.data,
             "input": {"channels": self.input.channels, "height": self.input.height, "width": self.input.width,
@@ -139,53 +138,27 @@ class ModelScan:
         }
 
 
-def prepare(checkpoint: str | Path | nn.Module, data: str | Path, *, arch: str | None = None,
-            num_classes: int | None = None, input_size: tuple[int, int] | None = None, channels: int | None = None,
-            mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str = "auto",
-            unsafe_allow_pickle: bool = False, samples: int = 300,
-            seed: int = 0) -> tuple[PixelModel, LoadedModel | None, SampleSet, torch.device, int]:
-    """Load the model and a class-balanced draw of clean samples, both on the scan's device."""
-    dev = resolve_device(device)
-    if isinstance(checkpoint, nn.Module):
-        loaded, module, declared = None, checkpoint.eval().to(dev), None
-        for param in module.parameters():
-            param.requires_grad_(False)
-    else:
-        loaded = load_model(checkpoint, arch=arch, num_classes=num_classes,
-                            unsafe_allow_pickle=unsafe_allow_pickle, device=dev)
-        module, declared = loaded.module, loaded.input_shape
-    data_size = _data_size(data)
-    spec = make_spec(module, declared, input_size=input_size, channels=channels, mean=mean, std=std,
-                     data_size=data_size)
-    model = PixelModel(module, spec).to(dev)
-    k = check_outputs(model, spec, dev, num_classes)
-    sample_set = load_samples(data, spec.shape, samples, seed, predict=lambda x: predict(model, x.to(dev)))
-    sample_set.x = sample_set.x.to(dev)
-    return model, loaded, sample_set, dev, k
-
-
-def _data_size(data: str | Path) -> tuple[int, int] | None:
-    """Height and width of the first sample, used when neither the flags nor the model say the size."""
-    source = open_source(data)
-    first = next(iter(source.blocks(1)))[1][0] if isinstance(source, NpzSource) else source.read(0)
-    return None if first is None else (int(first.shape[0]), int(first.shape[1]))
-
-
 def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings: ScanSettings | None = None,
                arch: str | None = None, num_classes: int | None = None, input_size: tuple[int, int] | None = None,
                channels: int | None = None, mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None, device: str = "auto", unsafe_allow_pickle: bool = False,
-               progress: Progress | None = None) -> ModelScan:
-    """Scan one classifier for a backdoor with USB (or Neural Cleanse) and return the verdict and figures."""
+               progress: Progress | None = None, limits: Limits | None = None) -> ModelScan:
+    """Scan one classifier for a backdoor with USB (or Neural Cleanse) and return the verdict and figures.
+
+    The verdict is `inconclusive` when the evidence checks show the scan could not measure the model.
+    """
     settings = settings or ScanSettings()
     settings.check()
     torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
-    model, loaded, s, dev, k = prepare(checkpoint, data, arch=arch, num_classes=num_classes,
-                                       input_size=input_size, channels=channels, mean=mean, std=std,
-                                       device=device, unsafe_allow_pickle=unsafe_allow_pickle,
-                                       samples=settings.samples, seed=settings.seed)
+    ready = prepare(checkpoint, data, arch=arch, num_classes=num_classes, input_size=input_size,
+                    channels=channels, mean=mean, std=std, device=device,
+                    unsafe_allow_pickle=unsafe_allow_pickle, samples=settings.samples, seed=settings.seed,
+                    limits=limits)
+    model, loaded, s, dev, k = ready.model, ready.loaded, ready.samples, ready.device, ready.num_classes
     timings = {"load": time.perf_counter() - t0}
+    if not ready.evidence.ok:
+        return _inconclusive(ready, checkpoint, data, settings, timings, t0)
     y = predict(model, s.x)  # the paper's Err counts changes of f(x), so "other classes" are by prediction
     targets = torch.arange(k, device=dev)
     group = settings.class_group
@@ -220,6 +193,7 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
         timings["nc"] = time.perf_counter() - t
     refined = Refined(trigger=torch.cat([p.trigger for p in parts]), mask=torch.cat([p.mask for p in parts]),
                       l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]), form=parts[0].form)
+    check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min,
                                   max_ratio=settings.max_ratio, scale=settings.scale)
@@ -232,15 +206,31 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
                            uap_norm=float(uap_norms[c]), l1_norm=float(l1[c]), size_ratio=float(ratio[c]),
                            anomaly_index=float(index[c]),
                            asr=float(asr[c]), flagged=bool(flagged[c])) for c in range(k)]
-    targets_found = [c.cls for c in classes if c.flagged]
+    targets_found = [c.cls for c in classes if c.flagged] if ready.evidence.ok else []
+    verdict = "inconclusive" if not ready.evidence.ok else "backdoor" if targets_found else "clean"
     timings["total"] = time.perf_counter() - t0
     return ModelScan(
-        verdict="backdoor" if targets_found else "clean", target_classes=targets_found, classes=classes,
+        verdict=verdict, target_classes=targets_found, classes=classes, evidence=ready.evidence,
         settings=settings, model=_model_info(checkpoint, loaded, k), input=model.spec, device=str(dev),
         data={"path": str(data), "samples": int(s.x.shape[0]), "labels_from": s.labels_from},
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
         uaps=v.cpu())
+
+
+def _inconclusive(ready, checkpoint, data, settings: ScanSettings, timings: dict, t0: float) -> ModelScan:
+    """The scan stopped before its search: what was measured, and no classes."""
+    c, h, w = ready.model.spec.shape
+    empty = torch.zeros(0, c, h, w)
+    timings["total"] = time.perf_counter() - t0
+    samples = 0 if ready.samples is None else int(ready.samples.x.shape[0])
+    return ModelScan(verdict="inconclusive", target_classes=[], classes=[], settings=settings,
+                     model=_model_info(checkpoint, ready.loaded, ready.num_classes), input=ready.model.spec,
+                     device=str(ready.device),
+                     data={"path": str(data), "samples": samples,
+                           "labels_from": None if ready.samples is None else ready.samples.labels_from},
+                     timings={key: round(val, 3) for key, val in timings.items()}, triggers=empty, masks=empty,
+                     stamped=empty, uaps=empty, evidence=ready.evidence)
 
 
 def _num(value: torch.Tensor) -> float | None:

@@ -1,7 +1,7 @@
 """Loaders: models in any supported format (safely), clean samples, and the [0, 1]-pixel model wrapper."""
 
 from .models import LoadedModel, detect_format, load_model, resolve_arch, sha256_file
-from .preprocess import InputSpec, PixelModel, check_outputs, make_spec, parse_size
+from .preprocess import InputSpec, PixelModel, make_spec, parse_size, probe_outputs
 from .samples import (
     Batch,
     SampleSet,
@@ -13,7 +13,7 @@ from .samples import (
 )
 
 __all__ = [
-    "Batch", "InputSpec", "LoadedModel", "PixelModel", "SampleSet", "check_outputs", "detect_format",
+    "Batch", "InputSpec", "LoadedModel", "PixelModel", "SampleSet", "probe_outputs", "detect_format",
     "iter_images", "load_model", "load_samples", "make_spec", "open_source", "parse_size", "resolve_arch",
     "sha256_file", "to_model_format", "to_uint8_images",
 ]

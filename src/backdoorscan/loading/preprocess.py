@@ -50,8 +50,7 @@ class PixelModel(nn.Module):
             x = F.interpolate(x, size=self.spec.model_size, mode="bilinear", align_corners=False)
         if self.normalise:
             x = (x - self.mean) / self.std
-        out = self.model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return self.model(x)  # one logits tensor; anything else is caught by probe_outputs before a scan
 
 
 def _per_channel(values: Sequence[float] | None, channels: int, name: str) -> tuple[float, ...] | None:
@@ -119,15 +118,26 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def check_outputs(model: nn.Module, spec: InputSpec, device: torch.device, num_classes: int | None = None) -> int:
-    """Run a probe batch; returns the number of classes, and rejects non-finite or non-2-D outputs."""
+def probe_outputs(model: nn.Module, spec: InputSpec, device: torch.device,
+                  num_classes: int | None = None) -> tuple[int, str | None]:
+    """Run a probe batch; returns the number of classes and, when the output is not one logits tensor, why.
+
+    Non-finite, non-2-D or one-class outputs and a --num-classes mismatch are errors (exit 2); a tuple, list or
+    dict of outputs is a reason for an inconclusive verdict: which member holds the logits is a guess.
+    """
     probe = torch.rand(2, *spec.shape, generator=torch.Generator().manual_seed(0)).to(device)
     try:
         out = model(probe)
     except Exception as exc:
         raise ScanError(f"the model fails on (2, {spec.channels}, {spec.height}, {spec.width}) inputs: "
-                        f"{str(exc).splitlines()[0][:160]}",
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
                         hint="check --input-size and --channels") from exc
+    if not isinstance(out, torch.Tensor):
+        members = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else []
+        widths = [int(t.shape[-1]) for t in members if isinstance(t, torch.Tensor) and t.ndim == 2]
+        kind = type(out).__name__
+        return (widths[-1] if widths else 0), (f"the model returns a {kind} of {len(members)} outputs, not one "
+                                               "logits tensor: which one holds the logits would be a guess")
     if out.ndim != 2:
         raise ScanError(f"the model's output has shape {tuple(out.shape)}; a classifier gives (batch, classes)")
     if not torch.isfinite(out).all():
@@ -138,4 +148,4 @@ def check_outputs(model: nn.Module, spec: InputSpec, device: torch.device, num_c
                         hint=f"use --num-classes {k} or leave it out")
     if k < 2:
         raise ScanError("the model outputs fewer than 2 classes")
-    return k
+    return k, None

@@ -31,18 +31,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, last: str) -> Iterator[Path]:
-    """Yield a staging folder beside `out`; on success move its files into `out`, `last` (the report) last."""
+    """Yield a staging folder inside `out`; on success move its files into `out`, `last` (the report) last.
+
+    Staging inside `out` keeps every write below the one folder a sandboxed scan may write.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ScanError("--out exists and is not a folder", path=out, hint="choose another path")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     except OSError as exc:
         raise ScanError(f"cannot write there ({exc.strerror})", path=out, hint="choose a writable folder") from exc
     try:
         yield stage
-        out.mkdir(parents=True, exist_ok=True)
         names = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
         for rel in sorted(names, key=lambda r: r.as_posix() == last):
             (out / rel).parent.mkdir(parents=True, exist_ok=True)

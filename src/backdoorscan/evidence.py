@@ -1,0 +1,98 @@
+"""No verdict without evidence: checks that a scan could measure the model before its result is believed.
+
+A model behind non-differentiable preprocessing, with a wrong normalisation, untrained, or returning several
+tensors gives UAPs and triggers that succeed nowhere; the per-class sizes then say nothing, and "clean" would be
+a guess. Each check records its figure; a failed check makes the verdict `inconclusive` (exit 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INCONCLUSIVE_EXIT = 3
+GRADIENT_PROBE = 32  # samples whose input gradient is measured
+
+
+@dataclass
+class Evidence:
+    """The measured checks (name -> figures and pass/fail) and one line per failure."""
+
+    checks: dict[str, dict] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+    def record(self, name: str, ok: bool, reason: str, **figures: object) -> None:
+        """Store a check's figures; a failure adds its one-line reason."""
+        self.checks[name] = {"ok": bool(ok), **figures}
+        if not ok:
+            self.reasons.append(reason)
+
+
+def min_accuracy(num_classes: int) -> float:
+    """Clean accuracy a usable model must reach: chance plus 20 points (0.3 for 10 classes)."""
+    return min(0.95, 1.0 / num_classes + 0.2)
+
+
+@torch.no_grad()
+def check_predictions(evidence: Evidence, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                      labels_from: str, k: int) -> torch.Tensor:
+    """Accuracy on labelled samples (or, unlabelled, that predictions are not one class); returns predictions."""
+    pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(256)])
+    if y is not None and labels_from in ("file", "folders"):
+        top = int(y.max()) if len(y) else -1
+        evidence.record("labels_within_output", top < k,
+                        f"the data's labels reach class {top}, but the model outputs only {k} classes "
+                        "(wrong data for this model?)", max_label=top, num_classes=k)
+        if top < k:
+            acc = float((pred.cpu() == y.cpu()).float().mean())
+            need = min_accuracy(k)
+            evidence.record("clean_accuracy", acc >= need,
+                            f"clean accuracy on the labelled samples is {acc:.2f}, not above chance "
+                            f"({1 / k:.2f}) by enough (needs {need:.2f}): wrong preprocessing (--mean/--std, "
+                            "--input-size), wrong data, or an untrained model", accuracy=round(acc, 4),
+                            required=round(need, 4))
+    else:
+        share = float(torch.bincount(pred.cpu(), minlength=k).max()) / max(len(pred), 1)
+        evidence.record("prediction_spread", k < 3 or share <= 0.5,
+                        f"{share:.0%} of the unlabelled samples get one class: the model (or its preprocessing) "
+                        "does not tell the classes apart", largest_class_share=round(share, 4))
+    return pred
+
+
+def check_gradients(evidence: Evidence, model: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> None:
+    """The loss must have a non-zero gradient with respect to the input on most samples."""
+    xs = x[:GRADIENT_PROBE].clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(xs), pred[:GRADIENT_PROBE].to(x.device))
+            (grad,) = torch.autograd.grad(loss, xs)
+    except RuntimeError as exc:  # e.g. an output that does not require grad
+        evidence.record("input_gradient", False, f"the model gives no input gradient ({str(exc).splitlines()[0][:80]})"
+                        ": the scan's perturbations cannot be optimised", nonzero_share=0.0)
+        return
+    per_sample = grad.flatten(1).abs().amax(1)
+    share = float(((per_sample > 0) & torch.isfinite(per_sample)).float().mean())
+    evidence.record("input_gradient", share >= 0.5,
+                    f"the input gradient is zero on {1 - share:.0%} of samples (non-differentiable preprocessing "
+                    "such as rounding inside the model?): the scan's perturbations cannot be optimised",
+                    nonzero_share=round(share, 4))
+
+
+def check_search(evidence: Evidence, uap_success: torch.Tensor | None, asr: torch.Tensor, asr_min: float) -> None:
+    """After the scan: some targeted UAPs succeeded, and reversed triggers work for most classes."""
+    if uap_success is not None:
+        best = float(uap_success.max())
+        evidence.record("uap_success", best >= 0.1,
+                        f"no targeted UAP moved more than {best:.0%} of samples to its class: the scan measured "
+                        "nothing", best=round(best, 4))
+    working = float((asr >= asr_min).float().mean())
+    evidence.record("trigger_success", working >= 0.5,
+                    f"reversed triggers reach ASR {asr_min:.2f} for only {working:.0%} of classes: the trigger sizes "
+                    "do not measure the classes", share_of_classes=round(working, 4))
