@@ -7,7 +7,9 @@ def scan_markdown(scan) -> str:
     """Verdict, targets and the per-class table of a model scan."""
     model = scan.model.get("path") or scan.model.get("description")
     head = ("**Backdoor suspected**, target class(es) " + ", ".join(map(str, scan.target_classes))
-            if scan.verdict == "backdoor" else "**No backdoor found**")
+            if scan.verdict == "backdoor" else "**No backdoor found**" if scan.verdict == "clean"
+            else "**Inconclusive**: the scan could not measure this model.\n\n"
+            + "\n".join(f"- {reason}" for reason in scan.reasons))
     lines = [f"### backdoorscan: `{model}`", "", head, "",
              f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
              f"{scan.timings.get('total', 0):.1f} s.", "",

@@ -66,7 +66,8 @@ def write_scan_report(scan, out: Path) -> Path:
             to_image(scan.stamped[t]).save(stage / f"stamped_{t}.png")
             tiles.append(vis)
             labels.append(f"{t} L1={c.l1_norm:.1f}")
-        trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
+        if tiles:  # an inconclusive scan that stopped before its search has no triggers
+            trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
         (stage / "report.md").write_text(scan_markdown(scan))
         (stage / "report.json").write_text(json.dumps(scan.to_dict(), indent=2) + "\n")
     return out / "report.json"
