@@ -123,9 +123,7 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         _error_line("interrupted", "no report was written")
         code = 2
-    except BaseException as exc:  # a bug or an unexpected input: still a CI-safe exit code
-        if isinstance(exc, (typer.Exit, SystemExit)):
-            raise
+    except Exception as exc:  # a bug or an unexpected input: still a CI-safe exit code
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""

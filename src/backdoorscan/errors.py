@@ -22,7 +22,10 @@ class ScanError(Exception):
         return " ".join(text.split())
 
 
+INCONCLUSIVE_EXIT = 3
+
+
 class Inconclusive(ScanError):
     """The model loaded but could not be measured (see `evidence.py`); the CLI prints one line and exits 3."""
 
-    exit_code = 3
+    exit_code = INCONCLUSIVE_EXIT

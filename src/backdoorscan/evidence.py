@@ -13,26 +13,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INCONCLUSIVE_EXIT = 3
 GRADIENT_PROBE = 32  # samples whose input gradient is measured
 
 
 @dataclass
 class Evidence:
-    """The measured checks (name -> figures and pass/fail) and one line per failure."""
+    """The measured checks (name -> figures and pass/fail) and, per failed check, its one-line reason."""
 
     checks: dict[str, dict] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.reasons
+        return not self.failures
+
+    @property
+    def reasons(self) -> list[str]:
+        """One line per failed check, in the order the checks ran."""
+        return list(self.failures.values())
 
     def record(self, name: str, ok: bool, reason: str, **figures: object) -> None:
-        """Store a check's figures; a failure adds its one-line reason."""
+        """Store a check's figures; a failure also stores its one-line reason."""
         self.checks[name] = {"ok": bool(ok), **figures}
         if not ok:
-            self.reasons.append(reason)
+            self.failures[name] = reason
 
 
 def min_accuracy(num_classes: int) -> float:
@@ -40,11 +44,9 @@ def min_accuracy(num_classes: int) -> float:
     return min(0.95, 1.0 / num_classes + 0.2)
 
 
-@torch.no_grad()
-def check_predictions(evidence: Evidence, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-                      labels_from: str, k: int) -> torch.Tensor:
-    """Accuracy on labelled samples (or, unlabelled, that predictions are not one class); returns predictions."""
-    pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(256)])
+def check_predictions(evidence: Evidence, pred: torch.Tensor, y: torch.Tensor | None, labels_from: str,
+                      k: int) -> None:
+    """Accuracy of the predictions on labelled samples (or, unlabelled, that they are not one class)."""
     if y is not None and labels_from in ("file", "folders"):
         top = int(y.max()) if len(y) else -1
         evidence.record("labels_within_output", top < k,
@@ -63,7 +65,6 @@ def check_predictions(evidence: Evidence, model: nn.Module, x: torch.Tensor, y: 
         evidence.record("prediction_spread", k < 3 or share <= 0.5,
                         f"{share:.0%} of the unlabelled samples get one class: the model (or its preprocessing) "
                         "does not tell the classes apart", largest_class_share=round(share, 4))
-    return pred
 
 
 def check_gradients(evidence: Evidence, model: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> None:

@@ -167,10 +167,10 @@ def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None,
     model, loaded, s, dev, k = ready.model, ready.loaded, ready.samples, ready.device, ready.num_classes
     # Without clean samples (a stored UAP), only the checks that need no labelled clean data apply.
     applicable = {"single_logits_output", "input_gradient"} if clean is None else set(ready.evidence.checks)
-    failed = [name for name, check in ready.evidence.checks.items() if not check["ok"] and name in applicable]
+    failed = [reason for name, reason in ready.evidence.failures.items() if name in applicable]
     if failed:
-        reason = next(r for r in ready.evidence.reasons if r)
-        raise Inconclusive(f"inconclusive: {reason}", path=checkpoint if isinstance(checkpoint, (str, Path)) else None)
+        raise Inconclusive(f"inconclusive: {failed[0]}",
+                           path=checkpoint if isinstance(checkpoint, (str, Path)) else None)
     sha = loaded.sha256 if loaded is not None else None
     timings = {"load": time.perf_counter() - t0}
     t = time.perf_counter()

@@ -14,12 +14,11 @@ import torch.nn as nn
 from . import __version__
 from .batching import in_class_groups
 from .decide import SCALES, flag_classes, size_ratio
-from .errors import ScanError
-from .evidence import INCONCLUSIVE_EXIT, Evidence, check_search
+from .errors import INCONCLUSIVE_EXIT, ScanError
+from .evidence import Evidence, check_search
 from .loading import InputSpec, LoadedModel
 from .loading.setup import prepare
 from .perturb import norm_of, targeted_uaps
-from .perturb.uap import predict
 from .refine import FORMS, Refined, refine, stamp
 from .safety.limits import Limits
 
@@ -159,7 +158,7 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
     timings = {"load": time.perf_counter() - t0}
     if not ready.evidence.ok:
         return _inconclusive(ready, checkpoint, data, settings, timings, t0)
-    y = predict(model, s.x)  # the paper's Err counts changes of f(x), so "other classes" are by prediction
+    y = ready.predictions  # the paper's Err counts changes of f(x), so "other classes" are by prediction
     targets = torch.arange(k, device=dev)
     group = settings.class_group
 

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from .errors import ScanError
 from .safety import sandbox
-from .safety.limits import Limits, Watchdog, cap_process_memory
+from .safety.limits import Limits, cap_process_memory, start_watchdog
 
 SANDBOX_MODES = ("auto", "on", "off")
 CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"
@@ -80,19 +80,15 @@ def run_supervised(ctx, mode: str, limits: Limits, device: str, dirs: list[Path 
         _enter_child(json.loads(os.environ[CHILD_ENV]), mode, limits, device)
         return None
     if mode == "off":
-        _start_watchdog(limits)
+        start_watchdog(limits.timeout)
         return None
     if sandbox.landlock_abi() < 1:
         if mode == "on":
             raise ScanError("--sandbox on: Landlock is not available on this system",
                             hint="use --sandbox auto to scan without it (see docs/security.md)")
-        _start_watchdog(limits)
+        start_watchdog(limits.timeout)
         return None
     return _spawn(ctx, _writable(dirs, files), limits, console)
-
-
-def _start_watchdog(limits: Limits) -> None:
-    Watchdog(limits.timeout).__enter__()  # in-process: ends the process at the deadline (the CLI exits anyway)
 
 
 def _enter_child(writable: list[str], mode: str, limits: Limits, device: str) -> None:

@@ -221,3 +221,29 @@ def test_sandbox_stops_writes_outside_the_output(tmp_path, canary):
                   "--sandbox", "on")
     assert result.exit_code == 2 and "Permission denied" in result.output, result.output
     assert not canary.exists()
+
+
+def test_converted_onnx_graph_uses_the_same_allowlist():
+    from backdoorscan.safety.graph import check_onnx_module
+
+    for op, target in (("call_function", torch.from_file), ("call_method", "numpy"),
+                       ("call_method", "untyped_storage")):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        graph.output(graph.create_node(op, target, (x,)))
+        with pytest.raises(ScanError, match="refused"):
+            check_onnx_module(torch.fx.GraphModule(torch.nn.Module(), graph))
+
+
+def test_filter_without_clean_data_reports_an_applicable_reason(tmp_path):
+    from backdoorscan.errors import Inconclusive
+    from backdoorscan.filtering import filter_dataset
+    from backdoorscan.loading.setup import prepare
+    from backdoorscan.zoo.archs import mnist_cnn
+
+    torch.manual_seed(0)
+    model = b.Rounded(mnist_cnn().eval())
+    ready = prepare(model, MNIST_TEST, samples=1, device="cpu")
+    assert set(ready.evidence.failures) == {"clean_accuracy", "input_gradient"}  # accuracy does not apply here
+    with pytest.raises(Inconclusive, match="input gradient is zero"):
+        filter_dataset(model, None, MNIST_TEST, uap_file=tmp_path / "stored.safetensors", device="cpu")

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..device import resolve_device
 from ..evidence import Evidence, check_gradients, check_predictions
+from ..perturb.uap import predict
 from ..safety.limits import Limits, call_with_timeout
 from .models import LoadedModel, load_model
 from .preprocess import PixelModel, make_spec, probe_outputs
@@ -28,6 +29,7 @@ class Prepared:
     model: PixelModel
     loaded: LoadedModel | None
     samples: SampleSet | None  # None when the probe already showed the model cannot be measured
+    predictions: torch.Tensor | None  # the model's labels of the samples, on the device
     device: torch.device
     num_classes: int
     evidence: Evidence
@@ -58,17 +60,13 @@ def prepare(checkpoint: str | Path | nn.Module, data: str | Path, *, arch: str |
                                    "the model's first forward")
     evidence.record("single_logits_output", problem is None, problem or "", num_classes=k)
     if problem is not None:
-        return Prepared(model, loaded, None, dev, k, evidence)
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(c.to(dev)).argmax(1) for c in x.split(256)])
-
-    sample_set = load_samples(data, spec.shape, samples, seed, predict=predict)
+        return Prepared(model, loaded, None, None, dev, k, evidence)
+    sample_set = load_samples(data, spec.shape, samples, seed, predict=lambda x: predict(model, x.to(dev)))
     sample_set.x = sample_set.x.to(dev)
-    pred = check_predictions(evidence, model, sample_set.x, sample_set.y, sample_set.labels_from, k)
+    pred = predict(model, sample_set.x)
+    check_predictions(evidence, pred, sample_set.y, sample_set.labels_from, k)
     check_gradients(evidence, model, sample_set.x, pred)
-    return Prepared(model, loaded, sample_set, dev, k, evidence)
+    return Prepared(model, loaded, sample_set, pred, dev, k, evidence)
 
 
 def data_size(data: str | Path) -> tuple[int, int] | None:

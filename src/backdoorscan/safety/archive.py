@@ -16,7 +16,6 @@ import pickletools
 import posixpath
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ScanError
@@ -39,14 +38,6 @@ _EXPR_FUNCTIONS = frozenset({
     "Mul", "Add", "floor", "ceiling", "sqrt", "Piecewise", "ITE", "Identity", "Symbol", "positive", "negative",
     "nonnegative", "nonpositive", "integer", "real", "finite", "zero", "rational", "even", "odd", "commutative"})
 _SYMBOL = re.compile(r"^[a-z]{1,8}\d+$")
-
-
-@dataclass(frozen=True)
-class ArchiveInfo:
-    """What the inspection saw: member names and the total size they declare."""
-
-    names: tuple[str, ...]
-    declared_bytes: int
 
 
 def _refuse(path: Path, reason: str) -> ScanError:
@@ -118,14 +109,15 @@ def _check_pickle(path: Path, data: bytes, member: str, *, torchscript: bool = F
                         "can run any code (--unsafe-allow-pickle loads whole-module pickles you trust)")
 
 
-def check_torch_save(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: float, where: str = "",
+def check_torch_save(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: float, parent: str = "",
                      pickles: bool = True) -> None:
-    """A `torch.save` archive (or a nested one): every `.pkl` member within the weights-only allowlist."""
+    """A `torch.save` archive, or one nested in member `parent`: every `.pkl` member within the allowlist."""
+    where = f" in {parent}" if parent else ""
     zf, infos = open_checked(path, data, max_bytes=max_bytes, max_ratio=max_ratio, where=where)
     with zf:
         for info in infos:
             if pickles and info.filename.endswith(".pkl"):
-                _check_pickle(path, zf.read(info), f"{where.strip(' in')}{info.filename}")
+                _check_pickle(path, zf.read(info), f"{parent}/{info.filename}" if parent else info.filename)
 
 
 def check_raw_pickle(path: Path, data: bytes) -> None:
@@ -149,7 +141,7 @@ def check_raw_pickle(path: Path, data: bytes) -> None:
 def _nested(path: Path, payload: bytes, member: str, max_bytes: int, max_ratio: float) -> None:
     """A member that torch reads with torch.load: a nested torch.save zip or a raw pickle."""
     if payload.startswith(ZIP_MAGIC):
-        check_torch_save(path, payload, max_bytes=max_bytes, max_ratio=max_ratio, where=f" in {member}/")
+        check_torch_save(path, payload, max_bytes=max_bytes, max_ratio=max_ratio, parent=member)
     else:
         check_raw_pickle(path, payload)
 
@@ -185,7 +177,7 @@ def _walk_expressions(value: object, depth: int = 0):
             yield from _walk_expressions(item, depth + 1)
 
 
-def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> ArchiveInfo:
+def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> None:
     """A `torch.export` archive: no native code, no pickles beyond weights-only, no code in shape expressions."""
     zf, infos = open_checked(path, None, max_bytes=max_bytes, max_ratio=max_ratio)
     with zf:
@@ -210,7 +202,6 @@ def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> ArchiveInfo:
                 _check_payload_config(path, zf, name, names, max_bytes, max_ratio)
             elif re.search(r"(^|/)data/(weights|constants)/[^/]+\.pt$", name):  # legacy pickled weights
                 _nested(path, zf.read(name), name, max_bytes, max_ratio)
-    return ArchiveInfo(tuple(names), sum(i.file_size for i in infos))
 
 
 def _check_payload_config(path: Path, zf: zipfile.ZipFile, name: str, names: list[str], max_bytes: int,
@@ -235,7 +226,7 @@ def _check_payload_config(path: Path, zf: zipfile.ZipFile, name: str, names: lis
             _nested(path, zf.read(member), member, max_bytes, max_ratio)
 
 
-def check_torchscript(path: Path, max_bytes: int, max_ratio: float) -> ArchiveInfo:
+def check_torchscript(path: Path, max_bytes: int, max_ratio: float) -> None:
     """A TorchScript archive: pickles name only TorchScript classes and tensors; no code runs at load."""
     zf, infos = open_checked(path, None, max_bytes=max_bytes, max_ratio=max_ratio)
     with zf:
@@ -247,7 +238,6 @@ def check_torchscript(path: Path, max_bytes: int, max_ratio: float) -> ArchiveIn
                 _check_pickle(path, zf.read(name), name, torchscript=True)
             elif "/code/" in f"/{name}" and name.endswith(".py"):
                 _check_torchscript_code(path, name, zf.read(name))
-    return ArchiveInfo(tuple(names), sum(i.file_size for i in infos))
 
 
 def _check_torchscript_code(path: Path, name: str, source: bytes) -> None:
@@ -262,21 +252,17 @@ def _check_torchscript_code(path: Path, name: str, source: bytes) -> None:
 
 
 def check_archive(path: Path, fmt: str, max_bytes: int, max_ratio: float,
-                  allow_pickle: bool = False) -> ArchiveInfo | None:
+                  allow_pickle: bool = False) -> None:
     """Dispatch on the detected format; non-zip formats (safetensors, ONNX) are checked by their own loaders.
 
     `allow_pickle` (the user's --unsafe-allow-pickle) skips the global allowlist of `torch.save` files only.
+    The caller has already bounded the file's own size.
     """
     if fmt == "torch.export":
-        return check_pt2(path, max_bytes, max_ratio)
-    if fmt == "torchscript":
-        return check_torchscript(path, max_bytes, max_ratio)
-    if fmt == "pickle":
-        if zipfile.is_zipfile(path):
-            check_torch_save(path, None, max_bytes=max_bytes, max_ratio=max_ratio, pickles=not allow_pickle)
-        elif path.stat().st_size > max_bytes:
-            raise _refuse(path, "the file is larger than the memory bound (--max-memory)")
-        elif not allow_pickle:
-            check_raw_pickle(path, path.read_bytes())
-        return None
-    return None
+        check_pt2(path, max_bytes, max_ratio)
+    elif fmt == "torchscript":
+        check_torchscript(path, max_bytes, max_ratio)
+    elif fmt == "pickle" and zipfile.is_zipfile(path):
+        check_torch_save(path, None, max_bytes=max_bytes, max_ratio=max_ratio, pickles=not allow_pickle)
+    elif fmt == "pickle" and not allow_pickle:
+        check_raw_pickle(path, path.read_bytes())

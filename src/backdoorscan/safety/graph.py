@@ -168,25 +168,22 @@ def check_exported_program(program: torch.export.ExportedProgram, path=None) -> 
 
 
 def check_onnx_module(module: nn.Module, path=None) -> int:
-    """An onnx2torch GraphModule: only onnx2torch and torch.nn modules, known functions; returns the count."""
-    count = 0
+    """An onnx2torch GraphModule: only onnx2torch and torch.nn modules; functions and tensor methods by the same
+    allowlist as exported programs; returns the number of nodes checked."""
     if not isinstance(module, torch.fx.GraphModule):
         raise ScanError("the ONNX conversion did not give a graph module", path=path)
+    count = 0
     for node in module.graph.nodes:
         count += 1
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
         if node.op == "call_module":
             sub = module.get_submodule(node.target)
-            origin = type(sub).__module__
-            if not origin.startswith(("onnx2torch.", "torch.nn.")):
+            if not type(sub).__module__.startswith(("onnx2torch.", "torch.nn.")):
                 raise _refuse(f"module {type(sub).__name__}", node.name, path)
-        elif node.op == "call_function":
-            if not (node.target in SYMBOLIC_FUNCTIONS or getattr(node.target, "__module__", "") in (
-                    "torch", "torch.nn.functional", "_operator") or isinstance(node.target, torch._ops.OpOverload)):
-                raise _refuse(_target_name(node.target), node.name, path)
-        elif node.op == "call_method" and not hasattr(torch.Tensor, str(node.target)):
-            raise _refuse(f"method {node.target}", node.name, path)
+        elif node.op == "call_method":
+            if str(node.target) not in allowed_aten():
+                raise _refuse(f"method {node.target}", node.name, path)
+        else:
+            check_fx_node(node, path)
     return count
 
 

@@ -91,26 +91,18 @@ def call_with_timeout(fn: Callable[[], T], seconds: float, what: str) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-class Watchdog:
-    """Ends the process with exit 2 and one line when a scan runs past its time limit (CLI only)."""
+def start_watchdog(seconds: float) -> threading.Timer:
+    """End this process with exit 2 and one line once `seconds` have passed (CLI only, for in-process scans)."""
 
-    def __init__(self, seconds: float, what: str = "the scan") -> None:
-        self.seconds, self.what = seconds, what
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        sys.stderr.write(f"error: {self.what} ran past --timeout {self.seconds:g} s and was stopped; "
-                         "no report was written\n")
+    def fire() -> None:
+        sys.stderr.write(f"error: the scan ran past --timeout {seconds:g} s and was stopped; no report was written\n")
         sys.stderr.flush()
         os._exit(2)
 
-    def __enter__(self) -> Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def cap_process_memory(limit: int) -> bool:
