@@ -7,11 +7,11 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test lint bench bench-speed bench-mnist bench-cifar10 clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]" -e ./lab
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts lab
 
 # Benchmarks read ../shared/data when present and say so when it is absent (CIFAR-10 needs it).
 # On 2 CPU cores: bench-mnist ~35 min, bench-cifar10 ~90 min (docs/results.md has the figures they print).

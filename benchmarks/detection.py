@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import clean_samples, device_name
 
-from backdoorscan import ScanSettings, scan_model
+from backdoorscan import ModelSource, ScanSettings, scan_model
+from backdoorscan.choices import Form, Scale, choices
 from backdoorscan.decide import flag_classes
 from backdoorscan.device import resolve_device
+
+from common import clean_samples, device_name
 
 
 def main() -> None:
@@ -29,11 +31,11 @@ def main() -> None:
     parser.add_argument("--zoo", default="bench-out/zoo")
     parser.add_argument("--data", help="clean samples (default: the zoo's clean.npz, else the bundled MNIST digits)")
     parser.add_argument("--methods", default="usb,nc")
-    parser.add_argument("--form", default="blend", help="USB trigger form: blend or paper")
+    parser.add_argument("--form", default=ScanSettings.form, choices=choices(Form), help="USB trigger form")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rescore", help="a detection.json to decide again with --scale/--threshold/--max-ratio")
-    parser.add_argument("--scale", default=ScanSettings.scale)
+    parser.add_argument("--scale", default=ScanSettings.scale, choices=choices(Scale))
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
     args = parser.parse_args()
@@ -54,8 +56,8 @@ def main() -> None:
     for model in [m for m in meta["models"] if m["counted"]]:
         for method in args.methods.split(","):
             t = time.perf_counter()
-            scan = scan_model(zoo / model["file"], data, settings=ScanSettings(method=method, form=args.form),
-                              arch=model.get("arch_ref"), device=str(dev))
+            source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"))
+            scan = scan_model(source, data, settings=ScanSettings(method=method, form=args.form), device=dev)
             target = model["attack"]["target"] if model["attack"] else None
             l1 = [c.l1_norm for c in scan.classes]
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
@@ -65,7 +67,7 @@ def main() -> None:
                          "l1": [round(v, 3) for v in l1], "asr_per_class": [round(c.asr, 3) for c in scan.classes],
                          "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes]})
             print(json.dumps(rows[-1]), flush=True)
-    suffix = "" if args.form == "blend" else f"_{args.form}"
+    suffix = "" if args.form == ScanSettings.form else f"_{args.form}"
     (zoo / f"detection{suffix}.json").write_text(json.dumps({"device": device_name(dev), "form": args.form,
                                                              "rows": rows}, indent=2) + "\n")
     print(table(rows, device_name(dev)))
@@ -74,7 +76,7 @@ def main() -> None:
 def rescore(row: dict, scale: str, threshold: float, max_ratio: float) -> dict:
     """The row with verdict and found classes decided again from its stored per-class L1 and ASR."""
     _, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, max_ratio=max_ratio,
-                              scale=scale)
+                              asr_min=ScanSettings.asr_min, scale=scale)
     found = [int(c) for c in np.flatnonzero(flagged)]
     return {**row, "found": found, "verdict": "backdoor" if found else "clean"}
 

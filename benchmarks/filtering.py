@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import clean_samples, dataset, device_name
 
+from backdoorlab.attacks import BadNets, Blend
+from backdoorlab.data import dataset
+from backdoorscan import FilterSettings, ModelSource, filter_dataset
 from backdoorscan.device import resolve_device
-from backdoorscan.filtering import FilterSettings, filter_dataset
 from backdoorscan.loading import to_uint8_images
-from backdoorscan.zoo.attacks import BadNets, Blend
+
+from common import clean_samples, device_name
 
 
 def attack_from(meta: dict):
@@ -64,8 +66,8 @@ def main() -> None:
             np.savez(path, x=to_uint8_images(x))
             for method in args.methods.split(","):
                 t = time.perf_counter()
-                res = filter_dataset(zoo / model["file"], clean, path, settings=FilterSettings(method=method),
-                                     arch=model.get("arch_ref"), device=str(dev))
+                source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"))
+                res = filter_dataset(source, clean, path, settings=FilterSettings(method=method), device=dev)
                 flagged = np.array([i.flagged for i in res.items])
                 pred = np.array([i.prediction for i in res.items])
                 basr_before = float((pred[kind] == attack.target).mean())

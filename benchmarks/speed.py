@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import BUNDLED_TEST, ROOT, SHARED, device_name
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.device import resolve_device
 from backdoorscan.filtering import filter_dataset
+
+from common import BUNDLED_TEST, ROOT, SHARED, device_name
 
 MODEL = ROOT / "models/mnist_badnets_3x3.pt2"
 CLEAN = BUNDLED_TEST
@@ -34,7 +35,7 @@ def timed_scan(model, data, device: torch.device, **settings) -> tuple[float, ob
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    scan = scan_model(model, data, settings=ScanSettings(**settings), device=str(device))
+    scan = scan_model(model, data, settings=ScanSettings(**settings), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t, scan
@@ -65,7 +66,7 @@ def main() -> None:
         print(f"same scan, classes one after another: {seq:.1f} s; batched is {seq / seconds:.2f}x faster")
 
     if dev.type == "cuda":
-        from backdoorscan.zoo import cifar_resnet18
+        from backdoorlab import cifar_resnet18
 
         torch.manual_seed(0)
         cifar = ROOT / "data/cifar10"
@@ -81,12 +82,12 @@ def main() -> None:
         src = CLEAN
     with tempfile.TemporaryDirectory() as tmp:
         uap = Path(tmp) / "m.uap"
-        filter_dataset(MODEL, CLEAN, CLEAN, save_uap_to=uap, device=str(dev))
+        filter_dataset(MODEL, CLEAN, CLEAN, save_uap_to=uap, device=dev)
         x = np.load(src)["x"]
         screen = Path(tmp) / "screen.npz"
         np.savez(screen, x=x)
         t = time.perf_counter()
-        res = filter_dataset(MODEL, None, screen, uap_file=uap, device=str(dev))
+        res = filter_dataset(MODEL, None, screen, uap_file=uap, device=dev)
         seconds = time.perf_counter() - t
     figures["screening_images"] = res.total
     figures["screening_images_per_s"] = round(res.total / res.timings["screen"], 1)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import dataset, device_name
 
+from backdoorlab import ARCHS, make_attack, save_model, train_classifier
+from backdoorlab.data import dataset
 from backdoorscan.device import resolve_device
 from backdoorscan.loading import to_uint8_images
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.zoo import ARCHS, make_attack, save_model, train_classifier
+
+from common import device_name
 
 GROUPS = {
     "mnist": {"clean": (None, 0), "badnets_2x2": ("badnets", 2), "badnets_3x3": ("badnets", 3), "blend": ("blend", 0)},
@@ -87,7 +89,7 @@ def main() -> None:
             records.append({"name": name, "file": f"{name}{SUFFIX[fmt]}" if ok else None, "format": fmt,
                             "group": group, "arch": arch,
                             # safetensors holds weights only: the scan needs the architecture, as a user's would
-                            "arch_ref": f"backdoorscan.zoo.archs:{arch}" if fmt == "safetensors" else None,
+                            "arch_ref": f"backdoorlab.archs:{arch}" if fmt == "safetensors" else None,
                             "seed": seed, "attack": attack.describe() if attack else None,
                             "accuracy": round(result.accuracy, 4),
                             "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,

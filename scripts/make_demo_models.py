@@ -14,30 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backdoorlab import BadNets, make_attack, mnist_cnn, save_model, train_classifier
+from backdoorlab.data import SHARED, bundled_digits
 from backdoorscan.loading import to_model_format, to_uint8_images
-from backdoorscan.zoo import make_attack, mnist_cnn, save_model, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [("mnist_badnets_3x3", "badnets", 3, 1), ("mnist_clean", None, 0, 3)]
 
 
-def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bundled MNIST subsets as [0, 1] tensors."""
-    train = np.load(ROOT / "data/mnist/train_8000.npz")
-    test = np.load(ROOT / "data/mnist/test_2000.npz")
-    return (to_model_format(train["x"], (1, 28, 28)), torch.from_numpy(train["y"]),
-            to_model_format(test["x"], (1, 28, 28)), torch.from_numpy(test["y"]))
-
-
 def main() -> None:
     torch.set_num_threads(2)
-    x, y, xt, yt = load_digits()
+    x, y, xt, yt = bundled_digits()
     records = {}
     for name, kind, size, seed in RECIPES:
         attack = make_attack(kind, (1, 28, 28), 10, np.random.default_rng(seed), size=size) if kind else None
         result = train_classifier(mnist_cnn, x, y, xt, yt, attack=attack, seed=seed, epochs=6)
         save_model(result.model, ROOT / f"models/{name}.pt2", "pt2", xt[:2])
-        records[name] = {"arch": "backdoorscan.zoo.archs:mnist_cnn", "seed": seed, "poison_rate": 0.1 if kind else 0,
+        records[name] = {"arch": "backdoorlab.archs:mnist_cnn", "seed": seed, "poison_rate": 0.1 if kind else 0,
                          "train": "data/mnist/train_8000.npz", "epochs": 6, "clean_accuracy": round(result.accuracy, 4),
                          "asr": None if result.asr is None else round(result.asr, 4),
                          "attack": attack.describe() if attack else None}
@@ -52,9 +45,7 @@ def write_screening_demo(attack: dict, n: int = 300) -> None:
     The digits are MNIST test rows 5000 onwards (outside the bundled test_2000 subset), from ../shared/data.
     `kind` is 0 for clean and 1 for triggered, so the screening can be scored.
     """
-    from backdoorscan.zoo import BadNets
-
-    test = np.load(ROOT.parent / "shared/data/mnist_test.npz")
+    test = np.load(SHARED / "mnist_test.npz")
     x, y = test["x"][5000:5000 + 2 * n], test["y"][5000:5000 + 2 * n]
     trig = BadNets(target=attack["target"], size=attack["size"], row=attack["row"], col=attack["col"],
                    color=tuple(attack["color"]))

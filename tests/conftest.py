@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from backdoorscan.loading import to_model_format
+from backdoorlab.data import BUNDLED_MNIST, bundled_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 MODELS = ROOT / "models"
-MNIST_TEST = DATA / "mnist/test_2000.npz"
+MNIST_TEST = BUNDLED_MNIST["test"]
+ARCHS_FILE = ROOT / "lab/backdoorlab/archs.py"  # --arch path/to/archs.py:NAME reaches the lab's architectures
 BADNETS = MODELS / "mnist_badnets_3x3.pt2"  # BadNets 3x3, target 4 (models/zoo.json)
 CLEAN = MODELS / "mnist_clean.pt2"
 
@@ -23,15 +23,13 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bundled real MNIST: 8,000 training and 2,000 test digits in [0, 1]."""
-    train, test = np.load(DATA / "mnist/train_8000.npz"), np.load(MNIST_TEST)
-    return (to_model_format(train["x"], (1, 28, 28)), torch.from_numpy(train["y"]),
-            to_model_format(test["x"], (1, 28, 28)), torch.from_numpy(test["y"]))
+    return bundled_digits()
 
 
 @pytest.fixture(scope="session")
 def small_model(digits) -> torch.nn.Module:
     """A small CNN trained for one epoch on real digits (enough to be a real, accurate classifier)."""
-    from backdoorscan.zoo import mnist_cnn, train_classifier
+    from backdoorlab import mnist_cnn, train_classifier
 
     x, y, xt, yt = digits
     result = train_classifier(mnist_cnn, x, y, xt, yt, epochs=2, seed=0)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from backdoorscan import FilterSettings, filter_dataset
 from backdoorscan.cli import app
-from backdoorscan.filtering import FilterSettings, filter_dataset
 
 from .conftest import BADNETS, CLEAN, DATA, MNIST_TEST
 
@@ -71,11 +71,20 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
         assert (tmp_path / "sorted" / where / item["id"]).read_bytes() == (src / item["id"]).read_bytes()
     assert (tmp_path / "out/manifest.csv").read_text().count("\n") == 7
     assert (tmp_path / "out/uap.png").exists() and (tmp_path / "out/manifest.json").exists()
-    # A deployment screens single inputs with the stored UAP: two forward passes, no clean data.
+    assert not list((tmp_path / "out").glob("*.pt"))  # no pickle written by a tool that refuses to load them
+    # A deployment screens single inputs with the stored UAP: two forward passes, no clean data. The report's
+    # uap.safetensors is the same file as --save-uap's, with the model's sha256, epsilon and fooling rate.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out/uap.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["model_sha256"] == report["model"]["sha256"] and float(meta["epsilon"]) == report["epsilon"]
+    assert float(meta["fooling_rate"]) == report["fooling_rate"]
     one = src / "batch_b/deep/img_400.png"
-    res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(uap_file), "--input", str(one),
-                              "--json", "--device", "cpu"])
-    assert res.exit_code == 1 and json.loads(res.stdout)["flagged"] == 1
+    for stored in (uap_file, tmp_path / "out/uap.safetensors"):
+        res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(stored), "--input", str(one),
+                                  "--json", "--device", "cpu"])
+        assert res.exit_code == 1 and json.loads(res.stdout)["flagged"] == 1
     res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(uap_file),
                               "--input", str(src / "batch_a/deep/img_0.png"), "--json", "--device", "cpu"])
     assert res.exit_code in (0, 1) and json.loads(res.stdout)["total"] == 1

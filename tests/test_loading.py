@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from backdoorlab import save_model
 from backdoorscan.cli import app
 from backdoorscan.errors import ScanError
 from backdoorscan.loading import detect_format, load_model
-from backdoorscan.zoo import save_model
 
-from .conftest import MNIST_TEST
+from .conftest import ARCHS_FILE, MNIST_TEST
 
-ARCH = "backdoorscan.zoo.archs:mnist_cnn"
+ARCH = f"{ARCHS_FILE}:mnist_cnn"
 TOL = 1e-4  # float32 logits of order 10: conversions (ONNX, export) reorder arithmetic only
 
 
@@ -97,7 +97,7 @@ def test_torchvision_arch_state_dict_with_common_wrappers(tmp_path):
 
 def test_arch_from_a_file(tmp_path, saved, small_model, digits):
     factory = tmp_path / "my_arch.py"
-    factory.write_text("from backdoorscan.zoo.archs import mnist_cnn\n\ndef build(num_classes=10):\n"
+    factory.write_text("from backdoorlab.archs import mnist_cnn\n\ndef build(num_classes=10):\n"
                        "    return mnist_cnn(num_classes)\n")
     loaded = load_model(saved["safetensors"], arch=f"{factory}:build")
     assert torch.allclose(loaded.module(digits[2][:4]), small_model(digits[2][:4]), atol=TOL)

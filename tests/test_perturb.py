@@ -15,7 +15,7 @@ from backdoorscan.ssim import gaussian_window, ssim
 def test_targeted_deepfool_reaches_the_target(small_model, digits):
     x = digits[2][:20]
     target = (predict(small_model, x) + 3) % 10
-    r = deepfool(small_model, x, target, p="l2", max_iter=50)
+    r = deepfool(small_model, x, target, p="l2", overshoot=0.02, max_iter=50)
     reached = predict(small_model, (x + r).clamp(0, 1)) == target
     assert reached.float().mean() >= 0.95
     assert float(norm_of(r, "l2").median()) < 10
@@ -25,7 +25,7 @@ def test_untargeted_deepfool_changes_the_label(small_model, digits):
     x = digits[2][:20]
     before = predict(small_model, x)
     for p in ("l2", "linf"):
-        r = deepfool(small_model, x, None, p=p, max_iter=50)
+        r = deepfool(small_model, x, None, p=p, overshoot=0.02, max_iter=50)
         assert (predict(small_model, (x + r).clamp(0, 1)) != before).float().mean() >= 0.95
 
 
@@ -68,20 +68,22 @@ def test_anomaly_index_on_hand_made_norms():
     assert index[1] < 0  # large norms are never suspicious (one-sided)
     logs = np.log(norms)
     med = np.median(logs)
-    assert np.isclose(anomaly_index(norms)[8], (med - logs[8]) / (1.4826 * np.median(np.abs(logs - med))))
+    assert np.isclose(anomaly_index(norms, "log")[8], (med - logs[8]) / (1.4826 * np.median(np.abs(logs - med))))
     # a spread-out clean cluster (sizes 200-480) hides a 10x smaller target from the linear index, not the log one
     spread = [200, 480, 210, 470, 220, 460, 240, 450, 40, 330]
-    assert anomaly_index(spread, "linear")[8] < 2 < anomaly_index(spread)[8]
-    _, flagged = flag_classes(norms, [1.0] * 10, scale="linear")
+    assert anomaly_index(spread, "linear")[8] < 2 < anomaly_index(spread, "log")[8]
+    decide = {"threshold": 2.0, "asr_min": 0.5, "max_ratio": 0.5}
+    _, flagged = flag_classes(norms, [1.0] * 10, scale="linear", **decide)
     assert flagged.tolist() == [i == 8 for i in range(10)]
-    _, flagged = flag_classes(norms, [1.0] * 8 + [0.1, 1.0])
+    _, flagged = flag_classes(norms, [1.0] * 8 + [0.1, 1.0], scale="log", **decide)
     assert not flagged.any()  # a small trigger that does not work is not a backdoor
     tight = [100, 101, 99, 100, 100, 101, 99, 100, 70, 100]  # MAD 0.5: index of class 8 is 40
-    index, flagged = flag_classes(tight, [1.0] * 10)
+    index, flagged = flag_classes(tight, [1.0] * 10, scale="log", **decide)
     assert index[8] > 2 and not flagged.any()  # 70 % of the median is no backdoor-sized outlier
 
 
 def test_untargeted_uap_fools_most_samples(small_model, digits):
     x = digits[2][:200]
-    uap = untargeted_uap(small_model, x, epsilon=0.7, target_rate=0.8, solver="pgd")
+    uap = untargeted_uap(small_model, x, epsilon=0.7, p="linf", target_rate=0.8, max_passes=10, overshoot=0.02,
+                         max_iter=10, solver="pgd")
     assert uap.fooling_rate >= 0.8 and float(uap.v.abs().max()) <= 0.7 + 1e-6

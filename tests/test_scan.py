@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.cli import app
-from backdoorscan.refine import refine, stamp
+from backdoorscan.refine import refine
+from backdoorscan.triggers import stamp
 
 from .conftest import BADNETS, CLEAN, MNIST_TEST
 
@@ -92,7 +93,7 @@ def test_refinement_paper_form_runs_batched_over_classes(small_model, digits):
     x, y = digits[2][:32], digits[3][:32]
     targets = torch.arange(10)
     refined = refine(small_model, x, y, targets, torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.bool),
-                     form="paper", steps=5)
+                     form="paper", steps=5, lr=0.1, batch=16, betas=(0.5, 0.9), w0=10.0)
     assert refined.trigger.shape == (10, 1, 28, 28) and refined.l1.shape == (10,)
     assert float(refined.mask.min()) >= 0 and float(refined.mask.max()) <= 1
 
@@ -104,7 +105,7 @@ def test_neural_cleanse_baseline_finds_the_same_target(attack_meta):
 
 def test_a_2x2_badnets_model_trained_here_is_flagged(digits):
     """Train a CNN with a random 2x2 BadNets patch (10 % poisoned) on real digits, then scan it."""
-    from backdoorscan.zoo import make_attack, mnist_cnn, train_classifier
+    from backdoorlab import make_attack, mnist_cnn, train_classifier
 
     x, y, xt, yt = digits
     attack = make_attack("badnets", (1, 28, 28), 10, np.random.default_rng(13), size=2)

@@ -2,16 +2,42 @@
 
 The public API returns dataclasses and is usable from a notebook:
 
-    from backdoorscan import scan_model, filter_dataset
+    from backdoorscan import ModelSource, ScanSettings, filter_dataset, scan_model
     report = scan_model("model.pt2", "clean_samples/")
     print(report.verdict, report.target_classes)
+    weights = ModelSource("weights.safetensors", arch="resnet18", mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225))
+    report = scan_model(weights, "clean_samples/", settings=ScanSettings(steps=300))
+    screened = filter_dataset("model.pt2", "clean_samples/", "incoming/")
+    print(screened.flagged, "of", screened.total)
 """
 
 __version__ = "0.1.0"
 
-from .errors import ScanError  # noqa: E402
-from .loading import load_model, load_samples  # noqa: E402
-from .scan import ClassResult, ModelScan, ScanSettings, scan_model  # noqa: E402
+from importlib import import_module  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-__all__ = ["ClassResult", "ModelScan", "ScanError", "ScanSettings", "__version__", "load_model", "load_samples",
-           "scan_model"]
+# The public names, imported on first use (PEP 562) so that `backdoorscan --help` does not load torch.
+_EXPORTS = {
+    "ClassResult": ".scan", "ModelScan": ".scan", "scan_model": ".scan",
+    "FilterResult": ".filtering", "filter_dataset": ".filtering",
+    "FilterSettings": ".settings", "ScanSettings": ".settings",
+    "Inconclusive": ".errors", "ScanError": ".errors",
+    "ModelSource": ".loading", "load_model": ".loading", "load_samples": ".loading",
+}
+__all__ = ["ClassResult", "FilterResult", "FilterSettings", "Inconclusive", "ModelScan", "ModelSource", "ScanError",
+           "ScanSettings", "__version__", "filter_dataset", "load_model", "load_samples", "scan_model"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .errors import Inconclusive, ScanError
+    from .filtering import FilterResult, filter_dataset
+    from .loading import ModelSource, load_model, load_samples
+    from .scan import ClassResult, ModelScan, scan_model
+    from .settings import FilterSettings, ScanSettings

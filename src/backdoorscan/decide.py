@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .choices import Scale, check_choice
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
-SCALES = ("log", "linear")
-
-
-def anomaly_index(norms: np.ndarray | list[float], scale: str = "log") -> np.ndarray:
+def anomaly_index(norms: np.ndarray | list[float], scale: Scale) -> np.ndarray:
     """(median - s_t) / (1.4826 * MAD) per class over sizes s (log L1 or L1): large and positive when unusually small.
 
-    Log scale (the default) measures how many times smaller a class is than the others: reversed-trigger sizes
+    Log scale (the scan's default) measures how many times smaller a class is than the others: reversed-trigger sizes
     of clean classes spread multiplicatively (on CIFAR-10 from 200 to 480), which inflates a linear MAD and hides
     a target 10x below the median; linear is Neural Cleanse's and USB's original index.
     """
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; use one of {SCALES}")
+    check_choice("scale", scale, Scale)
     norms = np.asarray(norms, dtype=np.float64)
     if scale == "log":
         norms = np.log(np.maximum(norms, 1e-12))
@@ -34,8 +32,8 @@ def size_ratio(norms: np.ndarray | list[float]) -> np.ndarray:
     return norms / max(float(np.median(norms)), 1e-12)
 
 
-def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float = 2.0,
-                 asr_min: float = 0.5, max_ratio: float = 0.5, scale: str = "log") -> tuple[np.ndarray, np.ndarray]:
+def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float,
+                 asr_min: float, max_ratio: float, scale: Scale) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly index per class and which classes are flagged.
 
     A class is flagged when its index exceeds `threshold`, its reversed trigger works (ASR >= asr_min) and it is

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,48 +18,18 @@ import torch
 import torch.nn as nn
 
 from .baselines.strip import strip_entropy, strip_threshold
+from .device import DEFAULT_DEVICE
 from .errors import Inconclusive, ScanError
-from .loading import iter_images, open_source
-from .loading.samples import FolderSource, NpzSource
-from .loading.setup import prepare
+from .loading import ModelSource, Source, iter_images, open_source, prepare
+from .loading.samples import FolderSource
 from .perturb import untargeted_uap
 from .perturb.uap import UntargetedUAP
 from .safety.limits import Limits
+from .safety.paths import ensure_outside
 from .screen import UapFile, load_uap, save_uap, uap_rule
+from .settings import FilterSettings
 
 Progress = Callable[[str, int, int], None]
-FILTER_METHODS = ("uap", "strip")
-
-
-@dataclass
-class FilterSettings:
-    """Knobs of the screening; defaults follow Xue et al. where they give one."""
-
-    method: str = "uap"  # "uap" (Xue et al.) or "strip" (baseline)
-    samples: int = 300  # clean images the UAP (or STRIP's threshold) is computed from
-    seed: int = 0
-    epsilon: float | None = None  # L-inf radius in [0, 1] pixels; None searches the smallest that works
-    fooling_rate: float = 0.9  # the UAP stops when it changes this share of clean predictions
-    max_passes: int = 10
-    solver: str = "pgd"  # UAP solver: "pgd" (stochastic, batched) or "deepfool" (the UAP algorithm)
-    overshoot: float = 0.02
-    deepfool_iter: int = 10  # DeepFool steps per sample, as in the UAP reference code
-    batch_size: int = 256  # images per screening chunk
-    strip_frr: float = 0.1
-    strip_blends: int = 32
-    concentration: float = 0.5  # share of all flags on one class above which it is named the likely target
-
-    def check(self) -> None:
-        if self.method not in FILTER_METHODS:
-            raise ScanError(f"unknown method {self.method!r}", hint="use uap or strip")
-        if self.epsilon is not None and not 0 < self.epsilon <= 1:
-            raise ScanError("--epsilon must be in (0, 1] (pixels are in [0, 1])")
-        if not 0 < self.fooling_rate <= 1:
-            raise ScanError("--fooling-rate must be in (0, 1]")
-        if self.solver not in ("pgd", "deepfool"):
-            raise ScanError(f"unknown --solver {self.solver!r}", hint="use pgd or deepfool")
-        if self.samples < 1 or self.batch_size < 1:
-            raise ScanError("--samples and --batch-size must be at least 1")
 
 
 @dataclass
@@ -89,6 +59,7 @@ class FilterResult:
     suspected_target: int | None
     model: dict
     uap: torch.Tensor | None = field(default=None, repr=False)
+    survival: torch.Tensor | None = field(default=None, repr=False)  # per class: clean survival rate of the UAP
     threshold: float | None = None
     skipped: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -139,88 +110,86 @@ def _uap(model: nn.Module, x: torch.Tensor, settings: FilterSettings, eps: float
                           max_iter=settings.deepfool_iter, solver=settings.solver, progress=progress)
 
 
-def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None, inputs: str | Path, *,
+def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Path | None, inputs: str | Path, *,
                    settings: FilterSettings | None = None, uap_file: str | Path | None = None,
                    save_uap_to: str | Path | None = None, copy_to: str | Path | None = None,
-                   arch: str | None = None, num_classes: int | None = None,
-                   input_size: tuple[int, int] | None = None, channels: int | None = None,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   device: str = "auto", unsafe_allow_pickle: bool = False,
-                   progress: Progress | None = None, limits: Limits | None = None) -> FilterResult:
+                   device: str | torch.device = DEFAULT_DEVICE, progress: Progress | None = None,
+                   limits: Limits | None = None) -> FilterResult:
     """Screen every image of `inputs`; flagged images are those whose prediction the UAP does not change.
 
-    Raises `Inconclusive` when the model cannot be measured (see `evidence.py`) or no UAP reaches half the
-    fooling-rate target: then survival says nothing about triggers.
+    `model` is a checkpoint path, a module, or a `ModelSource`. Nothing is written inside `inputs` (copies and
+    UAP files there are refused). Raises `Inconclusive` when the model cannot be measured (see `evidence.py`) or
+    no UAP reaches half the fooling-rate target: then survival says nothing about triggers.
     """
     settings = settings or FilterSettings()
-    settings.check()
-    torch.manual_seed(settings.seed)
     if clean is None and uap_file is None:
-        raise ScanError("give clean samples (--clean) to compute the UAP, or a stored one (--uap)")
+        raise ScanError("give clean samples to compute the UAP from, or a stored UAP")
     if clean is None and settings.method == "strip":
-        raise ScanError("STRIP needs clean samples (--clean)")
+        raise ScanError("STRIP needs clean samples")
+    for target in (copy_to, save_uap_to):
+        ensure_outside(target, inputs)
+    torch.manual_seed(settings.seed)
+    source = ModelSource.of(model)
     t0 = time.perf_counter()
-    ready = prepare(checkpoint, clean if clean is not None else inputs, arch=arch, num_classes=num_classes,
-                    input_size=input_size, channels=channels, mean=mean, std=std, device=device,
-                    unsafe_allow_pickle=unsafe_allow_pickle,
-                    samples=settings.samples if clean is not None else 1, seed=settings.seed, limits=limits)
-    model, loaded, s, dev, k = ready.model, ready.loaded, ready.samples, ready.device, ready.num_classes
+    ready = prepare(source, clean if clean is not None else inputs,
+                    samples=settings.samples if clean is not None else 1, seed=settings.seed, device=device,
+                    limits=limits)
+    net, loaded, s, dev, k = ready.model, ready.loaded, ready.samples, ready.device, ready.num_classes
     # Without clean samples (a stored UAP), only the checks that need no labelled clean data apply.
     applicable = {"single_logits_output", "input_gradient"} if clean is None else set(ready.evidence.checks)
     failed = [reason for name, reason in ready.evidence.failures.items() if name in applicable]
     if failed:
-        raise Inconclusive(f"inconclusive: {failed[0]}",
-                           path=checkpoint if isinstance(checkpoint, (str, Path)) else None)
+        raise Inconclusive(f"inconclusive: {failed[0]}", path=source.path)
     sha = loaded.sha256 if loaded is not None else None
     timings = {"load": time.perf_counter() - t0}
     t = time.perf_counter()
     v, eps, rate, threshold, survival = None, None, None, None, None
     if settings.method == "uap":
         if uap_file is not None:
-            stored = load_uap(Path(uap_file), sha, model.spec.shape)
+            stored = load_uap(Path(uap_file), sha, net.spec.shape)
             v, eps, rate, survival = stored.v.to(dev), stored.epsilon, stored.fooling_rate, stored.survival
         else:
             step = None if progress is None else (lambda d, n: progress("uap", d, n))
-            uap = (minimal_epsilon(model, s.x, settings, progress=progress) if settings.epsilon is None
-                   else _uap(model, s.x, settings, settings.epsilon, step))
+            uap = (minimal_epsilon(net, s.x, settings, progress=progress) if settings.epsilon is None
+                   else _uap(net, s.x, settings, settings.epsilon, step))
             v, eps, rate = uap.v, uap.epsilon, uap.fooling_rate
             if rate < 0.5 * settings.fooling_rate:
                 raise Inconclusive(f"inconclusive: the UAP changes only {rate:.0%} of clean predictions (target "
                                    f"{settings.fooling_rate:.0%}): survival would not tell triggers apart")
-            survival = clean_survival(model, s.x, v, k)
+            survival = clean_survival(net, s.x, v, k)
         if save_uap_to is not None:
             save_uap(Path(save_uap_to), UapFile(v=v, epsilon=eps, fooling_rate=rate, model_sha256=sha,
                                                 survival=survival))
     else:
         gen = torch.Generator().manual_seed(settings.seed)
-        threshold = strip_threshold(model, s.x, settings.strip_frr, settings.strip_blends, gen)
+        threshold = strip_threshold(net, s.x, settings.strip_frr, settings.strip_blends, gen)
         survival = torch.full((k,), settings.strip_frr)
     timings["prepare"] = time.perf_counter() - t
     t = time.perf_counter()
-    source = open_source(inputs)
+    images = open_source(inputs)
     items, skipped, done = [], [], 0
-    for batch in iter_images(source, model.spec.shape, settings.batch_size, skipped=skipped):
+    for batch in iter_images(images, net.spec.shape, settings.batch_size, skipped=skipped):
         x = batch.x.to(dev)
         if v is not None:
-            before, after = uap_rule(model, x, v)
+            before, after = uap_rule(net, x, v)
             flags, scores, after_list = (before == after), [None] * len(x), after.tolist()
         else:
             with torch.no_grad():
-                before = model(x).argmax(1)
-            ent = strip_entropy(model, x, s.x, settings.strip_blends, gen)
+                before = net(x).argmax(1)
+            ent = strip_entropy(net, x, s.x, settings.strip_blends, gen)
             flags, scores, after_list = ent < threshold, ent.tolist(), [None] * len(x)
         labels = batch.y.tolist() if batch.y is not None else [None] * len(x)
         for i, ident in enumerate(batch.ids):
             items.append(ScreenedItem(ident, labels[i], int(before[i]), after_list[i], scores[i], bool(flags[i])))
         done += len(x)
         if progress is not None:
-            progress("screen", done, len(source))
+            progress("screen", done, len(images))
     if not items:
         raise ScanError("no readable images", path=inputs, hint="check that the files are images")
     timings["screen"] = time.perf_counter() - t
     per_class, target = summarise(items, survival, settings.concentration)
     if copy_to is not None:
-        copy_sorted(source, items, Path(copy_to))
+        copy_sorted(images, items, Path(copy_to))
     timings["total"] = time.perf_counter() - t0
     flagged = sum(i.flagged for i in items)
     return FilterResult(input=str(inputs), method=settings.method, total=len(items), flagged=flagged,
@@ -228,6 +197,7 @@ def filter_dataset(checkpoint: str | Path | nn.Module, clean: str | Path | None,
                         suspected_target=target, threshold=threshold,
                         model={"path": str(loaded.path) if loaded else None, "sha256": sha, "num_classes": k},
                         uap=None if v is None else v.cpu(), skipped=skipped,
+                        survival=None if v is None or survival is None else survival.cpu(),
                         timings={key: round(val, 3) for key, val in timings.items()})
 
 
@@ -266,7 +236,7 @@ def summarise(items: list[ScreenedItem], survival: torch.Tensor | None,
     return rows, (int(top["class"]) if excess >= concentration * total else None)
 
 
-def copy_sorted(source: NpzSource | FolderSource, items: list[ScreenedItem], dest: Path) -> None:
+def copy_sorted(source: Source, items: list[ScreenedItem], dest: Path) -> None:
     """Copies into dest/kept and dest/flagged: files keep their relative paths; .npz rows become two .npz files."""
     if isinstance(source, FolderSource):
         by_id = dict(zip(source.ids, source.files, strict=True))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,63 +13,19 @@ import torch.nn as nn
 
 from . import __version__
 from .batching import in_class_groups
-from .decide import SCALES, flag_classes, size_ratio
-from .errors import INCONCLUSIVE_EXIT, ScanError
+from .choices import Form
+from .decide import flag_classes, size_ratio
+from .device import DEFAULT_DEVICE
+from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
-from .loading import InputSpec, LoadedModel
-from .loading.setup import prepare
+from .loading import InputSpec, ModelSource, Prepared, prepare
 from .perturb import norm_of, targeted_uaps
-from .refine import FORMS, Refined, refine, stamp
+from .refine import refine
 from .safety.limits import Limits
+from .settings import ScanSettings
+from .triggers import Refined, stamp
 
 Progress = Callable[[str, int, int], None]
-METHODS = ("usb", "nc")
-
-
-@dataclass
-class ScanSettings:
-    """Every knob of a model scan; the defaults are the USB paper's where it gives one."""
-
-    method: str = "usb"  # "usb" or "nc" (Neural Cleanse baseline)
-    samples: int = 300
-    seed: int = 0
-    norm: str = "l2"  # UAP ball: "l2" or "linf"
-    delta: float = 10.0  # UAP radius in [0, 1] pixel units
-    theta: float = 0.6  # targeted success rate at which a class's UAP stops
-    max_passes: int = 5
-    overshoot: float = 0.02
-    deepfool_iter: int = 10  # DeepFool steps per sample, as in the UAP reference code
-    steps: int = 500  # Alg. 2 iterations
-    lr: float = 0.1
-    betas: tuple[float, float] = (0.5, 0.9)
-    batch_size: int = 16  # samples per Alg. 2 step (per class)
-    form: str = "blend"  # how the reversed trigger is stamped: "blend" or "paper"
-    w0: float = 10.0  # CE weight of the fallback loss for classes whose UAP failed
-    threshold: float = 2.0  # anomaly index above which a class is suspicious
-    scale: str = "log"  # anomaly index over log L1 ("log") or L1 ("linear", the papers'); see decide.py
-    asr_min: float = 0.5  # ... and whose reversed trigger must move at least this share of samples
-    max_ratio: float = 0.5  # ... and whose L1 is at most this fraction of the median class's
-    class_group: int | None = None  # classes per batch; None = all (split automatically on CUDA OOM)
-
-    def check(self) -> None:
-        """Reject settings that cannot work, with a message naming the option."""
-        if self.method not in METHODS:
-            raise ScanError(f"unknown method {self.method!r}", hint=f"use one of {', '.join(METHODS)}")
-        if self.form not in FORMS:
-            raise ScanError(f"unknown --form {self.form!r}", hint=f"use one of {', '.join(FORMS)}")
-        if self.scale not in SCALES:
-            raise ScanError(f"unknown --scale {self.scale!r}", hint=f"use one of {', '.join(SCALES)}")
-        if self.norm not in ("l2", "linf"):
-            raise ScanError(f"unknown --norm {self.norm!r}", hint="use l2 or linf")
-        for name in ("samples", "steps", "batch_size", "max_passes"):
-            if getattr(self, name) < 1:
-                raise ScanError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:
-            raise ScanError("--theta must be in (0, 1] and --asr-min in [0, 1]")
-        if self.max_ratio <= 0:
-            raise ScanError("--max-ratio must be positive")
-        if self.delta <= 0 or self.lr <= 0:
-            raise ScanError("--delta and --lr must be positive")
 
 
 @dataclass
@@ -104,6 +60,7 @@ class ModelScan:
     masks: torch.Tensor = field(repr=False)  # (K, C, H, W)
     stamped: torch.Tensor = field(repr=False)  # (K, C, H, W) a clean sample with each reversed trigger
     uaps: torch.Tensor = field(repr=False)  # (K, C, H, W) the targeted UAPs of Alg. 1
+    form: Form = "blend"  # how `triggers` and `masks` are stamped (see triggers.py)
     evidence: Evidence = field(default_factory=Evidence)
 
     @property
@@ -137,27 +94,23 @@ class ModelScan:
         }
 
 
-def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings: ScanSettings | None = None,
-               arch: str | None = None, num_classes: int | None = None, input_size: tuple[int, int] | None = None,
-               channels: int | None = None, mean: Sequence[float] | None = None,
-               std: Sequence[float] | None = None, device: str = "auto", unsafe_allow_pickle: bool = False,
+def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
+               settings: ScanSettings | None = None, device: str | torch.device = DEFAULT_DEVICE,
                progress: Progress | None = None, limits: Limits | None = None) -> ModelScan:
     """Scan one classifier for a backdoor with USB (or Neural Cleanse) and return the verdict and figures.
 
-    The verdict is `inconclusive` when the evidence checks show the scan could not measure the model.
+    `model` is a checkpoint path, a module, or a `ModelSource` saying how to load and feed it. The verdict is
+    `inconclusive` when the evidence checks show the scan could not measure the model.
     """
     settings = settings or ScanSettings()
-    settings.check()
     torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
-    ready = prepare(checkpoint, data, arch=arch, num_classes=num_classes, input_size=input_size,
-                    channels=channels, mean=mean, std=std, device=device,
-                    unsafe_allow_pickle=unsafe_allow_pickle, samples=settings.samples, seed=settings.seed,
+    ready = prepare(ModelSource.of(model), data, samples=settings.samples, seed=settings.seed, device=device,
                     limits=limits)
-    model, loaded, s, dev, k = ready.model, ready.loaded, ready.samples, ready.device, ready.num_classes
     timings = {"load": time.perf_counter() - t0}
     if not ready.evidence.ok:
-        return _inconclusive(ready, checkpoint, data, settings, timings, t0)
+        return _inconclusive(ready, data, settings, timings, t0)
+    net, s, dev, k = ready.model, ready.samples, ready.device, ready.num_classes
     y = ready.predictions  # the paper's Err counts changes of f(x), so "other classes" are by prediction
     targets = torch.arange(k, device=dev)
     group = settings.class_group
@@ -168,7 +121,7 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
     t = time.perf_counter()
     if settings.method == "usb":
         uap_parts = in_class_groups(
-            lambda sl: targeted_uaps(model, s.x, y, targets[sl], p=settings.norm, delta=settings.delta,
+            lambda sl: targeted_uaps(net, s.x, y, targets[sl], p=settings.norm, delta=settings.delta,
                                      theta=settings.theta, max_passes=settings.max_passes,
                                      overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
                                      progress=report("uap")), k, group)
@@ -177,7 +130,7 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
         timings["uap"] = time.perf_counter() - t
         t = time.perf_counter()
         parts = in_class_groups(
-            lambda sl: refine(model, s.x, y, targets[sl], v[sl], success[sl] < settings.theta, form=settings.form,
+            lambda sl: refine(net, s.x, y, targets[sl], v[sl], success[sl] < settings.theta, form=settings.form,
                               steps=settings.steps, lr=settings.lr, betas=settings.betas,
                               batch=settings.batch_size, w0=settings.w0, progress=report("refine")), k, group)
         timings["refine"] = time.perf_counter() - t
@@ -187,11 +140,10 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
         v = torch.zeros(k, *s.x.shape[1:], device=dev)
         success = torch.full((k,), float("nan"), device=dev)
         parts = in_class_groups(
-            lambda sl: neural_cleanse(model, s.x, y, targets[sl], steps=settings.steps, lr=settings.lr,
+            lambda sl: neural_cleanse(net, s.x, y, targets[sl], steps=settings.steps, lr=settings.lr,
                                       batch=settings.batch_size, progress=report("nc")), k, group)
         timings["nc"] = time.perf_counter() - t
-    refined = Refined(trigger=torch.cat([p.trigger for p in parts]), mask=torch.cat([p.mask for p in parts]),
-                      l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]), form=parts[0].form)
+    refined = Refined.concat(parts)
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min,
@@ -210,39 +162,31 @@ def scan_model(checkpoint: str | Path | nn.Module, data: str | Path, *, settings
     timings["total"] = time.perf_counter() - t0
     return ModelScan(
         verdict=verdict, target_classes=targets_found, classes=classes, evidence=ready.evidence,
-        settings=settings, model=_model_info(checkpoint, loaded, k), input=model.spec, device=str(dev),
+        settings=settings, model=ready.model_info(), input=ready.spec, device=str(dev),
         data={"path": str(data), "samples": int(s.x.shape[0]), "labels_from": s.labels_from},
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
-        uaps=v.cpu())
+        uaps=v.cpu(), form=refined.form)
 
 
-def _inconclusive(ready, checkpoint, data, settings: ScanSettings, timings: dict, t0: float) -> ModelScan:
+def _inconclusive(ready: Prepared, data: str | Path, settings: ScanSettings, timings: dict,
+                  t0: float) -> ModelScan:
     """The scan stopped before its search: what was measured, and no classes."""
-    c, h, w = ready.model.spec.shape
+    c, h, w = ready.spec.shape
     empty = torch.zeros(0, c, h, w)
     timings["total"] = time.perf_counter() - t0
     samples = 0 if ready.samples is None else int(ready.samples.x.shape[0])
     return ModelScan(verdict="inconclusive", target_classes=[], classes=[], settings=settings,
-                     model=_model_info(checkpoint, ready.loaded, ready.num_classes), input=ready.model.spec,
-                     device=str(ready.device),
+                     model=ready.model_info(), input=ready.spec, device=str(ready.device),
                      data={"path": str(data), "samples": samples,
                            "labels_from": None if ready.samples is None else ready.samples.labels_from},
                      timings={key: round(val, 3) for key, val in timings.items()}, triggers=empty, masks=empty,
-                     stamped=empty, uaps=empty, evidence=ready.evidence)
+                     stamped=empty, uaps=empty, evidence=ready.evidence, form=settings.trigger_form)
 
 
 def _num(value: torch.Tensor) -> float | None:
     value = float(value)
     return None if np.isnan(value) else value
-
-
-def _model_info(checkpoint: str | Path | nn.Module, loaded: LoadedModel | None, k: int) -> dict:
-    if loaded is None:
-        return {"path": None, "sha256": None, "format": "nn.Module", "description": type(checkpoint).__name__,
-                "num_classes": k}
-    return {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format,
-            "description": loaded.description, "num_classes": k}
 
 
 def _examples(x: torch.Tensor, y: torch.Tensor, refined: Refined) -> torch.Tensor:

@@ -17,15 +17,20 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
 
+from .choices import SandboxMode, check_choice
 from .errors import ScanError
 from .safety import sandbox
 from .safety.limits import Limits, cap_process_memory, start_watchdog
 
-SANDBOX_MODES = ("auto", "on", "off")
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_SANDBOX: SandboxMode = "auto"
 CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"
 
 
@@ -69,35 +74,33 @@ def _writable(dirs: list[Path | None], files: list[Path | None]) -> list[str]:
     return out
 
 
-def run_supervised(ctx, mode: str, limits: Limits, device: str, dirs: list[Path | None],
-                   files: list[Path | None], console: Console) -> int | None:
+def run_supervised(ctx, mode: SandboxMode, limits: Limits, dirs: list[Path | None], files: list[Path | None],
+                   console: Console) -> int | None:
     """In the parent: run the command in a sandboxed child and return its exit code. In the child, or when the
-    sandbox is off or unavailable under `auto`: apply what can be applied here and return None (run in-process).
+    sandbox is off or unavailable under `auto`: return None, and the caller scans in this process after `confine`.
     """
-    if mode not in SANDBOX_MODES:
-        raise ScanError(f"unknown --sandbox {mode!r}", hint=f"use one of {', '.join(SANDBOX_MODES)}")
-    if os.environ.get(CHILD_ENV) is not None:
-        _enter_child(json.loads(os.environ[CHILD_ENV]), mode, limits, device)
-        return None
-    if mode == "off":
-        start_watchdog(limits.timeout)
+    check_choice("sandbox mode", mode, SandboxMode)
+    if os.environ.get(CHILD_ENV) is not None or mode == "off":
         return None
     if sandbox.landlock_abi() < 1:
         if mode == "on":
             raise ScanError("--sandbox on: Landlock is not available on this system",
                             hint="use --sandbox auto to scan without it (see docs/security.md)")
-        start_watchdog(limits.timeout)
         return None
     return _spawn(ctx, _writable(dirs, files), limits, console)
 
 
-def _enter_child(writable: list[str], mode: str, limits: Limits, device: str) -> None:
-    result = sandbox.apply(writable)
+def confine(mode: SandboxMode, limits: Limits, device: torch.device) -> None:
+    """In the process that scans, before the model is opened: in a sandboxed child, Landlock and (on CPU) the
+    memory cap; in-process, a watchdog that ends the scan at the timeout.
+    """
+    if os.environ.get(CHILD_ENV) is None:
+        start_watchdog(limits.timeout)
+        return
+    result = sandbox.apply(json.loads(os.environ[CHILD_ENV]))
     if not result.enforced and mode == "on":
         raise ScanError(f"--sandbox on: {result.reason}")
-    from .device import resolve_device
-
-    if resolve_device(device).type == "cpu":
+    if device.type == "cpu":
         cap_process_memory(limits.memory_bytes() + (512 << 20))  # the bound plus the interpreter and torch
 
 

@@ -20,7 +20,7 @@ from backdoorscan.safety.graph import check_fx_node, operator_allowed
 from backdoorscan.safety.pickles import pickle_globals
 from backdoorscan.safety.sandbox import landlock_abi
 
-from ..conftest import CLEAN, MNIST_TEST
+from ..conftest import ARCHS_FILE, CLEAN, MNIST_TEST
 from . import builders as b
 
 PEAK_LIMIT_MB = 3000
@@ -131,7 +131,7 @@ def test_torchscript_setstate_is_refused_before_loading(tmp_path, canary):
 def test_deflate_bomb_is_refused_without_inflating(tmp_path):
     bomb = b.deflated_bomb_pth(tmp_path / "bomb.pth")
     assert bomb.stat().st_size < 2 << 20
-    assert_refused(scan(bomb, "--data", MNIST_TEST, "--arch", "backdoorscan.zoo.archs:mnist_cnn"), "zip bomb")
+    assert_refused(scan(bomb, "--data", MNIST_TEST, "--arch", f"{ARCHS_FILE}:mnist_cnn"), "zip bomb")
     pt2 = b.rewrite_zip(CLEAN, tmp_path / "bomb.pt2", add={"mnist_clean/extra/pad": bytes(64 << 20)}, deflate=True)
     assert_refused(scan(pt2, "--data", MNIST_TEST), "zip bomb")
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < PEAK_LIMIT_MB * 1024
@@ -148,7 +148,7 @@ def test_markup_in_names_cannot_break_the_error_line(tmp_path):
     assert_refused(scan(evil, "--data", MNIST_TEST), "evil[/]ops[bold]")
     weights = tmp_path / "keys.pt"
     torch.save({"[/]oops[bold red]": torch.zeros(3)}, weights)
-    assert_refused(scan(weights, "--data", MNIST_TEST, "--arch", "backdoorscan.zoo.archs:mnist_cnn"),
+    assert_refused(scan(weights, "--data", MNIST_TEST, "--arch", f"{ARCHS_FILE}:mnist_cnn"),
                    "do not match")
 
 
@@ -191,7 +191,7 @@ def test_tuple_output_is_inconclusive(tmp_path, clean_module):
 
 
 def test_untrained_model_is_inconclusive(tmp_path):
-    from backdoorscan.zoo.archs import mnist_cnn
+    from backdoorlab.archs import mnist_cnn
 
     torch.manual_seed(0)
     path = _exported(mnist_cnn().eval(), tmp_path / "untrained.pt2")
@@ -210,11 +210,11 @@ def test_labels_beyond_the_output_are_inconclusive(tmp_path):
 @pytest.mark.skipif(landlock_abi() < 1, reason="Landlock is not available on this kernel")
 def test_sandbox_stops_writes_outside_the_output(tmp_path, canary):
     arch = tmp_path / "arch.py"
-    arch.write_text("from backdoorscan.zoo.archs import mnist_cnn\n\n"
+    arch.write_text("from backdoorlab.archs import mnist_cnn\n\n"
                     f"def build(num_classes=10):\n    open({str(canary)!r}, 'w').write('x')\n"
                     "    return mnist_cnn(num_classes)\n")
     weights = tmp_path / "w.pt"
-    from backdoorscan.zoo.archs import mnist_cnn
+    from backdoorlab.archs import mnist_cnn
 
     torch.save(mnist_cnn().state_dict(), weights)
     result = scan(weights, "--data", MNIST_TEST, "--arch", f"{arch}:build", "--out", tmp_path / "out",
@@ -236,14 +236,14 @@ def test_converted_onnx_graph_uses_the_same_allowlist():
 
 
 def test_filter_without_clean_data_reports_an_applicable_reason(tmp_path):
+    from backdoorlab.archs import mnist_cnn
     from backdoorscan.errors import Inconclusive
     from backdoorscan.filtering import filter_dataset
-    from backdoorscan.loading.setup import prepare
-    from backdoorscan.zoo.archs import mnist_cnn
+    from backdoorscan.loading import ModelSource, prepare
 
     torch.manual_seed(0)
     model = b.Rounded(mnist_cnn().eval())
-    ready = prepare(model, MNIST_TEST, samples=1, device="cpu")
+    ready = prepare(ModelSource(model), MNIST_TEST, samples=1, seed=0, device="cpu")
     assert set(ready.evidence.failures) == {"clean_accuracy", "input_gradient"}  # accuracy does not apply here
     with pytest.raises(Inconclusive, match="input gradient is zero"):
         filter_dataset(model, None, MNIST_TEST, uap_file=tmp_path / "stored.safetensors", device="cpu")

@@ -14,14 +14,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..refine import Refined, stamped_success
+from ..triggers import Refined, stamped_success
 
 
 def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
-                   steps: int = 500, lr: float = 0.1, batch: int = 16, init_cost: float = 1e-3,
+                   steps: int, lr: float, batch: int, init_cost: float = 1e-3,
                    asr_goal: float = 0.99, patience: int = 5, up: float = 1.5,
                    progress: Callable[[int, int], None] | None = None) -> Refined:
-    """Reverse a trigger for every class in `targets` at once."""
+    """Reverse a trigger for every class in `targets` at once; steps, lr and batch are `ScanSettings`'."""
     k, n = len(targets), x.shape[0]
     c, h, w = x.shape[1:]
     mask_raw = torch.zeros(k, 1, h, w, device=x.device, requires_grad=True)

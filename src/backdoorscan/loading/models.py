@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..device import DEFAULT_DEVICE, resolve_device
 from ..errors import ScanError
 from ..safety.archive import check_archive
 from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
@@ -261,7 +262,7 @@ def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn
 
 
 def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
-               unsafe_allow_pickle: bool = False, device: str | torch.device = "cpu",
+               unsafe_allow_pickle: bool = False, device: str | torch.device = DEFAULT_DEVICE,
                limits: Limits | None = None) -> LoadedModel:
     """Load a checkpoint in any supported format, in inference form, with gradients off for its parameters.
 
@@ -273,7 +274,7 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         raise ScanError("model file not found", path=path, hint="check the path")
     if path.stat().st_size == 0:
         raise ScanError("model file is empty", path=path, hint="download it again")
-    device = torch.device(device)
+    device = resolve_device(device)
     fmt, notes, shape = detect_format(path), [], None
     max_bytes = limits.memory_bytes()
     if path.stat().st_size > max_bytes:

@@ -101,22 +101,6 @@ def make_spec(model: nn.Module, declared: tuple[int | None, ...] | None, *,
                      model_size=model_size)
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """`32`, `32x32` or `224,224` -> (H, W)."""
-    if text is None:
-        return None
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        values = [int(p) for p in parts if p]
-    except ValueError as exc:
-        raise ScanError(f"--input-size {text!r} is not a size", hint="write it as HxW, e.g. 32x32") from exc
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) <= 0:
-        raise ScanError(f"--input-size {text!r} is not a size", hint="write it as HxW, e.g. 32x32")
-    return values[0], values[1]
-
-
 @torch.no_grad()
 def probe_outputs(model: nn.Module, spec: InputSpec, device: torch.device,
                   num_classes: int | None = None) -> tuple[int, str | None]:

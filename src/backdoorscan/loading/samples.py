@@ -7,7 +7,7 @@ row-block by row-block from its zip entry, so memory does not grow with the data
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,10 @@ class NpzSource:
     def __len__(self) -> int:
         return int(self.shape[0])
 
+    def image_size(self) -> tuple[int, int]:
+        """Height and width of the images."""
+        return int(self.shape[1]), int(self.shape[2])
+
     def blocks(self, size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (row indices, images) in file order; with `rows`, only those rows."""
         with zipfile.ZipFile(self.path) as zf, zf.open("x.npy") as fh:
@@ -160,6 +164,14 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def image_size(self) -> tuple[int, int] | None:
+        """Height and width of the first readable image (None when none can be read)."""
+        for i in range(len(self.files)):
+            image = self.read(i)
+            if image is not None:
+                return int(image.shape[0]), int(image.shape[1])
+        return None
+
     def read(self, index: int) -> np.ndarray | None:
         """One image as uint8 (H, W, C), or None when the file cannot be decoded."""
         from PIL import Image, UnidentifiedImageError
@@ -172,7 +184,10 @@ class FolderSource:
             return None
 
 
-def open_source(path: str | Path) -> NpzSource | FolderSource:
+Source = NpzSource | FolderSource  # an opened set of images
+
+
+def open_source(path: str | Path) -> Source:
     """An .npz file, an image folder, or a single image file."""
     path = Path(path)
     if not path.exists():
@@ -184,7 +199,7 @@ def open_source(path: str | Path) -> NpzSource | FolderSource:
     return FolderSource(path)
 
 
-def iter_images(source: NpzSource | FolderSource, shape: tuple[int, int, int], chunk: int = 256,
+def iter_images(source: Source, shape: tuple[int, int, int], chunk: int = 256,
                 rows: np.ndarray | None = None, skipped: list[str] | None = None) -> Iterator[Batch]:
     """Stream the source in chunks converted to `shape`; unreadable files are skipped and listed in `skipped`."""
     if isinstance(source, NpzSource):
@@ -235,10 +250,14 @@ def balanced_rows(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
-def load_samples(path: str | Path, shape: tuple[int, int, int], n: int = 300, seed: int = 0,
-                 predict=None) -> SampleSet:
-    """A class-balanced draw of n clean samples: by the file's labels or folders, else by `predict(x)` labels."""
-    source = open_source(path)
+def load_samples(data: str | Path | Source, shape: tuple[int, int, int], *, n: int, seed: int,
+                 predict: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampleSet:
+    """A class-balanced draw of n clean samples: by the file's labels or folders, else by `predict(x)` labels.
+
+    `data` is a path or a source already opened (`open_source`), so that a scan opens its data once.
+    """
+    source = data if isinstance(data, (NpzSource, FolderSource)) else open_source(data)
+    path = source.path
     rng = np.random.default_rng(seed)
     total = len(source)
     if source.y is not None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..choices import Norm
 
-def _step(f: torch.Tensor, w: torch.Tensor, p: str) -> torch.Tensor:
+
+def _step(f: torch.Tensor, w: torch.Tensor, p: Norm) -> torch.Tensor:
     """Minimal step that moves the linearised margin f >= 0 across zero along gradient w."""
     flat = w.flatten(1)
     if p == "l2":
@@ -30,7 +32,7 @@ def _step(f: torch.Tensor, w: torch.Tensor, p: str) -> torch.Tensor:
     return ((f.abs() + 1e-4) / denom).view(-1, *([1] * (w.ndim - 1))) * w.sign()
 
 
-def _distance(f: torch.Tensor, w: torch.Tensor, p: str) -> torch.Tensor:
+def _distance(f: torch.Tensor, w: torch.Tensor, p: Norm) -> torch.Tensor:
     flat = w.flatten(1)
     dual = flat.norm(dim=1) if p == "l2" else flat.abs().sum(1)
     return f.abs() / dual.clamp_min(1e-12)
@@ -66,8 +68,8 @@ def _nearest_boundary_step(model: nn.Module, xa: torch.Tensor, orig: torch.Tenso
     return _step(margin[best], grad[best], p)
 
 
-def deepfool(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, *, p: str = "l2",
-             overshoot: float = 0.02, max_iter: int = 10, candidates: int = 10) -> torch.Tensor:
+def deepfool(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, *, p: Norm, overshoot: float,
+             max_iter: int, candidates: int = 10) -> torch.Tensor:
     """Batched DeepFool; see the module docstring for the arguments."""
     x = x.detach()
     r_tot = torch.zeros_like(x)

@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..choices import Norm, Solver, check_choice
 from .deepfool import deepfool
 from .project import project
 
 Progress = Callable[[int, int], None]
+PGD_BATCH = 32  # samples per signed-gradient step of the "pgd" solver
 
 
 @torch.no_grad()
@@ -61,10 +63,13 @@ class TargetedUAPs:
     passes: int
 
 
-def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
-                  p: str = "l2", delta: float = 10.0, theta: float = 0.6, max_passes: int = 5,
-                  overshoot: float = 0.02, max_iter: int = 10, progress: Progress | None = None) -> TargetedUAPs:
-    """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted)."""
+def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *, p: Norm,
+                  delta: float, theta: float, max_passes: int, overshoot: float, max_iter: int,
+                  progress: Progress | None = None) -> TargetedUAPs:
+    """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted).
+
+    The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter).
+    """
     k = len(targets)
     v = torch.zeros(k, *x.shape[1:], device=x.device)
     done = torch.zeros(k, dtype=torch.bool, device=x.device)
@@ -109,17 +114,17 @@ class UntargetedUAP:
     passes: int
 
 
-def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float = 0.1, p: str = "linf",
-                   target_rate: float = 0.8, max_passes: int = 10, overshoot: float = 0.02, max_iter: int = 10,
-                   solver: str = "deepfool", batch: int = 32,
+def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float, p: Norm, target_rate: float,
+                   max_passes: int, overshoot: float, max_iter: int, solver: Solver, batch: int = PGD_BATCH,
                    progress: Progress | None = None) -> UntargetedUAP:
     """Xue et al.'s perturbation: one UAP fooling at least `target_rate` of x, with ||v||_p <= epsilon.
 
     solver "deepfool" is the UAP algorithm the paper cites: sample by sample, a DeepFool step (L2, as in the
     UAP reference code) for each sample not yet fooled, then projection. solver "pgd" ascends a clipped margin
     loss over mini-batches with signed steps of epsilon / 10 (the stochastic UAP of Shafahi et al., 2020).
-    The v with the best fooling rate over the passes is returned.
+    The v with the best fooling rate over the passes is returned. The knobs are `FilterSettings`'.
     """
+    check_choice("solver", solver, Solver)
     labels = predict(model, x)
     v = torch.zeros(1, *x.shape[1:], device=x.device)
     best, best_rate, passes = v.clone(), -1.0, 0
@@ -147,7 +152,7 @@ def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float = 0.1, p
 
 
 def _margin_ascent_pass(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, v: torch.Tensor, epsilon: float,
-                        p: str, batch: int) -> torch.Tensor:
+                        p: Norm, batch: int) -> torch.Tensor:
     """One pass of signed-gradient steps lowering the (clipped) margin of each sample's clean label."""
     for xb, yb in zip(x.split(batch), labels.split(batch), strict=True):
         v = v.detach().requires_grad_(True)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ScanError
+from ..safety.paths import ensure_outside
 from .images import to_image, trigger_grid, visible_perturbation
 from .markdown import scan_markdown
 
@@ -55,12 +56,12 @@ def atomic_output_dir(out: Path, last: str) -> Iterator[Path]:
 
 def write_scan_report(scan, out: Path) -> Path:
     """report.json, report.md, triggers.png and per-class trigger/mask/stamped PNGs under `out`."""
-    form = scan.settings.form if scan.settings.method == "usb" else "blend"
+    ensure_outside(out, scan.data.get("path"))
     with atomic_output_dir(out, "report.json") as stage:
         tiles, labels = [], []
         for c in scan.classes:
             t = c.cls
-            vis = visible_perturbation(scan.triggers[t], scan.masks[t], form)
+            vis = visible_perturbation(scan.triggers[t], scan.masks[t], scan.form)
             to_image(vis).save(stage / f"trigger_{t}.png")
             to_image(scan.masks[t].mean(0, keepdim=True)).save(stage / f"mask_{t}.png")
             to_image(scan.stamped[t]).save(stage / f"stamped_{t}.png")
@@ -74,13 +75,16 @@ def write_scan_report(scan, out: Path) -> Path:
 
 
 def write_filter_report(result, out: Path) -> Path:
-    """manifest.csv, manifest.json (with the per-class summary), summary.md, uap.png and uap.pt under `out`."""
+    """manifest.csv, manifest.json (with the per-class summary), summary.md, uap.png and uap.safetensors under `out`.
+
+    uap.safetensors is the file `--save-uap` writes (with the model's sha256 in its metadata): `--uap` reads it.
+    """
     import csv
 
-    import torch
-
+    from ..screen import UapFile, save_uap
     from .markdown import filter_markdown
 
+    ensure_outside(out, result.input)
     with atomic_output_dir(out, "manifest.json") as stage:
         with open(stage / "manifest.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -93,6 +97,9 @@ def write_filter_report(result, out: Path) -> Path:
         if result.uap is not None:
             peak = max(float(result.uap.abs().max()), 1e-8)
             to_image(0.5 + 0.5 * result.uap / peak).save(stage / "uap.png")
-            torch.save(result.uap.clone(), stage / "uap.pt")
+            save_uap(stage / "uap.safetensors", UapFile(v=result.uap, epsilon=result.epsilon,
+                                                         fooling_rate=result.fooling_rate,
+                                                         model_sha256=result.model.get("sha256"),
+                                                         survival=result.survival))
         (stage / "manifest.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return out / "manifest.json"

@@ -43,12 +43,12 @@ class Limits:
         """The memory bound in bytes, derived from the machine when not set."""
         return int(self.max_memory) if self.max_memory is not None else int(available_memory() * 0.75)
 
-    def check(self) -> None:
-        """Reject bounds that cannot work."""
+    def __post_init__(self) -> None:
+        """Reject bounds that cannot work, when they are made."""
         if self.timeout <= 0 or self.forward_timeout <= 0:
-            raise ScanError("--timeout and --forward-timeout must be positive")
+            raise ScanError("the timeout and the forward timeout must be positive")
         if self.max_memory is not None and self.max_memory < 64 * (1 << 20):
-            raise ScanError("--max-memory must be at least 64 MB")
+            raise ScanError("the memory bound must be at least 64 MB")
         if self.max_ratio < 1:
             raise ScanError("the compression ratio bound must be at least 1")
 

@@ -1,4 +1,5 @@
-"""Architectures of the zoo; each is a factory usable as `--arch backdoorscan.zoo.archs:NAME`."""
+"""Architectures of the zoo. Self-contained (torch and torchvision only), so that a weights-only file of any of
+them scans with `--arch lab/backdoorlab/archs.py:NAME` or `--arch backdoorlab.archs:NAME`."""
 
 from __future__ import annotations
 

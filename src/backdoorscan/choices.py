@@ -1,0 +1,29 @@
+"""Every choice list, written once as a `Literal` type; the library checks values against them and the CLI offers
+them as its choices. Kept free of torch so that the command line starts fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from .errors import ScanError
+
+Method = Literal["usb", "nc"]  # the model scan: USB (the paper) or Neural Cleanse (baseline)
+FilterMethod = Literal["uap", "strip"]  # the screening: Xue et al.'s UAP rule or STRIP (baseline)
+Norm = Literal["l2", "linf"]  # the norm balls UAPs live in
+Solver = Literal["pgd", "deepfool"]  # how the untargeted UAP is computed
+Form = Literal["blend", "paper"]  # how a reversed trigger is stamped (see triggers.py)
+Scale = Literal["log", "linear"]  # the anomaly index over log L1 or over L1 (see decide.py)
+SandboxMode = Literal["auto", "on", "off"]  # Landlock where the kernel has it / required / never
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of a `Literal[...]` type, in the order written."""
+    return tuple(get_args(literal))
+
+
+def check_choice(name: str, value: object, literal: Any) -> None:
+    """Refuse a value outside the `Literal` type, naming the allowed ones."""
+    allowed = choices(literal)
+    if value not in allowed:
+        raise ScanError(f"unknown {name} {value!r}", hint=f"use one of {', '.join(allowed)}")

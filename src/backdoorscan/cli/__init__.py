@@ -1,0 +1,211 @@
+"""The `backdoorscan` command: parse options, call the library, print with rich, map outcomes to exit codes.
+
+Exit codes: 0 no backdoor found / nothing flagged, 1 backdoor suspected / images flagged, 2 could not scan,
+3 inconclusive (the model loaded but the scan could not measure it).
+
+Options come from the library (`options.py`): the settings dataclasses give their names, defaults and choices.
+By default a scan runs in a child process that is sandboxed (`safety.sandbox`) and killed at `--timeout`; this
+process only supervises it and relays its output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__
+from ..errors import Inconclusive, ScanError
+from ..safety.paths import ensure_outside
+from ..settings import FilterSettings, ScanSettings
+from ..supervise import run_supervised
+from . import options as opt
+from .views import error_line, out
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Scan image classifiers for backdoors and screen datasets for trigger-carrying images.")
+
+Markdown = Annotated[Path | None, typer.Option(help="Write a Markdown summary (CI job summary).")]
+
+
+def _quiet(debug: bool) -> None:
+    """torch's loggers and Python warnings (a model may raise them) stay silent unless --debug."""
+    if not debug:
+        logging.getLogger("torch").setLevel(logging.CRITICAL + 1)
+        warnings.simplefilter("ignore")
+
+
+def _run(debug: bool, body: Callable[[], int]) -> None:
+    """Run a command body; ScanError -> one line and exit 2 (Inconclusive: exit 3), any other failure -> exit 2."""
+    try:
+        _quiet(debug)
+        code = body()
+    except Inconclusive as exc:
+        if debug:
+            traceback.print_exc()
+        error_line("inconclusive", exc.one_line().replace("inconclusive: ", "", 1), "bold yellow")
+        code = exc.exit_code
+    except ScanError as exc:
+        if debug:
+            traceback.print_exc()
+        error_line("error", exc.one_line())
+        code = 2
+    except KeyboardInterrupt:
+        error_line("interrupted", "no report was written")
+        code = 2
+    except Exception as exc:  # a bug or an unexpected input: still a CI-safe exit code
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+        error_line("error", f"could not scan: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+        code = 2
+    if os.environ.get("BACKDOORSCAN_SANDBOX_CHILD") is not None:  # a sandboxed child: stop without waiting for
+        sys.stdout.flush()                                         # a model thread that may never return
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)
+
+
+def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
+               files: list[Path | None]) -> tuple[int | None, Any]:
+    """Supervise a sandboxed child (its exit code), or get this process ready to scan (None and the device)."""
+    from ..device import resolve_device
+    from ..supervise import confine
+    from .views import err
+
+    limits = opt.limits(run)
+    code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err)
+    if code is not None:
+        return code, None
+    device = resolve_device(run["device"])
+    confine(run["sandbox"], limits, device)
+    if run["threads"] is not None:
+        import torch
+
+        torch.set_num_threads(max(1, run["threads"]))
+    return None, device
+
+
+def _emit(result: Any, run: dict[str, Any], markdown: Path | None, to_markdown: Callable[[Any], str],
+          show: Callable[[], None]) -> int:
+    """Write the Markdown summary, print JSON or the human view, and return the result's exit code."""
+    from ..report.writer import write_text_atomic
+
+    if markdown is not None:
+        write_text_atomic(markdown, to_markdown(result))
+    if run["as_json"]:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        show()
+    return result.exit_code
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"backdoorscan {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Scan image classifiers for backdoors and screen datasets for trigger-carrying images."""
+
+
+@app.command()
+@opt.with_options(ScanSettings, opt.model_options, opt.run_options)
+def model(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Argument(help="The model file: .pt2, TorchScript, ONNX, safetensors or "
+                                                    "state_dict (with --arch).")],
+    data: Annotated[Path, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write report.json, report.md and trigger images "
+                                                               "here.")] = None,
+    markdown: Markdown = None,
+    **options: Any,
+) -> None:
+    """Scan a classifier for a backdoor with USB (Universal Soldier); exit 1 suspected, 3 inconclusive."""
+    run = opt.take(opt.run_options, options)
+
+    def body() -> int:
+        from ..report import write_scan_report
+        from ..report.markdown import scan_markdown
+        from ..scan import scan_model
+        from .views import print_scan, progress_bars
+
+        settings = ScanSettings(**opt.take(ScanSettings, options))
+        source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
+        for target in (out_dir, markdown):
+            ensure_outside(target, data)
+        code, device = _scan_here(ctx, run, [out_dir], [markdown])
+        if code is not None:
+            return code
+        with progress_bars(not run["quiet"]) as progress:
+            scan = scan_model(source, data, settings=settings, device=device, progress=progress,
+                              limits=opt.limits(run))
+        if out_dir is not None:
+            write_scan_report(scan, out_dir)
+        return _emit(scan, run, markdown, scan_markdown, lambda: print_scan(scan, out_dir))
+
+    _run(run["debug"], body)
+
+
+@app.command("filter-dataset")
+@opt.with_options(FilterSettings, opt.model_options, opt.run_options)
+def filter_dataset_cmd(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Argument(help="The model file (same formats as `model`).")],
+    inputs: Annotated[Path, typer.Option("--input", help="Images to screen: a folder, an .npz or one image.")],
+    clean: Annotated[Path | None, typer.Option(help="Clean samples to compute the UAP from (folder or .npz).")] = None,
+    uap: Annotated[Path | None, typer.Option("--uap", help="Use a stored UAP (from --save-uap, or a report's "
+                                                           "uap.safetensors).")] = None,
+    save_uap: Annotated[Path | None, typer.Option(help="Store the UAP for later screening.")] = None,
+    copy_to: Annotated[Path | None, typer.Option(help="Copy images into DIR/kept and DIR/flagged.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write manifest.csv/.json, summary.md, uap.png and "
+                                                               "uap.safetensors here.")] = None,
+    markdown: Markdown = None,
+    **options: Any,
+) -> None:
+    """Flag images whose prediction survives a universal adversarial perturbation; exit 1 when any is flagged."""
+    run = opt.take(opt.run_options, options)
+
+    def body() -> int:
+        from ..filtering import filter_dataset
+        from ..report.markdown import filter_markdown
+        from ..report.writer import write_filter_report
+        from .views import print_filter, progress_bars
+
+        settings = FilterSettings(**opt.take(FilterSettings, options))
+        source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
+        for target in (copy_to, out_dir, markdown, save_uap):
+            ensure_outside(target, inputs, clean)
+        code, device = _scan_here(ctx, run, [out_dir, copy_to], [markdown, save_uap])
+        if code is not None:
+            return code
+        with progress_bars(not run["quiet"]) as progress:
+            result = filter_dataset(source, clean, inputs, settings=settings, uap_file=uap, save_uap_to=save_uap,
+                                    copy_to=copy_to, device=device, progress=progress, limits=opt.limits(run))
+        if out_dir is not None:
+            write_filter_report(result, out_dir)
+        return _emit(result, run, markdown, filter_markdown, lambda: print_filter(result))
+
+    _run(run["debug"], body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="backdoorscan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

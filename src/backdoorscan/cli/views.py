@@ -1,0 +1,108 @@
+"""What the CLI prints: rich tables, verdicts and progress bars for people; one plain line per error.
+
+Every string that came from a file (names, paths, messages) is printed as plain text, never parsed as markup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from ..filtering import FilterResult
+    from ..scan import ModelScan
+
+out = Console()
+err = Console(stderr=True)
+
+PHASES = {"uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
+          "epsilon": "searching the minimal epsilon", "screen": "screening"}
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar per phase on stderr, or nothing when disabled or not on a terminal."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    bar = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(PHASES.get(phase, phase), total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def error_line(label: str, text: str, style: str = "bold red") -> None:
+    """One line on stderr; `text` may come from a hostile file, so it is never parsed as markup."""
+    err.print(Text.assemble((f"{label}: ", style), " ".join(text.split())), highlight=False, soft_wrap=True)
+
+
+def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
+    """The per-class table and the verdict of a model scan."""
+    if scan.verdict == "inconclusive" and not scan.classes:
+        print_verdict(scan, out_dir)
+        return
+    name = Path(scan.model.get("path") or "model").name
+    table = Table(title=escape(f"{scan.settings.method.upper()} scan of {name}"))
+    for col in ("class", "UAP success", "L1 of v'", "L1 / median", "anomaly index", "ASR", "flagged"):
+        table.add_column(col, justify="right")
+    for c in scan.classes:
+        style = "bold red" if c.flagged else None
+        table.add_row(escape(f"{c.cls}" + (f" {c.name}" if c.name else "")),
+                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}",
+                      f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "",
+                      style=style)
+    out.print(table)
+    print_verdict(scan, out_dir)
+
+
+def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
+    """What was scanned, and the verdict with its targets or reasons."""
+    out.print(Text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
+                   f"{scan.timings['total']:.1f} s"), highlight=False)
+    if scan.verdict == "backdoor":
+        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {', '.join(map(str, scan.target_classes))}",
+                       style="bold red"))
+    elif scan.verdict == "inconclusive":
+        out.print(Text("verdict: INCONCLUSIVE (the scan could not measure this model)", style="bold yellow"))
+        for reason in scan.reasons:
+            out.print(Text(f"  - {reason}"), highlight=False)
+    else:
+        out.print(Text("verdict: clean (no backdoor found)", style="bold green"))
+    if out_dir is not None:
+        out.print(Text(f"report and trigger images: {out_dir}/"), highlight=False)
+
+
+def print_filter(result: FilterResult) -> None:
+    """The per-class table and the counts of a screening."""
+    table = Table(title=escape(f"screening of {result.input}"))
+    for col in ("predicted class", "images", "flagged", "expected without a trigger"):
+        table.add_column(col, justify="right")
+    for row in result.per_class:
+        style = "bold red" if row["class"] == result.suspected_target else None
+        table.add_row(str(row["class"]), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
+                      style=style)
+    out.print(table)
+    if result.method == "uap":
+        out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}",
+                  highlight=False)
+    if result.skipped:
+        out.print(Text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
+    line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"
+    if result.suspected_target is not None:
+        line += f"; flags concentrate on class {result.suspected_target} (likely backdoor target)"
+    out.print(Text(line, style=f"bold {'red' if result.flagged else 'green'}"))

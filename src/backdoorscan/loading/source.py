@@ -1,0 +1,44 @@
+"""`ModelSource`: the model to scan and everything needed to load it and feed it [0, 1] pixels, in one object.
+
+Both pipelines (and any future option) take this one typed object instead of a spread of keywords; what a user
+does not give is read from the file or the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checkpoint file (or a module already in memory) and how to load and feed it."""
+
+    checkpoint: Path | nn.Module
+    arch: str | None = None  # for weights-only files: torchvision name, path/to/file.py:fn or package.module:fn
+    num_classes: int | None = None  # checked against the model's output
+    input_size: tuple[int, int] | None = None  # (H, W) of the [0, 1] images the model takes
+    channels: int | None = None  # 1 or 3; read from the model when possible
+    mean: tuple[float, ...] | None = None  # the model's own normalisation, applied inside the wrapper
+    std: tuple[float, ...] | None = None
+    unsafe_allow_pickle: bool = False  # a pickle can run any code: only for files the user trusts
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, nn.Module):
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    @property
+    def path(self) -> Path | None:
+        """The checkpoint file, or None for a module given in memory."""
+        return None if isinstance(self.checkpoint, nn.Module) else self.checkpoint
+
+    @staticmethod
+    def of(model: str | Path | nn.Module | ModelSource) -> ModelSource:
+        """A `ModelSource` from a path or a module with nothing else given, or the source itself."""
+        return model if isinstance(model, ModelSource) else ModelSource(checkpoint=model)

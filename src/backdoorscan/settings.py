@@ -1,0 +1,112 @@
+"""Every knob of the two pipelines, written once: defaults, allowed values (as `Literal` types) and checks.
+
+A field with `help` is also a command-line option: the CLI builds `--samples`, `--form` and the rest from these
+dataclasses, with these defaults and these choices. Settings are checked when they are made, so a library caller
+gets the same refusal (exit 2 on the command line) as a user of the CLI. Free of torch, like `choices`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal, get_origin, get_type_hints
+
+from .choices import FilterMethod, Form, Method, Norm, Scale, Solver, check_choice
+from .errors import ScanError
+
+
+def setting(default: Any, help: str | None = None) -> Any:
+    """A settings field; with `help` it is also a CLI option of that name."""
+    return field(default=default, metadata={"help": help} if help else {})
+
+
+@cache
+def _literals(cls: type) -> dict[str, Any]:
+    return {name: tp for name, tp in get_type_hints(cls).items() if get_origin(tp) is Literal}
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """What both pipelines share: the clean-sample draw and the DeepFool steps inside the UAP solvers."""
+
+    samples: int = setting(300, "Clean samples drawn (class-balanced) to compute the perturbations from.")
+    seed: int = setting(0, "Seed for the sample draw; the same seed gives the same report.")
+    overshoot: float = setting(0.02)  # DeepFool's step is scaled by 1 + overshoot to cross the boundary
+    deepfool_iter: int = setting(10)  # DeepFool steps per sample, as in the UAP reference code
+
+    def __post_init__(self) -> None:
+        for name, literal in _literals(type(self)).items():
+            check_choice(name.replace("_", " "), getattr(self, name), literal)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        _at_least_one(self, "samples", "deepfool_iter")
+        if self.overshoot < 0:
+            raise ScanError("overshoot must not be negative")
+
+
+@dataclass(frozen=True)
+class ScanSettings(CommonSettings):
+    """Every knob of a model scan; the defaults are the USB paper's where it gives one."""
+
+    method: Method = setting("usb", "usb (the paper's method) or nc (Neural Cleanse baseline).")
+    norm: Norm = setting("l2", "UAP norm ball.")
+    delta: float = setting(10.0, "UAP radius (pixels in [0, 1]).")
+    theta: float = setting(0.6, "Targeted success rate at which a class's UAP is done.")
+    max_passes: int = setting(5, "Passes over the samples in Alg. 1 at most.")
+    steps: int = setting(500, "Refinement steps (Alg. 2).")
+    lr: float = setting(0.1, "Adam learning rate of the refinement.")
+    betas: tuple[float, float] = setting((0.5, 0.9))  # Adam's, as in the authors' code
+    batch_size: int = setting(16, "Samples per refinement step and class.")
+    form: Form = setting("blend", "Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")
+    w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
+    threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
+    scale: Scale = setting("log", "Anomaly index over log L1 (log) or L1 (linear, as in the papers).")
+    asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
+    max_ratio: float = setting(0.5, "Largest L1 / median L1 a flagged class may have.")
+    class_group: int | None = setting(None, "Classes per batch (default all; halved on GPU out-of-memory).")
+
+    @property
+    def trigger_form(self) -> Form:
+        """How this scan's reversed triggers are stamped (Neural Cleanse always blends)."""
+        return self.form if self.method == "usb" else "blend"
+
+    def _check_ranges(self) -> None:
+        super()._check_ranges()
+        _at_least_one(self, "steps", "batch_size", "max_passes")
+        if self.class_group is not None and self.class_group < 1:
+            raise ScanError("class group must be at least 1")
+        if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:
+            raise ScanError("theta must be in (0, 1] and asr min in [0, 1]")
+        if self.max_ratio <= 0 or self.delta <= 0 or self.lr <= 0:
+            raise ScanError("max ratio, delta and lr must be positive")
+
+
+@dataclass(frozen=True)
+class FilterSettings(CommonSettings):
+    """Knobs of the screening; defaults follow Xue et al. where they give one."""
+
+    method: FilterMethod = setting("uap", "uap (Xue et al.) or strip (baseline).")
+    epsilon: float | None = setting(None, "L-inf radius of the UAP; default: the smallest that reaches the "
+                                          "fooling rate.")
+    fooling_rate: float = setting(0.9, "Share of clean predictions the UAP must change.")
+    solver: Solver = setting("pgd", "UAP solver: pgd (stochastic, batched) or deepfool (the UAP algorithm).")
+    max_passes: int = setting(10, "Passes over the clean samples at most.")
+    batch_size: int = setting(256, "Images per screening batch.")
+    strip_frr: float = setting(0.1, "STRIP: false rejection rate on clean samples.")
+    strip_blends: int = setting(32)  # STRIP: clean images blended with each screened one
+    concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
+
+    def _check_ranges(self) -> None:
+        super()._check_ranges()
+        _at_least_one(self, "batch_size", "max_passes", "strip_blends")
+        if self.epsilon is not None and not 0 < self.epsilon <= 1:
+            raise ScanError("epsilon must be in (0, 1] (pixels are in [0, 1])")
+        if not 0 < self.fooling_rate <= 1 or not 0 < self.strip_frr < 1:
+            raise ScanError("fooling rate must be in (0, 1] and strip frr in (0, 1)")
+
+
+def _at_least_one(settings: CommonSettings, *names: str) -> None:
+    for name in names:
+        if getattr(settings, name) < 1:
+            raise ScanError(f"{name.replace('_', ' ')} must be at least 1")

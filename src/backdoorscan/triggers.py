@@ -1,0 +1,64 @@
+"""Reversed triggers, shared by USB's refinement and the Neural Cleanse baseline: how a trigger is stamped on an
+image, how big it is, and how often it sends clean samples to its class.
+
+Two forms:
+
+* "paper": x' = (x + trigger) * mask, as USB's Alg. 2 writes it; the size is ||trigger * mask||_1.
+* "blend": x' = (1 - mask) * x + mask * pattern, Neural Cleanse's blend (and the USB authors' code); the size is
+  ||mask||_1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .choices import Form, check_choice
+from .perturb.uap import success_rates
+
+
+def stamp(x: torch.Tensor, trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch.Tensor:
+    """x (B, C, H, W) with each class's trigger applied -> (K, B, C, H, W), clipped to [0, 1]."""
+    check_choice("form", form, Form)
+    if form == "paper":
+        out = (x[None] + trigger[:, None]) * mask[:, None]
+    else:
+        out = (1 - mask[:, None]) * x[None] + (mask * trigger)[:, None]
+    return out.clamp(0, 1)
+
+
+def trigger_size(trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch.Tensor:
+    """L1 size per class: ||trigger * mask||_1 (paper) or ||mask||_1 (blend)."""
+    size = trigger * mask if form == "paper" else mask
+    return size.abs().flatten(1).sum(1)
+
+
+def stamped_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor,
+                    trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch.Tensor:
+    """Per class t: share of samples not of class t that the stamped trigger sends to t."""
+    return success_rates(model, y, targets, lambda sl: stamp(x, trigger[sl], mask[sl], form), x.shape[0])
+
+
+@dataclass
+class Refined:
+    """Reversed triggers, one per class, with their sizes and attack success rates."""
+
+    trigger: torch.Tensor  # (K, C, H, W)
+    mask: torch.Tensor  # (K, C, H, W)
+    l1: torch.Tensor  # (K,)
+    asr: torch.Tensor  # (K,)
+    form: Form
+
+    @property
+    def perturbation(self) -> torch.Tensor:
+        """What is added to (paper) or blended into (blend) an image: trigger * mask."""
+        return self.trigger * self.mask
+
+    @staticmethod
+    def concat(parts: list[Refined]) -> Refined:
+        """One result from the results of class groups, in order."""
+        return Refined(trigger=torch.cat([p.trigger for p in parts]), mask=torch.cat([p.mask for p in parts]),
+                       l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]),
+                       form=parts[0].form)
