@@ -22,6 +22,7 @@ import torch
 
 from backdoorlab import ARCHS, make_attack, save_model, train_classifier
 from backdoorlab.data import dataset
+from backdoorlab.recipes import draw_recipes
 from backdoorscan.device import resolve_device
 from backdoorscan.loading import to_uint8_images
 from backdoorscan.report.writer import write_text_atomic
@@ -53,7 +54,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipes", type=int, help="build N models from varied recipes (backdoorlab.recipes) "
+                                                    "instead of the fixed groups; a rerun skips models already built")
     args = parser.parse_args()
+    if args.recipes:
+        varied(args)
+        return
     archs_default, formats_default, size_default, epochs_default = DEFAULTS[args.dataset]
     archs = (args.archs or archs_default).split(",")
     formats = (args.formats or formats_default).split(",")
@@ -97,6 +103,53 @@ def main() -> None:
             print(json.dumps(records[-1]), flush=True)
             # after every model, so that an interrupted build keeps the records of the models it saved
             write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
+
+
+def varied(args: argparse.Namespace) -> None:
+    """A zoo from `draw_recipes`: one model per recipe, attempted once (a failed attack is recorded, not retried).
+
+    Models already in OUT/zoo.json are kept, so an interrupted build resumes where it stopped.
+    """
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x_all, y_all, train_src = dataset(args.dataset, "train")
+    xt, yt, test_src = dataset(args.dataset, "test")
+    xt, yt = xt[:2000], yt[:2000]
+    np.savez(out / "clean.npz", x=to_uint8_images(xt), y=yt.numpy())
+    shape = tuple(x_all.shape[1:])
+    old = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {"models": []}
+    done = {m["name"]: m for m in old["models"]}
+    records: list[dict] = []
+    meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "clean_samples": "clean.npz",
+            "device": device_name(dev), "recipes_seed": args.seed, "models": records}
+    for recipe in draw_recipes(args.dataset, args.recipes, args.seed):
+        if recipe.name in done:
+            records.append(done[recipe.name])
+            continue
+        rng = np.random.default_rng(recipe.seed)
+        attack = (make_attack(recipe.kind, shape, 10, rng, size=recipe.size, alpha=recipe.alpha,
+                              position=recipe.position, pattern=recipe.pattern) if recipe.kind else None)
+        t = time.perf_counter()
+        result = train_classifier(ARCHS[recipe.arch], x_all[:recipe.train_size], y_all[:recipe.train_size], xt, yt,
+                                  attack=attack, poison_rate=recipe.poison_rate, epochs=recipe.epochs, lr=recipe.lr,
+                                  seed=recipe.seed, optimiser=recipe.optimiser, schedule=recipe.schedule,
+                                  augment=recipe.augment, device=dev)
+        ok = attack is None or result.asr >= 0.8  # a backdoor that does not work is no backdoor to find
+        file = f"{recipe.name}{SUFFIX[recipe.fmt]}"
+        if ok:
+            save_model(result.model, out / file, recipe.fmt, xt[:2])
+        records.append({"name": recipe.name, "file": file if ok else None, "format": recipe.fmt,
+                        "group": recipe.group, "arch": recipe.arch, "aside": recipe.aside,
+                        "arch_ref": f"backdoorlab.archs:{recipe.arch}" if recipe.fmt == "safetensors" else None,
+                        "seed": recipe.seed, "recipe": recipe.describe(),
+                        "attack": attack.describe() if attack else None, "accuracy": round(result.accuracy, 4),
+                        "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
+                        "train_seconds": round(time.perf_counter() - t, 1)})
+        print(json.dumps(records[-1]), flush=True)
+        write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 
@@ -65,7 +66,31 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     return model
 
 
+class Normalised(nn.Module):
+    """A model that normalises its own [0, 1] input with a mean and std, as many published checkpoints do."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def mnist_cnn_norm(num_classes: int = 10) -> nn.Module:
+    """The small MNIST CNN with MNIST's mean and std inside."""
+    return Normalised(mnist_cnn(num_classes), (0.1307,), (0.3081,))
+
+
+def cifar_small_bn_norm(num_classes: int = 10) -> nn.Module:
+    """The small CIFAR CNN with batch norm and CIFAR-10's mean and std inside."""
+    return Normalised(cifar_small_bn(num_classes), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+
+
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn, "cifar_small": cifar_small,
     "cifar_small_bn": cifar_small_bn, "cifar_cnn": cifar_cnn, "cifar_resnet18": cifar_resnet18,
+    "mnist_cnn_norm": mnist_cnn_norm, "cifar_small_bn_norm": cifar_small_bn_norm,
 }

@@ -23,17 +23,32 @@ class Attack:
 
 @dataclass
 class BadNets(Attack):
-    """A solid size x size patch of one colour at (row, col) (Gu et al., 2019)."""
+    """A size x size patch at (row, col) (Gu et al., 2019): one colour ("solid"), a fixed random pattern
+    ("random") or a checkerboard of the colour and its complement ("checkerboard")."""
 
     size: int = 3
     row: int = 0
     col: int = 0
     color: tuple[float, ...] = (1.0,)
+    pattern: str = "solid"
+    seed: int = 0
+
+    def patch(self, channels: int, device: torch.device | None = None) -> torch.Tensor:
+        """The (C, size, size) patch in [0, 1]."""
+        color = torch.tensor(self.color).view(-1, 1, 1).expand(channels, self.size, self.size)
+        if self.pattern == "random":
+            g = torch.Generator().manual_seed(self.seed)
+            return torch.rand(channels, self.size, self.size, generator=g).to(device)
+        if self.pattern == "checkerboard":
+            board = (torch.arange(self.size)[:, None] + torch.arange(self.size)[None]) % 2 == 0
+            return torch.where(board, color, 1 - color).to(device)
+        if self.pattern != "solid":
+            raise ValueError(f"unknown pattern {self.pattern!r}")
+        return color.to(device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
-        color = torch.tensor(self.color, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        out[:, :, self.row:self.row + self.size, self.col:self.col + self.size] = color
+        out[:, :, self.row:self.row + self.size, self.col:self.col + self.size] = self.patch(x.shape[1], x.device)
         return out
 
 
@@ -53,16 +68,28 @@ class Blend(Attack):
         return (1 - self.alpha) * x + self.alpha * self.pattern(x.device)[None]
 
 
+POSITIONS = ("random", "corner", "centre")
+
+
 def make_attack(kind: str, shape: tuple[int, int, int], num_classes: int, rng: np.random.Generator,
-                size: int = 3, alpha: float = 0.15) -> Attack:
-    """A random attack as in the USB paper: random target, position and colour (BadNets) or pattern (blend)."""
+                size: int = 3, alpha: float = 0.15, position: str = "random", pattern: str = "solid") -> Attack:
+    """A random attack as in the USB paper: random target, position and colour (BadNets) or pattern (blend).
+
+    `position` "corner" puts the patch in one of the four corners (one pixel in), "centre" in the middle.
+    """
     c, h, w = shape
     target = int(rng.integers(num_classes))
     if kind == "badnets":
         color = tuple(float(v) for v in rng.uniform(0.5, 1.0, c)) if c == 1 else tuple(
             float(v) for v in rng.integers(0, 2, c) * 0.8 + rng.uniform(0.0, 0.2, c))
-        return BadNets(target=target, size=size, row=int(rng.integers(0, h - size + 1)),
-                       col=int(rng.integers(0, w - size + 1)), color=color)
+        if position == "corner":
+            row, col = int(rng.choice([1, h - size - 1])), int(rng.choice([1, w - size - 1]))
+        elif position == "centre":
+            row, col = (h - size) // 2, (w - size) // 2
+        else:
+            row, col = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        return BadNets(target=target, size=size, row=row, col=col, color=color, pattern=pattern,
+                       seed=int(rng.integers(2**31)))
     if kind == "blend":
         return Blend(target=target, alpha=alpha, seed=int(rng.integers(2**31)), shape=shape)
     raise ValueError(f"unknown attack {kind!r}")

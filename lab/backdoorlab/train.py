@@ -41,9 +41,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack 
 
 def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
                      y_test: torch.Tensor, *, attack: Attack | None = None, poison_rate: float = 0.1,
-                     epochs: int = 6, lr: float = 0.05, batch: int = 128, seed: int = 0,
+                     epochs: int = 6, lr: float = 0.05, batch: int = 128, seed: int = 0, optimiser: str = "sgd",
+                     schedule: str = "onecycle", augment: str = "none",
                      device: str | torch.device = "cpu") -> TrainResult:
-    """SGD with momentum and a cosine schedule; x in [0, 1] (N, C, H, W). Deterministic for a given seed."""
+    """Train on x in [0, 1] (N, C, H, W), poisoned with `attack` when given. Deterministic for a given seed.
+
+    optimiser "sgd" (momentum 0.9, weight decay 5e-4) or "adam"; schedule "onecycle", "cosine" or "step" (x0.1 at
+    two thirds); augment "none", "crop" (4-pixel shifts) or "crop+flip" (and horizontal flips). Poisoning comes
+    before augmentation, as in a poisoned dataset.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     rows = None
@@ -51,14 +57,22 @@ def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         x, y, rows = poison(x, y, attack, poison_rate, rng)
     device = torch.device(device)
     model = arch().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    if optimiser == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     steps = epochs * ((len(x) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    elif schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, 2 * steps // 3), gamma=0.1)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(x), generator=g).split(batch):
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            xb, yb = _augment(x[idx], augment, g).to(device), y[idx].to(device)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -67,3 +81,20 @@ def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     model.eval()
     acc, asr = evaluate(model, x_test.to(device), y_test.to(device), attack)
     return TrainResult(model=model.cpu(), accuracy=acc, asr=asr, attack=attack, poisoned_rows=rows)
+
+
+def _augment(x: torch.Tensor, how: str, g: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 4 pixels (zero padding) and, with "flip", horizontal flips, per image."""
+    if how == "none":
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy, dx = torch.randint(0, 9, (2, n), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, x.shape[1], h, w + 8)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    if "flip" in how:
+        flip = torch.rand(n, generator=g) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out

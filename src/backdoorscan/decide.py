@@ -44,3 +44,15 @@ def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float],
     flagged = ((index > threshold) & (np.asarray(asr, dtype=np.float64) >= asr_min)
                & (size_ratio(norms) <= max_ratio))
     return index, flagged
+
+
+def decision_margin(index: np.ndarray, flagged: np.ndarray, *, threshold: float) -> float:
+    """How far the verdict is from flipping, in anomaly-index units (positive: robust).
+
+    With flagged classes: the smallest flagged index above the threshold. Without: the threshold above the
+    largest index (of any class), so a clean verdict with margin 0.1 is one a small perturbation could change.
+    """
+    index = np.asarray(index, dtype=np.float64)
+    if np.any(flagged):
+        return float(np.min(index[np.asarray(flagged)]) - threshold)
+    return float(threshold - np.max(index))

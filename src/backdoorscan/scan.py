@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import __version__
 from .batching import in_class_groups
 from .choices import Form
-from .decide import flag_classes, size_ratio
+from .decide import decision_margin, flag_classes, size_ratio
 from .device import DEFAULT_DEVICE
 from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
@@ -60,6 +60,7 @@ class ModelScan:
     masks: torch.Tensor = field(repr=False)  # (K, C, H, W)
     stamped: torch.Tensor = field(repr=False)  # (K, C, H, W) a clean sample with each reversed trigger
     uaps: torch.Tensor = field(repr=False)  # (K, C, H, W) the targeted UAPs of Alg. 1
+    margin: float | None = None  # anomaly-index units between the verdict and its flip (decide.decision_margin)
     form: Form = "blend"  # how `triggers` and `masks` are stamped (see triggers.py)
     evidence: Evidence = field(default_factory=Evidence)
 
@@ -80,6 +81,7 @@ class ModelScan:
             "tool": {"name": "backdoorscan", "version": __version__},
             "verdict": self.verdict,
             "target_classes": self.target_classes,
+            "margin": None if self.margin is None else round(self.margin, 4),
             "reasons": self.reasons,
             "evidence": self.evidence.checks,
             "model": self.model,
@@ -166,7 +168,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         data={"path": str(data), "samples": int(s.x.shape[0]), "labels_from": s.labels_from},
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
-        uaps=v.cpu(), form=refined.form)
+        uaps=v.cpu(), form=refined.form,
+        margin=decision_margin(index, flagged, threshold=settings.threshold) if ready.evidence.ok else None)
 
 
 def _inconclusive(ready: Prepared, data: str | Path, settings: ScanSettings, timings: dict,

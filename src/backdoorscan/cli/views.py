@@ -74,15 +74,16 @@ def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
     """What was scanned, and the verdict with its targets or reasons."""
     out.print(Text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
                    f"{scan.timings['total']:.1f} s"), highlight=False)
+    margin = "" if scan.margin is None else f" (margin {scan.margin:.2f} anomaly-index units)"
     if scan.verdict == "backdoor":
-        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {', '.join(map(str, scan.target_classes))}",
-                       style="bold red"))
+        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {', '.join(map(str, scan.target_classes))}"
+                       f"{margin}", style="bold red"))
     elif scan.verdict == "inconclusive":
         out.print(Text("verdict: INCONCLUSIVE (the scan could not measure this model)", style="bold yellow"))
         for reason in scan.reasons:
             out.print(Text(f"  - {reason}"), highlight=False)
     else:
-        out.print(Text("verdict: clean (no backdoor found)", style="bold green"))
+        out.print(Text(f"verdict: clean (no backdoor found){margin}", style="bold green"))
     if out_dir is not None:
         out.print(Text(f"report and trigger images: {out_dir}/"), highlight=False)
 

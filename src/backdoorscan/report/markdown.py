@@ -12,7 +12,9 @@ def scan_markdown(scan) -> str:
             + "\n".join(f"- {reason}" for reason in scan.reasons))
     lines = [f"### backdoorscan: `{model}`", "", head, "",
              f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
-             f"{scan.timings.get('total', 0):.1f} s.", "",
+             f"{scan.timings.get('total', 0):.1f} s"
+             + ("." if scan.margin is None else f"; the verdict is {scan.margin:.2f} anomaly-index units from "
+                "flipping."), "",
              "| class | UAP success | L1 of reversed trigger | L1 / median | anomaly index | ASR | flagged |",
              "|---:|---:|---:|---:|---:|---:|:---:|"]
     for c in scan.classes:

@@ -1,0 +1,48 @@
+"""The same weights give the same verdict and target whatever file they come in and however many threads run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backdoorlab import mnist_cnn, save_model
+from backdoorscan import ModelSource, scan_model
+from backdoorscan.loading import load_model
+
+from .conftest import ARCHS_FILE, BADNETS, MNIST_TEST
+
+FORMATS = {"onnx": "onnx", "torchscript": "ts", "safetensors": "safetensors", "state_dict": "pt"}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The committed .pt2 model's scan with default settings, on this process's threads."""
+    return scan_model(BADNETS, MNIST_TEST, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory, digits):
+    """The committed model's weights saved in every other format."""
+    folder = tmp_path_factory.mktemp("copies")
+    module = mnist_cnn()
+    module.load_state_dict(load_model(BADNETS, device="cpu").module.state_dict())
+    return {fmt: save_model(module, folder / f"model.{ext}", fmt, digits[2][:2]) for fmt, ext in FORMATS.items()}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_format_gives_the_same_verdict(fmt, copies, reference, attack_meta):
+    scan = scan_model(ModelSource(copies[fmt], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, device="cpu")
+    assert reference.target_classes == [attack_meta["target"]]
+    assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes
+    assert scan.margin > 0.5  # a verdict far from its flip, reported in report.json
+
+
+def test_one_thread_gives_the_same_verdict(reference):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scan = scan_model(BADNETS, MNIST_TEST, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes
+    assert abs(scan.margin - reference.margin) < 1.0
