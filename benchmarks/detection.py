@@ -22,6 +22,7 @@ from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.choices import Form, Scale, choices
 from backdoorscan.decide import flag_classes
 from backdoorscan.device import resolve_device
+from backdoorscan.report.writer import write_text_atomic
 
 from common import clean_samples, device_name
 
@@ -42,8 +43,8 @@ def main() -> None:
     if args.rescore:
         saved = json.loads(Path(args.rescore).read_text())
         rows = [rescore(r, args.scale, args.threshold, args.max_ratio) for r in saved["rows"]]
-        print(table(rows, f"{saved['device']}; decided again with scale {args.scale}, threshold "
-                          f"{args.threshold}, max ratio {args.max_ratio}"))
+        report(rows, f"{saved['device']}; decided again with scale {args.scale}, threshold {args.threshold}, "
+                     f"max ratio {args.max_ratio}")
         return
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
@@ -52,9 +53,15 @@ def main() -> None:
     meta = json.loads((zoo / "zoo.json").read_text())
     data = args.data or clean_samples(zoo, meta)
     dev = resolve_device(args.device)
-    rows = []
+    suffix = "" if args.form == ScanSettings.form else f"_{args.form}"
+    out = zoo / f"detection{suffix}.json"
+    done = {(r["name"], r["method"]): r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
+    rows: list[dict] = []
     for model in [m for m in meta["models"] if m["counted"]]:
         for method in args.methods.split(","):
+            if (model["name"], method) in done:  # resumed: this model was scanned by an earlier run
+                rows.append(done[(model["name"], method)])
+                continue
             t = time.perf_counter()
             source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"))
             scan = scan_model(source, data, settings=ScanSettings(method=method, form=args.form), device=dev)
@@ -63,14 +70,39 @@ def main() -> None:
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
                          "accuracy": model["accuracy"], "asr": model["asr"], "verdict": scan.verdict,
                          "found": scan.target_classes, "l1_target": None if target is None else l1[target],
-                         "l1_mean": float(np.mean(l1)), "seconds": round(time.perf_counter() - t, 2),
+                         "l1_mean": float(np.mean(l1)) if l1 else None, "seconds": round(time.perf_counter() - t, 2),
                          "l1": [round(v, 3) for v in l1], "asr_per_class": [round(c.asr, 3) for c in scan.classes],
-                         "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes]})
+                         "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes],
+                         "uap_norm": [round(c.uap_norm, 3) for c in scan.classes],
+                         "uap_success": [None if c.uap_success is None else round(c.uap_success, 3)
+                                         for c in scan.classes],
+                         "margin": scan.margin, "aside": bool(model.get("aside")), "format": model.get("format"),
+                         "arch": model.get("arch")})
+            rows[-1]["stage"] = stage(rows[-1])
             print(json.dumps(rows[-1]), flush=True)
-    suffix = "" if args.form == ScanSettings.form else f"_{args.form}"
-    (zoo / f"detection{suffix}.json").write_text(json.dumps({"device": device_name(dev), "form": args.form,
-                                                             "rows": rows}, indent=2) + "\n")
-    print(table(rows, device_name(dev)))
+            write_text_atomic(out, json.dumps({"device": device_name(dev), "form": args.form, "rows": rows},
+                                              indent=2) + "\n")
+    report(rows, device_name(dev))
+
+
+def report(rows: list[dict], device: str) -> None:
+    """The table for the zoo, the aside part separately, and every miss and false alarm with its stage."""
+    main_rows, aside = [r for r in rows if not r.get("aside")], [r for r in rows if r.get("aside")]
+    print(table(main_rows, device))
+    if aside:
+        print("\nSet aside before tuning:\n")
+        print(table(aside, device))
+    misses = [r for r in rows if r.get("stage", stage(r)) not in ("hit", "clean")]
+    if misses:
+        print("\n| model | method | group | target | found | stage | margin | target index | target L1 / median |")
+        print("|---|---|---|---:|---|---|---:|---:|---:|")
+    for r in misses:
+        t = r["target"]
+        ratio = "n/a" if t is None else f"{r['l1'][t] / np.median(r['l1']):.2f}"
+        index = "n/a" if t is None else f"{r['anomaly_index'][t]:.2f}"
+        print(f"| {r['name']}{' (aside)' if r.get('aside') else ''} | {r['method']} | {r['group']} | "
+              f"{'-' if t is None else t} | {r['found']} | {r.get('stage', stage(r))} | {r.get('margin')} | "
+              f"{index} | {ratio} |")
 
 
 def rescore(row: dict, scale: str, threshold: float, max_ratio: float) -> dict:
@@ -78,7 +110,29 @@ def rescore(row: dict, scale: str, threshold: float, max_ratio: float) -> dict:
     _, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, max_ratio=max_ratio,
                               asr_min=ScanSettings.asr_min, scale=scale)
     found = [int(c) for c in np.flatnonzero(flagged)]
-    return {**row, "found": found, "verdict": "backdoor" if found else "clean"}
+    row = {**row, "found": found, "verdict": "backdoor" if found else "clean"}
+    return {**row, "stage": stage(row)}
+
+
+def stage(row: dict) -> str:
+    """Where a scan kept or lost the signal: hit, or which stage lost the backdoor (or raised a false alarm).
+
+    "uap": the target's targeted UAP was not the smallest (Alg. 1 did not single it out); "refinement": Alg. 1
+    ranked it first but the refined trigger is not the smallest; "decision": the refined trigger is the smallest
+    but the rule did not flag it (index, ASR or size-ratio guard). On a clean model: "clean" or "false alarm".
+    """
+    target, found = row["target"], row["found"]
+    if not row["l1"]:
+        return "inconclusive"
+    if target is None:
+        return "false alarm" if found else "clean"
+    if found == [target]:
+        return "hit"
+    if row.get("uap_norm") and int(np.argmin(row["uap_norm"])) != target and row["method"] == "usb":
+        return "uap"
+    if int(np.argmin(row["l1"])) != target:
+        return "refinement"
+    return "decision"
 
 
 def table(rows: list[dict], device: str) -> str:
@@ -92,7 +146,8 @@ def table(rows: list[dict], device: str) -> str:
             if not rs:
                 continue
             bad = [r for r in rs if r["target"] is not None]
-            l1 = np.mean([r["l1_target"] if r["target"] is not None else r["l1_mean"] for r in rs])
+            sizes = [r["l1_target"] if r["target"] is not None else r["l1_mean"] for r in rs if r["l1"]]
+            l1 = np.mean(sizes) if sizes else float("nan")  # inconclusive scans have no triggers
             correct = sum(r["found"] == [r["target"]] for r in bad)
             cset = sum(r["target"] in r["found"] and len(r["found"]) > 1 for r in bad)
             wrong = sum(bool(r["found"]) and r["target"] not in r["found"] for r in bad)
