@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backdoorscan.decide import anomaly_index, flag_classes
+from backdoorscan.decide import anomaly_index, decision_margin, flag_classes, guards
 from backdoorscan.perturb import deepfool, norm_of, project
 from backdoorscan.perturb.uap import predict, untargeted_uap
 from backdoorscan.ssim import gaussian_window, ssim
@@ -80,6 +80,10 @@ def test_anomaly_index_on_hand_made_norms():
     tight = [100, 101, 99, 100, 100, 101, 99, 100, 70, 100]  # MAD 0.5: index of class 8 is 40
     index, flagged = flag_classes(tight, [1.0] * 10, scale="log", **decide)
     assert index[8] > 2 and not flagged.any()  # 70 % of the median is no backdoor-sized outlier
+    # ... and the clean verdict's margin counts only classes that could be flagged: none here
+    assert decision_margin(index, flagged, guards(tight, [1.0] * 10, asr_min=0.5, max_ratio=0.5), threshold=2) == 2
+    index, flagged = flag_classes(norms, [1.0] * 10, scale="log", **decide)
+    assert np.isclose(decision_margin(index, flagged, flagged, threshold=2), index[8] - 2)
 
 
 def test_untargeted_uap_fools_most_samples(small_model, digits):

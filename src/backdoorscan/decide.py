@@ -41,18 +41,25 @@ def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float],
     from turning a merely smaller class into an outlier: backdoor targets are several times smaller.
     """
     index = anomaly_index(norms, scale)
-    flagged = ((index > threshold) & (np.asarray(asr, dtype=np.float64) >= asr_min)
-               & (size_ratio(norms) <= max_ratio))
+    flagged = (index > threshold) & guards(norms, asr, asr_min=asr_min, max_ratio=max_ratio)
     return index, flagged
 
 
-def decision_margin(index: np.ndarray, flagged: np.ndarray, *, threshold: float) -> float:
+def guards(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, asr_min: float,
+           max_ratio: float) -> np.ndarray:
+    """Classes that could be flagged: a working reversed trigger at most `max_ratio` times the median size."""
+    return (np.asarray(asr, dtype=np.float64) >= asr_min) & (size_ratio(norms) <= max_ratio)
+
+
+def decision_margin(index: np.ndarray, flagged: np.ndarray, candidates: np.ndarray, *, threshold: float) -> float:
     """How far the verdict is from flipping, in anomaly-index units (positive: robust).
 
-    With flagged classes: the smallest flagged index above the threshold. Without: the threshold above the
-    largest index (of any class), so a clean verdict with margin 0.1 is one a small perturbation could change.
+    With flagged classes: the smallest flagged index above the threshold. Without: the threshold above the largest
+    index among the candidates (classes whose trigger works and is small enough to be flagged, see
+    `flag_classes`); with no candidate at all, the threshold itself.
     """
     index = np.asarray(index, dtype=np.float64)
     if np.any(flagged):
         return float(np.min(index[np.asarray(flagged)]) - threshold)
-    return float(threshold - np.max(index))
+    pool = index[np.asarray(candidates)]
+    return float(threshold - max(float(np.max(pool)) if pool.size else 0.0, 0.0))

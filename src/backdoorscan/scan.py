@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import __version__
 from .batching import in_class_groups
 from .choices import Form
-from .decide import decision_margin, flag_classes, size_ratio
+from .decide import decision_margin, flag_classes, guards, size_ratio
 from .device import DEFAULT_DEVICE
 from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
@@ -169,7 +169,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
         uaps=v.cpu(), form=refined.form,
-        margin=decision_margin(index, flagged, threshold=settings.threshold) if ready.evidence.ok else None)
+        margin=decision_margin(index, flagged, guards(l1, asr, asr_min=settings.asr_min, max_ratio=settings.max_ratio),
+                               threshold=settings.threshold) if ready.evidence.ok else None)
 
 
 def _inconclusive(ready: Prepared, data: str | Path, settings: ScanSettings, timings: dict,
