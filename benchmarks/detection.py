@@ -20,7 +20,7 @@ import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.choices import Form, Scale, choices
-from backdoorscan.decide import flag_classes
+from backdoorscan.decide import decision_margin, flag_classes, guards
 from backdoorscan.device import resolve_device
 from backdoorscan.report.writer import write_text_atomic
 
@@ -106,11 +106,15 @@ def report(rows: list[dict], device: str) -> None:
 
 
 def rescore(row: dict, scale: str, threshold: float, max_ratio: float) -> dict:
-    """The row with verdict and found classes decided again from its stored per-class L1 and ASR."""
-    _, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, max_ratio=max_ratio,
-                              asr_min=ScanSettings.asr_min, scale=scale)
+    """The row with verdict, found classes and margin decided again from its stored per-class L1 and ASR."""
+    if not row["l1"]:
+        return row
+    decide = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
+    index, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, scale=scale, **decide)
     found = [int(c) for c in np.flatnonzero(flagged)]
-    row = {**row, "found": found, "verdict": "backdoor" if found else "clean"}
+    margin = decision_margin(index, flagged, guards(row["l1"], row["asr_per_class"], **decide), threshold=threshold)
+    row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
+           "anomaly_index": [round(float(v), 3) for v in index]}
     return {**row, "stage": stage(row)}
 
 

@@ -182,3 +182,16 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, saved):
         assert needle in result.output, (args, result.output)
         assert "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_head_width_is_read_whatever_the_key_order(tmp_path):
+    """safetensors sorts keys as strings ("11.weight" before "9.weight"); the head must still be found."""
+    from safetensors.torch import save_file
+
+    from backdoorlab import mnist_cnn_bn
+
+    net = mnist_cnn_bn().eval()
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = load_model(tmp_path / "w.safetensors", arch=f"{ARCHS_FILE}:mnist_cnn_bn", device="cpu")
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(loaded.module(x), net(x))

@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -139,9 +140,22 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
-    """The output width of the last 2-D weight (the classifier head), if there is one."""
-    heads = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    """The output width of the classifier head, if there is a 2-D weight.
+
+    The head is a linear weight whose output width feeds no other linear layer; among several, the last in
+    natural key order ("9" before "11"). Key order alone is not enough: safetensors stores keys sorted as
+    strings, where "11.weight" comes before "9.weight".
+    """
+    linear = sorted(((k, v) for k, v in state.items() if k.endswith("weight") and v.ndim == 2),
+                    key=lambda kv: _natural(kv[0]))
+    inputs = {int(v.shape[1]) for _, v in linear}
+    heads = [v for _, v in linear if int(v.shape[0]) not in inputs] or [v for _, v in linear]
     return int(heads[-1].shape[0]) if heads else None
+
+
+def _natural(key: str) -> list[tuple[int, int | str]]:
+    """Sort key treating runs of digits as numbers: 'layer.9' < 'layer.11'."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", key) if part]
 
 
 def resolve_arch(spec: str, num_classes: int | None) -> nn.Module:
