@@ -20,7 +20,7 @@ import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.choices import Form, Scale, choices
-from backdoorscan.decide import decision_margin, flag_classes, guards
+from backdoorscan.decide import anomaly_index, decision_margin, flag_classes, guards, size_ratio
 from backdoorscan.device import resolve_device
 from backdoorscan.report.writer import write_text_atomic
 
@@ -39,12 +39,15 @@ def main() -> None:
     parser.add_argument("--scale", default=ScanSettings.scale, choices=choices(Scale))
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
+    parser.add_argument("--rule", default="refined", choices=("refined", "combined"),
+                        help="with --rescore: the scan's rule, or the candidate that averages the log anomaly "
+                             "indices of Alg. 1's UAP norms and the refined L1 (guard on the smaller size ratio)")
     args = parser.parse_args()
     if args.rescore:
         saved = json.loads(Path(args.rescore).read_text())
-        rows = [rescore(r, args.scale, args.threshold, args.max_ratio) for r in saved["rows"]]
+        rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.rule) for r in saved["rows"]]
         report(rows, f"{saved['device']}; decided again with scale {args.scale}, threshold {args.threshold}, "
-                     f"max ratio {args.max_ratio}")
+                     f"max ratio {args.max_ratio}, rule {args.rule}")
         return
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
@@ -105,14 +108,24 @@ def report(rows: list[dict], device: str) -> None:
               f"{index} | {ratio} |")
 
 
-def rescore(row: dict, scale: str, threshold: float, max_ratio: float) -> dict:
-    """The row with verdict, found classes and margin decided again from its stored per-class L1 and ASR."""
+def rescore(row: dict, scale: str, threshold: float, max_ratio: float, rule: str = "refined") -> dict:
+    """The row with verdict, found classes and margin decided again from its stored per-class figures.
+
+    rule "refined" is the scan's (decide.flag_classes on the refined L1); "combined" averages the anomaly indices
+    of the UAP norms (Alg. 1) and the refined L1, and applies the size guard to the smaller of the two ratios.
+    """
     if not row["l1"]:
         return row
     decide = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
     index, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, scale=scale, **decide)
+    candidates = guards(row["l1"], row["asr_per_class"], **decide)
+    if rule == "combined" and row.get("uap_norm"):
+        index = (index + anomaly_index(row["uap_norm"], scale)) / 2
+        ratio = np.minimum(size_ratio(row["l1"]), size_ratio(row["uap_norm"]))
+        candidates = (np.asarray(row["asr_per_class"]) >= ScanSettings.asr_min) & (ratio <= max_ratio)
+        flagged = (index > threshold) & candidates
     found = [int(c) for c in np.flatnonzero(flagged)]
-    margin = decision_margin(index, flagged, guards(row["l1"], row["asr_per_class"], **decide), threshold=threshold)
+    margin = decision_margin(index, flagged, candidates, threshold=threshold)
     row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
            "anomaly_index": [round(float(v), 3) for v in index]}
     return {**row, "stage": stage(row)}
