@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoorlab import ARCHS, make_attack, save_model, train_classifier
+from backdoorlab import ARCHS, TrainResult, make_attack, save_model, train_classifier
 from backdoorlab.data import dataset
 from backdoorlab.recipes import draw_recipes
 from backdoorscan.device import resolve_device
@@ -65,15 +65,8 @@ def main() -> None:
     formats = (args.formats or formats_default).split(",")
     epochs = args.epochs or epochs_default
     groups = GROUPS[args.dataset]
-    torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    x, y, train_src = dataset(args.dataset, "train")
-    xt, yt, test_src = dataset(args.dataset, "test")
+    dev, out, (x, y, train_src), (xt, yt, test_src) = setup(args)
     x, y = x[: args.train_size or size_default], y[: args.train_size or size_default]
-    xt, yt = xt[:2000], yt[:2000]  # accuracy and ASR on the first 2,000 test images, also the scans' clean samples
-    np.savez(out / "clean.npz", x=to_uint8_images(xt), y=yt.numpy())
     shape, records = tuple(x.shape[1:]), []
     meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "train_size": len(x), "epochs": epochs,
             "poison_rate": 0.1, "clean_samples": "clean.npz", "device": device_name(dev), "models": records}
@@ -88,21 +81,40 @@ def main() -> None:
             t = time.perf_counter()
             result = train_classifier(ARCHS[arch], x, y, xt, yt, attack=attack, seed=seed, epochs=epochs, device=dev)
             ok = attack is None or result.asr >= 0.9
-            name = f"{group}_{seed}"
-            if ok:
-                save_model(result.model, out / f"{name}{SUFFIX[fmt]}", fmt, xt[:2])
-                counted += 1
-            records.append({"name": name, "file": f"{name}{SUFFIX[fmt]}" if ok else None, "format": fmt,
-                            "group": group, "arch": arch,
-                            # safetensors holds weights only: the scan needs the architecture, as a user's would
-                            "arch_ref": f"backdoorlab.archs:{arch}" if fmt == "safetensors" else None,
-                            "seed": seed, "attack": attack.describe() if attack else None,
-                            "accuracy": round(result.accuracy, 4),
-                            "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
-                            "train_seconds": round(time.perf_counter() - t, 1)})
+            counted += ok
+            records.append(keep(result, out, f"{group}_{seed}", fmt, arch, group, seed, ok, xt[:2], t))
             print(json.dumps(records[-1]), flush=True)
             # after every model, so that an interrupted build keeps the records of the models it saved
             write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, Path, tuple, tuple]:
+    """Threads, device, the output folder, and the data: train and the first 2,000 test images, on which accuracy
+    and ASR are measured and which the scans use as clean samples (written as OUT/clean.npz)."""
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = dataset(args.dataset, "train")
+    xt, yt, test_src = dataset(args.dataset, "test")
+    xt, yt = xt[:2000], yt[:2000]
+    np.savez(out / "clean.npz", x=to_uint8_images(xt), y=yt.numpy())
+    return dev, out, train, (xt, yt, test_src)
+
+
+def keep(result: TrainResult, out: Path, name: str, fmt: str, arch: str, group: str, seed: int, ok: bool,
+         example: torch.Tensor, started: float) -> dict:
+    """Save a model whose attack worked (or a clean one) as a user would receive it, and its zoo.json record."""
+    file = f"{name}{SUFFIX[fmt]}"
+    if ok:
+        save_model(result.model, out / file, fmt, example)
+    attack = result.attack
+    return {"name": name, "file": file if ok else None, "format": fmt, "group": group, "arch": arch,
+            # safetensors holds weights only: the scan needs the architecture, as a user's would
+            "arch_ref": f"backdoorlab.archs:{arch}" if fmt == "safetensors" else None, "seed": seed,
+            "attack": attack.describe() if attack else None, "accuracy": round(result.accuracy, 4),
+            "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
+            "train_seconds": round(time.perf_counter() - started, 1)}
 
 
 def varied(args: argparse.Namespace) -> None:
@@ -110,14 +122,7 @@ def varied(args: argparse.Namespace) -> None:
 
     Models already in OUT/zoo.json are kept, so an interrupted build resumes where it stopped.
     """
-    torch.set_num_threads(args.threads)
-    dev = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    x_all, y_all, train_src = dataset(args.dataset, "train")
-    xt, yt, test_src = dataset(args.dataset, "test")
-    xt, yt = xt[:2000], yt[:2000]
-    np.savez(out / "clean.npz", x=to_uint8_images(xt), y=yt.numpy())
+    dev, out, (x_all, y_all, train_src), (xt, yt, test_src) = setup(args)
     shape = tuple(x_all.shape[1:])
     old = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {"models": []}
     done = {m["name"]: m for m in old["models"]}
@@ -137,16 +142,8 @@ def varied(args: argparse.Namespace) -> None:
                                   seed=recipe.seed, optimiser=recipe.optimiser, schedule=recipe.schedule,
                                   augment=recipe.augment, device=dev)
         ok = attack is None or result.asr >= 0.8  # a backdoor that does not work is no backdoor to find
-        file = f"{recipe.name}{SUFFIX[recipe.fmt]}"
-        if ok:
-            save_model(result.model, out / file, recipe.fmt, xt[:2])
-        records.append({"name": recipe.name, "file": file if ok else None, "format": recipe.fmt,
-                        "group": recipe.group, "arch": recipe.arch, "aside": recipe.aside,
-                        "arch_ref": f"backdoorlab.archs:{recipe.arch}" if recipe.fmt == "safetensors" else None,
-                        "seed": recipe.seed, "recipe": recipe.describe(),
-                        "attack": attack.describe() if attack else None, "accuracy": round(result.accuracy, 4),
-                        "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
-                        "train_seconds": round(time.perf_counter() - t, 1)})
+        records.append({**keep(result, out, recipe.name, recipe.fmt, recipe.arch, recipe.group, recipe.seed, ok,
+                               xt[:2], t), "aside": recipe.aside, "recipe": recipe.describe()})
         print(json.dumps(records[-1]), flush=True)
         write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
     write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")

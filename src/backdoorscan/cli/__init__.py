@@ -24,6 +24,7 @@ import typer
 
 from .. import __version__
 from ..errors import Inconclusive, ScanError
+from ..safety.limits import Limits
 from ..safety.paths import ensure_outside
 from ..settings import FilterSettings, ScanSettings
 from ..supervise import run_supervised
@@ -75,8 +76,9 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
 
 
 def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
-               files: list[Path | None]) -> tuple[int | None, Any]:
-    """Supervise a sandboxed child (its exit code), or get this process ready to scan (None and the device)."""
+               files: list[Path | None]) -> tuple[int | None, Any, Limits]:
+    """Supervise a sandboxed child (its exit code), or get this process ready to scan (None, the device); and the
+    limits the run options set."""
     from ..device import resolve_device
     from ..supervise import confine
     from .views import err
@@ -84,14 +86,14 @@ def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
     limits = opt.limits(run)
     code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err)
     if code is not None:
-        return code, None
+        return code, None, limits
     device = resolve_device(run["device"])
     confine(run["sandbox"], limits, device)
     if run["threads"] is not None:
         import torch
 
         torch.set_num_threads(max(1, run["threads"]))
-    return None, device
+    return None, device, limits
 
 
 def _emit(result: Any, run: dict[str, Any], markdown: Path | None, to_markdown: Callable[[Any], str],
@@ -147,12 +149,12 @@ def model(
         source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
         for target in (out_dir, markdown):
             ensure_outside(target, data)
-        code, device = _scan_here(ctx, run, [out_dir], [markdown])
+        code, device, limits = _scan_here(ctx, run, [out_dir], [markdown])
         if code is not None:
             return code
         with progress_bars(not run["quiet"]) as progress:
             scan = scan_model(source, data, settings=settings, device=device, progress=progress,
-                              limits=opt.limits(run))
+                              limits=limits)
         if out_dir is not None:
             write_scan_report(scan, out_dir)
         return _emit(scan, run, markdown, scan_markdown, lambda: print_scan(scan, out_dir))
@@ -189,12 +191,12 @@ def filter_dataset_cmd(
         source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
         for target in (copy_to, out_dir, markdown, save_uap):
             ensure_outside(target, inputs, clean)
-        code, device = _scan_here(ctx, run, [out_dir, copy_to], [markdown, save_uap])
+        code, device, limits = _scan_here(ctx, run, [out_dir, copy_to], [markdown, save_uap])
         if code is not None:
             return code
         with progress_bars(not run["quiet"]) as progress:
             result = filter_dataset(source, clean, inputs, settings=settings, uap_file=uap, save_uap_to=save_uap,
-                                    copy_to=copy_to, device=device, progress=progress, limits=opt.limits(run))
+                                    copy_to=copy_to, device=device, progress=progress, limits=limits)
         if out_dir is not None:
             write_filter_report(result, out_dir)
         return _emit(result, run, markdown, filter_markdown, lambda: print_filter(result))
