@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--methods", default="uap,strip")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="filtering", help="results go to ZOO/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
@@ -76,10 +77,14 @@ def main() -> None:
                              "frr": float(flagged[~kind].mean()), "basr_before": basr_before,
                              "basr_after": basr_after, "epsilon": res.epsilon,
                              "suspected_target": res.suspected_target, "target": attack.target,
+                             "aside": bool(model.get("aside")), "size": model["attack"].get("size"),
                              "seconds": round(time.perf_counter() - t, 2)})
                 print(json.dumps(rows[-1]), flush=True)
-    (zoo / "filtering.json").write_text(json.dumps({"device": device_name(dev), "rows": rows}, indent=2) + "\n")
-    print(table(rows, device_name(dev)))
+    (zoo / f"{args.name}.json").write_text(json.dumps({"device": device_name(dev), "rows": rows}, indent=2) + "\n")
+    print(table([r for r in rows if not r["aside"]], device_name(dev)))
+    if any(r["aside"] for r in rows):
+        print("\nSet aside before tuning:\n")
+        print(table([r for r in rows if r["aside"]], device_name(dev)))
 
 
 def table(rows: list[dict], device: str) -> str:

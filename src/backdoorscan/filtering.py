@@ -1,5 +1,8 @@
 """`filter_dataset`: one untargeted L-inf UAP from clean images, then the UAP-consistency rule over an input.
 
+Classes whose clean samples survive that UAP (its dominant labels) get their own UAP at the same radius
+(`screen.Screen`), so that surviving means carrying a trigger rather than already having the UAP's label.
+
 Sanitising a training set and screening single inputs are the same call: INPUT is a folder, an `.npz` or one
 image. The input is streamed in chunks and never modified; `copy_to` writes copies sorted into kept/ and flagged/.
 """
@@ -23,13 +26,14 @@ from .errors import Inconclusive, ScanError
 from .loading import ModelSource, Source, iter_images, open_source, prepare
 from .loading.samples import FolderSource
 from .perturb import untargeted_uap
-from .perturb.uap import UntargetedUAP
+from .perturb.uap import UntargetedUAP, predict
 from .safety.limits import Limits
 from .safety.paths import ensure_outside
-from .screen import UapFile, load_uap, save_uap, uap_rule
+from .screen import Screen, UapFile, load_uap, save_uap, uap_rule
 from .settings import FilterSettings
 
 Progress = Callable[[str, int, int], None]
+MIN_CLASS_SAMPLES = 5  # clean samples of a class needed to compute its own UAP
 
 
 @dataclass
@@ -58,7 +62,7 @@ class FilterResult:
     per_class: list[dict]
     suspected_target: int | None
     model: dict
-    uap: torch.Tensor | None = field(default=None, repr=False)
+    screen: Screen | None = field(default=None, repr=False)  # the UAP and the class UAPs it was screened with
     survival: torch.Tensor | None = field(default=None, repr=False)  # per class: clean survival rate of the UAP
     threshold: float | None = None
     skipped: list[str] = field(default_factory=list)
@@ -74,6 +78,7 @@ class FilterResult:
         out = {"schema": "backdoorscan.filter/1", "input": self.input, "method": self.method,
                "total": self.total, "flagged": self.flagged, "epsilon": self.epsilon,
                "fooling_rate": self.fooling_rate, "threshold": self.threshold,
+               "class_uaps": sorted(self.screen.class_v) if self.screen is not None else [],
                "suspected_target": self.suspected_target, "per_class": self.per_class, "model": self.model,
                "skipped": self.skipped, "timings": self.timings}
         if items:
@@ -143,22 +148,25 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
     sha = loaded.sha256 if loaded is not None else None
     timings = {"load": time.perf_counter() - t0}
     t = time.perf_counter()
-    v, eps, rate, threshold, survival = None, None, None, None, None
+    screen, eps, rate, threshold, survival = None, None, None, None, None
     if settings.method == "uap":
         if uap_file is not None:
             stored = load_uap(Path(uap_file), sha, net.spec.shape)
-            v, eps, rate, survival = stored.v.to(dev), stored.epsilon, stored.fooling_rate, stored.survival
+            if any(not 0 <= c < k for c in stored.screen.class_v):
+                raise ScanError(f"the UAP file has class UAPs for classes outside 0..{k - 1}", path=uap_file)
+            screen, eps, rate, survival = stored.screen.to(dev), stored.epsilon, stored.fooling_rate, stored.survival
         else:
             step = None if progress is None else (lambda d, n: progress("uap", d, n))
             uap = (minimal_epsilon(net, s.x, settings, progress=progress) if settings.epsilon is None
                    else _uap(net, s.x, settings, settings.epsilon, step))
-            v, eps, rate = uap.v, uap.epsilon, uap.fooling_rate
+            eps, rate = uap.epsilon, uap.fooling_rate
             if rate < 0.5 * settings.fooling_rate:
                 raise Inconclusive(f"inconclusive: the UAP changes only {rate:.0%} of clean predictions (target "
                                    f"{settings.fooling_rate:.0%}): survival would not tell triggers apart")
-            survival = clean_survival(net, s.x, v, k)
+            screen = class_screens(net, s.x, uap.v, k, settings, eps)
+            survival = clean_survival(net, s.x, screen, k)
         if save_uap_to is not None:
-            save_uap(Path(save_uap_to), UapFile(v=v, epsilon=eps, fooling_rate=rate, model_sha256=sha,
+            save_uap(Path(save_uap_to), UapFile(screen=screen, epsilon=eps, fooling_rate=rate, model_sha256=sha,
                                                 survival=survival))
     else:
         gen = torch.Generator().manual_seed(settings.seed)
@@ -170,8 +178,8 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
     items, skipped, done = [], [], 0
     for batch in iter_images(images, net.spec.shape, settings.batch_size, skipped=skipped):
         x = batch.x.to(dev)
-        if v is not None:
-            before, after = uap_rule(net, x, v)
+        if screen is not None:
+            before, after = uap_rule(net, x, screen)
             flags, scores, after_list = (before == after), [None] * len(x), after.tolist()
         else:
             with torch.no_grad():
@@ -196,19 +204,39 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
                         epsilon=eps, fooling_rate=rate, items=items, per_class=per_class,
                         suspected_target=target, threshold=threshold,
                         model={"path": str(loaded.path) if loaded else None, "sha256": sha, "num_classes": k},
-                        uap=None if v is None else v.cpu(), skipped=skipped,
-                        survival=None if v is None or survival is None else survival.cpu(),
+                        screen=None if screen is None else screen.to("cpu"), skipped=skipped,
+                        survival=None if screen is None or survival is None else survival.cpu(),
                         timings={key: round(val, 3) for key, val in timings.items()})
 
 
+def class_screens(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int, settings: FilterSettings,
+                  epsilon: float) -> Screen:
+    """The UAP, plus a UAP at the same radius for each class whose clean samples survive v too often.
+
+    Each such class's UAP is computed from the clean samples predicted as it (at least `MIN_CLASS_SAMPLES`), so
+    it pushes that class's clean images off it; a trigger, which the model obeys at any small perturbation,
+    still holds.
+    """
+    screen = Screen(v)
+    if settings.class_survival >= 1:
+        return screen
+    labels = predict(model, x)
+    survival = clean_survival(model, x, screen, k)
+    for c in range(k):
+        own = labels == c
+        if float(survival[c]) > settings.class_survival and int(own.sum()) >= MIN_CLASS_SAMPLES:
+            screen.class_v[c] = _uap(model, x[own], settings, epsilon, None).v
+    return screen
+
+
 @torch.no_grad()
-def clean_survival(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
-    """Per predicted class, the share of clean samples whose prediction the UAP leaves unchanged.
+def clean_survival(model: nn.Module, x: torch.Tensor, screen: Screen, k: int) -> torch.Tensor:
+    """Per predicted class, the share of clean samples whose prediction the screen leaves unchanged.
 
     An untargeted UAP has a dominant label whose images survive it even in a clean model; this rate says how
     many flags a class would get without any trigger.
     """
-    before, after = uap_rule(model, x, v)
+    before, after = uap_rule(model, x, screen)
     kept = torch.zeros(k).index_add_(0, before.cpu(), (before == after).float().cpu())
     seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))
     return torch.where(seen > 0, kept / seen.clamp_min(1), torch.ones(k))

@@ -1,5 +1,10 @@
 """Xue et al.'s rule: an input whose prediction survives the untargeted UAP carries a trigger.
 
+An untargeted UAP has a dominant label: clean images the model already gives that label survive it, trigger or
+not (on our zoos one or two classes hold nearly all the clean survivors, often the backdoor's target). Such a
+class gets its own UAP, computed from its clean samples at the same radius, and images predicted as that class
+are screened with it (`Screen`): clean ones no longer survive, triggered ones still do.
+
 Also the UAP file (`--save-uap` / `--uap`): a safetensors file with the perturbation and, in its metadata, the
 sha256 of the model it belongs to, so that a deployment computes the UAP once and screens each new input with
 two forward passes, and never screens with another model's UAP.
@@ -7,7 +12,7 @@ two forward passes, and never screens with another model's UAP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,23 +23,39 @@ from .errors import ScanError
 UAP_SCHEMA = "backdoorscan.uap/1"
 
 
+@dataclass
+class Screen:
+    """The perturbations an image is screened with: the UAP, and per dominant class its own UAP."""
+
+    v: torch.Tensor  # (C, H, W)
+    class_v: dict[int, torch.Tensor] = field(default_factory=dict)  # class -> (C, H, W)
+
+    def to(self, device: torch.device | str) -> Screen:
+        """The same screen on another device."""
+        return Screen(self.v.to(device), {c: u.to(device) for c, u in self.class_v.items()})
+
+
 @torch.no_grad()
-def uap_rule(model: nn.Module, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions without and with the UAP; an image is flagged where they agree."""
+def uap_rule(model: nn.Module, x: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions without and with the perturbation for each image's predicted class; flagged where they agree."""
     before = model(x).argmax(1)
-    after = model((x + v).clamp(0, 1)).argmax(1)
+    after = model((x + screen.v).clamp(0, 1)).argmax(1)
+    for c, u in screen.class_v.items():
+        own = before == c
+        if own.any():
+            after[own] = model((x[own] + u).clamp(0, 1)).argmax(1)
     return before, after
 
 
 @dataclass
 class UapFile:
-    """A stored untargeted UAP and what it was made for."""
+    """A stored screen (UAP and class UAPs) and what it was made for."""
 
-    v: torch.Tensor  # (C, H, W)
+    screen: Screen
     epsilon: float
     fooling_rate: float
     model_sha256: str | None
-    survival: torch.Tensor | None = None  # per class: share of clean samples whose prediction survives v
+    survival: torch.Tensor | None = None  # per class: share of clean samples whose prediction survives the screen
 
 
 def save_uap(path: Path, uap: UapFile) -> None:
@@ -46,7 +67,11 @@ def save_uap(path: Path, uap: UapFile) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tensors = {"uap": uap.v.detach().cpu().contiguous()}
+    tensors = {"uap": uap.screen.v.detach().cpu().contiguous()}
+    if uap.screen.class_v:
+        classes = sorted(uap.screen.class_v)
+        tensors["class_uaps"] = torch.stack([uap.screen.class_v[c].detach().cpu() for c in classes]).contiguous()
+        tensors["class_uap_classes"] = torch.tensor(classes, dtype=torch.int64)
     if uap.survival is not None:
         tensors["survival"] = uap.survival.detach().cpu().float().contiguous()
     save_file(tensors, str(tmp), metadata=meta)
@@ -63,8 +88,11 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
+            keys = set(fh.keys())
             v = fh.get_tensor("uap")
-            survival = fh.get_tensor("survival") if "survival" in fh.keys() else None  # noqa: SIM118
+            survival = fh.get_tensor("survival") if "survival" in keys else None
+            class_v = fh.get_tensor("class_uaps") if "class_uaps" in keys else None
+            classes = fh.get_tensor("class_uap_classes") if "class_uap_classes" in keys else None
     except Exception as exc:
         raise ScanError(f"not a UAP file ({str(exc)[:80]})", path=path, hint="create it with --save-uap") from exc
     if meta.get("schema") != UAP_SCHEMA:
@@ -75,5 +103,13 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
                         f"{model_sha256[:12]}...)", path=path, hint="compute a new one with --save-uap")
     if tuple(v.shape) != tuple(shape):
         raise ScanError(f"the UAP has shape {tuple(v.shape)} but the model takes {tuple(shape)}", path=path)
-    return UapFile(v=v.float(), epsilon=float(meta.get("epsilon", "nan")),
+    per_class: dict[int, torch.Tensor] = {}
+    if (class_v is None) != (classes is None):
+        raise ScanError("the UAP file has class UAPs without their classes, or the reverse", path=path)
+    if class_v is not None and classes is not None:
+        if class_v.ndim != 4 or tuple(class_v.shape[1:]) != tuple(shape) or classes.shape != (class_v.shape[0],):
+            raise ScanError(f"the class UAPs have shape {tuple(class_v.shape)} for classes "
+                            f"{tuple(classes.shape)}; the model takes {tuple(shape)}", path=path)
+        per_class = {int(c): u.float() for c, u in zip(classes.tolist(), class_v, strict=True)}
+    return UapFile(screen=Screen(v.float(), per_class), epsilon=float(meta.get("epsilon", "nan")),
                    fooling_rate=float(meta.get("fooling_rate", "nan")), model_sha256=stored, survival=survival)

@@ -95,6 +95,8 @@ class FilterSettings(CommonSettings):
     batch_size: int = setting(256, "Images per screening batch.")
     strip_frr: float = setting(0.1, "STRIP: false rejection rate on clean samples.")
     strip_blends: int = setting(32)  # STRIP: clean images blended with each screened one
+    class_survival: float = setting(0.2, "A class whose clean samples survive the UAP more often than this is "
+                                          "screened with its own UAP (1: never).")
     concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
 
     def _check_ranges(self) -> None:
@@ -102,6 +104,8 @@ class FilterSettings(CommonSettings):
         _at_least_one(self, "batch_size", "max_passes", "strip_blends")
         if self.epsilon is not None and not 0 < self.epsilon <= 1:
             raise ScanError("epsilon must be in (0, 1] (pixels are in [0, 1])")
+        if not 0 <= self.class_survival <= 1:
+            raise ScanError("class survival must be in [0, 1]")
         if not 0 < self.fooling_rate <= 1 or not 0 < self.strip_frr < 1:
             raise ScanError("fooling rate must be in (0, 1] and strip frr in (0, 1)")
 

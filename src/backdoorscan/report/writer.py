@@ -94,10 +94,10 @@ def write_filter_report(result, out: Path) -> Path:
                                  "" if i.prediction_perturbed is None else i.prediction_perturbed,
                                  "" if i.score is None else f"{i.score:.6f}", int(i.flagged)])
         (stage / "summary.md").write_text(filter_markdown(result))
-        if result.uap is not None:
-            peak = max(float(result.uap.abs().max()), 1e-8)
-            to_image(0.5 + 0.5 * result.uap / peak).save(stage / "uap.png")
-            save_uap(stage / "uap.safetensors", UapFile(v=result.uap, epsilon=result.epsilon,
+        if result.screen is not None:
+            v = result.screen.v
+            to_image(0.5 + 0.5 * v / max(float(v.abs().max()), 1e-8)).save(stage / "uap.png")
+            save_uap(stage / "uap.safetensors", UapFile(screen=result.screen, epsilon=result.epsilon,
                                                          fooling_rate=result.fooling_rate,
                                                          model_sha256=result.model.get("sha256"),
                                                          survival=result.survival))
