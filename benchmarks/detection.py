@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/detection.py --zoo bench-out/zoo --methods usb,nc
 
 Writes ZOO/detection.json (one row per model and method) and prints the Markdown table. The decision is a pure
-function of the per-class L1 norms and ASRs stored in each row, so `--rescore FILE` re-applies it with other
-settings (e.g. `--scale linear`) without scanning again.
+function of the per-class L1 norms, UAP norms and ASRs stored in each row, so `--rescore FILE` re-applies it with
+other settings (e.g. `--scale linear`, `--evidence uap`) without scanning again.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
-from backdoorscan.choices import Form, Scale, choices
-from backdoorscan.decide import anomaly_index, decision_margin, flag_classes, guards, size_ratio
+from backdoorscan.choices import Evidence, Form, Scale, choices
+from backdoorscan.decide import decision_margin, decision_sizes, flag_classes, guards
 from backdoorscan.device import resolve_device
 from backdoorscan.report.writer import write_text_atomic
 
@@ -39,15 +39,14 @@ def main() -> None:
     parser.add_argument("--scale", default=ScanSettings.scale, choices=choices(Scale))
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
-    parser.add_argument("--rule", default="refined", choices=("refined", "combined"),
-                        help="with --rescore: the scan's rule, or the candidate that averages the log anomaly "
-                             "indices of Alg. 1's UAP norms and the refined L1 (guard on the smaller size ratio)")
+    parser.add_argument("--evidence", default=ScanSettings.evidence, choices=choices(Evidence),
+                        help="with --rescore: the per-class size to decide on (decide.decision_sizes)")
     args = parser.parse_args()
     if args.rescore:
         saved = json.loads(Path(args.rescore).read_text())
-        rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.rule) for r in saved["rows"]]
+        rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.evidence) for r in saved["rows"]]
         report(rows, f"{saved['device']}; decided again with scale {args.scale}, threshold {args.threshold}, "
-                     f"max ratio {args.max_ratio}, rule {args.rule}")
+                     f"max ratio {args.max_ratio}, evidence {args.evidence}")
         return
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
@@ -108,24 +107,15 @@ def report(rows: list[dict], device: str) -> None:
               f"{index} | {ratio} |")
 
 
-def rescore(row: dict, scale: str, threshold: float, max_ratio: float, rule: str = "refined") -> dict:
-    """The row with verdict, found classes and margin decided again from its stored per-class figures.
-
-    rule "refined" is the scan's (decide.flag_classes on the refined L1); "combined" averages the anomaly indices
-    of the UAP norms (Alg. 1) and the refined L1, and applies the size guard to the smaller of the two ratios.
-    """
+def rescore(row: dict, scale: str, threshold: float, max_ratio: float, evidence: str) -> dict:
+    """The row with verdict, found classes and margin decided again from its stored per-class figures."""
     if not row["l1"]:
         return row
+    sizes = decision_sizes(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, evidence)
     decide = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
-    index, flagged = flag_classes(row["l1"], row["asr_per_class"], threshold=threshold, scale=scale, **decide)
-    candidates = guards(row["l1"], row["asr_per_class"], **decide)
-    if rule == "combined" and row.get("uap_norm"):
-        index = (index + anomaly_index(row["uap_norm"], scale)) / 2
-        ratio = np.minimum(size_ratio(row["l1"]), size_ratio(row["uap_norm"]))
-        candidates = (np.asarray(row["asr_per_class"]) >= ScanSettings.asr_min) & (ratio <= max_ratio)
-        flagged = (index > threshold) & candidates
+    index, flagged = flag_classes(sizes, row["asr_per_class"], threshold=threshold, scale=scale, **decide)
     found = [int(c) for c in np.flatnonzero(flagged)]
-    margin = decision_margin(index, flagged, candidates, threshold=threshold)
+    margin = decision_margin(index, flagged, guards(sizes, row["asr_per_class"], **decide), threshold=threshold)
     row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
            "anomaly_index": [round(float(v), 3) for v in index]}
     return {**row, "stage": stage(row)}

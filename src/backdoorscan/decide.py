@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .choices import Scale, check_choice
+from .choices import Evidence, Scale, check_choice
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -24,6 +24,23 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale) -> np.ndarray:
     mad = np.median(np.abs(norms - median)) * MAD_TO_SIGMA
     mad = max(mad, 1e-12 * max(abs(median), 1.0))
     return (median - norms) / mad
+
+
+def decision_sizes(l1: np.ndarray | list[float], uap_norms: np.ndarray | list[float] | None,
+                   evidence: Evidence) -> np.ndarray:
+    """The per-class size the decision reads: the refined trigger's L1, Alg. 1's UAP norm, or both combined.
+
+    "combined" is their geometric mean, so a class is an outlier when it is small at both stages taken together:
+    a blended trigger that the refinement cannot shrink (it spans the image) still stands out in its UAP, and a
+    class whose UAP is merely a little small (a naturally easy class) needs a small refined trigger too. Without
+    UAP norms (Neural Cleanse) it is the refined L1.
+    """
+    check_choice("evidence", evidence, Evidence)
+    l1 = np.asarray(l1, dtype=np.float64)
+    if evidence == "refined" or uap_norms is None:
+        return l1
+    uap = np.asarray(uap_norms, dtype=np.float64)
+    return uap if evidence == "uap" else np.sqrt(np.maximum(l1, 0) * np.maximum(uap, 0))
 
 
 def size_ratio(norms: np.ndarray | list[float]) -> np.ndarray:

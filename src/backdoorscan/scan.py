@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import __version__
 from .batching import in_class_groups
 from .choices import Form
-from .decide import decision_margin, flag_classes, guards, size_ratio
+from .decide import decision_margin, decision_sizes, flag_classes, guards, size_ratio
 from .device import DEFAULT_DEVICE
 from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
@@ -37,8 +37,8 @@ class ClassResult:
     uap_success: float
     uap_norm: float
     l1_norm: float
-    size_ratio: float  # L1 / median L1 over the classes
-    anomaly_index: float
+    size_ratio: float  # the decision's size (settings.evidence) / its median over the classes
+    anomaly_index: float  # of the decision's size
     asr: float
     flagged: bool
 
@@ -148,13 +148,14 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     refined = Refined.concat(parts)
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
-    index, flagged = flag_classes(l1, asr, threshold=settings.threshold, asr_min=settings.asr_min,
+    uap_norms = norm_of(v, settings.norm).cpu().numpy()
+    sizes = decision_sizes(l1, uap_norms, settings.decided_on)
+    index, flagged = flag_classes(sizes, asr, threshold=settings.threshold, asr_min=settings.asr_min,
                                   max_ratio=settings.max_ratio, scale=settings.scale)
-    ratio = size_ratio(l1)
+    ratio = size_ratio(sizes)
     names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
     if names is not None and names == [str(i) for i in range(k)]:
         names = None  # digit classes named '0'..'9' add nothing
-    uap_norms = norm_of(v, settings.norm).cpu().numpy()
     classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[c]),
                            uap_norm=float(uap_norms[c]), l1_norm=float(l1[c]), size_ratio=float(ratio[c]),
                            anomaly_index=float(index[c]),
@@ -169,7 +170,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
         uaps=v.cpu(), form=refined.form,
-        margin=decision_margin(index, flagged, guards(l1, asr, asr_min=settings.asr_min, max_ratio=settings.max_ratio),
+        margin=decision_margin(index, flagged, guards(sizes, asr, asr_min=settings.asr_min,
+                                                      max_ratio=settings.max_ratio),
                                threshold=settings.threshold) if ready.evidence.ok else None)
 
 

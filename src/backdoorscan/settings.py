@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, get_origin, get_type_hints
 
-from .choices import FilterMethod, Form, Method, Norm, Scale, Solver, check_choice
+from .choices import Evidence, FilterMethod, Form, Method, Norm, Scale, Solver, check_choice
 from .errors import ScanError
 
 
@@ -60,11 +60,18 @@ class ScanSettings(CommonSettings):
     batch_size: int = setting(16, "Samples per refinement step and class.")
     form: Form = setting("blend", "Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")
     w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
+    evidence: Evidence = setting("refined", "Per-class size decided on: refined trigger L1, Alg. 1's UAP norm, or "
+                                            "their geometric mean (combined). Neural Cleanse: its L1.")
     threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
     scale: Scale = setting("log", "Anomaly index over log L1 (log) or L1 (linear, as in the papers).")
     asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
-    max_ratio: float = setting(0.5, "Largest L1 / median L1 a flagged class may have.")
+    max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have.")
     class_group: int | None = setting(None, "Classes per batch (default all; halved on GPU out-of-memory).")
+
+    @property
+    def decided_on(self) -> Evidence:
+        """The per-class size this scan decides on (Neural Cleanse has no UAP stage: its refined L1)."""
+        return self.evidence if self.method == "usb" else "refined"
 
     @property
     def trigger_form(self) -> Form:

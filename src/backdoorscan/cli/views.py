@@ -58,12 +58,13 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
         return
     name = Path(scan.model.get("path") or "model").name
     table = Table(title=escape(f"{scan.settings.method.upper()} scan of {name}"))
-    for col in ("class", "UAP success", "L1 of v'", "L1 / median", "anomaly index", "ASR", "flagged"):
+    for col in ("class", "UAP success", "UAP norm", "L1 of v'", "size / median", "anomaly index", "ASR", "flagged"):
         table.add_column(col, justify="right")
     for c in scan.classes:
         style = "bold red" if c.flagged else None
         table.add_row(escape(f"{c.cls}" + (f" {c.name}" if c.name else "")),
-                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.l1_norm:.2f}",
+                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.uap_norm:.2f}",
+                      f"{c.l1_norm:.2f}",
                       f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "",
                       style=style)
     out.print(table)

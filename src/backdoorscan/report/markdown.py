@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+EVIDENCE = {"refined": "the refined triggers' L1", "uap": "the UAP norms (Alg. 1)",
+            "combined": "the geometric mean of the UAP norm and the refined trigger's L1"}
+
 
 def scan_markdown(scan) -> str:
     """Verdict, targets and the per-class table of a model scan."""
@@ -15,13 +18,14 @@ def scan_markdown(scan) -> str:
              f"{scan.timings.get('total', 0):.1f} s"
              + ("." if scan.margin is None else f"; the verdict is {scan.margin:.2f} anomaly-index units from "
                 "flipping."), "",
-             "| class | UAP success | L1 of reversed trigger | L1 / median | anomaly index | ASR | flagged |",
-             "|---:|---:|---:|---:|---:|---:|:---:|"]
+             f"Decided on {EVIDENCE[scan.settings.decided_on]}.", "",
+             "| class | UAP success | UAP norm | L1 of reversed trigger | size / median | anomaly index | ASR | "
+             "flagged |", "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
         name = f"{c.cls} ({c.name})" if c.name else str(c.cls)
-        lines.append(f"| {name} | {success} | {c.l1_norm:.2f} | {c.size_ratio:.2f} | {c.anomaly_index:.2f} | "
-                     f"{c.asr:.2f} | {'**yes**' if c.flagged else ''} |")
+        lines.append(f"| {name} | {success} | {c.uap_norm:.2f} | {c.l1_norm:.2f} | {c.size_ratio:.2f} | "
+                     f"{c.anomaly_index:.2f} | {c.asr:.2f} | {'**yes**' if c.flagged else ''} |")
     return "\n".join(lines) + "\n"
 
 
