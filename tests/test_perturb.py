@@ -91,3 +91,26 @@ def test_untargeted_uap_fools_most_samples(small_model, digits):
     uap = untargeted_uap(small_model, x, epsilon=0.7, p="linf", target_rate=0.8, max_passes=10, overshoot=0.02,
                          max_iter=10, solver="pgd")
     assert uap.fooling_rate >= 0.8 and float(uap.v.abs().max()) <= 0.7 + 1e-6
+
+
+def test_combined_evidence_on_figures_recorded_from_two_zoo_models():
+    """Per-class sizes from two scans of the varied MNIST zoo: a blend the refinement could not shrink (target 4)
+    and a clean model with a naturally easy class 3. The geometric mean of both stages flags the first's target
+    and not the second's easy class; each stage alone gets one of the two wrong."""
+    from backdoorscan.decide import decision_sizes
+
+    blend = {"l1": [90.471, 172.151, 84.477, 72.661, 45.783, 59.592, 81.48, 66.961, 91.509, 76.052],
+             "uap": [6.619, 7.891, 5.77, 6.132, 2.018, 6.4, 5.714, 5.172, 4.533, 5.376]}
+    easy = {"l1": [86.489, 69.986, 54.539, 28.888, 68.648, 41.32, 62.541, 59.034, 60.945, 61.631],
+            "uap": [5.985, 5.054, 4.377, 3.831, 5.195, 4.893, 4.713, 4.729, 4.787, 4.802]}
+    decide = {"threshold": 2.0, "asr_min": 0.5, "max_ratio": 0.5, "scale": "log"}
+
+    def found(model, evidence):
+        sizes = decision_sizes(model["l1"], model["uap"], evidence)
+        return list(np.flatnonzero(flag_classes(sizes, [1.0] * 10, **decide)[1]))
+
+    assert found(blend, "combined") == [4] and found(easy, "combined") == []
+    assert found(blend, "refined") == [] and found(easy, "refined") == [3]
+    assert np.allclose(decision_sizes(blend["l1"], blend["uap"], "combined") ** 2,
+                       np.multiply(blend["l1"], blend["uap"]))
+    assert np.array_equal(decision_sizes(blend["l1"], None, "combined"), blend["l1"])  # Neural Cleanse
