@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--form", default=ScanSettings.form, choices=choices(Form), help="USB trigger form")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rescore", help="a detection.json to decide again with --scale/--threshold/--max-ratio")
+    parser.add_argument("--name", default="detection",
+                        help="results go to ZOO/NAME.json (two runs side by side, e.g. one per method, need two names)")
+    parser.add_argument("--rescore", help="detection.json files (comma-separated) to decide again with --scale, "
+                                          "--threshold, --max-ratio, --evidence")
     parser.add_argument("--scale", default=ScanSettings.scale, choices=choices(Scale))
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
@@ -43,9 +46,9 @@ def main() -> None:
                         help="with --rescore: the per-class size to decide on (decide.decision_sizes)")
     args = parser.parse_args()
     if args.rescore:
-        saved = json.loads(Path(args.rescore).read_text())
-        rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.evidence) for r in saved["rows"]]
-        report(rows, f"{saved['device']}; decided again with scale {args.scale}, threshold {args.threshold}, "
+        saved = [json.loads(Path(f).read_text()) for f in args.rescore.split(",")]
+        rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.evidence) for d in saved for r in d["rows"]]
+        report(rows, f"{saved[0]['device']}; decided again with scale {args.scale}, threshold {args.threshold}, "
                      f"max ratio {args.max_ratio}, evidence {args.evidence}")
         return
     torch.set_num_threads(args.threads)
@@ -56,7 +59,7 @@ def main() -> None:
     data = args.data or clean_samples(zoo, meta)
     dev = resolve_device(args.device)
     suffix = "" if args.form == ScanSettings.form else f"_{args.form}"
-    out = zoo / f"detection{suffix}.json"
+    out = zoo / f"{args.name}{suffix}.json"
     done = {(r["name"], r["method"]): r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     rows: list[dict] = []
     for model in [m for m in meta["models"] if m["counted"]]:

@@ -1,7 +1,8 @@
 """`filter_dataset`: one untargeted L-inf UAP from clean images, then the UAP-consistency rule over an input.
 
-Classes whose clean samples survive that UAP (its dominant labels) get their own UAP at the same radius
-(`screen.Screen`), so that surviving means carrying a trigger rather than already having the UAP's label.
+Classes whose clean samples survive that UAP (its dominant labels) are flagged only above a survival margin
+calibrated on their clean samples (`screen.Screen`), so that surviving means carrying a trigger rather than
+already having the UAP's label.
 
 Sanitising a training set and screening single inputs are the same call: INPUT is a folder, an `.npz` or one
 image. The input is streamed in chunks and never modified; `copy_to` writes copies sorted into kept/ and flagged/.
@@ -26,14 +27,14 @@ from .errors import Inconclusive, ScanError
 from .loading import ModelSource, Source, iter_images, open_source, prepare
 from .loading.samples import FolderSource
 from .perturb import untargeted_uap
-from .perturb.uap import UntargetedUAP, predict
+from .perturb.uap import UntargetedUAP
 from .safety.limits import Limits
 from .safety.paths import ensure_outside
-from .screen import Screen, UapFile, load_uap, save_uap, uap_rule
+from .screen import Screen, UapFile, load_uap, save_uap, survival_margins, uap_rule
 from .settings import FilterSettings
 
 Progress = Callable[[str, int, int], None]
-MIN_CLASS_SAMPLES = 5  # clean samples of a class needed to compute its own UAP
+MIN_CLASS_SAMPLES = 5  # clean samples of a class needed to calibrate its threshold
 
 
 @dataclass
@@ -62,7 +63,7 @@ class FilterResult:
     per_class: list[dict]
     suspected_target: int | None
     model: dict
-    screen: Screen | None = field(default=None, repr=False)  # the UAP and the class UAPs it was screened with
+    screen: Screen | None = field(default=None, repr=False)  # the UAP and the per-class thresholds
     survival: torch.Tensor | None = field(default=None, repr=False)  # per class: clean survival rate of the UAP
     threshold: float | None = None
     skipped: list[str] = field(default_factory=list)
@@ -78,7 +79,7 @@ class FilterResult:
         out = {"schema": "backdoorscan.filter/1", "input": self.input, "method": self.method,
                "total": self.total, "flagged": self.flagged, "epsilon": self.epsilon,
                "fooling_rate": self.fooling_rate, "threshold": self.threshold,
-               "class_uaps": sorted(self.screen.class_v) if self.screen is not None else [],
+               "thresholds": None if self.screen is None else [round(float(t), 4) for t in self.screen.thresholds],
                "suspected_target": self.suspected_target, "per_class": self.per_class, "model": self.model,
                "skipped": self.skipped, "timings": self.timings}
         if items:
@@ -152,8 +153,9 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
     if settings.method == "uap":
         if uap_file is not None:
             stored = load_uap(Path(uap_file), sha, net.spec.shape)
-            if any(not 0 <= c < k for c in stored.screen.class_v):
-                raise ScanError(f"the UAP file has class UAPs for classes outside 0..{k - 1}", path=uap_file)
+            if len(stored.screen.thresholds) != k:
+                raise ScanError(f"the UAP file has thresholds for {len(stored.screen.thresholds)} classes; the "
+                                f"model has {k}", path=uap_file)
             screen, eps, rate, survival = stored.screen.to(dev), stored.epsilon, stored.fooling_rate, stored.survival
         else:
             step = None if progress is None else (lambda d, n: progress("uap", d, n))
@@ -163,7 +165,7 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
             if rate < 0.5 * settings.fooling_rate:
                 raise Inconclusive(f"inconclusive: the UAP changes only {rate:.0%} of clean predictions (target "
                                    f"{settings.fooling_rate:.0%}): survival would not tell triggers apart")
-            screen = class_screens(net, s.x, uap.v, k, settings, eps)
+            screen = calibrate(net, s.x, uap.v, k, settings.class_survival)
             survival = clean_survival(net, s.x, screen, k)
         if save_uap_to is not None:
             save_uap(Path(save_uap_to), UapFile(screen=screen, epsilon=eps, fooling_rate=rate, model_sha256=sha,
@@ -179,8 +181,8 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
     for batch in iter_images(images, net.spec.shape, settings.batch_size, skipped=skipped):
         x = batch.x.to(dev)
         if screen is not None:
-            before, after = uap_rule(net, x, screen)
-            flags, scores, after_list = (before == after), [None] * len(x), after.tolist()
+            before, after, flags = uap_rule(net, x, screen)
+            scores, after_list = [None] * len(x), after.tolist()
         else:
             with torch.no_grad():
                 before = net(x).argmax(1)
@@ -209,35 +211,28 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
                         timings={key: round(val, 3) for key, val in timings.items()})
 
 
-def class_screens(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int, settings: FilterSettings,
-                  epsilon: float) -> Screen:
-    """The UAP, plus a UAP at the same radius for each class whose clean samples survive v too often.
+def calibrate(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int, class_survival: float) -> Screen:
+    """The screen for UAP v: per class, the survival margin above which an image predicted as it is flagged.
 
-    Each such class's UAP is computed from the clean samples predicted as it (at least `MIN_CLASS_SAMPLES`), so
-    it pushes that class's clean images off it; a trigger, which the model obeys at any small perturbation,
-    still holds.
+    0 (any survival) for an ordinary class; for a dominant class, whose clean samples (at least
+    `MIN_CLASS_SAMPLES`) survive v more often than `class_survival`, the margin that only that share of them
+    exceed. `class_survival` 1 is the paper's rule for every class.
     """
-    screen = Screen(v)
-    if settings.class_survival >= 1:
-        return screen
-    labels = predict(model, x)
-    survival = clean_survival(model, x, screen, k)
+    before, _, margin = survival_margins(model, x, v)
+    thresholds = torch.zeros(k, device=x.device)
     for c in range(k):
-        own = labels == c
-        if float(survival[c]) > settings.class_survival and int(own.sum()) >= MIN_CLASS_SAMPLES:
-            screen.class_v[c] = _uap(model, x[own], settings, epsilon, None).v
-    return screen
+        own = margin[before == c]
+        if len(own) >= MIN_CLASS_SAMPLES and float((own > 0).float().mean()) > class_survival:
+            thresholds[c] = torch.quantile(own, 1 - class_survival).clamp_min(0)
+    return Screen(v, thresholds)
 
 
 @torch.no_grad()
 def clean_survival(model: nn.Module, x: torch.Tensor, screen: Screen, k: int) -> torch.Tensor:
-    """Per predicted class, the share of clean samples whose prediction the screen leaves unchanged.
-
-    An untargeted UAP has a dominant label whose images survive it even in a clean model; this rate says how
-    many flags a class would get without any trigger.
-    """
-    before, after = uap_rule(model, x, screen)
-    kept = torch.zeros(k).index_add_(0, before.cpu(), (before == after).float().cpu())
+    """Per predicted class, the share of clean samples the screen flags: how many flags a class would get
+    without any trigger (with raised thresholds, about `class_survival` for a dominant class)."""
+    before, _, flagged = uap_rule(model, x, screen)
+    kept = torch.zeros(k).index_add_(0, before.cpu(), flagged.float().cpu())
     seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))
     return torch.where(seen > 0, kept / seen.clamp_min(1), torch.ones(k))
 

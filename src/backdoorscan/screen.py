@@ -1,18 +1,20 @@
 """Xue et al.'s rule: an input whose prediction survives the untargeted UAP carries a trigger.
 
-An untargeted UAP has a dominant label: clean images the model already gives that label survive it, trigger or
-not (on our zoos one or two classes hold nearly all the clean survivors, often the backdoor's target). Such a
-class gets its own UAP, computed from its clean samples at the same radius, and images predicted as that class
-are screened with it (`Screen`): clean ones no longer survive, triggered ones still do.
+An untargeted UAP has dominant labels: clean images the model already gives such a label survive it, trigger or
+not (on our zoos one to three classes hold nearly all the clean survivors, often the backdoor's target). So the
+rule reads how far a prediction survives: the margin of the predicted class over the runner-up after the UAP.
+An ordinary class is flagged on any survival (margin > 0, the paper's rule); a dominant class, whose clean
+samples survive more often than `class_survival`, only above the margin that that share of its clean samples
+exceed (`Screen.thresholds`). A trigger, which the model obeys by a wide margin, still clears it.
 
-Also the UAP file (`--save-uap` / `--uap`): a safetensors file with the perturbation and, in its metadata, the
-sha256 of the model it belongs to, so that a deployment computes the UAP once and screens each new input with
-two forward passes, and never screens with another model's UAP.
+Also the UAP file (`--save-uap` / `--uap`): a safetensors file with the perturbation, the per-class thresholds and,
+in its metadata, the sha256 of the model it belongs to, so that a deployment computes the UAP once and screens
+each new input with two forward passes, and never screens with another model's UAP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,42 +22,53 @@ import torch.nn as nn
 
 from .errors import ScanError
 
-UAP_SCHEMA = "backdoorscan.uap/1"
+UAP_SCHEMA = "backdoorscan.uap/2"  # /1 (a single UAP, no thresholds) is not read
 
 
 @dataclass
 class Screen:
-    """The perturbations an image is screened with: the UAP, and per dominant class its own UAP."""
+    """The UAP and, per class, the survival margin above which an image predicted as that class is flagged."""
 
     v: torch.Tensor  # (C, H, W)
-    class_v: dict[int, torch.Tensor] = field(default_factory=dict)  # class -> (C, H, W)
+    thresholds: torch.Tensor  # (K,): 0 for an ordinary class, higher for a dominant one
 
     def to(self, device: torch.device | str) -> Screen:
         """The same screen on another device."""
-        return Screen(self.v.to(device), {c: u.to(device) for c, u in self.class_v.items()})
+        return Screen(self.v.to(device), self.thresholds.to(device))
+
+    @property
+    def dominant(self) -> list[int]:
+        """The classes screened with a raised threshold."""
+        return [int(c) for c in torch.nonzero(self.thresholds > 0).flatten()]
 
 
 @torch.no_grad()
-def uap_rule(model: nn.Module, x: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions without and with the perturbation for each image's predicted class; flagged where they agree."""
+def survival_margins(model: nn.Module, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Prediction without the UAP, prediction with it, and the predicted class's logit margin over the best other
+    class with it (positive: the prediction survives)."""
     before = model(x).argmax(1)
-    after = model((x + screen.v).clamp(0, 1)).argmax(1)
-    for c, u in screen.class_v.items():
-        own = before == c
-        if own.any():
-            after[own] = model((x[own] + u).clamp(0, 1)).argmax(1)
-    return before, after
+    logits = model((x + v).clamp(0, 1))
+    own = logits.gather(1, before[:, None]).squeeze(1)
+    other = logits.scatter(1, before[:, None], float("-inf")).amax(1)
+    return before, logits.argmax(1), own - other
+
+
+def uap_rule(model: nn.Module, x: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions without and with the UAP, and which images are flagged (survive above their class's margin)."""
+    before, after, margin = survival_margins(model, x, screen.v)
+    return before, after, (after == before) & (margin > screen.thresholds[before])
 
 
 @dataclass
 class UapFile:
-    """A stored screen (UAP and class UAPs) and what it was made for."""
+    """A stored screen (UAP and per-class thresholds) and what it was made for."""
 
     screen: Screen
     epsilon: float
     fooling_rate: float
     model_sha256: str | None
-    survival: torch.Tensor | None = None  # per class: share of clean samples whose prediction survives the screen
+    survival: torch.Tensor | None = None  # per class: share of clean samples the screen flags
 
 
 def save_uap(path: Path, uap: UapFile) -> None:
@@ -67,11 +80,8 @@ def save_uap(path: Path, uap: UapFile) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tensors = {"uap": uap.screen.v.detach().cpu().contiguous()}
-    if uap.screen.class_v:
-        classes = sorted(uap.screen.class_v)
-        tensors["class_uaps"] = torch.stack([uap.screen.class_v[c].detach().cpu() for c in classes]).contiguous()
-        tensors["class_uap_classes"] = torch.tensor(classes, dtype=torch.int64)
+    tensors = {"uap": uap.screen.v.detach().cpu().contiguous(),
+               "thresholds": uap.screen.thresholds.detach().cpu().float().contiguous()}
     if uap.survival is not None:
         tensors["survival"] = uap.survival.detach().cpu().float().contiguous()
     save_file(tensors, str(tmp), metadata=meta)
@@ -91,25 +101,20 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
             keys = set(fh.keys())
             v = fh.get_tensor("uap")
             survival = fh.get_tensor("survival") if "survival" in keys else None
-            class_v = fh.get_tensor("class_uaps") if "class_uaps" in keys else None
-            classes = fh.get_tensor("class_uap_classes") if "class_uap_classes" in keys else None
+            thresholds = fh.get_tensor("thresholds") if "thresholds" in keys else None
     except Exception as exc:
         raise ScanError(f"not a UAP file ({str(exc)[:80]})", path=path, hint="create it with --save-uap") from exc
     if meta.get("schema") != UAP_SCHEMA:
-        raise ScanError("not a backdoorscan UAP file", path=path, hint="create it with --save-uap")
+        raise ScanError("not a backdoorscan UAP file of this version", path=path,
+                        hint="create it (again) with --save-uap")
     stored = meta.get("model_sha256") or None
     if stored and model_sha256 and stored != model_sha256:
         raise ScanError(f"this UAP was computed for another model (sha256 {stored[:12]}..., this model "
                         f"{model_sha256[:12]}...)", path=path, hint="compute a new one with --save-uap")
     if tuple(v.shape) != tuple(shape):
         raise ScanError(f"the UAP has shape {tuple(v.shape)} but the model takes {tuple(shape)}", path=path)
-    per_class: dict[int, torch.Tensor] = {}
-    if (class_v is None) != (classes is None):
-        raise ScanError("the UAP file has class UAPs without their classes, or the reverse", path=path)
-    if class_v is not None and classes is not None:
-        if class_v.ndim != 4 or tuple(class_v.shape[1:]) != tuple(shape) or classes.shape != (class_v.shape[0],):
-            raise ScanError(f"the class UAPs have shape {tuple(class_v.shape)} for classes "
-                            f"{tuple(classes.shape)}; the model takes {tuple(shape)}", path=path)
-        per_class = {int(c): u.float() for c, u in zip(classes.tolist(), class_v, strict=True)}
-    return UapFile(screen=Screen(v.float(), per_class), epsilon=float(meta.get("epsilon", "nan")),
+    if thresholds is None or thresholds.ndim != 1 or not bool(torch.isfinite(thresholds).all()):
+        raise ScanError("the UAP file has no valid per-class thresholds", path=path,
+                        hint="create it again with --save-uap")
+    return UapFile(screen=Screen(v.float(), thresholds.float()), epsilon=float(meta.get("epsilon", "nan")),
                    fooling_rate=float(meta.get("fooling_rate", "nan")), model_sha256=stored, survival=survival)

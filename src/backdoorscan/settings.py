@@ -102,8 +102,8 @@ class FilterSettings(CommonSettings):
     batch_size: int = setting(256, "Images per screening batch.")
     strip_frr: float = setting(0.1, "STRIP: false rejection rate on clean samples.")
     strip_blends: int = setting(32)  # STRIP: clean images blended with each screened one
-    class_survival: float = setting(0.2, "A class whose clean samples survive the UAP more often than this is "
-                                          "screened with its own UAP (1: never).")
+    class_survival: float = setting(0.3, "Share of a dominant class's clean images (those that survive the UAP "
+                                          "more often than this) that may be flagged (1: the paper's rule).")
     concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
 
     def _check_ranges(self) -> None:

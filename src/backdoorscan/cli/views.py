@@ -100,9 +100,10 @@ def print_filter(result: FilterResult) -> None:
                       style=style)
     out.print(table)
     if result.method == "uap":
-        own = sorted(result.screen.class_v) if result.screen is not None else []
-        out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}"
-                  + (f"; own UAP for class(es) {', '.join(map(str, own))}" if own else ""), highlight=False)
+        own = result.screen.dominant if result.screen is not None else []
+        extra = f"; raised survival margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
+        out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}",
+                  highlight=False)
     if result.skipped:
         out.print(Text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
     line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"
