@@ -20,7 +20,7 @@ import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.choices import Evidence, Form, Scale, choices
-from backdoorscan.decide import decision_margin, decision_sizes, flag_classes, guards
+from backdoorscan.decide import class_evidence, decision_margin, flag, guards
 from backdoorscan.device import resolve_device
 from backdoorscan.report.writer import write_text_atomic
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
     parser.add_argument("--evidence", default=ScanSettings.evidence, choices=choices(Evidence),
-                        help="with --rescore: the per-class size to decide on (decide.decision_sizes)")
+                        help="with --rescore: the per-class size to decide on (decide.class_evidence)")
     args = parser.parse_args()
     if args.rescore:
         saved = [json.loads(Path(f).read_text()) for f in args.rescore.split(",")]
@@ -114,11 +114,12 @@ def rescore(row: dict, scale: str, threshold: float, max_ratio: float, evidence:
     """The row with verdict, found classes and margin decided again from its stored per-class figures."""
     if not row["l1"]:
         return row
-    sizes = decision_sizes(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, evidence)
-    decide = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
-    index, flagged = flag_classes(sizes, row["asr_per_class"], threshold=threshold, scale=scale, **decide)
+    index, ratio = class_evidence(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, evidence,
+                                  scale)
+    rule = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
+    flagged = flag(index, ratio, row["asr_per_class"], threshold=threshold, **rule)
     found = [int(c) for c in np.flatnonzero(flagged)]
-    margin = decision_margin(index, flagged, guards(sizes, row["asr_per_class"], **decide), threshold=threshold)
+    margin = decision_margin(index, flagged, guards(ratio, row["asr_per_class"], **rule), threshold=threshold)
     row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
            "anomaly_index": [round(float(v), 3) for v in index]}
     return {**row, "stage": stage(row)}

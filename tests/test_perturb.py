@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backdoorscan.decide import anomaly_index, decision_margin, flag_classes, guards
+from backdoorscan.decide import anomaly_index, decision_margin, flag_classes, guards, size_ratio
 from backdoorscan.perturb import deepfool, norm_of, project
 from backdoorscan.perturb.uap import predict, untargeted_uap
 from backdoorscan.ssim import gaussian_window, ssim
@@ -81,7 +81,8 @@ def test_anomaly_index_on_hand_made_norms():
     index, flagged = flag_classes(tight, [1.0] * 10, scale="log", **decide)
     assert index[8] > 2 and not flagged.any()  # 70 % of the median is no backdoor-sized outlier
     # ... and the clean verdict's margin counts only classes that could be flagged: none here
-    assert decision_margin(index, flagged, guards(tight, [1.0] * 10, asr_min=0.5, max_ratio=0.5), threshold=2) == 2
+    candidates = guards(size_ratio(tight), [1.0] * 10, asr_min=0.5, max_ratio=0.5)
+    assert decision_margin(index, flagged, candidates, threshold=2) == 2
     index, flagged = flag_classes(norms, [1.0] * 10, scale="log", **decide)
     assert np.isclose(decision_margin(index, flagged, flagged, threshold=2), index[8] - 2)
 
@@ -95,22 +96,24 @@ def test_untargeted_uap_fools_most_samples(small_model, digits):
 
 def test_combined_evidence_on_figures_recorded_from_two_zoo_models():
     """Per-class sizes from two scans of the varied MNIST zoo: a blend the refinement could not shrink (target 4)
-    and a clean model with a naturally easy class 3. The geometric mean of both stages flags the first's target
-    and not the second's easy class; each stage alone gets one of the two wrong."""
-    from backdoorscan.decide import decision_sizes
+    and a clean model with a naturally easy class 3. Both stages' evidence together flags the first's target and
+    not the second's easy class; the refined stage alone gets both wrong."""
+    from backdoorscan.decide import class_evidence, flag
 
     blend = {"l1": [90.471, 172.151, 84.477, 72.661, 45.783, 59.592, 81.48, 66.961, 91.509, 76.052],
              "uap": [6.619, 7.891, 5.77, 6.132, 2.018, 6.4, 5.714, 5.172, 4.533, 5.376]}
     easy = {"l1": [86.489, 69.986, 54.539, 28.888, 68.648, 41.32, 62.541, 59.034, 60.945, 61.631],
             "uap": [5.985, 5.054, 4.377, 3.831, 5.195, 4.893, 4.713, 4.729, 4.787, 4.802]}
-    decide = {"threshold": 2.0, "asr_min": 0.5, "max_ratio": 0.5, "scale": "log"}
 
     def found(model, evidence):
-        sizes = decision_sizes(model["l1"], model["uap"], evidence)
-        return list(np.flatnonzero(flag_classes(sizes, [1.0] * 10, **decide)[1]))
+        index, ratio = class_evidence(model["l1"], model["uap"], evidence, "log")
+        return list(np.flatnonzero(flag(index, ratio, [1.0] * 10, threshold=2.0, asr_min=0.5, max_ratio=0.5)))
 
     assert found(blend, "combined") == [4] and found(easy, "combined") == []
     assert found(blend, "refined") == [] and found(easy, "refined") == [3]
-    assert np.allclose(decision_sizes(blend["l1"], blend["uap"], "combined") ** 2,
-                       np.multiply(blend["l1"], blend["uap"]))
-    assert np.array_equal(decision_sizes(blend["l1"], None, "combined"), blend["l1"])  # Neural Cleanse
+    index, ratio = class_evidence(blend["l1"], blend["uap"], "combined", "log")
+    assert np.allclose(index, (anomaly_index(blend["l1"], "log") + anomaly_index(blend["uap"], "log")) / 2)
+    assert np.allclose(ratio ** 2, np.array(blend["l1"]) / np.median(blend["l1"]) *
+                       np.array(blend["uap"]) / np.median(blend["uap"]))
+    assert np.array_equal(class_evidence(blend["l1"], None, "combined", "log")[0],
+                          anomaly_index(blend["l1"], "log"))  # Neural Cleanse has no UAP stage

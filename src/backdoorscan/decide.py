@@ -26,21 +26,22 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale) -> np.ndarray:
     return (median - norms) / mad
 
 
-def decision_sizes(l1: np.ndarray | list[float], uap_norms: np.ndarray | list[float] | None,
-                   evidence: Evidence) -> np.ndarray:
-    """The per-class size the decision reads: the refined trigger's L1, Alg. 1's UAP norm, or both combined.
+def class_evidence(l1: np.ndarray | list[float], uap_norms: np.ndarray | list[float] | None, evidence: Evidence,
+                   scale: Scale) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly index and size ratio per class, from the refined triggers' L1, Alg. 1's UAP norms, or both.
 
-    "combined" is their geometric mean, so a class is an outlier when it is small at both stages taken together:
-    a blended trigger that the refinement cannot shrink (it spans the image) still stands out in its UAP, and a
-    class whose UAP is merely a little small (a naturally easy class) needs a small refined trigger too. Without
-    UAP norms (Neural Cleanse) it is the refined L1.
+    "combined" averages the two stages' anomaly indices (each against its own spread over the classes) and takes
+    the geometric mean of their size ratios: a blended trigger that the refinement cannot shrink (it spans the
+    image) still stands out in its UAP, and a naturally easy class whose UAP is only a little small needs a small
+    refined trigger too. Without UAP norms (Neural Cleanse) it is the refined L1's.
     """
     check_choice("evidence", evidence, Evidence)
-    l1 = np.asarray(l1, dtype=np.float64)
     if evidence == "refined" or uap_norms is None:
-        return l1
-    uap = np.asarray(uap_norms, dtype=np.float64)
-    return uap if evidence == "uap" else np.sqrt(np.maximum(l1, 0) * np.maximum(uap, 0))
+        return anomaly_index(l1, scale), size_ratio(l1)
+    if evidence == "uap":
+        return anomaly_index(uap_norms, scale), size_ratio(uap_norms)
+    index = (anomaly_index(l1, scale) + anomaly_index(uap_norms, scale)) / 2
+    return index, np.sqrt(size_ratio(l1) * size_ratio(uap_norms))
 
 
 def size_ratio(norms: np.ndarray | list[float]) -> np.ndarray:
@@ -51,21 +52,22 @@ def size_ratio(norms: np.ndarray | list[float]) -> np.ndarray:
 
 def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float,
                  asr_min: float, max_ratio: float, scale: Scale) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly index per class and which classes are flagged.
-
-    A class is flagged when its index exceeds `threshold`, its reversed trigger works (ASR >= asr_min) and it is
-    at most `max_ratio` times the median size. The last guard keeps a tight cluster of clean classes (a tiny MAD)
-    from turning a merely smaller class into an outlier: backdoor targets are several times smaller.
-    """
+    """Anomaly index per class and which classes are flagged, from one per-class size (see `flag`)."""
     index = anomaly_index(norms, scale)
-    flagged = (index > threshold) & guards(norms, asr, asr_min=asr_min, max_ratio=max_ratio)
-    return index, flagged
+    return index, flag(index, size_ratio(norms), asr, threshold=threshold, asr_min=asr_min, max_ratio=max_ratio)
 
 
-def guards(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, asr_min: float,
-           max_ratio: float) -> np.ndarray:
-    """Classes that could be flagged: a working reversed trigger at most `max_ratio` times the median size."""
-    return (np.asarray(asr, dtype=np.float64) >= asr_min) & (size_ratio(norms) <= max_ratio)
+def flag(index: np.ndarray, ratio: np.ndarray, asr: np.ndarray | list[float], *, threshold: float, asr_min: float,
+         max_ratio: float) -> np.ndarray:
+    """Which classes are flagged: index above `threshold`, and past the guards (see `guards`)."""
+    return (np.asarray(index) > threshold) & guards(ratio, asr, asr_min=asr_min, max_ratio=max_ratio)
+
+
+def guards(ratio: np.ndarray, asr: np.ndarray | list[float], *, asr_min: float, max_ratio: float) -> np.ndarray:
+    """Classes that could be flagged: a working reversed trigger (ASR >= asr_min), at most `max_ratio` times the
+    median size. The size guard keeps a tight cluster of clean classes (a tiny MAD) from turning a merely smaller
+    class into an outlier: backdoor targets are several times smaller."""
+    return (np.asarray(asr, dtype=np.float64) >= asr_min) & (np.asarray(ratio, dtype=np.float64) <= max_ratio)
 
 
 def decision_margin(index: np.ndarray, flagged: np.ndarray, candidates: np.ndarray, *, threshold: float) -> float:

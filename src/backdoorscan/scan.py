@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import __version__
 from .batching import in_class_groups
 from .choices import Form
-from .decide import decision_margin, decision_sizes, flag_classes, guards, size_ratio
+from .decide import class_evidence, decision_margin, flag, guards
 from .device import DEFAULT_DEVICE
 from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
@@ -149,10 +149,9 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     uap_norms = norm_of(v, settings.norm).cpu().numpy()
-    sizes = decision_sizes(l1, uap_norms, settings.decided_on)
-    index, flagged = flag_classes(sizes, asr, threshold=settings.threshold, asr_min=settings.asr_min,
-                                  max_ratio=settings.max_ratio, scale=settings.scale)
-    ratio = size_ratio(sizes)
+    index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale)
+    rule = {"asr_min": settings.asr_min, "max_ratio": settings.max_ratio}
+    flagged = flag(index, ratio, asr, threshold=settings.threshold, **rule)
     names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
     if names is not None and names == [str(i) for i in range(k)]:
         names = None  # digit classes named '0'..'9' add nothing
@@ -170,9 +169,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
         uaps=v.cpu(), form=refined.form,
-        margin=decision_margin(index, flagged, guards(sizes, asr, asr_min=settings.asr_min,
-                                                      max_ratio=settings.max_ratio),
-                               threshold=settings.threshold) if ready.evidence.ok else None)
+        margin=decision_margin(index, flagged, guards(ratio, asr, **rule), threshold=settings.threshold)
+        if ready.evidence.ok else None)
 
 
 def _inconclusive(ready: Prepared, data: str | Path, settings: ScanSettings, timings: dict,

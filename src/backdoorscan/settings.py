@@ -60,12 +60,13 @@ class ScanSettings(CommonSettings):
     batch_size: int = setting(16, "Samples per refinement step and class.")
     form: Form = setting("blend", "Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")
     w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
-    evidence: Evidence = setting("refined", "Per-class size decided on: refined trigger L1, Alg. 1's UAP norm, or "
-                                            "their geometric mean (combined). Neural Cleanse: its L1.")
+    evidence: Evidence = setting("combined", "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
+                                             "(combined: mean anomaly index). Neural Cleanse: its L1.")
     threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
     scale: Scale = setting("log", "Anomaly index over log L1 (log) or L1 (linear, as in the papers).")
     asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
-    max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have.")
+    max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have (combined: geometric "
+                                    "mean of the two stages').")
     class_group: int | None = setting(None, "Classes per batch (default all; halved on GPU out-of-memory).")
 
     @property

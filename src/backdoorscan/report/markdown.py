@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 EVIDENCE = {"refined": "the refined triggers' L1", "uap": "the UAP norms (Alg. 1)",
-            "combined": "the geometric mean of the UAP norm and the refined trigger's L1"}
+            "combined": "the mean anomaly index of the UAP norms and the refined triggers' L1"}
 
 
 def scan_markdown(scan) -> str:
