@@ -47,12 +47,16 @@ bench-cifar10: $(STAMP)
 	$(BIN)/python benchmarks/filtering.py --zoo bench-out/zoo-cifar10
 
 # The varied zoo (issue 11): 48 MNIST and 24 CIFAR-10 models from random recipes, a quarter set aside before
-# tuning; rebuilds resume, so a rerun only scans. On 2 CPU cores: MNIST ~15 min to train, CIFAR-10 ~90 min.
+# tuning; rebuilds resume, so a rerun only scans. On 2 CPU cores: MNIST ~15 min to train, CIFAR-10 ~90 min;
+# scans ~30 s (MNIST) and ~100 s (CIFAR-10) per model and method.
 bench-varied: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --dataset mnist --recipes 48 --out bench-out/zoo-varied-mnist
 	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-mnist --methods usb,nc
+	$(BIN)/python benchmarks/filtering.py --zoo bench-out/zoo-varied-mnist --methods uap,uap1,strip
 	$(BIN)/python benchmarks/zoo.py --dataset cifar10 --recipes 24 --out bench-out/zoo-varied-cifar10
 	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-cifar10 --methods usb,nc
+	$(BIN)/python benchmarks/filtering.py --zoo bench-out/zoo-varied-cifar10 --methods uap,uap1,strip
+	$(BIN)/python benchmarks/cost.py
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py

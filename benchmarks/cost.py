@@ -74,7 +74,7 @@ def main() -> None:
         total = time.perf_counter() - t
         phases = {k: round(v / unit) for k, v in scan.timings.items() if k not in ("total", "load")}
         rows.append((name, total, round((total - scan.timings["load"]) / unit), phases))
-    for name, settings in (("filter: UAP with epsilon search, class UAPs (default)", FilterSettings()),
+    for name, settings in (("filter: UAP with epsilon search, dominant classes' UAPs (default)", FilterSettings()),
                            ("filter: the same, one UAP only (class_survival=1)", FilterSettings(class_survival=1.0))):
         t = time.perf_counter()
         res = filter_dataset(source, data, data, settings=settings, device=dev)

@@ -5,7 +5,7 @@
 Screening set per model: held-out clean test images of the zoo's dataset (rows 2,000-2,999, outside the clean
 samples) and the same images of non-target classes with the model's trigger. FRR = clean images flagged; BASR
 after filtering = triggered images that pass the filter and are still classified as the target.
-Run for the UAP rule (uap: with class UAPs, the default; uap1: the paper's single UAP) and STRIP.
+Run for the UAP rule (uap: with dominant classes' own UAPs and margins, the default; uap1: the paper's rule) and STRIP.
 """
 
 from __future__ import annotations

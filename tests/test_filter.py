@@ -34,8 +34,8 @@ def test_triggered_images_are_flagged_and_clean_ones_kept(screened, attack_meta)
 
 
 def test_class_thresholds_lower_the_false_rejections_and_keep_the_triggers(screened):
-    """The UAP's dominant class survives it trigger or not; a survival margin calibrated on its clean samples takes
-    those clean digits back, and the triggered ones still clear it."""
+    """The UAP's dominant class survives it trigger or not; its own UAP and a survival margin calibrated on its
+    clean samples take those clean digits back, and the triggered ones still pass."""
     kind = np.load(SCREEN)["kind"]
     single = filter_dataset(BADNETS, MNIST_TEST, SCREEN, settings=FilterSettings(class_survival=1.0), device="cpu")
     assert single.screen.dominant == [] and screened.screen.dominant
@@ -97,7 +97,9 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
 
     stored = load_uap(uap_file, report["model"]["sha256"], (1, 28, 28))
     assert np.allclose(stored.screen.thresholds.numpy(), report["thresholds"], atol=1e-4)
-    assert stored.screen.dominant != []
+    assert stored.screen.dominant == report["dominant_classes"] != []
+    for c in stored.screen.dominant:
+        assert stored.screen.class_v[c].shape == (1, 28, 28)
     one = src / "batch_b/deep/img_400.png"
     for stored in (uap_file, tmp_path / "out/uap.safetensors"):
         res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(stored), "--input", str(one),
@@ -140,7 +142,12 @@ def test_malformed_thresholds_in_a_uap_file_are_refused(tmp_path):
 
     meta = {"schema": UAP_SCHEMA, "epsilon": "0.5", "fooling_rate": "0.9", "model_sha256": ""}
     cases = {"no thresholds": {}, "wrong rank": {"thresholds": torch.zeros(2, 5)},
-             "not finite": {"thresholds": torch.tensor([0.0, float("nan")])}}
+             "not finite": {"thresholds": torch.tensor([0.0, float("nan")])},
+             "class UAPs without classes": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 28, 28)},
+             "class UAP of another shape": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 8, 8),
+                                            "class_uap_classes": torch.tensor([3])},
+             "class without a threshold": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 28, 28),
+                                           "class_uap_classes": torch.tensor([12])}}
     for name, extra in cases.items():
         path = tmp_path / f"{name}.safetensors"
         save_file({"uap": torch.zeros(1, 28, 28), **extra}, str(path), metadata=meta)

@@ -1,6 +1,6 @@
 """`filter_dataset`: one untargeted L-inf UAP from clean images, then the UAP-consistency rule over an input.
 
-Classes whose clean samples survive that UAP (its dominant labels) are flagged only above a survival margin
+Classes whose clean samples survive that UAP (its dominant labels) get a UAP of their own and a survival margin
 calibrated on their clean samples (`screen.Screen`), so that surviving means carrying a trigger rather than
 already having the UAP's label.
 
@@ -63,7 +63,7 @@ class FilterResult:
     per_class: list[dict]
     suspected_target: int | None
     model: dict
-    screen: Screen | None = field(default=None, repr=False)  # the UAP and the per-class thresholds
+    screen: Screen | None = field(default=None, repr=False)  # the UAP, class UAPs and margins it screened with
     survival: torch.Tensor | None = field(default=None, repr=False)  # per class: clean survival rate of the UAP
     threshold: float | None = None
     skipped: list[str] = field(default_factory=list)
@@ -79,6 +79,7 @@ class FilterResult:
         out = {"schema": "backdoorscan.filter/1", "input": self.input, "method": self.method,
                "total": self.total, "flagged": self.flagged, "epsilon": self.epsilon,
                "fooling_rate": self.fooling_rate, "threshold": self.threshold,
+               "dominant_classes": [] if self.screen is None else self.screen.dominant,
                "thresholds": None if self.screen is None else [round(float(t), 4) for t in self.screen.thresholds],
                "suspected_target": self.suspected_target, "per_class": self.per_class, "model": self.model,
                "skipped": self.skipped, "timings": self.timings}
@@ -165,7 +166,7 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
             if rate < 0.5 * settings.fooling_rate:
                 raise Inconclusive(f"inconclusive: the UAP changes only {rate:.0%} of clean predictions (target "
                                    f"{settings.fooling_rate:.0%}): survival would not tell triggers apart")
-            screen = calibrate(net, s.x, uap.v, k, settings.class_survival)
+            screen = calibrate(net, s.x, uap.v, k, settings, eps)
             survival = clean_survival(net, s.x, screen, k)
         if save_uap_to is not None:
             save_uap(Path(save_uap_to), UapFile(screen=screen, epsilon=eps, fooling_rate=rate, model_sha256=sha,
@@ -211,26 +212,29 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
                         timings={key: round(val, 3) for key, val in timings.items()})
 
 
-def calibrate(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int, class_survival: float) -> Screen:
-    """The screen for UAP v: per class, the survival margin above which an image predicted as it is flagged.
+def calibrate(model: nn.Module, x: torch.Tensor, v: torch.Tensor, k: int, settings: FilterSettings,
+              epsilon: float) -> Screen:
+    """The screen for UAP v: per dominant class, its own UAP and the margin that counts as a trigger.
 
-    0 (any survival) for an ordinary class; for a dominant class, whose clean samples (at least
-    `MIN_CLASS_SAMPLES`) survive v more often than `class_survival`, the margin that only that share of them
-    exceed. `class_survival` 1 is the paper's rule for every class.
+    A class is dominant when more than `class_survival` of its clean samples (at least `MIN_CLASS_SAMPLES`)
+    survive v. Its UAP is computed from those samples at the same radius; its margin is the one that only
+    `margin_share` of them exceed. `class_survival` 1 is the paper's rule for every class.
     """
     before, _, margin = survival_margins(model, x, v)
-    thresholds = torch.zeros(k, device=x.device)
+    screen = Screen(v, torch.zeros(k, device=x.device))
     for c in range(k):
-        own = margin[before == c]
-        if len(own) >= MIN_CLASS_SAMPLES and float((own > 0).float().mean()) > class_survival:
-            thresholds[c] = torch.quantile(own, 1 - class_survival).clamp_min(0)
-    return Screen(v, thresholds)
+        own = before == c
+        if int(own.sum()) < MIN_CLASS_SAMPLES or float((margin[own] > 0).float().mean()) <= settings.class_survival:
+            continue
+        screen.class_v[c] = _uap(model, x[own], settings, epsilon, None).v
+        screen.thresholds[c] = torch.quantile(margin[own], 1 - settings.margin_share).clamp_min(0)
+    return screen
 
 
 @torch.no_grad()
 def clean_survival(model: nn.Module, x: torch.Tensor, screen: Screen, k: int) -> torch.Tensor:
     """Per predicted class, the share of clean samples the screen flags: how many flags a class would get
-    without any trigger (with raised thresholds, about `class_survival` for a dominant class)."""
+    without any trigger."""
     before, _, flagged = uap_rule(model, x, screen)
     kept = torch.zeros(k).index_add_(0, before.cpu(), flagged.float().cpu())
     seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))

@@ -103,8 +103,10 @@ class FilterSettings(CommonSettings):
     batch_size: int = setting(256, "Images per screening batch.")
     strip_frr: float = setting(0.1, "STRIP: false rejection rate on clean samples.")
     strip_blends: int = setting(32)  # STRIP: clean images blended with each screened one
-    class_survival: float = setting(0.3, "Share of a dominant class's clean images (those that survive the UAP "
-                                          "more often than this) that may be flagged (1: the paper's rule).")
+    class_survival: float = setting(0.2, "A class whose clean samples survive the UAP more often than this is "
+                                          "dominant: screened also with its own UAP and a margin (1: never).")
+    margin_share: float = setting(0.1, "Share of a dominant class's clean samples above the survival margin that "
+                                       "counts as a trigger.")
     concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
 
     def _check_ranges(self) -> None:
@@ -112,8 +114,8 @@ class FilterSettings(CommonSettings):
         _at_least_one(self, "batch_size", "max_passes", "strip_blends")
         if self.epsilon is not None and not 0 < self.epsilon <= 1:
             raise ScanError("epsilon must be in (0, 1] (pixels are in [0, 1])")
-        if not 0 <= self.class_survival <= 1:
-            raise ScanError("class survival must be in [0, 1]")
+        if not 0 <= self.class_survival <= 1 or not 0 < self.margin_share < 1:
+            raise ScanError("class survival must be in [0, 1] and margin share in (0, 1)")
         if not 0 < self.fooling_rate <= 1 or not 0 < self.strip_frr < 1:
             raise ScanError("fooling rate must be in (0, 1] and strip frr in (0, 1)")
 

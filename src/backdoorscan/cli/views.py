@@ -101,7 +101,7 @@ def print_filter(result: FilterResult) -> None:
     out.print(table)
     if result.method == "uap":
         own = result.screen.dominant if result.screen is not None else []
-        extra = f"; raised survival margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
+        extra = f"; own UAP and margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
         out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}",
                   highlight=False)
     if result.skipped:

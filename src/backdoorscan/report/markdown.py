@@ -46,5 +46,5 @@ def _how(result) -> str:
     if result.method == "strip":
         return f"STRIP, entropy threshold {result.threshold:.4f}"
     own = result.screen.dominant if result.screen is not None else []
-    extra = f"; raised survival margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
+    extra = f"; own UAP and margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
     return f"UAP L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}"
