@@ -117,3 +117,16 @@ def test_combined_evidence_on_figures_recorded_from_two_zoo_models():
                        np.array(blend["uap"]) / np.median(blend["uap"]))
     assert np.array_equal(class_evidence(blend["l1"], None, "combined", "log")[0],
                           anomaly_index(blend["l1"], "log"))  # Neural Cleanse has no UAP stage
+
+
+def test_class_groups_are_sized_to_the_memory_budget(small_model, digits):
+    """The class x sample batch is sized from a budget over the bytes one class needs, measured on the model."""
+    from backdoorscan.batching import auto_class_group, bytes_per_sample
+
+    x = digits[2][:8]
+    per_sample = bytes_per_sample(small_model, x)
+    assert 1_000 < per_sample < 50_000_000  # activations of one 28x28 digit, not the weights
+    one_class = per_sample * 16 * 3
+    assert auto_class_group(per_sample, 16, 1000, 10 * one_class) == 10
+    assert auto_class_group(per_sample, 16, 1000, one_class // 2) == 1  # never fewer than one class
+    assert auto_class_group(per_sample, 16, 10, 10**15) == 10  # never more than all of them

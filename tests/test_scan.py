@@ -48,6 +48,7 @@ def test_json_report_carries_the_documented_fields(badnets_cli):
     assert len(report["classes"]) == 10
     for c in report["classes"]:
         assert {"class", "l1_norm", "size_ratio", "anomaly_index", "asr", "flagged", "uap_success"} <= set(c)
+    assert report["batching"]["class_group"] == 10 and report["batching"]["chosen_by"] == "memory"
     assert len(report["model"]["sha256"]) == 64 and report["model"]["format"] == "torch.export"
     assert json.loads((out / "report.json").read_text()) == report
     assert "Backdoor suspected" in md.read_text()

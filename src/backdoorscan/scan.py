@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .batching import in_class_groups
+from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
 from .choices import Form
 from .decide import class_evidence, decision_margin, flag, guards
 from .device import DEFAULT_DEVICE
@@ -21,7 +21,7 @@ from .evidence import Evidence, check_search
 from .loading import InputSpec, ModelSource, Prepared, prepare
 from .perturb import norm_of, targeted_uaps
 from .refine import refine
-from .safety.limits import Limits
+from .safety.limits import Limits, available_memory
 from .settings import ScanSettings
 from .triggers import Refined, stamp
 
@@ -63,6 +63,7 @@ class ModelScan:
     margin: float | None = None  # anomaly-index units between the verdict and its flip (decide.decision_margin)
     form: Form = "blend"  # how `triggers` and `masks` are stamped (see triggers.py)
     evidence: Evidence = field(default_factory=Evidence)
+    batching: dict = field(default_factory=dict)  # classes per batch and the memory figures that chose it
 
     @property
     def reasons(self) -> list[str]:
@@ -92,6 +93,7 @@ class ModelScan:
             "settings": asdict(self.settings),
             "classes": [{"class": c.cls, **{k: v for k, v in asdict(c).items() if k != "cls"}} for c in self.classes],
             "device": self.device,
+            "batching": self.batching,
             "timings": self.timings,
         }
 
@@ -115,7 +117,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     net, s, dev, k = ready.model, ready.samples, ready.device, ready.num_classes
     y = ready.predictions  # the paper's Err counts changes of f(x), so "other classes" are by prediction
     targets = torch.arange(k, device=dev)
-    group = settings.class_group
+    group, batching = class_group(net, s.x, k, settings, dev, limits)
 
     def report(phase: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(phase, done, total))
@@ -168,9 +170,21 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         data={"path": str(data), "samples": int(s.x.shape[0]), "labels_from": s.labels_from},
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
-        uaps=v.cpu(), form=refined.form,
+        uaps=v.cpu(), form=refined.form, batching=batching,
         margin=decision_margin(index, flagged, guards(ratio, asr, **rule), threshold=settings.threshold)
         if ready.evidence.ok else None)
+
+
+def class_group(model: nn.Module, x: torch.Tensor, k: int, settings: ScanSettings, device: torch.device,
+                limits: Limits | None) -> tuple[int, dict]:
+    """Classes per batch: `settings.class_group` when given, else as many as the memory budget holds."""
+    per_class_samples = settings.batch_size  # the refinement's (and NC's) batch; Alg. 1 takes one sample a step
+    if settings.class_group is not None:
+        return min(settings.class_group, k), {"class_group": min(settings.class_group, k), "chosen_by": "setting"}
+    per_sample = bytes_per_sample(model, x)
+    budget = memory_budget(device, None if limits is None else limits.max_memory, available_memory())
+    group = auto_class_group(per_sample, per_class_samples, k, budget)
+    return group, {"class_group": group, "chosen_by": "memory", "bytes_per_sample": per_sample}
 
 
 def _inconclusive(ready: Prepared, data: str | Path, settings: ScanSettings, timings: dict,

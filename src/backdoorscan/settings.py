@@ -67,7 +67,8 @@ class ScanSettings(CommonSettings):
     asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
     max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have (combined: geometric "
                                     "mean of the two stages').")
-    class_group: int | None = setting(None, "Classes per batch (default all; halved on GPU out-of-memory).")
+    class_group: int | None = setting(None, "Classes per batch (default: as many as the memory budget holds; "
+                                            "halved on GPU out-of-memory).")
 
     @property
     def decided_on(self) -> Evidence:
