@@ -63,3 +63,19 @@ def test_cifar_image_folder_reads_class_names():
     s = load_samples(DATA / "cifar10", (3, 32, 32), n=50, seed=0)
     assert s.class_names[:3] == ["airplane", "automobile", "bird"]
     assert torch.bincount(s.y, minlength=10).tolist() == [5] * 10
+
+
+def test_samples_of_another_size_are_resized_and_the_report_says_so(tmp_path):
+    """Digits stored at 32x32 are brought to a 28x28 model bilinearly; digits at 28x28 are left alone."""
+    d = np.load(MNIST_TEST)
+    x = torch.from_numpy(d["x"][:200]).float().reshape(200, 28, 28, -1).permute(0, 3, 1, 2)
+    big = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear").round().clamp(0, 255).byte()
+    np.savez(tmp_path / "d32.npz", x=big.permute(0, 2, 3, 1).numpy(), y=d["y"][:200])
+    resized = load_samples(tmp_path / "d32.npz", (1, 28, 28), n=50, seed=0)
+    assert resized.x.shape == (50, 1, 28, 28) and resized.resized_from == (32, 32)
+    assert "from 32x32" in resized.resize_note and "to 28x28" in resized.resize_note
+    same = load_samples(MNIST_TEST, (1, 28, 28), n=50, seed=0)
+    assert same.resized_from is None and same.resize_note is None
+    # the round trip 28 -> 32 -> 28 keeps the digits: close to the same rows read at their own size
+    original = to_model_format(d["x"][[int(i) for i in resized.ids]], (1, 28, 28))
+    assert (resized.x - original).abs().mean() < 0.05

@@ -36,6 +36,15 @@ class SampleSet(Batch):
     source: Path | None = None
     labels_from: str = "none"  # "file", "folders" or "predictions"
     class_names: list[str] | None = None
+    resized_from: tuple[int, int] | None = None  # the images' size when it differed from the model's (bilinear)
+
+    @property
+    def resize_note(self) -> str | None:
+        """How the samples were brought to the model's size, when they had another (for the report)."""
+        if self.resized_from is None:
+            return None
+        h, w = self.resized_from
+        return f"bilinear, antialiased, from {h}x{w} (first image) to {self.x.shape[-2]}x{self.x.shape[-1]}"
 
 
 def to_model_format(images: np.ndarray | torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -276,4 +285,7 @@ def load_samples(data: str | Path | Source, shape: tuple[int, int, int], *, n: i
         x, ids, y = x[keep], [ids[i] for i in keep], torch.from_numpy(pred[keep])
     elif y is None:
         x, ids = x[:n], ids[:n]
-    return SampleSet(x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from, class_names=source.classes)
+    size = source.image_size()
+    resized = size if size is not None and tuple(size) != tuple(shape[1:]) else None
+    return SampleSet(x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from, class_names=source.classes,
+                     resized_from=resized)
