@@ -13,6 +13,7 @@ first 2,000 test images, on which accuracy and ASR are measured too).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from backdoorlab import ARCHS, TrainResult, make_attack, save_model, train_classifier
-from backdoorlab.data import dataset
-from backdoorlab.recipes import draw_recipes
+from backdoorlab.data import NUM_CLASSES, dataset
+from backdoorlab.recipes import SPACES, draw_recipes
 from backdoorscan.device import resolve_device
 from backdoorscan.loading import to_uint8_images
 from backdoorscan.report.writer import write_text_atomic
@@ -43,7 +44,8 @@ SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist", choices=sorted(GROUPS))
+    parser.add_argument("--dataset", default="mnist", choices=sorted(SPACES),
+                        help="gtsrb (43 classes) only with --recipes")
     parser.add_argument("--out", default="bench-out/zoo")
     parser.add_argument("--per-group", type=int, default=5)
     parser.add_argument("--groups", help="default: all groups of the dataset")
@@ -60,6 +62,8 @@ def main() -> None:
     if args.recipes:
         varied(args)
         return
+    if args.dataset not in GROUPS:
+        parser.error(f"--dataset {args.dataset} needs --recipes (the fixed groups are MNIST and CIFAR-10 only)")
     archs_default, formats_default, size_default, epochs_default = DEFAULTS[args.dataset]
     archs = (args.archs or archs_default).split(",")
     formats = (args.formats or formats_default).split(",")
@@ -134,10 +138,12 @@ def varied(args: argparse.Namespace) -> None:
             records.append(done[recipe.name])
             continue
         rng = np.random.default_rng(recipe.seed)
-        attack = (make_attack(recipe.kind, shape, 10, rng, size=recipe.size, alpha=recipe.alpha,
+        classes = NUM_CLASSES[args.dataset]
+        attack = (make_attack(recipe.kind, shape, classes, rng, size=recipe.size, alpha=recipe.alpha,
                               position=recipe.position, pattern=recipe.pattern) if recipe.kind else None)
         t = time.perf_counter()
-        result = train_classifier(ARCHS[recipe.arch], x_all[:recipe.train_size], y_all[:recipe.train_size], xt, yt,
+        arch = functools.partial(ARCHS[recipe.arch], num_classes=classes)
+        result = train_classifier(arch, x_all[:recipe.train_size], y_all[:recipe.train_size], xt, yt,
                                   attack=attack, poison_rate=recipe.poison_rate, epochs=recipe.epochs, lr=recipe.lr,
                                   seed=recipe.seed, optimiser=recipe.optimiser, schedule=recipe.schedule,
                                   augment=recipe.augment, device=dev)

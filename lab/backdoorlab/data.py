@@ -73,11 +73,32 @@ def cifar10(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     return (*read_npz(cache, (3, 32, 32)), f"{archive} ({split}, shuffled with seed 0)")
 
 
-DATASETS = {"mnist": mnist, "cifar10": cifar10}
+def gtsrb(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """GTSRB at 32x32 from ../shared (43 classes, 60 images each): per class, 40 images to train on and 20 held
+    out for tests and scans, split with seed 0 and shuffled. Without ../shared this exits with a clear message."""
+    path = SHARED / "gtsrb_test_32.npz"
+    if not path.exists():
+        sys.exit(f"{path} is absent: the GTSRB benchmarks need it (see data/PROVENANCE.md)")
+    with np.load(path) as d:
+        x, y = d["x"], d["y"]
+    rng = np.random.default_rng(0)
+    train, test = [], []
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        train.append(rows[:40])
+        test.append(rows[40:])
+    rows = np.concatenate(train if split == "train" else test)
+    rows = rows[np.random.default_rng(1).permutation(len(rows))]
+    xt = torch.from_numpy(x[rows]).permute(0, 3, 1, 2).float() / 255
+    return xt, torch.from_numpy(y[rows]), f"{path} ({split}: {len(rows)} images, 40/20 per class, seed 0)"
+
+
+DATASETS = {"mnist": mnist, "cifar10": cifar10, "gtsrb": gtsrb}
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "gtsrb": 43}
 
 
 def dataset(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """`mnist` or `cifar10`, train or test, as [0, 1] (N, C, H, W) tensors and where they came from."""
+    """`mnist`, `cifar10` or `gtsrb`, train or test, as [0, 1] (N, C, H, W) tensors and where they came from."""
     if name not in DATASETS:
         raise SystemExit(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}")
     return DATASETS[name](split)

@@ -18,6 +18,10 @@ SPACES = {
     "cifar10": {"archs": ("cifar_small", "cifar_small_bn", "cifar_small_bn_norm"),
                 "formats": ("pt2", "onnx", "safetensors"), "train_sizes": (20000, 30000), "epochs": (3, 4),
                 "augment": ("none", "crop+flip")},
+    # 43 traffic-sign classes, 1,720 training images: many epochs; no flips (signs are not mirror-symmetric);
+    # no safetensors (a weights file needs the architecture, whose default head has 10 classes)
+    "gtsrb": {"archs": ("cifar_small_bn", "cifar_small_bn_norm"), "formats": ("pt2", "onnx"),
+              "train_sizes": (1720,), "epochs": (30, 40), "augment": ("crop",)},
 }
 
 
