@@ -114,3 +114,16 @@ def test_a_2x2_badnets_model_trained_here_is_flagged(digits):
     assert trained.accuracy > 0.9 and trained.asr > 0.9  # the attack worked
     scan = scan_model(trained.model, MNIST_TEST, device="cpu")
     assert scan.target_classes == [attack.target]
+
+
+def test_progress_spans_all_class_groups():
+    """With classes in groups, each phase reports one rising count to its end, so the bar's ETA means something."""
+    seen: dict[str, list[tuple[int, int]]] = {}
+    settings = ScanSettings(steps=20, samples=40, max_passes=1, class_group=4)
+    scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu",
+               progress=lambda phase, done, total: seen.setdefault(phase, []).append((done, total)))
+    assert set(seen) == {"uap", "refine"}
+    for calls in seen.values():
+        done = [d for d, _ in calls]
+        assert done == sorted(done) and len({t for _, t in calls}) == 1 and done[-1] == calls[-1][1]
+    assert seen["refine"][-1][1] == 3 * 20  # three groups of at most 4 classes, 20 steps each

@@ -119,8 +119,14 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     targets = torch.arange(k, device=dev)
     group, batching = class_group(net, s.x, k, settings, dev, limits)
 
-    def report(phase: str) -> Callable[[int, int], None] | None:
-        return None if progress is None else (lambda done, total: progress(phase, done, total))
+    groups = -(-k // group)
+
+    def report(phase: str, sl: slice) -> Callable[[int, int], None] | None:
+        """Progress of one class group as a share of the whole phase, so one bar (and its ETA) spans all groups."""
+        if progress is None:
+            return None
+        first = min(sl.start // group, groups - 1)
+        return lambda done, total: progress(phase, first * total + done, groups * total)
 
     t = time.perf_counter()
     if settings.method == "usb":
@@ -128,7 +134,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
             lambda sl: targeted_uaps(net, s.x, y, targets[sl], p=settings.norm, delta=settings.delta,
                                      theta=settings.theta, max_passes=settings.max_passes,
                                      overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
-                                     progress=report("uap")), k, group)
+                                     progress=report("uap", sl)), k, group)
         v = torch.cat([u.v for u in uap_parts])
         success = torch.cat([u.success for u in uap_parts])
         timings["uap"] = time.perf_counter() - t
@@ -136,7 +142,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         parts = in_class_groups(
             lambda sl: refine(net, s.x, y, targets[sl], v[sl], success[sl] < settings.theta, form=settings.form,
                               steps=settings.steps, lr=settings.lr, betas=settings.betas,
-                              batch=settings.batch_size, w0=settings.w0, progress=report("refine")), k, group)
+                              batch=settings.batch_size, w0=settings.w0, progress=report("refine", sl)), k, group)
         timings["refine"] = time.perf_counter() - t
     else:
         from .baselines.nc import neural_cleanse
@@ -145,7 +151,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         success = torch.full((k,), float("nan"), device=dev)
         parts = in_class_groups(
             lambda sl: neural_cleanse(net, s.x, y, targets[sl], steps=settings.steps, lr=settings.lr,
-                                      batch=settings.batch_size, progress=report("nc")), k, group)
+                                      batch=settings.batch_size, progress=report("nc", sl)), k, group)
         timings["nc"] = time.perf_counter() - t
     refined = Refined.concat(parts)
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -34,7 +34,7 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
         yield None
         return
     bar = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=err, transient=False)
+                   TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
     tasks: dict[str, int] = {}
 
     def update(phase: str, done: int, total: int) -> None:
