@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
-from backdoorscan.choices import Evidence, Form, Scale, choices
+from backdoorscan.choices import Evidence, Form, Refine, Scale, choices
 from backdoorscan.decide import class_evidence, decision_margin, flag, guards
 from backdoorscan.device import resolve_device
+from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
+from backdoorscan.staging import ranking, screen, select
 
 from common import clean_samples, device_name
 
@@ -35,6 +37,12 @@ def main() -> None:
     parser.add_argument("--form", default=ScanSettings.form, choices=choices(Form), help="USB trigger form")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refine", default=ScanSettings.refine, choices=choices(Refine),
+                        help="staged (default) or all; an 'all' run also stores the stage-1 ranking, so that "
+                             "--staged-from can decide the staged scan from its figures")
+    parser.add_argument("--models", help="comma-separated model names to scan (default: every counted model)")
+    parser.add_argument("--staged-from", help="detection.json files of --refine all runs: decide each model as the "
+                                              "staged scan would (its refined classes' figures) and compare")
     parser.add_argument("--name", default="detection",
                         help="results go to ZOO/NAME.json (two runs side by side, e.g. one per method, need two names)")
     parser.add_argument("--rescore", help="detection.json files (comma-separated) to decide again with --scale, "
@@ -45,6 +53,9 @@ def main() -> None:
     parser.add_argument("--evidence", default=ScanSettings.evidence, choices=choices(Evidence),
                         help="with --rescore: the per-class size to decide on (decide.class_evidence)")
     args = parser.parse_args()
+    if args.staged_from:
+        compare_staged([json.loads(Path(f).read_text()) for f in args.staged_from.split(",")])
+        return
     if args.rescore:
         saved = [json.loads(Path(f).read_text()) for f in args.rescore.split(",")]
         rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.evidence) for d in saved for r in d["rows"]]
@@ -62,19 +73,28 @@ def main() -> None:
     out = zoo / f"{args.name}{suffix}.json"
     done = {(r["name"], r["method"]): r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     rows: list[dict] = []
-    for model in [m for m in meta["models"] if m["counted"]]:
+    wanted = None if args.models is None else set(args.models.split(","))
+    for model in [m for m in meta["models"] if m["counted"] and (wanted is None or m["name"] in wanted)]:
         for method in args.methods.split(","):
             if (model["name"], method) in done:  # resumed: this model was scanned by an earlier run
                 rows.append(done[(model["name"], method)])
                 continue
             t = time.perf_counter()
             source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"))
-            scan = scan_model(source, data, settings=ScanSettings(method=method, form=args.form), device=dev)
+            settings = ScanSettings(method=method, form=args.form, refine=args.refine)
+            scan = scan_model(source, data, settings=settings, device=dev)
             target = model["attack"]["target"] if model["attack"] else None
             l1 = [c.l1_norm for c in scan.classes]
+            ids = [c.cls for c in scan.classes]
+            order = scan.staging.order if scan.staging is not None else None
+            if order is None and args.refine == "all" and scan.classes:
+                order = stage1_order(source, data, settings, dev)
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
                          "accuracy": model["accuracy"], "asr": model["asr"], "verdict": scan.verdict,
-                         "found": scan.target_classes, "l1_target": None if target is None else l1[target],
+                         "found": scan.target_classes,
+                         "l1_target": l1[ids.index(target)] if target in ids else None,
+                         "refine": None if scan.staging is None else scan.staging.mode, "classes": ids,
+                         "weights": [c.weight for c in scan.classes], "stage1_order": order,
                          "l1_mean": float(np.mean(l1)) if l1 else None, "seconds": round(time.perf_counter() - t, 2),
                          "l1": [round(v, 3) for v in l1], "asr_per_class": [round(c.asr, 3) for c in scan.classes],
                          "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes],
@@ -90,6 +110,47 @@ def main() -> None:
     report(rows, device_name(dev))
 
 
+def stage1_order(source: ModelSource, data: str, settings: ScanSettings, dev: torch.device) -> list[int]:
+    """The staged scan's stage-1 ranking of a model (for decisions of the staged scan from a full scan's figures)."""
+    ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device=dev)
+    return ranking(*screen(ready.model, ready.samples.x, ready.predictions, ready.num_classes, settings,
+                           ready.num_classes))
+
+
+def staged_row(row: dict, suspects: int = ScanSettings.suspects, references: int = ScanSettings.references,
+               seed: int = ScanSettings.seed) -> dict:
+    """A full scan's row decided as the staged scan decides: on the classes it would refine, with their weights.
+
+    Exact up to floating point, since each class's Alg. 1 and Alg. 2 run independently of the others.
+    """
+    order, k = row.get("stage1_order"), len(row["classes"])
+    if order is None or k <= suspects + references:
+        return row
+    refined, _, weights = select(order, suspects, references, seed)
+    pos = [row["classes"].index(c) for c in refined]
+    pick = {key: [row[key][i] for i in pos] for key in ("l1", "asr_per_class", "uap_norm", "uap_success")}
+    return rescore({**row, **pick, "classes": refined, "weights": weights}, ScanSettings.scale,
+                   ScanSettings.threshold, ScanSettings.max_ratio, ScanSettings.evidence)
+
+
+def compare_staged(saved: list[dict]) -> None:
+    """Per model: the full scan's verdict and targets beside the staged scan's, decided from the same figures."""
+    print("| model | group | target | target's stage-1 rank | full scan | staged scan | same |")
+    print("|---|---|---:|---:|---|---|:---:|")
+    same = total = 0
+    for row in (r for d in saved for r in d["rows"]):
+        if row.get("refine") != "all" or not row.get("stage1_order"):
+            continue
+        staged = staged_row(row)
+        t = row["target"]
+        rank = "-" if t is None else row["stage1_order"].index(t)
+        agree = staged["found"] == row["found"]
+        same, total = same + agree, total + 1
+        print(f"| {row['name']} | {row['group']} | {'-' if t is None else t} | {rank} | {row['found'] or 'clean'} "
+              f"| {staged['found'] or 'clean'} | {'yes' if agree else '**no**'} |")
+    print(f"\nSame verdict and targets: {same}/{total}")
+
+
 def report(rows: list[dict], device: str) -> None:
     """The table for the zoo, the aside part separately, and every miss and false alarm with its stage."""
     main_rows, aside = [r for r in rows if not r.get("aside")], [r for r in rows if r.get("aside")]
@@ -103,8 +164,9 @@ def report(rows: list[dict], device: str) -> None:
         print("|---|---|---|---:|---|---|---:|---:|---:|")
     for r in misses:
         t = r["target"]
-        ratio = "n/a" if t is None else f"{r['l1'][t] / np.median(r['l1']):.2f}"
-        index = "n/a" if t is None else f"{r['anomaly_index'][t]:.2f}"
+        i = _position(r, t)
+        ratio = "n/a" if i is None else f"{r['l1'][i] / np.median(r['l1']):.2f}"
+        index = "n/a" if i is None else f"{r['anomaly_index'][i]:.2f}"
         print(f"| {r['name']}{' (aside)' if r.get('aside') else ''} | {r['method']} | {r['group']} | "
               f"{'-' if t is None else t} | {r['found']} | {r.get('stage', stage(r))} | {r.get('margin')} | "
               f"{index} | {ratio} |")
@@ -115,10 +177,11 @@ def rescore(row: dict, scale: str, threshold: float, max_ratio: float, evidence:
     if not row["l1"]:
         return row
     index, ratio = class_evidence(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, evidence,
-                                  scale)
+                                  scale, row.get("weights"))
     rule = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
     flagged = flag(index, ratio, row["asr_per_class"], threshold=threshold, **rule)
-    found = [int(c) for c in np.flatnonzero(flagged)]
+    ids = row.get("classes") or list(range(len(row["l1"])))
+    found = [int(ids[i]) for i in np.flatnonzero(flagged)]
     margin = decision_margin(index, flagged, guards(ratio, row["asr_per_class"], **rule), threshold=threshold)
     row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
            "anomaly_index": [round(float(v), 3) for v in index]}
@@ -139,11 +202,20 @@ def stage(row: dict) -> str:
         return "false alarm" if found else "clean"
     if found == [target]:
         return "hit"
-    if row.get("uap_norm") and int(np.argmin(row["uap_norm"])) != target and row["method"] == "usb":
+    ids = row.get("classes") or list(range(len(row["l1"])))
+    if target not in ids:
+        return "stage 1"
+    if row.get("uap_norm") and ids[int(np.argmin(row["uap_norm"]))] != target and row["method"] == "usb":
         return "uap"
-    if int(np.argmin(row["l1"])) != target:
+    if ids[int(np.argmin(row["l1"]))] != target:
         return "refinement"
     return "decision"
+
+
+def _position(row: dict, cls: int | None) -> int | None:
+    """Where class `cls` sits in a row's per-class lists (a staged scan stores only its refined classes)."""
+    ids = row.get("classes") or list(range(len(row["l1"])))
+    return ids.index(cls) if cls is not None and cls in ids else None
 
 
 def table(rows: list[dict], device: str) -> str:

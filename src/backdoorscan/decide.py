@@ -9,7 +9,28 @@ from .choices import Evidence, Scale, check_choice
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
-def anomaly_index(norms: np.ndarray | list[float], scale: Scale) -> np.ndarray:
+Weights = np.ndarray | list[float] | None
+
+
+def weighted_median(values: np.ndarray, weights: Weights = None) -> float:
+    """The median of `values`, each counted `weights` times (np.median when the weights are equal or None).
+
+    The staged scan refines a stratified sample of the classes: every suspect counts once and every reference
+    stands for (K - suspects) / references classes, so this estimates the median over all K classes.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if weights is None or np.ptp(np.asarray(weights, dtype=np.float64)) == 0:
+        return float(np.median(values))
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], np.asarray(weights, dtype=np.float64)[order]
+    cum, half = np.cumsum(w), w.sum() / 2
+    tol = 1e-9 * w.sum()
+    lower = v[np.searchsorted(cum, half - tol)]  # first value whose cumulative weight reaches half
+    upper = v[min(np.searchsorted(cum, half + tol, side="right"), len(v) - 1)]  # first one past half
+    return float((lower + upper) / 2)
+
+
+def anomaly_index(norms: np.ndarray | list[float], scale: Scale, weights: Weights = None) -> np.ndarray:
     """(median - s_t) / (1.4826 * MAD) per class over sizes s (log L1 or L1): large and positive when unusually small.
 
     Log scale (the scan's default) measures how many times smaller a class is than the others: reversed-trigger sizes
@@ -20,14 +41,14 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale) -> np.ndarray:
     norms = np.asarray(norms, dtype=np.float64)
     if scale == "log":
         norms = np.log(np.maximum(norms, 1e-12))
-    median = np.median(norms)
-    mad = np.median(np.abs(norms - median)) * MAD_TO_SIGMA
+    median = weighted_median(norms, weights)
+    mad = weighted_median(np.abs(norms - median), weights) * MAD_TO_SIGMA
     mad = max(mad, 1e-12 * max(abs(median), 1.0))
     return (median - norms) / mad
 
 
 def class_evidence(l1: np.ndarray | list[float], uap_norms: np.ndarray | list[float] | None, evidence: Evidence,
-                   scale: Scale) -> tuple[np.ndarray, np.ndarray]:
+                   scale: Scale, weights: Weights = None) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly index and size ratio per class, from the refined triggers' L1, Alg. 1's UAP norms, or both.
 
     "combined" averages the two stages' anomaly indices (each against its own spread over the classes) and takes
@@ -37,17 +58,17 @@ def class_evidence(l1: np.ndarray | list[float], uap_norms: np.ndarray | list[fl
     """
     check_choice("evidence", evidence, Evidence)
     if evidence == "refined" or uap_norms is None:
-        return anomaly_index(l1, scale), size_ratio(l1)
+        return anomaly_index(l1, scale, weights), size_ratio(l1, weights)
     if evidence == "uap":
-        return anomaly_index(uap_norms, scale), size_ratio(uap_norms)
-    index = (anomaly_index(l1, scale) + anomaly_index(uap_norms, scale)) / 2
-    return index, np.sqrt(size_ratio(l1) * size_ratio(uap_norms))
+        return anomaly_index(uap_norms, scale, weights), size_ratio(uap_norms, weights)
+    index = (anomaly_index(l1, scale, weights) + anomaly_index(uap_norms, scale, weights)) / 2
+    return index, np.sqrt(size_ratio(l1, weights) * size_ratio(uap_norms, weights))
 
 
-def size_ratio(norms: np.ndarray | list[float]) -> np.ndarray:
-    """Each class's perturbation size relative to the median class."""
+def size_ratio(norms: np.ndarray | list[float], weights: Weights = None) -> np.ndarray:
+    """Each class's perturbation size relative to the median class (weighted as in `weighted_median`)."""
     norms = np.asarray(norms, dtype=np.float64)
-    return norms / max(float(np.median(norms)), 1e-12)
+    return norms / max(weighted_median(norms, weights), 1e-12)
 
 
 def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float,

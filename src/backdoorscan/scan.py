@@ -23,6 +23,7 @@ from .perturb import norm_of, targeted_uaps
 from .refine import refine
 from .safety.limits import Limits, available_memory
 from .settings import ScanSettings
+from .staging import Staging, plan
 from .triggers import Refined, stamp
 
 Progress = Callable[[str, int, int], None]
@@ -41,6 +42,9 @@ class ClassResult:
     anomaly_index: float  # of the decision's size
     asr: float
     flagged: bool
+    role: str = "all"  # why it was refined: "all", or in a staged scan "suspect" / "reference"
+    stage1_rank: int | None = None  # its rank in stage 1 (0: most suspect); None without a stage 1
+    weight: float = 1.0  # how many classes it stands for in the median and MAD
 
 
 @dataclass
@@ -56,14 +60,16 @@ class ModelScan:
     input: InputSpec
     device: str
     timings: dict[str, float]
-    triggers: torch.Tensor = field(repr=False)  # (K, C, H, W) pattern / trigger
-    masks: torch.Tensor = field(repr=False)  # (K, C, H, W)
-    stamped: torch.Tensor = field(repr=False)  # (K, C, H, W) a clean sample with each reversed trigger
-    uaps: torch.Tensor = field(repr=False)  # (K, C, H, W) the targeted UAPs of Alg. 1
+    # one row per entry of `classes` (the refined classes; all K unless the scan was staged):
+    triggers: torch.Tensor = field(repr=False)  # (N, C, H, W) pattern / trigger
+    masks: torch.Tensor = field(repr=False)  # (N, C, H, W)
+    stamped: torch.Tensor = field(repr=False)  # (N, C, H, W) a clean sample with each reversed trigger
+    uaps: torch.Tensor = field(repr=False)  # (N, C, H, W) the targeted UAPs of Alg. 1
     margin: float | None = None  # anomaly-index units between the verdict and its flip (decide.decision_margin)
     form: Form = "blend"  # how `triggers` and `masks` are stamped (see triggers.py)
     evidence: Evidence = field(default_factory=Evidence)
     batching: dict = field(default_factory=dict)  # classes per batch and the memory figures that chose it
+    staging: Staging | None = None  # which classes were refined and why (None when the scan stopped early)
 
     @property
     def reasons(self) -> list[str]:
@@ -94,6 +100,7 @@ class ModelScan:
             "classes": [{"class": c.cls, **{k: v for k, v in asdict(c).items() if k != "cls"}} for c in self.classes],
             "device": self.device,
             "batching": self.batching,
+            "staging": None if self.staging is None else self.staging.to_dict(),
             "timings": self.timings,
         }
 
@@ -116,10 +123,15 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         return _inconclusive(ready, data, settings, timings, t0)
     net, s, dev, k = ready.model, ready.samples, ready.device, ready.num_classes
     y = ready.predictions  # the paper's Err counts changes of f(x), so "other classes" are by prediction
-    targets = torch.arange(k, device=dev)
     group, batching = class_group(net, s.x, k, settings, dev, limits)
-
-    groups = -(-k // group)
+    t = time.perf_counter()
+    staging = plan(net, s.x, y, k, settings, group,
+                   None if progress is None else lambda done, total: progress("stage1", done, total))
+    if staging.mode == "staged":
+        timings["stage1"] = time.perf_counter() - t
+    targets = torch.tensor(staging.refined, device=dev)
+    n = len(targets)
+    groups = -(-n // group)
 
     def report(phase: str, sl: slice) -> Callable[[int, int], None] | None:
         """Progress of one class group as a share of the whole phase, so one bar (and its ETA) spans all groups."""
@@ -134,7 +146,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
             lambda sl: targeted_uaps(net, s.x, y, targets[sl], p=settings.norm, delta=settings.delta,
                                      theta=settings.theta, max_passes=settings.max_passes,
                                      overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
-                                     progress=report("uap", sl)), k, group)
+                                     progress=report("uap", sl)), n, group)
         v = torch.cat([u.v for u in uap_parts])
         success = torch.cat([u.success for u in uap_parts])
         timings["uap"] = time.perf_counter() - t
@@ -142,31 +154,32 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         parts = in_class_groups(
             lambda sl: refine(net, s.x, y, targets[sl], v[sl], success[sl] < settings.theta, form=settings.form,
                               steps=settings.steps, lr=settings.lr, betas=settings.betas,
-                              batch=settings.batch_size, w0=settings.w0, progress=report("refine", sl)), k, group)
+                              batch=settings.batch_size, w0=settings.w0, progress=report("refine", sl)), n, group)
         timings["refine"] = time.perf_counter() - t
     else:
         from .baselines.nc import neural_cleanse
 
-        v = torch.zeros(k, *s.x.shape[1:], device=dev)
-        success = torch.full((k,), float("nan"), device=dev)
+        v = torch.zeros(n, *s.x.shape[1:], device=dev)
+        success = torch.full((n,), float("nan"), device=dev)
         parts = in_class_groups(
             lambda sl: neural_cleanse(net, s.x, y, targets[sl], steps=settings.steps, lr=settings.lr,
-                                      batch=settings.batch_size, progress=report("nc", sl)), k, group)
+                                      batch=settings.batch_size, progress=report("nc", sl)), n, group)
         timings["nc"] = time.perf_counter() - t
     refined = Refined.concat(parts)
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     uap_norms = norm_of(v, settings.norm).cpu().numpy()
-    index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale)
+    index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale, staging.weights)
     rule = {"asr_min": settings.asr_min, "max_ratio": settings.max_ratio}
     flagged = flag(index, ratio, asr, threshold=settings.threshold, **rule)
     names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
     if names is not None and names == [str(i) for i in range(k)]:
         names = None  # digit classes named '0'..'9' add nothing
-    classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[c]),
-                           uap_norm=float(uap_norms[c]), l1_norm=float(l1[c]), size_ratio=float(ratio[c]),
-                           anomaly_index=float(index[c]),
-                           asr=float(asr[c]), flagged=bool(flagged[c])) for c in range(k)]
+    classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[i]),
+                           uap_norm=float(uap_norms[i]), l1_norm=float(l1[i]), size_ratio=float(ratio[i]),
+                           anomaly_index=float(index[i]), asr=float(asr[i]), flagged=bool(flagged[i]),
+                           role=staging.roles[i], stage1_rank=staging.rank(c), weight=staging.weights[i])
+               for i, c in enumerate(staging.refined)]
     targets_found = [c.cls for c in classes if c.flagged] if ready.evidence.ok else []
     verdict = "inconclusive" if not ready.evidence.ok else "backdoor" if targets_found else "clean"
     timings["total"] = time.perf_counter() - t0
@@ -176,8 +189,9 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         data={"path": str(data), "samples": int(s.x.shape[0]), "labels_from": s.labels_from,
               "resized": s.resize_note},
         timings={key: round(val, 3) for key, val in timings.items()},
-        triggers=refined.trigger.cpu(), masks=refined.mask.cpu(), stamped=_examples(s.x, y, refined).cpu(),
-        uaps=v.cpu(), form=refined.form, batching=batching,
+        triggers=refined.trigger.cpu(), masks=refined.mask.cpu(),
+        stamped=_examples(s.x, y, staging.refined, refined).cpu(), uaps=v.cpu(), form=refined.form,
+        batching=batching, staging=staging,
         margin=decision_margin(index, flagged, guards(ratio, asr, **rule), threshold=settings.threshold)
         if ready.evidence.ok else None)
 
@@ -214,12 +228,11 @@ def _num(value: torch.Tensor) -> float | None:
     return None if np.isnan(value) else value
 
 
-def _examples(x: torch.Tensor, y: torch.Tensor, refined: Refined) -> torch.Tensor:
-    """For each class t, the first clean sample not predicted as t, stamped with t's reversed trigger."""
-    k = refined.trigger.shape[0]
+def _examples(x: torch.Tensor, y: torch.Tensor, classes: list[int], refined: Refined) -> torch.Tensor:
+    """For each refined class t, the first clean sample not predicted as t, stamped with t's reversed trigger."""
     out = []
-    for t in range(k):
+    for j, t in enumerate(classes):
         others = (y != t).nonzero()
         i = int(others[0]) if len(others) else 0
-        out.append(stamp(x[i:i + 1], refined.trigger[t:t + 1], refined.mask[t:t + 1], refined.form)[0, 0])
+        out.append(stamp(x[i:i + 1], refined.trigger[j:j + 1], refined.mask[j:j + 1], refined.form)[0, 0])
     return torch.stack(out)

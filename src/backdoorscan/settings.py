@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, get_origin, get_type_hints
 
-from .choices import Evidence, FilterMethod, Form, Method, Norm, Scale, Solver, check_choice
+from .choices import Evidence, FilterMethod, Form, Method, Norm, Refine, Scale, Solver, check_choice
 from .errors import ScanError
 
 
@@ -67,6 +67,11 @@ class ScanSettings(CommonSettings):
     asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
     max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have (combined: geometric "
                                     "mean of the two stages').")
+    refine: Refine = setting("staged", "Classes refined by Alg. 1 + 2: staged (stage-1 suspects and reference "
+                                       "classes; every class when there are few) or all (the paper's full scan).")
+    suspects: int = setting(6, "Staged scan: classes with the smallest stage-1 UAPs, refined as suspects.")
+    references: int = setting(10, "Staged scan: further classes refined, at evenly spaced stage-1 ranks, to "
+                                  "estimate the median and MAD.")
     class_group: int | None = setting(None, "Classes per batch (default: as many as the memory budget holds; "
                                             "halved on GPU out-of-memory).")
 
@@ -82,7 +87,7 @@ class ScanSettings(CommonSettings):
 
     def _check_ranges(self) -> None:
         super()._check_ranges()
-        _at_least_one(self, "steps", "batch_size", "max_passes")
+        _at_least_one(self, "steps", "batch_size", "max_passes", "suspects", "references")
         if self.class_group is not None and self.class_group < 1:
             raise ScanError("class group must be at least 1")
         if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 out = Console()
 err = Console(stderr=True)
 
-PHASES = {"uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
+PHASES = {"stage1": "stage 1: ranking classes",
+          "uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
           "epsilon": "searching the minimal epsilon", "screen": "screening"}
 
 
@@ -58,16 +59,22 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
         return
     name = Path(scan.model.get("path") or "model").name
     table = Table(title=escape(f"{scan.settings.method.upper()} scan of {name}"))
-    for col in ("class", "UAP success", "UAP norm", "L1 of v'", "size / median", "anomaly index", "ASR", "flagged"):
+    staged = scan.staging is not None and scan.staging.mode == "staged"
+    for col in ("class", *(("refined as", "stage-1 rank") if staged else ()), "UAP success", "UAP norm",
+                "L1 of v'", "size / median", "anomaly index", "ASR", "flagged"):
         table.add_column(col, justify="right")
     for c in scan.classes:
         style = "bold red" if c.flagged else None
         table.add_row(escape(f"{c.cls}" + (f" {c.name}" if c.name else "")),
+                      *((c.role, str(c.stage1_rank)) if staged else ()),
                       "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.uap_norm:.2f}",
                       f"{c.l1_norm:.2f}",
                       f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "",
                       style=style)
     out.print(table)
+    if staged:
+        out.print(Text(f"staged scan: {scan.staging.why}; --refine all refines all {scan.staging.num_classes}"),
+                  highlight=False)
     print_verdict(scan, out_dir)
 
 

@@ -65,13 +65,14 @@ class TargetedUAPs:
 
 def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *, p: Norm,
                   delta: float, theta: float, max_passes: int, overshoot: float, max_iter: int,
-                  progress: Progress | None = None) -> TargetedUAPs:
+                  v0: torch.Tensor | None = None, progress: Progress | None = None) -> TargetedUAPs:
     """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted).
 
-    The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter).
+    The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter); `v0` continues
+    UAPs already grown on other samples (the staged scan's rounds) instead of starting from zero.
     """
     k = len(targets)
-    v = torch.zeros(k, *x.shape[1:], device=x.device)
+    v = torch.zeros(k, *x.shape[1:], device=x.device) if v0 is None else v0.clone()
     done = torch.zeros(k, dtype=torch.bool, device=x.device)
     success = torch.zeros(k, device=x.device)
     passes = 0

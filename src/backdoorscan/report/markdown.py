@@ -18,14 +18,21 @@ def scan_markdown(scan) -> str:
              f"{scan.timings.get('total', 0):.1f} s"
              + ("." if scan.margin is None else f"; the verdict is {scan.margin:.2f} anomaly-index units from "
                 "flipping."), "",
-             f"Decided on {EVIDENCE[scan.settings.decided_on]}.", "",
-             "| class | UAP success | UAP norm | L1 of reversed trigger | size / median | anomaly index | ASR | "
-             "flagged |", "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             f"Decided on {EVIDENCE[scan.settings.decided_on]}.", ""]
+    staged = scan.staging is not None and scan.staging.mode == "staged"
+    if staged:
+        lines += [f"Staged scan: {scan.staging.why}. The other classes were ranked by stage 1 only.", ""]
+    extra = ("refined as", "stage-1 rank") if staged else ()
+    header = ("class", *extra, "UAP success", "UAP norm", "L1 of reversed trigger", "size / median",
+              "anomaly index", "ASR", "flagged")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + ":---:|"]
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
         name = f"{c.cls} ({c.name})" if c.name else str(c.cls)
-        lines.append(f"| {name} | {success} | {c.uap_norm:.2f} | {c.l1_norm:.2f} | {c.size_ratio:.2f} | "
-                     f"{c.anomaly_index:.2f} | {c.asr:.2f} | {'**yes**' if c.flagged else ''} |")
+        cells = [name, *((c.role, str(c.stage1_rank)) if staged else ()), success, f"{c.uap_norm:.2f}",
+                 f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}",
+                 "**yes**" if c.flagged else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,12 +59,12 @@ def write_scan_report(scan, out: Path) -> Path:
     ensure_outside(out, scan.data.get("path"))
     with atomic_output_dir(out, "report.json") as stage:
         tiles, labels = [], []
-        for c in scan.classes:
+        for i, c in enumerate(scan.classes):  # rows of the trigger tensors follow `classes`
             t = c.cls
-            vis = visible_perturbation(scan.triggers[t], scan.masks[t], scan.form)
+            vis = visible_perturbation(scan.triggers[i], scan.masks[i], scan.form)
             to_image(vis).save(stage / f"trigger_{t}.png")
-            to_image(scan.masks[t].mean(0, keepdim=True)).save(stage / f"mask_{t}.png")
-            to_image(scan.stamped[t]).save(stage / f"stamped_{t}.png")
+            to_image(scan.masks[i].mean(0, keepdim=True)).save(stage / f"mask_{t}.png")
+            to_image(scan.stamped[i]).save(stage / f"stamped_{t}.png")
             tiles.append(vis)
             labels.append(f"{t} L1={c.l1_norm:.1f}")
         if tiles:  # an inconclusive scan that stopped before its search has no triggers
