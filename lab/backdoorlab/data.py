@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 DATA = ROOT / "data"
 SHARED = ROOT.parent / "shared" / "data"
 BUNDLED_MNIST = {"train": DATA / "mnist/train_8000.npz", "test": DATA / "mnist/test_2000.npz"}
+BUNDLED_GTSRB = {"train": DATA / "gtsrb/train_14.npz", "test": DATA / "gtsrb/test_6.npz"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -32,6 +33,11 @@ def read_npz(path: Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, tor
 def bundled_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bundled real MNIST: 8,000 training and 2,000 test digits (x, y, x_test, y_test)."""
     return (*read_npz(BUNDLED_MNIST["train"], (1, 28, 28)), *read_npz(BUNDLED_MNIST["test"], (1, 28, 28)))
+
+
+def bundled_gtsrb() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bundled real GTSRB: 14 training and 6 held-out images per class, 43 classes, 32x32 (x, y, x_test, y_test)."""
+    return (*read_npz(BUNDLED_GTSRB["train"], (3, 32, 32)), *read_npz(BUNDLED_GTSRB["test"], (3, 32, 32)))
 
 
 def mnist(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
