@@ -113,10 +113,13 @@ def screen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, settings:
         xs, ys = x[idx], y[idx]
 
         def run(sl: slice, xs: torch.Tensor = xs, ys: torch.Tensor = ys, alive: torch.Tensor = alive):
+            size, base = (sl.stop - sl.start) * len(xs), counter[0]
+            ticks = None if progress is None else (  # per sample, so that the ETA comes early on big models
+                lambda done, of: progress(base + size * done // max(of, 1), total))
             u = targeted_uaps(model, xs, ys, alive[sl], p=settings.norm, delta=settings.delta, theta=1.0,
                               max_passes=1, overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
-                              v0=v[alive[sl]])
-            counter[0] += (sl.stop - sl.start) * len(xs)
+                              v0=v[alive[sl]], progress=ticks)
+            counter[0] += size
             if progress is not None:
                 progress(counter[0], total)
             return u
