@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint bench bench-speed bench-mnist bench-cifar10 bench-varied clean
+.PHONY: setup demo test lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ lint: $(STAMP)
 
 # Benchmarks read ../shared/data when present and say so when it is absent (CIFAR-10 needs it).
 # On 2 CPU cores: bench-mnist ~35 min, bench-cifar10 ~90 min (docs/results.md has the figures they print).
-bench: bench-speed bench-mnist bench-cifar10 bench-varied
+bench: bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling
 
 bench-mnist: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --dataset mnist --out bench-out/zoo --per-group 5
@@ -57,6 +57,15 @@ bench-varied: $(STAMP)
 	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-cifar10 --methods usb,nc
 	$(BIN)/python benchmarks/filtering.py --zoo bench-out/zoo-varied-cifar10 --methods uap,uap1,strip
 	$(BIN)/python benchmarks/cost.py
+
+bench-gtsrb: $(STAMP)  # 43 classes: staged USB and NC, full scans for the comparison (hours on a CPU)
+	$(BIN)/python benchmarks/zoo.py --dataset gtsrb --recipes 20 --out bench-out/zoo-varied-gtsrb
+	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-gtsrb --methods usb,nc --name staged
+	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-gtsrb --methods usb --refine all --name full
+	$(BIN)/python benchmarks/detection.py --staged-from bench-out/zoo-varied-gtsrb/full.json
+
+bench-scaling: $(STAMP)
+	$(BIN)/python benchmarks/scaling.py --classes 10,43,100,1000 --sides 32,64 --eta
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
