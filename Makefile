@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/backdoorscan model models/mnist_badnets_3x3.pt2 --data data/mnist/test_2000.npz \
 		--out demo-out/badnets --markdown demo-out/badnets.md || [ $$? -eq 1 ]
 	$(BIN)/backdoorscan model models/mnist_clean.pt2 --data data/mnist/test_2000.npz --out demo-out/clean
-	$(BIN)/backdoorscan filter-dataset models/mnist_badnets_3x3.pt2 --clean data/mnist/test_2000.npz \
+	$(BIN)/backdoorscan filter models/mnist_badnets_3x3.pt2 --clean data/mnist/test_2000.npz \
 		--input data/mnist/screen_demo.npz --out demo-out/screening || [ $$? -eq 1 ]
 	@echo "Reversed triggers: demo-out/badnets/triggers.png; screening manifest: demo-out/screening/manifest.csv"
 

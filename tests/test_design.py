@@ -25,7 +25,8 @@ def _cli_params(name: str) -> dict:
     return {p.name: p for p in group.commands[name].params}
 
 
-@pytest.mark.parametrize(("command", "cls"), [("model", ScanSettings), ("filter-dataset", FilterSettings)])
+@pytest.mark.parametrize(("command", "cls"), [("model", ScanSettings), ("filter", FilterSettings),
+                                             ("filter-dataset", FilterSettings)])  # the alias: the same options
 def test_cli_defaults_and_choices_are_the_dataclasses(command, cls):
     params, hints = _cli_params(command), get_type_hints(cls)
     shown = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output

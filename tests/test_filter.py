@@ -69,7 +69,7 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
     before = _tree_digest(src)
     uap_file = tmp_path / "model.uap"
     runner = CliRunner()
-    res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src),
+    res = runner.invoke(app, ["filter", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src),
                               "--copy-to", str(tmp_path / "sorted"), "--out", str(tmp_path / "out"),
                               "--save-uap", str(uap_file), "--json", "--device", "cpu"])
     assert res.exit_code == 1, res.output

@@ -162,7 +162,7 @@ def model(
     _run(run["debug"], body)
 
 
-@app.command("filter-dataset")
+@app.command("filter")
 @opt.with_options(FilterSettings, opt.model_options, opt.run_options)
 def filter_dataset_cmd(
     ctx: typer.Context,
@@ -202,6 +202,10 @@ def filter_dataset_cmd(
         return _emit(result, run, markdown, filter_markdown, lambda: print_filter(result))
 
     _run(run["debug"], body)
+
+
+app.command("filter-dataset", help="The same command as `filter` (its earlier name, kept as an alias).")(
+    filter_dataset_cmd)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def scan_markdown(scan) -> str:
 
 def filter_markdown(result) -> str:
     """Counts and the per-class summary of a dataset screening."""
-    lines = [f"### backdoorscan filter-dataset: `{result.input}`", "",
+    lines = [f"### backdoorscan filter: `{result.input}`", "",
              f"{result.flagged} of {result.total} images flagged as trigger-carrying "
              f"({_how(result)}).", ""]
     if result.suspected_target is not None:
