@@ -88,7 +88,7 @@ def main() -> None:
             ids = [c.cls for c in scan.classes]
             order = scan.staging.order if scan.staging is not None else None
             if order is None and args.refine == "all" and scan.classes:
-                order = stage1_order(source, data, settings, dev)
+                order = stage1_order(source, data, settings, dev, scan.batching.get("class_group"))
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
                          "accuracy": model["accuracy"], "asr": model["asr"], "verdict": scan.verdict,
                          "found": scan.target_classes,
@@ -110,11 +110,13 @@ def main() -> None:
     report(rows, device_name(dev))
 
 
-def stage1_order(source: ModelSource, data: str, settings: ScanSettings, dev: torch.device) -> list[int]:
-    """The staged scan's stage-1 ranking of a model (for decisions of the staged scan from a full scan's figures)."""
+def stage1_order(source: ModelSource, data: str, settings: ScanSettings, dev: torch.device,
+                 group: int | None) -> list[int]:
+    """The staged scan's stage-1 ranking of a model (for decisions of the staged scan from a full scan's figures),
+    in the class groups the scan itself used."""
     ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device=dev)
     return ranking(*screen(ready.model, ready.samples.x, ready.predictions, ready.num_classes, settings,
-                           ready.num_classes))
+                           group or ready.num_classes))
 
 
 def staged_row(row: dict, suspects: int = ScanSettings.suspects, references: int = ScanSettings.references,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from common import ROOT, device_name
+from cost import unit_seconds
 
 OUT = ROOT / "bench-out"
 TRUNK = OUT / "scaling_trunk.pt"
@@ -83,26 +83,17 @@ def model_with(k: int) -> nn.Module:
 
 
 def one(k: int, side: int, threads: int) -> dict:
-    """One row, in this process: the unit, then the default scan."""
+    """One row, in this process: the unit (as `cost.py` measures it), then the default scan."""
     from backdoorscan import ModelSource, ScanSettings, scan_model
-    from backdoorscan.loading import prepare
 
     torch.set_num_threads(threads)
     source = ModelSource(model_with(k), input_size=(side, side), channels=3)
-    ready = prepare(source, SAMPLES, samples=ScanSettings.samples, seed=0, device="cpu")
-    x = ready.samples.x
-    times = []
-    for _ in range(4):
-        xi = x.clone().requires_grad_(True)
-        t = time.perf_counter()
-        ready.model(xi).logsumexp(1).sum().backward()
-        times.append(time.perf_counter() - t)
-    unit = statistics.median(times[1:])
+    unit = unit_seconds(source, str(SAMPLES), torch.device("cpu"), ScanSettings.samples)
     t = time.perf_counter()
     scan = scan_model(source, SAMPLES, device="cpu")
     seconds = time.perf_counter() - t - scan.timings["load"]
     phases = {p: round(v / unit) for p, v in scan.timings.items() if p not in ("total", "load")}
-    return {"classes": k, "side": side, "samples": int(x.shape[0]), "unit_ms": round(1000 * unit, 1),
+    return {"classes": k, "side": side, "samples": scan.data["samples"], "unit_ms": round(1000 * unit, 1),
             "seconds": round(seconds, 1), "units": round(seconds / unit), "phases": phases,
             "refined": len(scan.classes), "staging": scan.staging.mode if scan.staging else None,
             "verdict": scan.verdict, "class_group": scan.batching.get("class_group"),

@@ -126,13 +126,13 @@ def screen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, settings:
 
         parts = in_class_groups(run, len(alive), group)
         v[alive] = torch.cat([u.v for u in parts])
-        norms[alive.cpu().numpy()] = norm_of(v[alive], settings.norm).cpu().numpy()
-        seen[alive.cpu().numpy()] = start + len(idx)
+        ids = alive.cpu().numpy()
+        norms[ids] = norm_of(v[alive], settings.norm).cpu().numpy()
+        seen[ids] = start + len(idx)
         if r + 1 < len(ROUNDS):
-            keep = max(-(-len(alive) // KEEP_SHARE), KEEP_PER_SUSPECT * settings.suspects)
+            keep = _survivors(len(alive), settings.suspects)
             if keep < len(alive):
-                alive = alive[torch.as_tensor(np.argsort(norms[alive.cpu().numpy()], kind="stable")[:keep],
-                                              device=x.device)]
+                alive = alive[torch.as_tensor(np.argsort(norms[ids], kind="stable")[:keep], device=x.device)]
         start = stop
     if progress is not None:
         progress(total, total)
@@ -145,9 +145,14 @@ def _work(k: int, suspects: int) -> int:
     for r, stop in enumerate(ROUNDS):
         total += alive * (stop - start)
         if r + 1 < len(ROUNDS):
-            alive = min(alive, max(-(-alive // KEEP_SHARE), KEEP_PER_SUSPECT * suspects))
+            alive = _survivors(alive, suspects)
         start = stop
     return total
+
+
+def _survivors(alive: int, suspects: int) -> int:
+    """How many of `alive` classes go on to the next stage-1 round: a quarter, at least 4 per suspect, at most all."""
+    return min(alive, max(-(-alive // KEEP_SHARE), KEEP_PER_SUSPECT * suspects))
 
 
 def _everything(k: int, why: str) -> Staging:
