@@ -54,6 +54,7 @@ class ScanSettings(CommonSettings):
     delta: float = setting(10.0, "UAP radius (pixels in [0, 1]).")
     theta: float = setting(0.6, "Targeted success rate at which a class's UAP is done.")
     max_passes: int = setting(5, "Passes over the samples in Alg. 1 at most.")
+    stall: float = setting(0.02)  # Alg. 1: a class whose success rate rose less than this over a pass stops
     steps: int = setting(500, "Refinement steps (Alg. 2).")
     lr: float = setting(0.1, "Adam learning rate of the refinement.")
     betas: tuple[float, float] = setting((0.5, 0.9))  # Adam's, as in the authors' code

@@ -2,7 +2,7 @@
 
 Stage 1 is Alg. 1 itself on a reduced budget: one pass of the targeted UAPs over a few samples, in rounds of
 successive halving (K-Arm, Shen et al. 2021, spends its optimisation on promising labels in the same spirit):
-every class's UAP sees `ROUNDS[0]` samples, the quarter with the smallest UAPs (at least `KEEP_PER_SUSPECT` x the
+every class's UAP sees `ROUNDS[0]` samples, the tenth with the smallest UAPs (at least `KEEP_PER_SUSPECT` x the
 suspects) continues to `ROUNDS[-1]`. A backdoor target needs a small UAP, so it ranks first.
 
 Stage 2 refines the `suspects` classes with the smallest stage-1 UAPs, and `references` more classes at evenly
@@ -25,8 +25,8 @@ from .batching import in_class_groups
 from .perturb import norm_of, targeted_uaps
 from .settings import ScanSettings
 
-ROUNDS = (8, 32)  # samples each surviving class's stage-1 UAP has seen after each round
-KEEP_SHARE = 4  # 1 / KEEP_SHARE of the classes go on to the next round ...
+ROUNDS = (4, 32)  # samples each surviving class's stage-1 UAP has seen after each round
+KEEP_SHARE = 10  # 1 / KEEP_SHARE of the classes go on to the next round ...
 KEEP_PER_SUSPECT = 4  # ... and at least this many per suspect
 
 
@@ -151,7 +151,7 @@ def _work(k: int, suspects: int) -> int:
 
 
 def _survivors(alive: int, suspects: int) -> int:
-    """How many of `alive` classes go on to the next stage-1 round: a quarter, at least 4 per suspect, at most all."""
+    """How many of `alive` classes go on to the next stage-1 round: a tenth, at least 4 per suspect, at most all."""
     return min(alive, max(-(-alive // KEEP_SHARE), KEEP_PER_SUSPECT * suspects))
 
 

@@ -3,7 +3,9 @@
 `targeted_uaps` is USB's Alg. 1, one targeted UAP per class with the class dimension as a batch dimension:
 sample by sample, every class whose v_t does not yet send the sample to t takes a targeted DeepFool step, and
 v_t is projected back onto the ball ||v||_p <= delta; a pass over the samples ends with the targeted success
-rate per class, and classes at theta or above stop. `untargeted_uap` is the single L-inf UAP of Xue et al.
+rate per class, and classes at theta or above stop, as do classes whose rate rose less than `stall` over a pass
+(from the second pass on: another pass inside the same ball will not reach theta). `untargeted_uap` is the
+single L-inf UAP of Xue et al.
 """
 
 from __future__ import annotations
@@ -64,18 +66,18 @@ class TargetedUAPs:
 
 
 def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *, p: Norm,
-                  delta: float, theta: float, max_passes: int, overshoot: float, max_iter: int,
+                  delta: float, theta: float, max_passes: int, overshoot: float, max_iter: int, stall: float = 0.0,
                   v0: torch.Tensor | None = None, progress: Progress | None = None) -> TargetedUAPs:
     """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted).
 
-    The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter); `v0` continues
+    The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter, stall); `v0` continues
     UAPs already grown on other samples (the staged scan's rounds) instead of starting from zero.
     """
     k = len(targets)
     v = torch.zeros(k, *x.shape[1:], device=x.device) if v0 is None else v0.clone()
     done = torch.zeros(k, dtype=torch.bool, device=x.device)
     success = torch.zeros(k, device=x.device)
-    passes = 0
+    passes, last = 0, torch.full((k,), -1.0, device=x.device)
     for passes in range(1, max_passes + 1):
         for i in range(x.shape[0]):
             idx = (~done).nonzero().squeeze(1)
@@ -89,7 +91,9 @@ def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: t
             if progress is not None:
                 progress((passes - 1) * x.shape[0] + i + 1, max_passes * x.shape[0])
         success = targeted_success(model, x, y, v, targets)
-        done = success >= theta
+        stalled = (success - last < stall) if passes >= 2 else torch.zeros_like(done)
+        done = done | (success >= theta) | stalled
+        last = success
         if done.all():
             break
     if progress is not None:
