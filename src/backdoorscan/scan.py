@@ -144,7 +144,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     if settings.method == "usb":
         uap_parts = in_class_groups(
             lambda sl: targeted_uaps(net, s.x, y, targets[sl], p=settings.norm, delta=settings.delta,
-                                     theta=settings.theta, max_passes=settings.max_passes,
+                                     theta=settings.theta, max_passes=settings.max_passes, stall=settings.stall,
                                      overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
                                      progress=report("uap", sl)), n, group)
         v = torch.cat([u.v for u in uap_parts])
@@ -172,9 +172,7 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale, staging.weights)
     rule = {"asr_min": settings.asr_min, "max_ratio": settings.max_ratio}
     flagged = flag(index, ratio, asr, threshold=settings.threshold, **rule)
-    names = s.class_names if s.class_names is not None and len(s.class_names) == k else None
-    if names is not None and names == [str(i) for i in range(k)]:
-        names = None  # digit classes named '0'..'9' add nothing
+    names = ready.labels
     classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[i]),
                            uap_norm=float(uap_norms[i]), l1_norm=float(l1[i]), size_ratio=float(ratio[i]),
                            anomaly_index=float(index[i]), asr=float(asr[i]), flagged=bool(flagged[i]),

@@ -128,8 +128,9 @@ def main_callback(
 @opt.with_options(ScanSettings, opt.model_options, opt.run_options)
 def model(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Argument(help="The model file: .pt2, TorchScript, ONNX, safetensors or "
-                                                    "state_dict (with --arch).")],
+    checkpoint: Annotated[Path, typer.Argument(help="The model: a .pt2 (torch.export), TorchScript, ONNX, "
+                                                    "safetensors or state_dict (with --arch) file, or a Hugging "
+                                                    "Face or timm model folder.")],
     data: Annotated[Path, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write report.json, report.md and trigger images "
                                                                "here.")] = None,

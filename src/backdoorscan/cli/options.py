@@ -29,8 +29,8 @@ LIMITS = Limits()
 
 def model_options(
     arch: Annotated[str | None, typer.Option(
-        help="Architecture for weight-only files: a torchvision name (resnet18) or path/to/file.py:function or "
-             "package.module:function.")] = None,
+        help="Architecture for weight-only files: a torchvision name (resnet18), timm:NAME, path/to/file.py:function "
+             "or package.module:function (hub folders name their own).")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Number of classes (checked against the model's "
                                                          "output).")] = None,
     input_size: Annotated[str | None, typer.Option(help="Input size HxW of the [0, 1] images the model "
@@ -41,6 +41,9 @@ def model_options(
                                                   "0.485,0.456,0.406.")] = None,
     std: Annotated[str | None, typer.Option(help="Per-channel std the model expects, e.g. "
                                                  "0.229,0.224,0.225.")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="Class names: one per line, or a JSON list or {index: name} object (default: the model folder's "
+             "id2label or label_names, else the data's class folders).")] = None,
     unsafe_allow_pickle: Annotated[bool, typer.Option(
         "--unsafe-allow-pickle", help="Allow loading a fully pickled model. A pickle can run arbitrary code: only "
                                       "for files you trust.")] = False,
@@ -141,10 +144,12 @@ def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 def model_source(checkpoint: Path, values: dict[str, Any]) -> ModelSource:
     """The `ModelSource` the model options describe."""
     from ..loading import ModelSource
+    from ..loading.labels import read_labels
 
     return ModelSource(checkpoint=checkpoint, arch=values["arch"], num_classes=values["num_classes"],
                        input_size=parse_size(values["input_size"]), channels=values["channels"],
                        mean=parse_floats(values["mean"], "mean"), std=parse_floats(values["std"], "std"),
+                       labels=None if values["labels"] is None else read_labels(values["labels"]),
                        unsafe_allow_pickle=values["unsafe_allow_pickle"])
 
 

@@ -82,10 +82,20 @@ def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
     """What was scanned, and the verdict with its targets or reasons."""
     out.print(Text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
                    f"{scan.timings['total']:.1f} s"), highlight=False)
+    folder = scan.model.get("read_from_folder")
+    if folder:
+        size = "x".join(map(str, folder["input_size"] or ())) or "?"
+        out.print(Text(f"read from the folder: {folder['kind']} {folder['architecture']}, {folder['num_classes']} "
+                       f"classes ({folder['labels']} named), input {folder['channels']}x{size}, mean "
+                       f"{_floats(folder['mean'])}, std {_floats(folder['std'])}, resample {folder['resample']}"),
+                  highlight=False)
+        for line in scan.model.get("overrides") or ():
+            out.print(Text(f"override: {line}"), highlight=False)
     margin = "" if scan.margin is None else f" (margin {scan.margin:.2f} anomaly-index units)"
     if scan.verdict == "backdoor":
-        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {', '.join(map(str, scan.target_classes))}"
-                       f"{margin}", style="bold red"))
+        names = {c.cls: c.name for c in scan.classes}
+        shown = ", ".join(f"{t} ({names[t]})" if names.get(t) else str(t) for t in scan.target_classes)
+        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {shown}{margin}", style="bold red"))
     elif scan.verdict == "inconclusive":
         out.print(Text("verdict: INCONCLUSIVE (the scan could not measure this model)", style="bold yellow"))
         for reason in scan.reasons:
@@ -94,6 +104,10 @@ def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
         out.print(Text(f"verdict: clean (no backdoor found){margin}", style="bold green"))
     if out_dir is not None:
         out.print(Text(f"report and trigger images: {out_dir}/"), highlight=False)
+
+
+def _floats(values: list[float] | None) -> str:
+    return "none" if not values else ",".join(f"{v:.4g}" for v in values)
 
 
 def print_filter(result: FilterResult) -> None:

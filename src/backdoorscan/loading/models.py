@@ -34,6 +34,8 @@ from ..errors import ScanError
 from ..safety.archive import check_archive
 from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
 from ..safety.limits import Limits
+from .hub import HubFolder
+from .labels import clean_label
 from .onnx import load_onnx
 
 PICKLE_HINT = (
@@ -53,10 +55,11 @@ class LoadedModel:
     sha256: str
     input_shape: tuple[int | None, ...] | None = None  # (N, C, H, W) as declared by the file, if any
     notes: list[str] = field(default_factory=list)
+    hub: HubFolder | None = None  # what a hub folder declared (architecture, classes, preprocessing, labels)
 
     @property
     def description(self) -> str:
-        text = f"{self.format} file {self.path.name}"
+        text = f"{self.format} {self.path.name}" if self.hub else f"{self.format} file {self.path.name}"
         return text + ("; " + "; ".join(self.notes) if self.notes else "")
 
 
@@ -159,7 +162,12 @@ def _natural(key: str) -> list[tuple[int, int | str]]:
 
 
 def resolve_arch(spec: str, num_classes: int | None) -> nn.Module:
-    """Build an untrained module from `resnet18`, `path/to/file.py:function` or `package.module:function`."""
+    """Build an untrained module from `resnet18`, `timm:NAME`, `path/to/file.py:function` or
+    `package.module:function`."""
+    if spec.startswith("timm:"):
+        from .hub import timm_arch
+
+        return timm_arch(spec[len("timm:"):], num_classes)
     if ":" in spec:
         target, func_name = spec.rsplit(":", 1)
         if target.endswith(".py"):
@@ -184,7 +192,8 @@ def resolve_arch(spec: str, num_classes: int | None) -> nn.Module:
 
     if spec not in torchvision.models.list_models():
         raise ScanError(f"unknown architecture {spec!r}",
-                        hint="name a torchvision model (resnet18, vgg16_bn, ...) or path/to/file.py:function")
+                        hint="name a torchvision model (resnet18, vgg16_bn, ...), timm:NAME or "
+                             "path/to/file.py:function")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     return torchvision.models.get_model(spec, weights=None, **kwargs)
 
@@ -284,11 +293,13 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     """
     path = Path(path)
     limits = limits or Limits()
+    device = resolve_device(device)
+    if path.is_dir():
+        return _finish(_load_folder(path, arch, num_classes, limits), device)
     if not path.is_file():
         raise ScanError("model file not found", path=path, hint="check the path")
     if path.stat().st_size == 0:
         raise ScanError("model file is empty", path=path, hint="download it again")
-    device = resolve_device(device)
     fmt, notes, shape = detect_format(path), [], None
     max_bytes = limits.memory_bytes()
     if path.stat().st_size > max_bytes:
@@ -321,16 +332,75 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
                         path=path, hint="check that the file is complete and of a supported format") from exc
     if arch is not None and fmt in ("torch.export", "torchscript", "onnx", "pickle"):
         notes.append(f"--arch {arch} ignored: the file carries its own architecture")
-    if fmt != "torch.export":  # an exported module is already in inference form and refuses .eval()
+    return _finish(LoadedModel(module=module, path=path, format=fmt, sha256=sha256_file(path), input_shape=shape,
+                               notes=notes), device)
+
+
+def _finish(loaded: LoadedModel, device: torch.device) -> LoadedModel:
+    """Inference form, gradients off for the parameters, on the device, run in chunks when the batch is fixed."""
+    module, shape = loaded.module, loaded.input_shape
+    if loaded.format != "torch.export":  # an exported module is already in inference form and refuses .eval()
         module.eval()
     for param in module.parameters():
         param.requires_grad_(False)
     module.to(device)
     if shape is not None and shape and shape[0] is not None:
-        notes.append(f"static batch size {shape[0]}: inputs are run in chunks of {shape[0]}")
-        module = FixedBatch(module, shape[0])
-    return LoadedModel(module=module, path=path, format=fmt, sha256=sha256_file(path), input_shape=shape,
-                       notes=notes)
+        loaded.notes.append(f"static batch size {shape[0]}: inputs are run in chunks of {shape[0]}")
+        loaded.module = FixedBatch(module, shape[0])
+    return loaded
+
+
+def _load_folder(path: Path, arch: str | None, num_classes: int | None, limits: Limits) -> LoadedModel:
+    """A Hugging Face or timm model folder: architecture, classes and preprocessing from its files."""
+    from .hub import build_model, folder_digest, is_hub_folder, read_hub_folder
+
+    if not is_hub_folder(path):
+        raise ScanError("a folder as CHECKPOINT must be a Hugging Face or timm model repository (with config.json)",
+                        path=path, hint="or pass the model file itself")
+    folder = read_hub_folder(path)
+    if num_classes is not None and num_classes != folder.num_classes:
+        raise ScanError(f"--num-classes {num_classes} disagrees with the folder, which declares "
+                        f"{folder.num_classes} classes", path=path)
+    max_bytes = limits.memory_bytes()
+    if sum(w.stat().st_size for w in folder.weights) > max_bytes:
+        raise ScanError(f"refused: the weights are larger than the memory bound of {max_bytes >> 20} MiB",
+                        path=path, hint="raise --max-memory if the machine has the memory")
+    formats = {}
+    for weights in folder.weights:
+        formats[weights] = fmt = detect_format(weights)
+        if fmt not in ("safetensors", "pickle"):
+            raise ScanError(f"the weights are a {fmt} file, not safetensors or a state_dict", path=weights)
+        check_archive(weights, fmt, max_bytes, limits.max_ratio, allow_pickle=False)
+
+    def state() -> dict[str, torch.Tensor]:
+        return {k: v for w, fmt in formats.items() for k, v in _read_weights(w, fmt).items()}
+    notes = [f"{folder.kind} {folder.architecture}, {folder.num_classes} classes, read from the folder"]
+    if arch is not None:
+        notes.append(f"--arch {arch} ignored: the folder names its architecture")
+    notes += folder.notes
+    with guarded_loading():
+        module = build_model(folder, state)
+    shape = (None, folder.channels, *folder.input_size) if folder.input_size else None
+    return LoadedModel(module=module, path=path, format=f"{folder.kind} folder", sha256=folder_digest(folder),
+                       input_shape=shape, notes=notes, hub=folder)
+
+
+def _read_weights(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """A weights file of a hub folder: safetensors, or a torch.save state_dict read weights-only."""
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise ScanError(f"cannot read the safetensors file ({clean_label(exc, 120)})", path=path) from exc
+    try:
+        with guarded_loading():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ScanError("refused: the weights file is a pickle that needs more than tensors", path=path,
+                        hint="convert it to safetensors where it was made") from exc
+    return _unwrap_state_dict(obj, path)
 
 
 class FixedBatch(nn.Module):

@@ -4,7 +4,8 @@ onnx2torch converts graphs up to opset 17. Files from this torch's exporter are 
 down-converted with `onnx.version_converter`. Two further repairs make common exports convertible:
 `Reshape(allowzero=1)` (written by the dynamo exporter) is rewritten to `allowzero=0` when its shape is a constant
 without zeros (the two are then identical), and `Identity` nodes that alias a shared initializer (the legacy
-exporter's weight de-duplication, which makes onnx2torch raise KeyError) are replaced by a copy of that weight.
+exporter's weight de-duplication, which makes onnx2torch raise KeyError) are replaced by a copy of that weight;
+`Gelu` (opset 20, written for transformers' ViT) is rewritten as the Erf or Tanh formula that defines it.
 What cannot be repaired is reported with the operator's name.
 
 Before any tensor is read, custom operator domains and local functions are refused and every external-data
@@ -79,6 +80,40 @@ def _fix_shared_initializer_identity(graph, notes: list[str]) -> None:
         del graph.node[:]
         graph.node.extend(keep)
         notes.append(f"replaced {copied} Identity node(s) aliasing shared weights by copies")
+
+
+def _decompose_gelu(graph, notes: list[str]) -> None:
+    """Rewrite Gelu (added in opset 20, with no earlier version to convert to) into the Erf or Tanh form that
+    defines it, so that the graph can be down-converted; the same function, so logits are unchanged."""
+    from onnx import helper, numpy_helper
+
+    nodes, done = [], 0
+    for node in graph.node:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        approx = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "none")
+        x, y, tag = node.input[0], node.output[0], f"_gelu{done}"
+
+        def const(name: str, value: float, tag: str = tag) -> str:
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), f"{tag}_{name}"))
+            return f"{tag}_{name}"
+
+        if approx == "tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            steps = [("Mul", [x, x], "x2"), ("Mul", [f"{tag}_x2", x], "x3"),
+                     ("Mul", [f"{tag}_x3", const("c", 0.044715)], "cx3"), ("Add", [x, f"{tag}_cx3"], "inner"),
+                     ("Mul", [f"{tag}_inner", const("k", float(np.sqrt(2 / np.pi)))], "arg"),
+                     ("Tanh", [f"{tag}_arg"], "t")]
+        else:  # 0.5 x (1 + erf(x / sqrt(2)))
+            steps = [("Div", [x, const("sqrt2", float(np.sqrt(2)))], "arg"), ("Erf", [f"{tag}_arg"], "t")]
+        steps += [("Add", [f"{tag}_t", const("one", 1.0)], "onep"), ("Mul", [x, f"{tag}_onep"], "xo")]
+        nodes += [helper.make_node(op, ins, [f"{tag}_{out}"]) for op, ins, out in steps]
+        nodes.append(helper.make_node("Mul", [f"{tag}_xo", const("half", 0.5)], [y]))
+        done += 1
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        notes.append(f"rewrote {done} Gelu node(s) (opset 20) as the Erf/Tanh formula that defines them")
 
 
 def input_shape(model_proto) -> tuple[int | None, ...] | None:
@@ -182,6 +217,7 @@ def load_onnx(path: Path, notes: list[str], max_bytes: int) -> tuple[nn.Module, 
                         hint="check that the download is complete") from exc
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset > ONNX2TORCH_MAX_OPSET:
+        _decompose_gelu(proto.graph, notes)
         try:
             proto = version_converter.convert_version(proto, ONNX2TORCH_MAX_OPSET)
         except Exception as exc:

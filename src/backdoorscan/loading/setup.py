@@ -14,9 +14,11 @@ import torch
 import torch.nn as nn
 
 from ..device import DEFAULT_DEVICE, resolve_device
+from ..errors import ScanError
 from ..evidence import Evidence, check_gradients, check_predictions
 from ..perturb.uap import predict
 from ..safety.limits import Limits, call_with_timeout
+from .labels import clean_label
 from .models import LoadedModel, load_model
 from .preprocess import InputSpec, PixelModel, make_spec, probe_outputs
 from .samples import SampleSet, Source, load_samples, open_source
@@ -34,6 +36,8 @@ class Prepared:
     device: torch.device
     num_classes: int
     evidence: Evidence
+    labels: list[str] | None = None  # class names: --labels, else the model's own, else the data's class folders
+    overrides: list[str] | None = None  # flags that replaced what a hub folder declared
 
     @property
     def spec(self) -> InputSpec:
@@ -45,8 +49,12 @@ class Prepared:
         if self.loaded is None:
             return {"path": None, "sha256": None, "format": "nn.Module",
                     "description": type(self.model.model).__name__, "num_classes": self.num_classes}
-        return {"path": str(self.loaded.path), "sha256": self.loaded.sha256, "format": self.loaded.format,
+        info = {"path": str(self.loaded.path), "sha256": self.loaded.sha256, "format": self.loaded.format,
                 "description": self.loaded.description, "num_classes": self.num_classes}
+        if self.loaded.hub is not None:
+            info["read_from_folder"] = self.loaded.hub.to_dict()
+            info["overrides"] = self.overrides or []
+        return info
 
 
 def prepare(source: ModelSource, data: str | Path, *, samples: int, seed: int,
@@ -63,18 +71,62 @@ def prepare(source: ModelSource, data: str | Path, *, samples: int, seed: int,
                             unsafe_allow_pickle=source.unsafe_allow_pickle, device=dev, limits=limits)
         module, declared = loaded.module, loaded.input_shape
     images: Source = open_source(data)
-    spec = make_spec(module, declared, input_size=source.input_size, channels=source.channels, mean=source.mean,
-                     std=source.std, data_size=images.image_size())
+    declared, mean, std, overrides = _folder_preprocessing(loaded, declared, source)
+    spec = make_spec(module, declared, input_size=source.input_size, channels=source.channels, mean=mean,
+                     std=std, data_size=images.image_size())
     model = PixelModel(module, spec).to(dev)
     evidence = Evidence()
     k, problem = call_with_timeout(lambda: probe_outputs(model, spec, dev, source.num_classes),
                                    limits.forward_timeout, "the model's first forward")
     evidence.record("single_logits_output", problem is None, problem or "", num_classes=k)
     if problem is not None:
-        return Prepared(model, loaded, None, None, dev, k, evidence)
+        return Prepared(model, loaded, None, None, dev, k, evidence, overrides=overrides)
     sample_set = load_samples(images, spec.shape, n=samples, seed=seed, predict=lambda x: predict(model, x.to(dev)))
     sample_set.x = sample_set.x.to(dev)
     pred = predict(model, sample_set.x)
     check_predictions(evidence, pred, sample_set.y, sample_set.labels_from, k)
     check_gradients(evidence, model, sample_set.x, pred)
-    return Prepared(model, loaded, sample_set, pred, dev, k, evidence)
+    return Prepared(model, loaded, sample_set, pred, dev, k, evidence, _labels(source, loaded, sample_set, k),
+                    overrides)
+
+
+def _folder_preprocessing(loaded: LoadedModel | None, declared: tuple | None, source: ModelSource
+                          ) -> tuple[tuple | None, tuple | None, tuple | None, list[str]]:
+    """A hub folder's size, mean and std unless a flag overrides them (each override noted); a folder whose
+    preprocessing could not be read needs all three flags, never a silent default."""
+    hub = None if loaded is None else loaded.hub
+    if hub is None:
+        return declared, source.mean, source.std, []
+    given = {"input_size": source.input_size, "mean": source.mean, "std": source.std}
+    if hub.missing is not None and None in given.values():
+        raise ScanError(hub.missing, path=hub.path, hint="give --input-size, --mean and --std to scan it anyway")
+    overrides = [f"--{name.replace('_', '-')} {_show(value)} overrides the folder's {_show(getattr(hub, name))}"
+                 for name, value in given.items() if value is not None and _differs(value, getattr(hub, name))]
+    if source.input_size is not None:
+        declared = (None, hub.channels, None, None)  # the user's size is the model's: no resize to the folder's
+    return (declared, source.mean if source.mean is not None else hub.mean,
+            source.std if source.std is not None else hub.std, overrides)
+
+
+def _differs(given: tuple, declared: tuple | None) -> bool:
+    if declared is None or len(given) != len(declared):
+        return True
+    return any(abs(a - b) > 1e-9 for a, b in zip(given, declared, strict=True))
+
+
+def _show(value: tuple | None) -> str:
+    return "nothing" if value is None else ",".join(f"{v:g}" for v in value)
+
+
+def _labels(source: ModelSource, loaded: LoadedModel | None, samples: SampleSet, k: int) -> list[str] | None:
+    """Class names: --labels (checked against the model), else the model's own, else the data's class folders."""
+    if source.labels is not None:
+        if len(source.labels) != k:
+            raise ScanError(f"--labels names {len(source.labels)} classes but the model has {k}")
+        return list(source.labels)
+    if loaded is not None and loaded.hub is not None and loaded.hub.labels is not None:
+        return list(loaded.hub.labels)
+    names = samples.class_names
+    if names is None or len(names) != k or names == [str(i) for i in range(k)]:
+        return None  # digit classes named '0'..'9' add nothing
+    return [clean_label(n) for n in names]

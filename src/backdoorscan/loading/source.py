@@ -14,7 +14,8 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A checkpoint file (or a module already in memory) and how to load and feed it."""
+    """A checkpoint file or hub folder (or a module already in memory) and how to load and feed it; what is
+    given here overrides what a hub folder declares."""
 
     checkpoint: Path | nn.Module
     arch: str | None = None  # for weights-only files: torchvision name, path/to/file.py:fn or package.module:fn
@@ -23,11 +24,14 @@ class ModelSource:
     channels: int | None = None  # 1 or 3; read from the model when possible
     mean: tuple[float, ...] | None = None  # the model's own normalisation, applied inside the wrapper
     std: tuple[float, ...] | None = None
+    labels: tuple[str, ...] | None = None  # class names (--labels), before the model's own and the data's
     unsafe_allow_pickle: bool = False  # a pickle can run any code: only for files the user trusts
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, nn.Module):
             object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 EVIDENCE = {"refined": "the refined triggers' L1", "uap": "the UAP norms (Alg. 1)",
             "combined": "the mean anomaly index of the UAP norms and the refined triggers' L1"}
+
+
+def plain(text: str) -> str:
+    """Text from a file (a class name) as literal Markdown: no links, HTML, emphasis or table breaks."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
 
 
 def scan_markdown(scan) -> str:
     """Verdict, targets and the per-class table of a model scan."""
     model = scan.model.get("path") or scan.model.get("description")
-    head = ("**Backdoor suspected**, target class(es) " + ", ".join(map(str, scan.target_classes))
+    names = {c.cls: c.name for c in scan.classes}
+    targets = ", ".join(f"{t} ({plain(names[t])})" if names.get(t) else str(t) for t in scan.target_classes)
+    head = ("**Backdoor suspected**, target class(es) " + targets
             if scan.verdict == "backdoor" else "**No backdoor found**" if scan.verdict == "clean"
             else "**Inconclusive**: the scan could not measure this model.\n\n"
             + "\n".join(f"- {reason}" for reason in scan.reasons))
@@ -28,7 +37,7 @@ def scan_markdown(scan) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + ":---:|"]
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
-        name = f"{c.cls} ({c.name})" if c.name else str(c.cls)
+        name = f"{c.cls} ({plain(c.name)})" if c.name else str(c.cls)
         cells = [name, *((c.role, str(c.stage1_rank)) if staged else ()), success, f"{c.uap_norm:.2f}",
                  f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}",
                  "**yes**" if c.flagged else ""]

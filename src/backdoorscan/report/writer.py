@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ScanError
+from ..loading.labels import file_slug
 from ..safety.paths import ensure_outside
 from .images import to_image, trigger_grid, visible_perturbation
 from .markdown import scan_markdown
@@ -60,13 +61,13 @@ def write_scan_report(scan, out: Path) -> Path:
     with atomic_output_dir(out, "report.json") as stage:
         tiles, labels = [], []
         for i, c in enumerate(scan.classes):  # rows of the trigger tensors follow `classes`
-            t = c.cls
+            t = f"{c.cls}_{file_slug(c.name)}" if c.name and file_slug(c.name) else str(c.cls)
             vis = visible_perturbation(scan.triggers[i], scan.masks[i], scan.form)
             to_image(vis).save(stage / f"trigger_{t}.png")
             to_image(scan.masks[i].mean(0, keepdim=True)).save(stage / f"mask_{t}.png")
             to_image(scan.stamped[i]).save(stage / f"stamped_{t}.png")
             tiles.append(vis)
-            labels.append(f"{t} L1={c.l1_norm:.1f}")
+            labels.append(f"{c.cls} L1={c.l1_norm:.1f}")
         if tiles:  # an inconclusive scan that stopped before its search has no triggers
             trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
         (stage / "report.md").write_text(scan_markdown(scan))
