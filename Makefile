@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]" -e ./lab
+	$(BIN)/python -m pip install -q -e ".[dev,hub,ray]" -e ./lab
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -57,7 +57,7 @@ def save_timm_folder(model: nn.Module, out: Path, side: int = 28, mean: float = 
     """timm's `save_for_hf` with safetensors, its pretrained_cfg set to the size, mean and std used in training."""
     from timm.models._hub import save_for_hf
 
-    channels = model.pretrained_cfg.get("input_size", (3,))[0] if False else _in_chans(model)
+    channels = _in_chans(model)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, side, side),
                             "mean": (mean,) * channels, "std": (std,) * channels, "interpolation": "bilinear",
                             "crop_pct": 1.0}

@@ -350,12 +350,14 @@ def build_model(folder: HubFolder, state: Callable[[], dict[str, torch.Tensor]])
     return module
 
 
-def timm_arch(name: str, num_classes: int | None) -> nn.Module:
-    """`--arch timm:NAME`: an untrained timm architecture for a bare state_dict or safetensors file."""
+def timm_arch(name: str, num_classes: int | None, in_chans: int | None = None) -> nn.Module:
+    """`--arch timm:NAME`: an untrained timm architecture for a bare state_dict or safetensors file (the input
+    channels read from the weights' first convolution)."""
     timm = _need("timm")
     if name not in timm.list_models():
         raise ScanError(f"--arch timm:{name}: not in timm's registry", hint="see timm.list_models()")
-    return timm.create_model(name, pretrained=False, **({} if num_classes is None else {"num_classes": num_classes}))
+    kwargs = {key: v for key, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: HubFolder) -> None:

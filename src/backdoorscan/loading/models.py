@@ -207,7 +207,14 @@ def _load_state_into(state: dict[str, torch.Tensor], arch: str | None, num_class
     if num_classes is not None and inferred is not None and inferred != num_classes:
         raise ScanError(f"--num-classes {num_classes} disagrees with the weights, whose head has {inferred} outputs",
                         path=path, hint=f"use --num-classes {inferred}")
-    module = resolve_arch(arch, num_classes if num_classes is not None else inferred)
+    if arch.startswith("timm:"):
+        from .hub import timm_arch
+
+        convs = [v for _, v in sorted(state.items(), key=lambda kv: _natural(kv[0])) if v.ndim == 4]
+        module = timm_arch(arch[len("timm:"):], num_classes if num_classes is not None else inferred,
+                           in_chans=int(convs[0].shape[1]) if convs else None)
+    else:
+        module = resolve_arch(arch, num_classes if num_classes is not None else inferred)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
