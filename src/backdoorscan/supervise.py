@@ -45,7 +45,7 @@ def _argv_from_context(ctx) -> list[str]:
         value = ctx.params.get(param.name)
         kind = getattr(param, "param_type_name", "")
         if kind == "argument":
-            positional.append(str(value))
+            positional += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         elif kind == "option" and getattr(param, "is_flag", False):
             if value and not param.default:
                 args.append(param.opts[0])

@@ -128,39 +128,121 @@ def main_callback(
 @opt.with_options(ScanSettings, opt.model_options, opt.run_options)
 def model(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Argument(help="The model: a .pt2 (torch.export), TorchScript, ONNX, "
-                                                    "safetensors or state_dict (with --arch) file, or a Hugging "
-                                                    "Face or timm model folder.")],
-    data: Annotated[Path, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")],
+    checkpoints: Annotated[list[Path] | None, typer.Argument(
+        help="The model(s): .pt2 (torch.export), TorchScript, ONNX, safetensors or state_dict (with --arch) files, "
+             "Hugging Face or timm model folders; several, a folder of models or a quoted glob scan a fleet.",
+        show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")]
+    = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write report.json, report.md and trigger images "
-                                                               "here.")] = None,
+                                                               "here (a fleet: one folder per model).")] = None,
     markdown: Markdown = None,
+    manifest: Annotated[Path | None, typer.Option(help="A TOML manifest of models, each with its own options "
+                                                       "(docs/ci.md).")] = None,
+    sarif: Annotated[Path | None, typer.Option(help="Write SARIF 2.1.0 (one result per suspect model) for code "
+                                                    "scanning.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Fleet result cache (default: ~/.cache/backdoorscan or "
+                                                        "$BACKDOORSCAN_CACHE_DIR).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Scan every model of a fleet again.")] = False,
+    ray: Annotated[str | None, typer.Option(help="Run a fleet on Ray: an address, auto (this machine's cluster) "
+                                                 "or local (a throwaway local instance).")] = None,
     **options: Any,
 ) -> None:
-    """Scan a classifier for a backdoor with USB (Universal Soldier); exit 1 suspected, 3 inconclusive."""
+    """Scan classifiers for a backdoor with USB (Universal Soldier); exit 1 suspected, 3 inconclusive, 2 could not
+    scan (a fleet exits with its worst model's code)."""
     run = opt.take(opt.run_options, options)
+    paths = list(checkpoints or [])
 
     def body() -> int:
-        from ..report import write_scan_report
-        from ..report.markdown import scan_markdown
-        from ..scan import scan_model
-        from .views import print_scan, progress_bars
+        from ..fleet import is_fleet
 
-        settings = ScanSettings(**opt.take(ScanSettings, options))
-        source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
-        for target in (out_dir, markdown):
-            ensure_outside(target, data)
-        code, device, limits = _scan_here(ctx, run, [out_dir], [markdown])
-        if code is not None:
-            return code
-        with progress_bars(not run["quiet"]) as progress:
-            scan = scan_model(source, data, settings=settings, device=device, progress=progress,
-                              limits=limits)
-        if out_dir is not None:
-            write_scan_report(scan, out_dir)
-        return _emit(scan, run, markdown, scan_markdown, lambda: print_scan(scan, out_dir))
+        settings_values, model_values = opt.take(ScanSettings, options), opt.take(opt.model_options, options)
+        if is_fleet(paths, manifest) or ray is not None:
+            return _fleet(paths, data, out_dir, markdown, manifest, sarif, cache_dir, no_cache, ray, run,
+                          settings_values, model_values)
+        return _single(ctx, paths[0], data, out_dir, markdown, sarif, run, settings_values, model_values)
 
     _run(run["debug"], body)
+
+
+def _single(ctx: typer.Context, checkpoint: Path, data: Path | None, out_dir: Path | None, markdown: Path | None,
+            sarif: Path | None, run: dict[str, Any], settings_values: dict[str, Any],
+            model_values: dict[str, Any]) -> int:
+    """One model: scanned in a sandboxed child, its report directly under --out."""
+    from ..report import write_scan_report
+    from ..report.markdown import scan_markdown
+    from ..scan import scan_model
+    from .views import print_scan, progress_bars
+
+    if data is None:
+        raise ScanError("--data is needed: the clean samples to scan the model with")
+    settings = ScanSettings(**settings_values)
+    source = opt.model_source(checkpoint, model_values)
+    for target in (out_dir, markdown, sarif):
+        ensure_outside(target, data)
+    code, device, limits = _scan_here(ctx, run, [out_dir], [markdown, sarif])
+    if code is not None:
+        return code
+    with progress_bars(not run["quiet"]) as progress:
+        scan = scan_model(source, data, settings=settings, device=device, progress=progress, limits=limits)
+    if out_dir is not None:
+        write_scan_report(scan, out_dir)
+    if sarif is not None:
+        from ..fleet import FleetItem, FleetResult
+        from ..report.sarif import write_sarif
+
+        item = FleetItem(checkpoint.name, str(checkpoint), scan.exit_code, scan.timings.get("total", 0.0),
+                         report=scan.to_dict(), report_dir=None if out_dir is None else str(out_dir))
+        write_sarif(FleetResult([item]), sarif)
+    return _emit(scan, run, markdown, scan_markdown, lambda: print_scan(scan, out_dir))
+
+
+def _fleet(paths: list[Path], data: Path | None, out_dir: Path | None, markdown: Path | None,
+           manifest: Path | None, sarif: Path | None, cache_dir: Path | None, no_cache: bool, ray: str | None,
+           run: dict[str, Any], settings_values: dict[str, Any], model_values: dict[str, Any]) -> int:
+    """Many models: each scanned by its own sandboxed child (locally or on Ray), cached, summed up."""
+    from ..cache import ResultCache
+    from ..fleet import local_runner, plan, scan_fleet
+    from ..report.markdown import fleet_markdown
+    from ..report.writer import write_text_atomic
+    from .views import fleet_progress, print_fleet
+
+    given = {k: v for k, v in model_values.items() if v not in (None, False)}
+    if given.get("labels") is not None:
+        given["labels"] = Path(given["labels"])
+    if given.get("input_size") is not None:
+        given["input_size"] = opt.parse_size(given["input_size"])
+    for key in ("mean", "std"):
+        if given.get(key) is not None:
+            given[key] = opt.parse_floats(given[key], key)
+    chosen = {k: v for k, v in settings_values.items() if v != getattr(ScanSettings, k, None)}
+    entries = plan(paths, data, given, chosen, manifest)
+    for target in (out_dir, markdown, sarif):
+        ensure_outside(target, *{e.data for e in entries})
+    per_scan = {k: run[k] for k in ("device", "threads", "forward_timeout", "max_memory")}
+    timeout = float(run["timeout"])
+    runner, where = local_runner(run["sandbox"], timeout), "local"
+    if ray is not None:
+        from ..fleet_ray import ray_runner
+
+        runner, where = ray_runner(ray, run["sandbox"], timeout, run["threads"])
+    cache = None if no_cache else ResultCache(cache_dir)
+    with fleet_progress(len(entries), not run["quiet"] and not run["as_json"]) as on_item:
+        result = scan_fleet(entries, run={**per_scan, "sandbox": run["sandbox"], "timeout": timeout},
+                            out=out_dir, cache=cache, runner=runner, runner_name=where, on_item=on_item)
+    if sarif is not None:
+        from ..report.sarif import write_sarif
+
+        write_sarif(result, sarif)
+    if markdown is not None:
+        write_text_atomic(markdown, fleet_markdown(result))
+    if run["as_json"]:
+        for item in result.items:
+            print(json.dumps(item.line()))
+        print(json.dumps(result.summary()))
+    else:
+        print_fleet(result)
+    return result.exit_code
 
 
 @app.command("filter")

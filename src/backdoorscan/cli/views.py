@@ -131,3 +131,39 @@ def print_filter(result: FilterResult) -> None:
     if result.suspected_target is not None:
         line += f"; flags concentrate on class {result.suspected_target} (likely backdoor target)"
     out.print(Text(line, style=f"bold {'red' if result.flagged else 'green'}"))
+
+
+@contextlib.contextmanager
+def fleet_progress(total: int, enabled: bool) -> Iterator[Callable | None]:
+    """One line on stderr as each model of a fleet finishes (the models run in child processes)."""
+    if not enabled:
+        yield None
+        return
+    count = [0]
+
+    def done(item) -> None:
+        count[0] += 1
+        how = "cached" if item.cached else f"{item.seconds:.1f} s"
+        err.print(Text(f"[{count[0]}/{total}] {item.name}: {item.verdict} ({how})"), highlight=False)
+
+    yield done
+
+
+def print_fleet(result) -> None:
+    """The fleet's summary table: model, verdict, target classes, seconds, cached, and why a model has no verdict."""
+    table = Table(title=f"backdoorscan: {len(result.items)} models ({result.runner})")
+    for col in ("model", "verdict", "target classes", "seconds", "cached", "report"):
+        table.add_column(col)
+    styles = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow", "error": "bold yellow"}
+    for item in result.items:
+        table.add_row(escape(item.name), item.verdict, ", ".join(map(str, item.targets)),
+                      f"{item.seconds:.1f}", "yes" if item.cached else "", escape(item.report_dir or ""),
+                      style=styles.get(item.verdict))
+    out.print(table)
+    for item in result.items:
+        if item.error:
+            out.print(Text(f"{item.name}: {item.error}"), highlight=False)
+    s = result.summary()["summary"]
+    out.print(Text(f"{s['backdoor']} suspect, {s['clean']} clean, {s['inconclusive']} inconclusive, {s['error']} "
+                   f"not scanned; {s['cached']} from the cache; {s['seconds']:.1f} s; exit {s['exit_code']}"),
+              highlight=False)

@@ -10,7 +10,6 @@ folder whose preprocessing is missing or incomplete is refused rather than scann
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -373,12 +372,9 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: HubF
 
 def folder_digest(folder: HubFolder) -> str:
     """sha256 over the folder's config, preprocessing and weight files (names and contents), in a fixed order."""
-    from .models import sha256_file
+    from ..digest import files_digest
 
-    digest = hashlib.sha256()
     files = [folder.path / "config.json", *folder.weights]
     if (folder.path / "preprocessor_config.json").is_file():
         files.append(folder.path / "preprocessor_config.json")
-    for f in sorted(files):
-        digest.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
-    return digest.hexdigest()
+    return files_digest(folder.path, files)

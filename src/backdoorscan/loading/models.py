@@ -11,7 +11,6 @@ operator (`safety.graph`) before the first forward.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..device import DEFAULT_DEVICE, resolve_device
+from ..digest import sha256_file
 from ..errors import ScanError
 from ..safety.archive import check_archive
 from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
@@ -61,15 +61,6 @@ class LoadedModel:
     def description(self) -> str:
         text = f"{self.format} {self.path.name}" if self.hub else f"{self.format} file {self.path.name}"
         return text + ("; " + "; ".join(self.notes) if self.notes else "")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def detect_format(path: Path) -> str:

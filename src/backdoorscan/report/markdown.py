@@ -64,3 +64,21 @@ def _how(result) -> str:
     own = result.screen.dominant if result.screen is not None else []
     extra = f"; own UAP and margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
     return f"UAP L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}"
+
+
+def fleet_markdown(result) -> str:
+    """The whole fleet in one Markdown table (a CI job summary)."""
+    s = result.summary()["summary"]
+    head = (f"### backdoorscan: {s['models']} models\n\n**{s['backdoor']} suspect**, {s['clean']} clean, "
+            f"{s['inconclusive']} inconclusive, {s['error']} not scanned ({s['cached']} from the cache); "
+            f"exit code {s['exit_code']}.\n")
+    lines = [head, "| model | verdict | target classes | seconds | cached | report |", "|---|---|---|---:|:---:|---|"]
+    for item in result.items:
+        names = {c["class"]: c.get("name") for c in (item.report or {}).get("classes", [])}
+        targets = ", ".join(f"{t} ({plain(names[t])})" if names.get(t) else str(t) for t in item.targets)
+        verdict = f"**{item.verdict}**" if item.verdict == "backdoor" else item.verdict
+        if item.error:
+            verdict += f": {plain(item.error)}"
+        lines.append(f"| {plain(item.path)} | {verdict} | {targets} | {item.seconds:.1f} | "
+                     f"{'yes' if item.cached else ''} | {plain(item.report_dir or '')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""The result cache of fleet scans: an unchanged model, sample set, settings and tool version is not scanned again.
+
+A key is the sha256 of the model's bytes (every file of a hub folder), of the clean samples' bytes (every file of
+a folder), of the loading options and scan settings as given, of the run options that change figures (device)
+and of the tool's version. An entry is a folder `DIR/KEY/` holding the report files and `result.json` (exit code
+and report), written atomically; a damaged entry is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .digest import tree_digest
+from .errors import ScanError
+
+ENV = "BACKDOORSCAN_CACHE_DIR"
+
+
+def default_dir() -> Path:
+    """$BACKDOORSCAN_CACHE_DIR, else $XDG_CACHE_HOME/backdoorscan, else ~/.cache/backdoorscan."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "backdoorscan"
+
+
+@dataclass
+class Hit:
+    """A cached result: the scan's exit code, its report and its report files."""
+
+    exit_code: int
+    report: dict[str, Any]
+    files: dict[str, bytes]
+
+
+class ResultCache:
+    """Scan results on disk under one folder, keyed by what determines them."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else default_dir()
+
+    def key(self, entry, run: dict[str, Any]) -> str:
+        """The key of one fleet entry scanned with these run options."""
+        parts = {"version": __version__, "model": tree_digest(entry.checkpoint), "data": tree_digest(entry.data),
+                 "loading": _plain(entry.model), "settings": _plain(entry.settings),
+                 "device": str(run.get("device", "auto"))}
+        labels = entry.model.get("labels")
+        if labels:
+            parts["labels"] = tree_digest(Path(labels))
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> Hit | None:
+        """The cached result for a key, or None (absent or damaged)."""
+        where = self.folder / key
+        try:
+            result = json.loads((where / "result.json").read_text())
+            files = {p.relative_to(where / "files").as_posix(): p.read_bytes()
+                     for p in sorted((where / "files").rglob("*")) if p.is_file() and not p.is_symlink()}
+            return Hit(int(result["exit_code"]), result["report"], files)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, key: str, exit_code: int, report: dict[str, Any], files: dict[str, bytes]) -> None:
+        """Store a result; a cache that cannot be written is skipped (the scan's result stands)."""
+        from .report.writer import atomic_output_dir
+
+        where = self.folder / key
+        try:
+            if where.exists():
+                shutil.rmtree(where)
+            with atomic_output_dir(where, "result.json") as stage:
+                for rel, data in files.items():
+                    (stage / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (stage / "files" / rel).write_bytes(data)
+                (stage / "result.json").write_text(json.dumps({"exit_code": exit_code, "report": report}))
+        except (OSError, ScanError):
+            pass
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON-able values (paths as strings), for the key."""
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in sorted(values.items()) if v is not None}
