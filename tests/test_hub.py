@@ -23,6 +23,7 @@ from .conftest import MNIST_TEST
 
 HOSTILE = "zero|<b>x</b>[a](http://e)\x1b[31m"  # a class name that tries table breaks, HTML, links, escapes
 FAST = ["--samples", "100", "--steps", "100", "--device", "cpu"]
+IN_PROCESS = ["--sandbox", "off"]  # refusals and overrides need no sandboxed child (the scans by path use one)
 
 
 def _attack():
@@ -92,7 +93,7 @@ def test_timm_folder_is_scanned_by_path_alone(timm_folder):
 
 def test_flags_override_the_folder_and_the_override_is_reported(timm_folder):
     code, report, _ = _scan(timm_folder, "--json", "--mean", "0.4", "--std", "0.5", "--max-passes", "1",
-                            "--steps", "2", "--samples", "20")
+                            "--steps", "2", "--samples", "20", *IN_PROCESS)
     assert code in (0, 1) and report["input"]["mean"] == [0.4]
     assert report["model"]["overrides"] == ["--mean 0.4 overrides the folder's 0.5"]
 
@@ -100,16 +101,16 @@ def test_flags_override_the_folder_and_the_override_is_reported(timm_folder):
 def test_missing_or_wrong_preprocessing_is_a_clear_exit_2(vit_folder, tmp_path):
     bare = shutil.copytree(vit_folder, tmp_path / "bare")
     (bare / "preprocessor_config.json").unlink()
-    code, _, text = _scan(bare)
+    code, _, text = _scan(bare, *IN_PROCESS)
     assert code == 2 and "preprocessor_config.json" in text and len(text.strip().splitlines()) == 1
     # With all three flags the user takes responsibility, and the scan runs.
     code, report, _ = _scan(bare, "--json", "--input-size", "28x28", "--mean", "0.5", "--std", "0.5",
-                            "--max-passes", "1", "--steps", "2", "--samples", "20")
+                            "--max-passes", "1", "--steps", "2", "--samples", "20", *IN_PROCESS)
     assert code in (0, 1) and report["input"]["mean"] == [0.5]
     wrong = json.loads((vit_folder / "preprocessor_config.json").read_text())
     wrong["image_mean"] = [0.5, 0.5, 0.5]  # three channels for a one-channel model
     (bare / "preprocessor_config.json").write_text(json.dumps(wrong))
-    code, _, text = _scan(bare)
+    code, _, text = _scan(bare, *IN_PROCESS)
     assert code == 2 and "image_mean has 3 values for 1 channels" in text
 
 
@@ -118,12 +119,12 @@ def test_repository_code_and_escaping_shards_are_refused(vit_folder, tmp_path):
     config = json.loads((remote / "config.json").read_text())
     config["auto_map"] = {"AutoModelForImageClassification": "modeling_evil.EvilModel"}
     (remote / "config.json").write_text(json.dumps(config))
-    code, _, text = _scan(remote)
+    code, _, text = _scan(remote, *IN_PROCESS)
     assert code == 2 and "trust_remote_code" in text
     sharded = shutil.copytree(vit_folder, tmp_path / "sharded")
     (sharded / "model.safetensors").unlink()
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
-    code, _, text = _scan(sharded)
+    code, _, text = _scan(sharded, *IN_PROCESS)
     assert code == 2 and "not a .safetensors file in the folder" in text
 
 
