@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling clean
+.PHONY: setup demo test lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling bench-onnx clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ lint: $(STAMP)
 
 # Benchmarks read ../shared/data when present and say so when it is absent (CIFAR-10 needs it).
 # On 2 CPU cores: bench-mnist ~35 min, bench-cifar10 ~90 min (docs/results.md has the figures they print).
-bench: bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling
+bench: bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling bench-onnx
 
 bench-mnist: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --dataset mnist --out bench-out/zoo --per-group 5
@@ -72,3 +72,7 @@ bench-speed: $(STAMP)
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache
+
+# Which ONNX exports convert, and how close their logits are to onnxruntime's (docs/formats.md); ~5 min.
+bench-onnx: $(STAMP)
+	$(BIN)/python benchmarks/onnx_formats.py
