@@ -45,15 +45,22 @@ class ResultCache:
 
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else default_dir()
+        self._digests: dict[str, str] = {}  # one hash per path and run: a fleet shares its samples
+
+    def _digest(self, path: Path) -> str:
+        key = str(Path(path).resolve())
+        if key not in self._digests:
+            self._digests[key] = tree_digest(path)
+        return self._digests[key]
 
     def key(self, entry, run: dict[str, Any]) -> str:
         """The key of one fleet entry scanned with these run options."""
-        parts = {"version": __version__, "model": tree_digest(entry.checkpoint), "data": tree_digest(entry.data),
+        parts = {"version": __version__, "model": self._digest(entry.checkpoint), "data": self._digest(entry.data),
                  "loading": _plain(entry.model), "settings": _plain(entry.settings),
                  "device": str(run.get("device", "auto"))}
         labels = entry.model.get("labels")
         if labels:
-            parts["labels"] = tree_digest(Path(labels))
+            parts["labels"] = self._digest(Path(labels))
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str) -> Hit | None:

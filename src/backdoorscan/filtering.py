@@ -199,6 +199,9 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
         raise ScanError("no readable images", path=inputs, hint="check that the files are images")
     timings["screen"] = time.perf_counter() - t
     per_class, target = summarise(items, survival, settings.concentration)
+    if ready.labels is not None:  # class names (--labels, a hub folder's, the clean folder's) beside the index
+        for row in per_class:
+            row["name"] = ready.labels[row["class"]] if 0 <= row["class"] < len(ready.labels) else None
     if copy_to is not None:
         copy_sorted(images, items, Path(copy_to))
     timings["total"] = time.perf_counter() - t0

@@ -117,7 +117,8 @@ def print_filter(result: FilterResult) -> None:
         table.add_column(col, justify="right")
     for row in result.per_class:
         style = "bold red" if row["class"] == result.suspected_target else None
-        table.add_row(str(row["class"]), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
+        name = f"{row['class']} {row['name']}" if row.get("name") else str(row["class"])
+        table.add_row(escape(name), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
                       style=style)
     out.print(table)
     if result.method == "uap":

@@ -54,7 +54,8 @@ def filter_markdown(result) -> str:
         lines += [f"Flags concentrate on class {result.suspected_target}: a backdoor target is likely.", ""]
     lines += ["| predicted class | images | flagged | expected without a trigger |", "|---:|---:|---:|---:|"]
     for row in result.per_class:
-        lines.append(f"| {row['class']} | {row['images']} | {row['flagged']} | {row['expected']} |")
+        name = f"{row['class']} ({plain(row['name'])})" if row.get("name") else str(row["class"])
+        lines.append(f"| {name} | {row['images']} | {row['flagged']} | {row['expected']} |")
     return "\n".join(lines) + "\n"
 
 
