@@ -181,3 +181,16 @@ def test_labels_flag_names_classes_and_must_match(tmp_path):
     result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), "--labels",
                                       str(tmp_path / "few.txt"), "--device", "cpu"])
     assert result.exit_code == 2 and "names 3 classes but the model has 10" in result.output
+
+
+def test_a_pickle_as_hub_weights_never_runs(timm_folder, tmp_path):
+    from .hostile.builders import WritesCanary, torch_save_bytes
+
+    canary = tmp_path / "canary"
+    hostile = shutil.copytree(timm_folder, tmp_path / "hostile")
+    (hostile / "model.safetensors").unlink()
+    (hostile / "pytorch_model.bin").write_bytes(torch_save_bytes({"conv1.0.weight": WritesCanary(canary)}))
+    with pytest.raises(ScanError, match="pytorch_model.bin"):
+        load_model(hostile, device="cpu")
+    code, _, text = _scan(hostile, *IN_PROCESS)
+    assert code == 2 and len(text.strip().splitlines()) == 1 and not canary.exists()

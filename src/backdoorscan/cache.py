@@ -65,27 +65,25 @@ class ResultCache:
 
     def get(self, key: str) -> Hit | None:
         """The cached result for a key, or None (absent or damaged)."""
+        from .report.writer import read_tree
+
         where = self.folder / key
         try:
             result = json.loads((where / "result.json").read_text())
-            files = {p.relative_to(where / "files").as_posix(): p.read_bytes()
-                     for p in sorted((where / "files").rglob("*")) if p.is_file() and not p.is_symlink()}
-            return Hit(int(result["exit_code"]), result["report"], files)
+            return Hit(int(result["exit_code"]), result["report"], read_tree(where / "files"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def put(self, key: str, exit_code: int, report: dict[str, Any], files: dict[str, bytes]) -> None:
         """Store a result; a cache that cannot be written is skipped (the scan's result stands)."""
-        from .report.writer import atomic_output_dir
+        from .report.writer import atomic_output_dir, write_tree
 
         where = self.folder / key
         try:
             if where.exists():
                 shutil.rmtree(where)
             with atomic_output_dir(where, "result.json") as stage:
-                for rel, data in files.items():
-                    (stage / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (stage / "files" / rel).write_bytes(data)
+                write_tree(stage / "files", files)
                 (stage / "result.json").write_text(json.dumps({"exit_code": exit_code, "report": report}))
         except (OSError, ScanError):
             pass

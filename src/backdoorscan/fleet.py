@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from .settings import ScanSettings
 MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".onnx", ".safetensors", ".bin", ".ckpt")
 MODEL_KEYS = ("arch", "num_classes", "input_size", "channels", "mean", "std", "labels", "unsafe_allow_pickle")
 ENTRY_KEYS = ("path", "name", "data")
-RUN_KEYS = ("device", "threads", "timeout", "forward_timeout", "max_memory", "sandbox")
+CHILD_RUN_KEYS = ("device", "threads", "forward_timeout", "max_memory")  # run options each child scan gets
 MANIFEST_LIMIT = 1 << 20  # bytes
 
 
@@ -159,8 +158,7 @@ def expand(paths: list[Path]) -> list[Path]:
             found += inner
         else:
             found.append(path)
-    unique = list(dict.fromkeys(found))
-    return unique
+    return list(dict.fromkeys(found))
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -261,14 +259,15 @@ class Outcome:
     seconds: float
 
 
-def run_child(argv: list[str], sandbox: str, timeout: float, env: dict[str, str] | None = None) -> Outcome:
+def run_child(argv: list[str], sandbox: str, timeout: float) -> Outcome:
     """Scan one model in a `backdoorscan model ... --json --out DIR` child; return what it wrote.
 
     The child is the sandboxed scanning process itself (it restricts itself with Landlock before it opens the
     model, as under a single scan's supervisor), and it is killed at `timeout`.
     """
+    from .report.writer import read_tree
     from .safety import sandbox as landlock
-    from .supervise import CHILD_ENV
+    from .supervise import DIED, child_environment
 
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="backdoorscan-fleet-") as scratch:
@@ -276,12 +275,10 @@ def run_child(argv: list[str], sandbox: str, timeout: float, env: dict[str, str]
         out.mkdir()
         tmp = Path(scratch) / "tmp"
         tmp.mkdir()
-        child_env = {**os.environ, **(env or {}), "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp)}
-        child_env.pop(CHILD_ENV, None)
-        if sandbox != "off" and landlock.landlock_abi() >= 1:
-            child_env[CHILD_ENV] = json.dumps([str(out), str(tmp)])
-        elif sandbox == "on":
+        confined = sandbox != "off" and landlock.landlock_abi() >= 1
+        if sandbox == "on" and not confined:
             return Outcome(2, "", "--sandbox on: Landlock is not available on this system", {}, 0.0)
+        child_env = child_environment([str(out), str(tmp)] if confined else None, str(tmp))
         cmd = [sys.executable, "-m", "backdoorscan", *argv, "--json", "--quiet", "--out", str(out),
                "--sandbox", sandbox]
         try:
@@ -292,10 +289,8 @@ def run_child(argv: list[str], sandbox: str, timeout: float, env: dict[str, str]
         except subprocess.TimeoutExpired:
             code, stdout, stderr = 2, "", f"the scan ran past --timeout {timeout:g} s and was stopped"
         if code < 0 or code > 3:
-            code, stderr = 2, f"the scanning process died (status {code}); no verdict"
-        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-                 if p.is_file() and not p.is_symlink() and not p.relative_to(out).as_posix().startswith(".")
-                 } if code in (0, 1, 3) else {}
+            code, stderr = 2, DIED.format(code=code)
+        files = read_tree(out) if code in (0, 1, 3) else {}
     return Outcome(code, stdout, stderr, files, time.perf_counter() - t)
 
 
@@ -316,12 +311,12 @@ def scan_fleet(entries: list[FleetEntry], *, run: dict[str, Any], out: Path | No
                on_item: Callable[[FleetItem], None] | None = None) -> FleetResult:
     """Scan every entry (cached results are reused), write each report under `out/NAME/`, and sum up.
 
-    `run` holds the per-scan run options passed to every child (device, threads, timeout, ...); `cache` is a
-    `ResultCache` or None; `runner` starts the child scans (default: `local_runner`).
+    `run` holds the run options: `CHILD_RUN_KEYS` are passed to every child, `sandbox` and `timeout` set up the
+    default `local_runner`; `cache` is a `ResultCache` or None; `runner` starts the child scans.
     """
     t0 = time.perf_counter()
     runner = runner or local_runner(run.get("sandbox", "auto"), float(run.get("timeout") or 3600))
-    passed = {k: v for k, v in run.items() if k in ("device", "threads", "forward_timeout", "max_memory")}
+    passed = {k: v for k, v in run.items() if k in CHILD_RUN_KEYS}
     items: list[FleetItem | None] = [None] * len(entries)
     keys: list[str | None] = [None] * len(entries)
     todo: list[int] = []
@@ -375,16 +370,13 @@ def _finish(entry: FleetEntry, code: int, report: dict, files: dict[str, bytes],
     """Write one model's report files under out/NAME (atomically) and make its item."""
     where = None
     if out is not None and files:
-        from .report.writer import atomic_output_dir
+        from .report.writer import atomic_output_dir, write_tree
 
         target = Path(out) / entry.name
         if (target / "report.json").is_file():  # this model's report from an earlier run: replaced whole
             shutil.rmtree(target)
         with atomic_output_dir(target, "report.json") as stage:
-            for rel, data in files.items():
-                dest = stage / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
+            write_tree(stage, files)
         where = str(target)
     return FleetItem(entry.name, str(entry.checkpoint), code, seconds, cached=cached, report=report,
                      report_dir=where)

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 
 DEFAULT_SANDBOX: SandboxMode = "auto"
 CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"
+DIED = "the scanning process died (status {code}); no verdict"
+
+
+def child_environment(writable: list[str] | None, scratch: str) -> dict[str, str]:
+    """The environment of a scanning child: a private TMPDIR, and the folders it may write when it is to confine
+    itself (None: it runs unconfined)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch}
+    env.pop(CHILD_ENV, None)
+    if writable is not None:
+        env[CHILD_ENV] = json.dumps(writable)
+    return env
 
 
 def _argv_from_context(ctx) -> list[str]:
@@ -112,7 +123,7 @@ def _spawn(ctx, writable: list[str], limits: Limits, console: Console) -> int:
 
 def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: Console) -> int:
     argv = [sys.executable, "-m", "backdoorscan", *_argv_from_context(ctx)]
-    env = {**os.environ, CHILD_ENV: json.dumps(writable), "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch}
+    env = child_environment(writable, scratch)
     streams = []
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -143,7 +154,6 @@ def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: 
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     if code < 0 or code > 3:  # killed by a signal or crashed in native code
-        console.print(Text.assemble(("error: ", "bold red"), f"the scanning process died (status {code}); "
-                                    "no verdict"), highlight=False)
+        console.print(Text.assemble(("error: ", "bold red"), DIED.format(code=code)), highlight=False)
         return 2
     return code

@@ -202,34 +202,25 @@ def _fleet(paths: list[Path], data: Path | None, out_dir: Path | None, markdown:
            run: dict[str, Any], settings_values: dict[str, Any], model_values: dict[str, Any]) -> int:
     """Many models: each scanned by its own sandboxed child (locally or on Ray), cached, summed up."""
     from ..cache import ResultCache
-    from ..fleet import local_runner, plan, scan_fleet
+    from ..fleet import CHILD_RUN_KEYS, plan, scan_fleet
     from ..report.markdown import fleet_markdown
     from ..report.writer import write_text_atomic
     from .views import fleet_progress, print_fleet
 
-    given = {k: v for k, v in model_values.items() if v not in (None, False)}
-    if given.get("labels") is not None:
-        given["labels"] = Path(given["labels"])
-    if given.get("input_size") is not None:
-        given["input_size"] = opt.parse_size(given["input_size"])
-    for key in ("mean", "std"):
-        if given.get(key) is not None:
-            given[key] = opt.parse_floats(given[key], key)
+    given = {k: v for k, v in opt.model_values(model_values).items() if v not in (None, False)}
     chosen = {k: v for k, v in settings_values.items() if v != getattr(ScanSettings, k, None)}
     entries = plan(paths, data, given, chosen, manifest)
     for target in (out_dir, markdown, sarif):
         ensure_outside(target, *{e.data for e in entries})
-    per_scan = {k: run[k] for k in ("device", "threads", "forward_timeout", "max_memory")}
-    timeout = float(run["timeout"])
-    runner, where = local_runner(run["sandbox"], timeout), "local"
+    runner, where = None, "local"  # scan_fleet's default: one child after another on this machine
     if ray is not None:
         from ..fleet_ray import ray_runner
 
-        runner, where = ray_runner(ray, run["sandbox"], timeout, run["threads"])
+        runner, where = ray_runner(ray, run["sandbox"], float(run["timeout"]), run["threads"])
     cache = None if no_cache else ResultCache(cache_dir)
     with fleet_progress(len(entries), not run["quiet"] and not run["as_json"]) as on_item:
-        result = scan_fleet(entries, run={**per_scan, "sandbox": run["sandbox"], "timeout": timeout},
-                            out=out_dir, cache=cache, runner=runner, runner_name=where, on_item=on_item)
+        result = scan_fleet(entries, run={k: run[k] for k in (*CHILD_RUN_KEYS, "sandbox", "timeout")}, out=out_dir,
+                            cache=cache, runner=runner, runner_name=where, on_item=on_item)
     if sarif is not None:
         from ..report.sarif import write_sarif
 

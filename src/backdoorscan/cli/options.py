@@ -141,16 +141,20 @@ def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise ScanError(f"--{name} {text!r} is not a list of numbers", hint="e.g. 0.5,0.5,0.5") from exc
 
 
+def model_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The model options parsed: sizes and per-channel values as tuples (the labels file stays a path)."""
+    return {**values, "input_size": parse_size(values["input_size"]), "mean": parse_floats(values["mean"], "mean"),
+            "std": parse_floats(values["std"], "std")}
+
+
 def model_source(checkpoint: Path, values: dict[str, Any]) -> ModelSource:
     """The `ModelSource` the model options describe."""
     from ..loading import ModelSource
     from ..loading.labels import read_labels
 
-    return ModelSource(checkpoint=checkpoint, arch=values["arch"], num_classes=values["num_classes"],
-                       input_size=parse_size(values["input_size"]), channels=values["channels"],
-                       mean=parse_floats(values["mean"], "mean"), std=parse_floats(values["std"], "std"),
-                       labels=None if values["labels"] is None else read_labels(values["labels"]),
-                       unsafe_allow_pickle=values["unsafe_allow_pickle"])
+    parsed = model_values(values)
+    return ModelSource(checkpoint=checkpoint, **{**parsed, "labels": None if values["labels"] is None
+                                                 else read_labels(values["labels"])})
 
 
 def limits(values: dict[str, Any]) -> Limits:

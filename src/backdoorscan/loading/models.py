@@ -152,13 +152,13 @@ def _natural(key: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", key) if part]
 
 
-def resolve_arch(spec: str, num_classes: int | None) -> nn.Module:
+def resolve_arch(spec: str, num_classes: int | None, in_chans: int | None = None) -> nn.Module:
     """Build an untrained module from `resnet18`, `timm:NAME`, `path/to/file.py:function` or
-    `package.module:function`."""
+    `package.module:function`; `in_chans` (the weights' input channels) reaches timm's factory."""
     if spec.startswith("timm:"):
         from .hub import timm_arch
 
-        return timm_arch(spec[len("timm:"):], num_classes)
+        return timm_arch(spec[len("timm:"):], num_classes, in_chans)
     if ":" in spec:
         target, func_name = spec.rsplit(":", 1)
         if target.endswith(".py"):
@@ -198,14 +198,9 @@ def _load_state_into(state: dict[str, torch.Tensor], arch: str | None, num_class
     if num_classes is not None and inferred is not None and inferred != num_classes:
         raise ScanError(f"--num-classes {num_classes} disagrees with the weights, whose head has {inferred} outputs",
                         path=path, hint=f"use --num-classes {inferred}")
-    if arch.startswith("timm:"):
-        from .hub import timm_arch
-
-        convs = [v for _, v in sorted(state.items(), key=lambda kv: _natural(kv[0])) if v.ndim == 4]
-        module = timm_arch(arch[len("timm:"):], num_classes if num_classes is not None else inferred,
-                           in_chans=int(convs[0].shape[1]) if convs else None)
-    else:
-        module = resolve_arch(arch, num_classes if num_classes is not None else inferred)
+    convs = [v for _, v in sorted(state.items(), key=lambda kv: _natural(kv[0])) if v.ndim == 4]
+    module = resolve_arch(arch, num_classes if num_classes is not None else inferred,
+                          in_chans=int(convs[0].shape[1]) if convs else None)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

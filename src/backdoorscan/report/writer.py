@@ -55,6 +55,20 @@ def atomic_output_dir(out: Path, last: str) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def read_tree(folder: Path) -> dict[str, bytes]:
+    """A folder's regular files (relative name -> bytes): no symlinks, nothing hidden (staging leftovers)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not p.relative_to(folder).as_posix().startswith(".")}
+
+
+def write_tree(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `read_tree`'s files below a folder."""
+    for rel, data in files.items():
+        (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / rel).write_bytes(data)
+
+
 def write_scan_report(scan, out: Path) -> Path:
     """report.json, report.md, triggers.png and per-class trigger/mask/stamped PNGs under `out`."""
     ensure_outside(out, scan.data.get("path"))
