@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.choices import Evidence, Form, Refine, Scale, choices
-from backdoorscan.decide import class_evidence, decision_margin, flag, guards
+from backdoorscan.decide import class_evidence, class_threshold, decision_margin, flag, guards, name_targets
 from backdoorscan.device import resolve_device
 from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
@@ -49,6 +50,8 @@ def main() -> None:
                                           "--threshold, --max-ratio, --evidence")
     parser.add_argument("--scale", default=ScanSettings.scale, choices=choices(Scale))
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
+    parser.add_argument("--threshold-classes", type=int, default=ScanSettings.threshold_classes)
+    parser.add_argument("--target-share", type=float, default=ScanSettings.target_share)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
     parser.add_argument("--evidence", default=ScanSettings.evidence, choices=choices(Evidence),
                         help="with --rescore: the per-class size to decide on (decide.class_evidence)")
@@ -58,9 +61,10 @@ def main() -> None:
         return
     if args.rescore:
         saved = [json.loads(Path(f).read_text()) for f in args.rescore.split(",")]
-        rows = [rescore(r, args.scale, args.threshold, args.max_ratio, args.evidence) for d in saved for r in d["rows"]]
-        report(rows, f"{saved[0]['device']}; decided again with scale {args.scale}, threshold {args.threshold}, "
-                     f"max ratio {args.max_ratio}, evidence {args.evidence}")
+        rule = Rule(args.scale, args.threshold, args.max_ratio, args.evidence, args.threshold_classes,
+                    args.target_share)
+        rows = [rescore(r, rule) for d in saved for r in d["rows"]]
+        report(rows, f"{saved[0]['device']}; decided again with {rule}")
         return
     torch.set_num_threads(args.threads)
     zoo = Path(args.zoo)
@@ -91,7 +95,9 @@ def main() -> None:
                 order = stage1_order(source, data, settings, dev, scan.batching.get("class_group"))
             rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
                          "accuracy": model["accuracy"], "asr": model["asr"], "verdict": scan.verdict,
-                         "found": scan.target_classes,
+                         "found": scan.target_classes, "num_classes": scan.staging.num_classes if scan.staging
+                         else None, "threshold": scan.threshold,
+                         "weaker": [c.cls for c in scan.classes if c.flagged and not c.target],
                          "l1_target": l1[ids.index(target)] if target in ids else None,
                          "refine": None if scan.staging is None else scan.staging.mode, "classes": ids,
                          "weights": [c.weight for c in scan.classes], "stage1_order": order,
@@ -131,8 +137,7 @@ def staged_row(row: dict, suspects: int = ScanSettings.suspects, references: int
     refined, _, weights = select(order, suspects, references, seed)
     pos = [row["classes"].index(c) for c in refined]
     pick = {key: [row[key][i] for i in pos] for key in ("l1", "asr_per_class", "uap_norm", "uap_success")}
-    return rescore({**row, **pick, "classes": refined, "weights": weights}, ScanSettings.scale,
-                   ScanSettings.threshold, ScanSettings.max_ratio, ScanSettings.evidence)
+    return rescore({**row, **pick, "classes": refined, "weights": weights, "num_classes": k}, Rule())
 
 
 def compare_staged(saved: list[dict]) -> None:
@@ -174,19 +179,39 @@ def report(rows: list[dict], device: str) -> None:
               f"{index} | {ratio} |")
 
 
-def rescore(row: dict, scale: str, threshold: float, max_ratio: float, evidence: str) -> dict:
+@dataclass(frozen=True)
+class Rule:
+    """The decision's settings, as `scan_model` applies them (defaults: ScanSettings')."""
+
+    scale: str = ScanSettings.scale
+    threshold: float = ScanSettings.threshold
+    max_ratio: float = ScanSettings.max_ratio
+    evidence: str = ScanSettings.evidence
+    threshold_classes: int = ScanSettings.threshold_classes
+    target_share: float = ScanSettings.target_share
+
+
+def num_classes(row: dict) -> int:
+    """K of a row's model: stored, else the stage-1 ranking's length, else the number of classes scanned."""
+    return row.get("num_classes") or len(row.get("stage1_order") or row["l1"])
+
+
+def rescore(row: dict, rule: Rule) -> dict:
     """The row with verdict, found classes and margin decided again from its stored per-class figures."""
     if not row["l1"]:
         return row
-    index, ratio = class_evidence(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, evidence,
-                                  scale, row.get("weights"))
-    rule = {"asr_min": ScanSettings.asr_min, "max_ratio": max_ratio}
-    flagged = flag(index, ratio, row["asr_per_class"], threshold=threshold, **rule)
+    index, ratio = class_evidence(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, rule.evidence,
+                                  rule.scale, row.get("weights"))
+    guard = {"asr_min": ScanSettings.asr_min, "max_ratio": rule.max_ratio}
+    threshold = class_threshold(rule.threshold, num_classes(row), rule.threshold_classes)
+    flagged = flag(index, ratio, row["asr_per_class"], threshold=threshold, **guard)
+    named = name_targets(index, flagged, threshold=threshold, share=rule.target_share)
     ids = row.get("classes") or list(range(len(row["l1"])))
-    found = [int(ids[i]) for i in np.flatnonzero(flagged)]
-    margin = decision_margin(index, flagged, guards(ratio, row["asr_per_class"], **rule), threshold=threshold)
+    found = [int(ids[i]) for i in np.flatnonzero(named)]
+    margin = decision_margin(index, named, guards(ratio, row["asr_per_class"], **guard), threshold=threshold)
     row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
-           "anomaly_index": [round(float(v), 3) for v in index]}
+           "anomaly_index": [round(float(v), 3) for v in index], "threshold": round(threshold, 3),
+           "weaker": [int(ids[i]) for i in np.flatnonzero(flagged & ~named)]}
     return {**row, "stage": stage(row)}
 
 

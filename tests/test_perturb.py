@@ -130,3 +130,41 @@ def test_class_groups_are_sized_to_the_memory_budget(small_model, digits):
     assert auto_class_group(per_sample, 16, 1000, 10 * one_class) == 10
     assert auto_class_group(per_sample, 16, 1000, one_class // 2) == 1  # never fewer than one class
     assert auto_class_group(per_sample, 16, 10, 10**15) == 10  # never more than all of them
+
+
+def test_threshold_rises_with_the_classes_so_clean_models_cross_it_as_often():
+    """The largest of K clean classes' indices grows with K; the raised threshold keeps the share of clean models
+    with a class over it at the 10-class figure (indices drawn standard normal, 4,000 models per K)."""
+    from backdoorscan.decide import class_threshold
+
+    assert class_threshold(2.0, 10, 10) == 2.0 and class_threshold(2.0, 1000, 0) == 2.0
+    assert np.isclose(class_threshold(2.0, 43, 10), 2.556, atol=1e-3)
+    rng = np.random.default_rng(0)
+    crossed = {k: float((rng.standard_normal((4000, k)).max(1) > class_threshold(2.0, k, 10)).mean())
+               for k in (10, 43, 1000)}
+    assert all(abs(share - crossed[10]) < 0.03 for share in crossed.values()), crossed
+    assert (rng.standard_normal((4000, 1000)).max(1) > 2.0).mean() > 0.99  # the fixed threshold: nearly all
+
+
+def test_a_weaker_class_beside_the_target_is_flagged_but_not_named():
+    """Figures recorded from a staged scan of a 43-class GTSRB model (BadNets 4x4, target 19; docs/results.md):
+    class 25, naturally small, crosses the threshold too, far below the target. The verdict counts both; only
+    the target is named. Two targets that stand out alike are both named."""
+    from backdoorscan.decide import class_evidence, class_threshold, flag, name_targets
+
+    classes = [19, 38, 7, 25, 22, 11, 33, 4, 2, 9, 41, 30, 1, 15, 24, 18]
+    l1 = [16.332, 316.023, 258.518, 131.373, 296.437, 257.111, 418.593, 374.982, 506.6, 414.314, 703.184, 520.341,
+          293.255, 482.813, 301.964, 401.499]
+    uap = [2.56, 6.095, 5.423, 5.049, 5.981, 4.941, 6.515, 6.836, 7.317, 8.042, 10.0, 8.157, 6.739, 8.065, 8.031,
+           5.918]
+    weights = [1.0] * 6 + [3.7] * 10
+    index, ratio = class_evidence(l1, uap, "combined", "log", weights)
+    threshold = class_threshold(2.0, 43, 10)
+    flagged = flag(index, ratio, [1.0] * 16, threshold=threshold, asr_min=0.5, max_ratio=0.5)
+    named = name_targets(index, flagged, threshold=threshold, share=0.5)
+    assert [classes[i] for i in np.flatnonzero(flagged)] == [19, 25]
+    assert [classes[i] for i in np.flatnonzero(named)] == [19]
+    assert name_targets(index, flagged, threshold=threshold, share=0.0).tolist() == flagged.tolist()
+    twin = index.copy()
+    twin[3] = index[0] - 0.5
+    assert name_targets(twin, flagged, threshold=threshold, share=0.5).sum() == 2

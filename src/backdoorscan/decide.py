@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
 from .choices import Evidence, Scale, check_choice
@@ -91,12 +93,42 @@ def guards(ratio: np.ndarray, asr: np.ndarray | list[float], *, asr_min: float, 
     return (np.asarray(asr, dtype=np.float64) >= asr_min) & (np.asarray(ratio, dtype=np.float64) <= max_ratio)
 
 
+def class_threshold(threshold: float, classes: int, at: int) -> float:
+    """The anomaly-index threshold for a model of `classes` classes: `threshold` up to `at` classes, raised beyond.
+
+    A clean class's index is about standard normal, and the largest of K of them grows with K (about 1.5 for 10
+    classes, 2.2 for 43, 3.2 for 1,000), so a fixed threshold flags more clean models the more classes they have.
+    The raised threshold keeps the chance that some clean class crosses it what it is at `at` classes (a
+    Bonferroni correction scaled to `at`): 2.0 at 10 classes becomes 2.56 at 43, 2.84 at 100, 3.51 at 1,000.
+    `at` 0: never raised (the papers' fixed threshold).
+    """
+    if at <= 0 or classes <= at:
+        return threshold
+    normal = NormalDist()
+    return normal.inv_cdf(1 - (1 - normal.cdf(threshold)) * at / classes)
+
+
+def name_targets(index: np.ndarray, flagged: np.ndarray, *, threshold: float, share: float) -> np.ndarray:
+    """Which flagged classes are named as backdoor targets: those whose margin over the threshold is at least
+    `share` of the largest flagged margin (0: every flagged class).
+
+    The verdict depends on the flagged classes alone; this only names them. A trigger's target stands far out; a
+    second class just over the threshold beside it is more likely the clean tail (on 43 classes a sampled
+    median and MAD move such classes by a unit), and two targets of one attack stand out alike.
+    """
+    index, flagged = np.asarray(index, dtype=np.float64), np.asarray(flagged, dtype=bool)
+    if not flagged.any():
+        return flagged
+    top = float(np.max(index[flagged])) - threshold
+    return flagged & (index - threshold >= share * top)
+
+
 def decision_margin(index: np.ndarray, flagged: np.ndarray, candidates: np.ndarray, *, threshold: float) -> float:
     """How far the verdict is from flipping, in anomaly-index units (positive: robust).
 
-    With flagged classes: the smallest flagged index above the threshold. Without: the threshold above the largest
-    index among the candidates (classes whose trigger works and is small enough to be flagged, see
-    `flag_classes`); with no candidate at all, the threshold itself.
+    With flagged classes (pass the named targets, `name_targets`): the smallest of their indices above the
+    threshold. Without: the threshold above the largest index among the candidates (classes whose trigger works
+    and is small enough to be flagged, see `guards`); with no candidate at all, the threshold itself.
     """
     index = np.asarray(index, dtype=np.float64)
     if np.any(flagged):

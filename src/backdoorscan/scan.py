@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import __version__
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
 from .choices import Form
-from .decide import class_evidence, decision_margin, flag, guards
+from .decide import class_evidence, class_threshold, decision_margin, flag, guards, name_targets
 from .device import DEFAULT_DEVICE
 from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
@@ -41,10 +41,16 @@ class ClassResult:
     size_ratio: float  # the decision's size (settings.evidence) / its median over the classes
     anomaly_index: float  # of the decision's size
     asr: float
-    flagged: bool
+    flagged: bool  # over the threshold and past the guards: the verdict is "backdoor" when any class is
+    target: bool = False  # flagged and named a backdoor target (decide.name_targets)
     role: str = "all"  # why it was refined: "all", or in a staged scan "suspect" / "reference"
     stage1_rank: int | None = None  # its rank in stage 1 (0: most suspect); None without a stage 1
     weight: float = 1.0  # how many classes it stands for in the median and MAD
+
+    @property
+    def flag_word(self) -> str:
+        """The tables' flagged column: "target", "weaker" (flagged, not named: decide.name_targets) or empty."""
+        return "target" if self.target else "weaker" if self.flagged else ""
 
 
 @dataclass
@@ -66,6 +72,7 @@ class ModelScan:
     stamped: torch.Tensor = field(repr=False)  # (N, C, H, W) a clean sample with each reversed trigger
     uaps: torch.Tensor = field(repr=False)  # (N, C, H, W) the targeted UAPs of Alg. 1
     margin: float | None = None  # anomaly-index units between the verdict and its flip (decide.decision_margin)
+    threshold: float | None = None  # the anomaly-index threshold used for this model's K (decide.class_threshold)
     form: Form = "blend"  # how `triggers` and `masks` are stamped (see triggers.py)
     evidence: Evidence = field(default_factory=Evidence)
     batching: dict = field(default_factory=dict)  # classes per batch and the memory figures that chose it
@@ -75,6 +82,15 @@ class ModelScan:
     def reasons(self) -> list[str]:
         """Why the verdict is inconclusive (empty otherwise)."""
         return self.evidence.reasons
+
+    @property
+    def threshold_note(self) -> str:
+        """A line on the threshold, when it was raised for this model's number of classes (else empty)."""
+        if self.threshold is None or self.threshold == self.settings.threshold:
+            return ""
+        k = self.staging.num_classes if self.staging is not None else len(self.classes)
+        return (f"threshold {self.threshold:.2f} for {k} classes ({self.settings.threshold:g} up to "
+                f"{self.settings.threshold_classes}, raised so a clean model is as likely to cross it)")
 
     @property
     def exit_code(self) -> int:
@@ -89,6 +105,7 @@ class ModelScan:
             "verdict": self.verdict,
             "target_classes": self.target_classes,
             "margin": None if self.margin is None else round(self.margin, 4),
+            "threshold": None if self.threshold is None else round(self.threshold, 4),
             "reasons": self.reasons,
             "evidence": self.evidence.checks,
             "model": self.model,
@@ -171,15 +188,18 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     uap_norms = norm_of(v, settings.norm).cpu().numpy()
     index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale, staging.weights)
     rule = {"asr_min": settings.asr_min, "max_ratio": settings.max_ratio}
-    flagged = flag(index, ratio, asr, threshold=settings.threshold, **rule)
+    threshold = class_threshold(settings.threshold, k, settings.threshold_classes)
+    flagged = flag(index, ratio, asr, threshold=threshold, **rule)
+    named = name_targets(index, flagged, threshold=threshold, share=settings.target_share)
     names = ready.labels
     classes = [ClassResult(cls=c, name=names[c] if names else None, uap_success=_num(success[i]),
                            uap_norm=float(uap_norms[i]), l1_norm=float(l1[i]), size_ratio=float(ratio[i]),
                            anomaly_index=float(index[i]), asr=float(asr[i]), flagged=bool(flagged[i]),
+                           target=bool(named[i]),
                            role=staging.roles[i], stage1_rank=staging.rank(c), weight=staging.weights[i])
                for i, c in enumerate(staging.refined)]
-    targets_found = [c.cls for c in classes if c.flagged] if ready.evidence.ok else []
-    verdict = "inconclusive" if not ready.evidence.ok else "backdoor" if targets_found else "clean"
+    targets_found = [c.cls for c in classes if c.target] if ready.evidence.ok else []
+    verdict = "inconclusive" if not ready.evidence.ok else "backdoor" if any(flagged) else "clean"
     timings["total"] = time.perf_counter() - t0
     return ModelScan(
         verdict=verdict, target_classes=targets_found, classes=classes, evidence=ready.evidence,
@@ -189,8 +209,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(),
         stamped=_examples(s.x, y, staging.refined, refined).cpu(), uaps=v.cpu(), form=refined.form,
-        batching=batching, staging=staging,
-        margin=decision_margin(index, flagged, guards(ratio, asr, **rule), threshold=settings.threshold)
+        batching=batching, staging=staging, threshold=threshold,
+        margin=decision_margin(index, named, guards(ratio, asr, **rule), threshold=threshold)
         if ready.evidence.ok else None)
 
 

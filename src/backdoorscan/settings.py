@@ -63,7 +63,12 @@ class ScanSettings(CommonSettings):
     w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
     evidence: Evidence = setting("combined", "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
                                              "(combined: mean anomaly index). Neural Cleanse: its L1.")
-    threshold: float = setting(2.0, "Anomaly index above which a class is flagged.")
+    threshold: float = setting(2.0, "Anomaly index above which a class is flagged, in a model of at most "
+                                    "--threshold-classes classes (raised for more; see docs/method.md).")
+    threshold_classes: int = setting(10, "Classes up to which --threshold holds as given; beyond, it is raised so "
+                                         "that a clean model is as likely to cross it (0: never raised).")
+    target_share: float = setting(0.5, "Flagged classes named as targets: those whose margin over the threshold "
+                                       "is at least this share of the largest (0: every flagged class).")
     scale: Scale = setting("log", "Anomaly index over log L1 (log) or L1 (linear, as in the papers).")
     asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
     max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have (combined: geometric "
@@ -89,6 +94,8 @@ class ScanSettings(CommonSettings):
     def _check_ranges(self) -> None:
         super()._check_ranges()
         _at_least_one(self, "steps", "batch_size", "max_passes", "suspects", "references")
+        if self.threshold_classes < 0 or not 0 <= self.target_share <= 1:
+            raise ScanError("threshold classes must not be negative and target share must be in [0, 1]")
         if self.class_group is not None and self.class_group < 1:
             raise ScanError("class group must be at least 1")
         if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:

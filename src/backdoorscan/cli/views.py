@@ -69,12 +69,14 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
                       *((c.role, str(c.stage1_rank)) if staged else ()),
                       "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.uap_norm:.2f}",
                       f"{c.l1_norm:.2f}",
-                      f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", "yes" if c.flagged else "",
+                      f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", c.flag_word,
                       style=style)
     out.print(table)
     if staged:
         out.print(Text(f"staged scan: {scan.staging.why}; --refine all refines all {scan.staging.num_classes}"),
                   highlight=False)
+    if scan.threshold_note:
+        out.print(Text(scan.threshold_note), highlight=False)
     print_verdict(scan, out_dir)
 
 

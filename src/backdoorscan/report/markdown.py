@@ -31,6 +31,8 @@ def scan_markdown(scan) -> str:
     staged = scan.staging is not None and scan.staging.mode == "staged"
     if staged:
         lines += [f"Staged scan: {scan.staging.why}. The other classes were ranked by stage 1 only.", ""]
+    if scan.threshold_note:
+        lines += [scan.threshold_note[0].upper() + scan.threshold_note[1:] + ".", ""]
     extra = ("refined as", "stage-1 rank") if staged else ()
     header = ("class", *extra, "UAP success", "UAP norm", "L1 of reversed trigger", "size / median",
               "anomaly index", "ASR", "flagged")
@@ -40,7 +42,7 @@ def scan_markdown(scan) -> str:
         name = f"{c.cls} ({plain(c.name)})" if c.name else str(c.cls)
         cells = [name, *((c.role, str(c.stage1_rank)) if staged else ()), success, f"{c.uap_norm:.2f}",
                  f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}",
-                 "**yes**" if c.flagged else ""]
+                 f"**{c.flag_word}**" if c.target else c.flag_word]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
