@@ -148,7 +148,7 @@ def compare_staged(saved: list[dict]) -> None:
     for row in (r for d in saved for r in d["rows"]):
         if row.get("refine") != "all" or not row.get("stage1_order"):
             continue
-        staged = staged_row(row)
+        row, staged = rescore(row, Rule()), staged_row(row)  # both decided by today's rule
         t = row["target"]
         rank = "-" if t is None else row["stage1_order"].index(t)
         agree = staged["found"] == row["found"]
