@@ -40,6 +40,29 @@ def test_badnets_model_is_flagged_with_its_target(badnets_cli, attack_meta):
     assert target["asr"] >= 0.9
 
 
+def test_a_log_gets_plain_progress_lines_on_stderr_and_the_json_alone_on_stdout(badnets_cli):
+    result, _, _ = badnets_cli
+    lines = result.stderr.splitlines()
+    for phase in ("targeted UAPs (Alg. 1)", "refinement (Alg. 2)"):
+        assert any(line.startswith(f"{phase}: started") for line in lines), result.stderr
+        assert any(line.startswith(f"{phase}: done in") for line in lines), result.stderr
+    assert result.stdout.lstrip().startswith("{")
+
+
+def test_log_progress_states_an_eta_at_most_every_interval(capsys):
+    from backdoorscan.cli.views import log_progress
+    now = [0.0]
+    update = log_progress(every=30, clock=lambda: now[0])
+    for t, done in ((0, 0), (10, 10), (31, 31), (40, 40), (62, 62), (100, 100)):
+        now[0] = float(t)
+        update("refine", done, 100)
+    assert capsys.readouterr().err.splitlines() == [
+        "refinement (Alg. 2): started (100 steps)",
+        "refinement (Alg. 2): 31/100 after 31 s, eta 69 s",
+        "refinement (Alg. 2): 62/100 after 62 s, eta 38 s",
+        "refinement (Alg. 2): done in 100 s"]
+
+
 def test_json_report_carries_the_documented_fields(badnets_cli):
     result, out, md = badnets_cli
     report = json.loads(result.stdout)

@@ -6,6 +6,9 @@ Every string that came from a file (names, paths, messages) is printed as plain 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,8 +23,17 @@ if TYPE_CHECKING:
     from ..filtering import FilterResult
     from ..scan import ModelScan
 
-out = Console()
-err = Console(stderr=True)
+LOG_WIDTH = 160  # columns of a table written to a log or a pipe: rich's 80 truncates the scan table's cells
+LOG_EVERY_S = 30.0  # seconds between progress lines in a log
+
+
+def _width(stream) -> int | None:
+    """None (the terminal's own width) on a terminal or with $COLUMNS set; LOG_WIDTH for a log or a pipe."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH
+
+
+out = Console(width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 PHASES = {"stage1": "stage 1: ranking classes",
           "uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
@@ -30,9 +42,12 @@ PHASES = {"stage1": "stage 1: ranking classes",
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich progress bar per phase on stderr, or nothing when disabled or not on a terminal."""
-    if not enabled or not err.is_terminal:
+    """A rich progress bar per phase on stderr; in a log (stderr not a terminal) plain lines (`log_progress`)."""
+    if not enabled:
         yield None
+        return
+    if not err.is_terminal:
+        yield log_progress()
         return
     bar = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
@@ -45,6 +60,31 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
 
     with bar:
         yield update
+
+
+def log_progress(every: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic
+                 ) -> Callable[[str, int, int], None]:
+    """Progress for a CI log: a line on stderr when a phase starts, every `every` seconds with its ETA, and when
+    it ends, so a long scan in a pipeline shows it is alive and when it will finish."""
+    started: dict[str, float] = {}
+    shown: dict[str, float] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        now, label = clock(), PHASES.get(phase, phase)
+        if phase not in started:
+            started[phase] = shown[phase] = now
+            err.print(Text(f"{label}: started ({total} steps)"), highlight=False)
+        elapsed = now - started[phase]
+        if done >= total > 0:
+            if shown[phase] != float("inf"):
+                shown[phase] = float("inf")
+                err.print(Text(f"{label}: done in {elapsed:.0f} s"), highlight=False)
+        elif done > 0 and now - shown[phase] >= every:
+            shown[phase] = now
+            eta = elapsed / done * (total - done)
+            err.print(Text(f"{label}: {done}/{total} after {elapsed:.0f} s, eta {eta:.0f} s"), highlight=False)
+
+    return update
 
 
 def error_line(label: str, text: str, style: str = "bold red") -> None:
