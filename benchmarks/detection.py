@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
-from backdoorscan.choices import Evidence, Form, Refine, Scale, choices
+from backdoorscan.choices import Evidence, Form, MaskCost, Refine, Scale, choices
 from backdoorscan.decide import class_evidence, class_threshold, decision_margin, flag, guards, name_targets
 from backdoorscan.device import resolve_device
 from backdoorscan.loading import prepare
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--data", help="clean samples (default: the zoo's clean.npz, else the bundled MNIST digits)")
     parser.add_argument("--methods", default="usb,nc")
     parser.add_argument("--form", default=ScanSettings.form, choices=choices(Form), help="USB trigger form")
+    parser.add_argument("--mask-cost", default=ScanSettings.mask_cost, choices=choices(MaskCost),
+                        help="USB refinement's size penalty (refine.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--refine", default=ScanSettings.refine, choices=choices(Refine),
@@ -85,7 +87,7 @@ def main() -> None:
                 continue
             t = time.perf_counter()
             source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"))
-            settings = ScanSettings(method=method, form=args.form, refine=args.refine)
+            settings = ScanSettings(method=method, form=args.form, refine=args.refine, mask_cost=args.mask_cost)
             scan = scan_model(source, data, settings=settings, device=dev)
             target = model["attack"]["target"] if model["attack"] else None
             l1 = [c.l1_norm for c in scan.classes]

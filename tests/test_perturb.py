@@ -168,3 +168,16 @@ def test_a_weaker_class_beside_the_target_is_flagged_but_not_named():
     twin = index.copy()
     twin[3] = index[0] - 0.5
     assert name_targets(twin, flagged, threshold=threshold, share=0.5).sum() == 2
+
+
+def test_cost_schedule_climbs_while_the_trigger_works_and_keeps_the_smallest_that_did():
+    from backdoorscan.cost import CostSchedule
+    s = CostSchedule.start(2, init=1e-3, epoch=2, device=torch.device("cpu"), patience=2)
+    works, fails = torch.ones(2, 8, dtype=torch.bool), torch.tensor([[True] * 8, [False] * 8])
+    kept = [s.step(works, torch.tensor([50.0, 60.0])) for _ in range(2)]  # epoch 1: both work
+    assert kept[0].tolist() == [False, False] and kept[1].tolist() == [True, True]
+    for size in (40.0, 40.0, 30.0, 30.0):  # epochs 2-3: class 0 works and shrinks, class 1 fails
+        kept.append(s.step(fails, torch.tensor([size, 10.0])))
+    assert s.best.tolist() == [30.0, 60.0]  # class 1's smaller trigger never worked: not kept
+    assert torch.allclose(s.cost, torch.tensor([1.5e-3, 1e-3 / 1.5 ** 1.5]))  # up after 2 good, down after 2 bad
+    assert not s.never.any()

@@ -7,6 +7,11 @@ mask = 1, so the first x' is x + v; "blend" starts from mask = |v| and pattern =
 approximates x + v.
 
 After every step the mask is clamped to [0, 1] and the trigger to [-1, 1] ("paper") or [0, 1] ("blend").
+
+The size term: "fixed" is Eq. (1) with the mask's mean L1 (weight 1); "adaptive" is the authors' code: the sum
+L1 under Neural Cleanse's per-class weight schedule (`cost.CostSchedule`), keeping the smallest trigger that
+moved 99 % of an epoch's samples. A fixed weight leaves diffuse low mask values over the whole image, which add up
+and hide how small the working part of a larger patch trigger is.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .choices import Form, check_choice
+from .choices import Form, MaskCost, check_choice
+from .cost import CostSchedule
 from .ssim import ssim
 from .triggers import Refined, stamp, stamped_success, trigger_size
 
@@ -31,9 +37,11 @@ def initial(v: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
 
 def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, v: torch.Tensor,
            failed: torch.Tensor, *, form: Form, steps: int, lr: float, batch: int, betas: tuple[float, float],
-           w0: float, progress: Callable[[int, int], None] | None = None) -> Refined:
+           w0: float, mask_cost: MaskCost = "fixed", init_cost: float = 1e-3,
+           progress: Callable[[int, int], None] | None = None) -> Refined:
     """Alg. 2 for every class in `targets` at once, from the UAPs v (K, C, H, W); the knobs are `ScanSettings`'."""
     check_choice("form", form, Form)
+    check_choice("mask cost", mask_cost, MaskCost)
     trigger, mask = initial(v, form)
     trigger.requires_grad_(True)
     mask.requires_grad_(True)
@@ -41,15 +49,26 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Te
     k, n = len(targets), x.shape[0]
     ce_weight = torch.where(failed, torch.full_like(v[:, 0, 0, 0], w0), torch.ones_like(v[:, 0, 0, 0]))
     lo = -1.0 if form == "paper" else 0.0
+    schedule = None if mask_cost == "fixed" else CostSchedule.start(k, init=init_cost, epoch=n // batch,
+                                                                      device=x.device)
+    kept_trigger, kept_mask = trigger.detach().clone(), mask.detach().clone()
     for step in range(steps):
         idx = torch.arange(step * batch, (step + 1) * batch, device=x.device) % n
         xb = x[idx]
         stamped = stamp(xb, trigger, mask, form)  # (K, B, C, H, W)
         logits = model(stamped.flatten(0, 1))
-        ce = F.cross_entropy(logits, targets.repeat_interleave(len(idx)), reduction="none").view(k, -1).mean(1)
+        wanted = targets.repeat_interleave(len(idx))
+        ce = F.cross_entropy(logits, wanted, reduction="none").view(k, -1).mean(1)
         sim = ssim(xb.repeat(k, 1, 1, 1), stamped.flatten(0, 1)).view(k, -1).mean(1)
-        size = torch.where(failed, trigger.abs().flatten(1).mean(1), mask.abs().flatten(1).mean(1))
+        if schedule is None:  # Eq. (1): the mean, weight 1
+            size = torch.where(failed, trigger.abs().flatten(1).mean(1), mask.abs().flatten(1).mean(1))
+        else:
+            size = schedule.cost * torch.where(failed, trigger.abs().flatten(1).sum(1), mask.abs().flatten(1).sum(1))
         loss = (ce_weight * ce - sim + size).sum()
+        if schedule is not None:  # judge the trigger just used, before this step changes it
+            with torch.no_grad():
+                better = schedule.step((logits.argmax(1) == wanted).view(k, -1), trigger_size(trigger, mask, form))
+                kept_trigger[better], kept_mask[better] = trigger[better], mask[better]
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -59,5 +78,9 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Te
         if progress is not None:
             progress(step + 1, steps)
     trigger, mask = trigger.detach(), mask.detach()
+    if schedule is not None:  # the smallest trigger that worked; the last one where none did
+        never = schedule.never
+        kept_trigger[never], kept_mask[never] = trigger[never], mask[never]
+        trigger, mask = kept_trigger, kept_mask
     asr = stamped_success(model, x, y, targets, trigger, mask, form)
     return Refined(trigger=trigger, mask=mask, l1=trigger_size(trigger, mask, form), asr=asr, form=form)

@@ -171,7 +171,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         parts = in_class_groups(
             lambda sl: refine(net, s.x, y, targets[sl], v[sl], success[sl] < settings.theta, form=settings.form,
                               steps=settings.steps, lr=settings.lr, betas=settings.betas,
-                              batch=settings.batch_size, w0=settings.w0, progress=report("refine", sl)), n, group)
+                              batch=settings.batch_size, w0=settings.w0, mask_cost=settings.mask_cost,
+                              init_cost=settings.init_cost, progress=report("refine", sl)), n, group)
         timings["refine"] = time.perf_counter() - t
     else:
         from .baselines.nc import neural_cleanse

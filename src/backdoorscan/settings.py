@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, get_origin, get_type_hints
 
-from .choices import Evidence, FilterMethod, Form, Method, Norm, Refine, Scale, Solver, check_choice
+from .choices import Evidence, FilterMethod, Form, MaskCost, Method, Norm, Refine, Scale, Solver, check_choice
 from .errors import ScanError
 
 
@@ -61,6 +61,10 @@ class ScanSettings(CommonSettings):
     batch_size: int = setting(16, "Samples per refinement step and class.")
     form: Form = setting("blend", "Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")
     w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
+    mask_cost: MaskCost = setting("fixed", "Alg. 2's size penalty: fixed (Eq. (1): the mask's mean L1) or "
+                                           "adaptive (the USB authors' code: a per-class L1 weight raised while the "
+                                           "trigger works, the smallest working trigger kept).")
+    init_cost: float = setting(1e-3)  # adaptive mask cost: the starting L1 weight (the authors' and NC's)
     evidence: Evidence = setting("combined", "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
                                              "(combined: mean anomaly index). Neural Cleanse: its L1.")
     threshold: float = setting(2.0, "Anomaly index above which a class is flagged, in a model of at most "

@@ -2,8 +2,9 @@
 
 Batched over classes like USB. x' = (1 - m) * x + m * p with m = tanh(.)/2 + 1/2 of shape (K, 1, H, W) and
 p = tanh(.)/2 + 1/2; Adam (lr 0.1, betas (0.5, 0.9)); lambda starts at 1e-3 and, per class, is multiplied by 1.5
-after `patience` epochs at ASR >= 0.99 and divided by 1.5 ** 1.5 after `patience` epochs below it. The smallest
-mask that reached ASR >= 0.99 is kept. Its size is ||m||_1, decided with the same one-sided MAD rule.
+after `patience` epochs at ASR >= 0.99 and divided by 1.5 ** 1.5 after `patience` epochs below it
+(`cost.CostSchedule`). The smallest mask that reached ASR >= 0.99 is kept. Its size is ||m||_1, decided with the
+same one-sided MAD rule.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cost import CostSchedule
 from ..triggers import Refined, stamped_success
 
 
@@ -27,15 +29,10 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: 
     mask_raw = torch.zeros(k, 1, h, w, device=x.device, requires_grad=True)
     pattern_raw = torch.zeros(k, c, h, w, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
-    cost = torch.full((k,), init_cost, device=x.device)
-    best_l1 = torch.full((k,), float("inf"), device=x.device)
+    schedule = CostSchedule.start(k, init=init_cost, epoch=n // batch, device=x.device, goal=asr_goal,
+                                  patience=patience, up=up)
     best_mask = torch.ones(k, 1, h, w, device=x.device)
     best_pattern = torch.zeros(k, c, h, w, device=x.device)
-    up_count = torch.zeros(k, device=x.device)
-    down_count = torch.zeros(k, device=x.device)
-    epoch = max(1, n // batch)
-    hits = torch.zeros(k, device=x.device)
-    seen = 0
     for step in range(steps):
         idx = torch.arange(step * batch, (step + 1) * batch, device=x.device) % n
         xb = x[idx]
@@ -46,31 +43,17 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: 
         tgt = targets.repeat_interleave(len(idx))
         ce = F.cross_entropy(logits, tgt, reduction="none").view(k, -1).mean(1)
         l1 = mask.flatten(1).sum(1)
-        loss = (ce + cost * l1).sum()
+        loss = (ce + schedule.cost * l1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        better = schedule.step((logits.argmax(1) == tgt).view(k, -1), l1.detach())
         with torch.no_grad():
-            hits += (logits.argmax(1) == tgt).view(k, -1).float().sum(1)
-            seen += len(idx)
-            if (step + 1) % epoch == 0:
-                asr = hits / seen
-                better = (asr >= asr_goal) & (l1 < best_l1)
-                best_l1 = torch.where(better, l1, best_l1)
-                best_mask[better] = mask[better]
-                best_pattern[better] = pattern[better]
-                good = asr >= asr_goal
-                up_count = torch.where(good, up_count + 1, torch.zeros_like(up_count))
-                down_count = torch.where(good, torch.zeros_like(down_count), down_count + 1)
-                cost = torch.where(up_count >= patience, cost * up, cost)
-                cost = torch.where(down_count >= patience, cost / up**1.5, cost)
-                up_count = torch.where(up_count >= patience, torch.zeros_like(up_count), up_count)
-                down_count = torch.where(down_count >= patience, torch.zeros_like(down_count), down_count)
-                hits.zero_()
-                seen = 0
+            best_mask[better] = mask[better]
+            best_pattern[better] = pattern[better]
         if progress is not None:
             progress(step + 1, steps)
-    never = torch.isinf(best_l1)  # no mask ever reached the goal: keep the last one
+    never = schedule.never  # no mask ever reached the goal: keep the last one
     with torch.no_grad():
         last_mask = torch.tanh(mask_raw) / 2 + 0.5
         best_mask[never] = last_mask[never]
