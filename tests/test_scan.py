@@ -128,7 +128,8 @@ def test_refinement_paper_form_runs_batched_over_classes(small_model, digits):
     x, y = digits[2][:32], digits[3][:32]
     targets = torch.arange(10)
     refined = refine(small_model, x, y, targets, torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.bool),
-                     form="paper", steps=5, lr=0.1, batch=16, betas=(0.5, 0.9), w0=10.0)
+                     form="paper", steps=5, lr=0.1, batch=16, betas=(0.5, 0.9), w0=10.0, mask_cost="fixed",
+                     init_cost=1e-3)
     assert refined.trigger.shape == (10, 1, 28, 28) and refined.l1.shape == (10,)
     assert float(refined.mask.min()) >= 0 and float(refined.mask.max()) <= 1
 

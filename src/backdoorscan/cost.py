@@ -30,11 +30,10 @@ class CostSchedule:
         self._up, self._down, self._hits, self._seen, self._steps = zeros, zeros.clone(), zeros.clone(), 0, 0
 
     @classmethod
-    def start(cls, k: int, *, init: float, epoch: int, device: torch.device, goal: float = 0.99,
-              patience: int = 5, up: float = 1.5) -> CostSchedule:
-        """A schedule for `k` classes at weight `init`, deciding every `epoch` steps."""
+    def start(cls, k: int, *, init: float, epoch: int, device: torch.device, **rule: float) -> CostSchedule:
+        """A schedule for `k` classes at weight `init`, deciding every `epoch` steps (`rule`: goal, patience, up)."""
         return cls(cost=torch.full((k,), init, device=device), best=torch.full((k,), float("inf"), device=device),
-                   epoch=max(1, epoch), goal=goal, patience=patience, up=up)
+                   epoch=max(1, epoch), **rule)
 
     @torch.no_grad()
     def step(self, hits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:

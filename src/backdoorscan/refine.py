@@ -37,7 +37,7 @@ def initial(v: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
 
 def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, v: torch.Tensor,
            failed: torch.Tensor, *, form: Form, steps: int, lr: float, batch: int, betas: tuple[float, float],
-           w0: float, mask_cost: MaskCost = "fixed", init_cost: float = 1e-3,
+           w0: float, mask_cost: MaskCost, init_cost: float,
            progress: Callable[[int, int], None] | None = None) -> Refined:
     """Alg. 2 for every class in `targets` at once, from the UAPs v (K, C, H, W); the knobs are `ScanSettings`'."""
     check_choice("form", form, Form)
@@ -51,7 +51,8 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Te
     lo = -1.0 if form == "paper" else 0.0
     schedule = None if mask_cost == "fixed" else CostSchedule.start(k, init=init_cost, epoch=n // batch,
                                                                       device=x.device)
-    kept_trigger, kept_mask = trigger.detach().clone(), mask.detach().clone()
+    if schedule is not None:  # the smallest working trigger so far (the schedule says which are better)
+        kept_trigger, kept_mask = trigger.detach().clone(), mask.detach().clone()
     for step in range(steps):
         idx = torch.arange(step * batch, (step + 1) * batch, device=x.device) % n
         xb = x[idx]

@@ -181,7 +181,8 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         success = torch.full((n,), float("nan"), device=dev)
         parts = in_class_groups(
             lambda sl: neural_cleanse(net, s.x, y, targets[sl], steps=settings.steps, lr=settings.lr,
-                                      batch=settings.batch_size, progress=report("nc", sl)), n, group)
+                                      batch=settings.batch_size, init_cost=settings.init_cost,
+                                      progress=report("nc", sl)), n, group)
         timings["nc"] = time.perf_counter() - t
     refined = Refined.concat(parts)
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)

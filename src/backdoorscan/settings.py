@@ -64,7 +64,7 @@ class ScanSettings(CommonSettings):
     mask_cost: MaskCost = setting("fixed", "Alg. 2's size penalty: fixed (Eq. (1): the mask's mean L1) or "
                                            "adaptive (the USB authors' code: a per-class L1 weight raised while the "
                                            "trigger works, the smallest working trigger kept).")
-    init_cost: float = setting(1e-3)  # adaptive mask cost: the starting L1 weight (the authors' and NC's)
+    init_cost: float = setting(1e-3)  # the starting L1 weight of Neural Cleanse and of --mask-cost adaptive
     evidence: Evidence = setting("combined", "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
                                              "(combined: mean anomaly index). Neural Cleanse: its L1.")
     threshold: float = setting(2.0, "Anomaly index above which a class is flagged, in a model of at most "

@@ -20,17 +20,15 @@ from ..triggers import Refined, stamped_success
 
 
 def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
-                   steps: int, lr: float, batch: int, init_cost: float = 1e-3,
-                   asr_goal: float = 0.99, patience: int = 5, up: float = 1.5,
+                   steps: int, lr: float, batch: int, init_cost: float,
                    progress: Callable[[int, int], None] | None = None) -> Refined:
-    """Reverse a trigger for every class in `targets` at once; steps, lr and batch are `ScanSettings`'."""
+    """Reverse a trigger for every class in `targets` at once; steps, lr, batch and init_cost are `ScanSettings`'."""
     k, n = len(targets), x.shape[0]
     c, h, w = x.shape[1:]
     mask_raw = torch.zeros(k, 1, h, w, device=x.device, requires_grad=True)
     pattern_raw = torch.zeros(k, c, h, w, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
-    schedule = CostSchedule.start(k, init=init_cost, epoch=n // batch, device=x.device, goal=asr_goal,
-                                  patience=patience, up=up)
+    schedule = CostSchedule.start(k, init=init_cost, epoch=n // batch, device=x.device)
     best_mask = torch.ones(k, 1, h, w, device=x.device)
     best_pattern = torch.zeros(k, c, h, w, device=x.device)
     for step in range(steps):

@@ -67,7 +67,8 @@ def log_progress(every: float = LOG_EVERY_S, clock: Callable[[], float] = time.m
     """Progress for a CI log: a line on stderr when a phase starts, every `every` seconds with its ETA, and when
     it ends, so a long scan in a pipeline shows it is alive and when it will finish."""
     started: dict[str, float] = {}
-    shown: dict[str, float] = {}
+    shown: dict[str, float] = {}  # when each phase's last line was printed
+    ended: set[str] = set()
 
     def update(phase: str, done: int, total: int) -> None:
         now, label = clock(), PHASES.get(phase, phase)
@@ -76,8 +77,8 @@ def log_progress(every: float = LOG_EVERY_S, clock: Callable[[], float] = time.m
             err.print(Text(f"{label}: started ({total} steps)"), highlight=False)
         elapsed = now - started[phase]
         if done >= total > 0:
-            if shown[phase] != float("inf"):
-                shown[phase] = float("inf")
+            if phase not in ended:
+                ended.add(phase)
                 err.print(Text(f"{label}: done in {elapsed:.0f} s"), highlight=False)
         elif done > 0 and now - shown[phase] >= every:
             shown[phase] = now
