@@ -43,3 +43,29 @@ def attack_meta() -> dict:
     import json
 
     return json.loads((MODELS / "zoo.json").read_text())["mnist_badnets_3x3"]["attack"]
+
+
+# Test tiers (`make test-fast` runs `-m "not slow"`): a test is slow when it trains a model, runs a scan or a CLI
+# command that loads a model, or uses a fixture that does. The rule is written here once, by fixture and module,
+# so that a new test in a slow module or on a slow fixture is tiered without a marker of its own.
+SLOW_FIXTURES = frozenset({"small_model", "reference", "copies", "screened", "models", "first_run", "vit_folder",
+                           "timm_folder", "saved", "badnets_cli", "gtsrb_model", "clean_module"})
+SLOW_MODULES = frozenset({"test_scan", "test_filter", "test_fleet", "test_hub", "test_consistency",
+                          "test_hostile", "test_mechanisms", "test_staged"})
+SLOW_TESTS = frozenset({"test_inputs_are_protected_through_the_library",  # scans, with tiny settings
+                        "test_malicious_pickle_never_runs_without_the_flag"})
+FAST_IN_SLOW_MODULES = frozenset({  # pure functions inside otherwise slow modules
+    "test_log_progress_states_an_eta_at_most_every_interval", "test_shape_expression_grammar",
+    "test_pickle_reader_sees_through_stack_tricks", "test_plain_name_rule", "test_escapes_per_sink",
+    "test_no_env_secret_reaches_a_child", "test_exported_graph_nodes_outside_the_allowlist_are_refused",
+    "test_weighted_median_is_numpys_for_equal_weights_and_counts_repeats",
+    "test_references_form_a_stratified_sample_of_all_classes"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        uses_slow = bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if uses_slow or name in SLOW_TESTS or (module in SLOW_MODULES and name not in FAST_IN_SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)

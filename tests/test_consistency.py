@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from backdoorlab import mnist_cnn, save_model
-from backdoorscan import ModelSource, scan_model
+from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.loading import load_model
 
 from .conftest import ARCHS_FILE, BADNETS, MNIST_TEST
+
+UNIVERSAL = ScanSettings(families="universal")  # the formats' agreement is USB's; the families have their tests
 
 FORMATS = {"onnx": "onnx", "torchscript": "ts", "safetensors": "safetensors", "state_dict": "pt"}
 
@@ -17,7 +19,7 @@ FORMATS = {"onnx": "onnx", "torchscript": "ts", "safetensors": "safetensors", "s
 @pytest.fixture(scope="module")
 def reference():
     """The committed .pt2 model's scan with default settings, on this process's threads."""
-    return scan_model(BADNETS, MNIST_TEST, device="cpu")
+    return scan_model(BADNETS, MNIST_TEST, settings=UNIVERSAL, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def copies(tmp_path_factory, digits):
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_every_format_gives_the_same_verdict(fmt, copies, reference, attack_meta):
-    scan = scan_model(ModelSource(copies[fmt], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, device="cpu")
+    scan = scan_model(ModelSource(copies[fmt], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, settings=UNIVERSAL,
+                      device="cpu")
     assert reference.target_classes == [attack_meta["target"]]
     assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes
     assert scan.margin > 0.5  # a verdict far from its flip, reported in report.json
@@ -41,7 +44,7 @@ def test_one_thread_gives_the_same_verdict(reference):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        scan = scan_model(BADNETS, MNIST_TEST, device="cpu")
+        scan = scan_model(BADNETS, MNIST_TEST, settings=UNIVERSAL, device="cpu")
     finally:
         torch.set_num_threads(threads)
     assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes

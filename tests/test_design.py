@@ -113,7 +113,8 @@ def test_inputs_are_protected_through_the_library(tmp_path):
                              device="cpu")
     with pytest.raises(ScanError, match="inside the input"):
         write_filter_report(result, folder / "report")
-    scan = scan_model(BADNETS, folder, settings=ScanSettings(steps=2, max_passes=1, samples=2), device="cpu")
+    scan = scan_model(BADNETS, folder, settings=ScanSettings(steps=2, max_passes=1, samples=2, families="universal"),
+                      device="cpu")
     with pytest.raises(ScanError, match="inside the input"):
         write_scan_report(scan, folder / "out")
     assert sorted(p.name for p in folder.rglob("*")) == before

@@ -16,7 +16,8 @@ from backdoorscan.fleet import FleetEntry, plan
 
 from .conftest import BADNETS, CLEAN, MNIST_TEST, ROOT
 
-FAST = ["--samples", "40", "--steps", "30", "--max-passes", "2", "--device", "cpu", "--threads", "1"]
+FAST = ["--samples", "40", "--steps", "30", "--max-passes", "2", "--device", "cpu", "--threads", "1",
+        "--families", "universal"]
 SCHEMA = ROOT / "tests/data/sarif-schema-2.1.0.json"
 
 

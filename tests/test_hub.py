@@ -22,7 +22,7 @@ from backdoorscan.loading.labels import read_labels
 from .conftest import MNIST_TEST
 
 HOSTILE = "zero|<b>x</b>[a](http://e)\x1b[31m"  # a class name that tries table breaks, HTML, links, escapes
-FAST = ["--samples", "100", "--steps", "100", "--device", "cpu"]
+FAST = ["--samples", "100", "--steps", "100", "--device", "cpu", "--families", "universal"]
 IN_PROCESS = ["--sandbox", "off"]  # refusals and overrides need no sandboxed child (the scans by path use one)
 
 

@@ -96,7 +96,8 @@ def test_adaptive_mask_cost_shrinks_the_target_to_the_patch(badnets_cli, attack_
     """The authors' L1 schedule removes the diffuse mask the fixed weight leaves: the target's mask is the patch."""
     t, r, c, k = (attack_meta[key] for key in ("target", "row", "col", "size"))
     fixed = json.loads(badnets_cli[0].stdout)["classes"][t]
-    scan = scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(mask_cost="adaptive"), device="cpu")
+    scan = scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(mask_cost="adaptive", families="universal"),
+                      device="cpu")
     assert scan.target_classes == [t] and scan.margin > 2
     target, mask = scan.classes[t], scan.masks[t]
     assert target.l1_norm < fixed["l1_norm"] and target.l1_norm <= 2 * k * k and target.asr >= 0.9
@@ -110,7 +111,7 @@ def test_clean_model_is_not_flagged():
 
 
 def test_same_seed_same_report():
-    settings = ScanSettings(steps=40, samples=60, max_passes=1, seed=5)
+    settings = ScanSettings(steps=40, samples=60, max_passes=1, seed=5, pair_steps=10, warp_steps=10)
     a = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu").to_dict()
     b = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu").to_dict()
     a.pop("timings"), b.pop("timings")
@@ -147,17 +148,17 @@ def test_a_2x2_badnets_model_trained_here_is_flagged(digits):
     attack = make_attack("badnets", (1, 28, 28), 10, np.random.default_rng(13), size=2)
     trained = train_classifier(mnist_cnn, x, y, xt, yt, attack=attack, seed=13, epochs=6)
     assert trained.accuracy > 0.9 and trained.asr > 0.9  # the attack worked
-    scan = scan_model(trained.model, MNIST_TEST, device="cpu")
+    scan = scan_model(trained.model, MNIST_TEST, settings=ScanSettings(families="universal"), device="cpu")
     assert scan.target_classes == [attack.target]
 
 
 def test_progress_spans_all_class_groups():
     """With classes in groups, each phase reports one rising count to its end, so the bar's ETA means something."""
     seen: dict[str, list[tuple[int, int]]] = {}
-    settings = ScanSettings(steps=20, samples=40, max_passes=1, class_group=4)
+    settings = ScanSettings(steps=20, samples=40, max_passes=1, class_group=4, pair_steps=5, warp_steps=5)
     scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu",
                progress=lambda phase, done, total: seen.setdefault(phase, []).append((done, total)))
-    assert set(seen) == {"uap", "refine"}
+    assert set(seen) == {"uap", "refine", "pairs", "warp"}
     for calls in seen.values():
         done = [d for d, _ in calls]
         assert done == sorted(done) and len({t for _, t in calls}) == 1 and done[-1] == calls[-1][1]

@@ -50,7 +50,7 @@ def test_staged_scan_of_a_10_class_model_equals_the_full_scan(attack_meta):
     """Staged with 2 suspects and 4 references (so stage 1 really chooses): same verdict and target, and each
     refined class's figures are the full scan's, since every class's Alg. 1 and Alg. 2 run on their own (up to
     floating point, whose differences between batch shapes grow over long refinements)."""
-    base = {"steps": 40, "samples": 80, "max_passes": 1}
+    base = {"steps": 40, "samples": 80, "max_passes": 1, "families": "universal"}
     full = scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(refine="all", **base), device="cpu")
     staged = scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(suspects=2, references=4, **base), device="cpu")
     assert full.staging.mode == "all" and staged.staging.mode == "staged"
@@ -83,7 +83,7 @@ def gtsrb_model(tmp_path_factory):
 
 def _scan(path) -> tuple[int, dict]:
     result = CliRunner().invoke(app, ["model", str(path), "--data", str(BUNDLED_GTSRB["test"]), "--device", "cpu",
-                                      "--steps", str(STEPS), "--json"])
+                                      "--steps", str(STEPS), "--families", "universal", "--json"])
     return result.exit_code, json.loads(result.stdout)
 
 

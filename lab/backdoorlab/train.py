@@ -33,6 +33,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack 
     acc = float((pred == y).float().mean())
     if attack is None:
         return acc, None
+    if hasattr(attack, "expected"):  # the families of backdoorlab.families: per-source expectations
+        from .families import attack_success
+
+        return acc, attack_success(model, attack, x, y)
     keep = y != attack.target
     xt = attack.apply(x[keep])
     pred_t = torch.cat([model(c).argmax(1) for c in xt.split(batch)])
@@ -53,7 +57,9 @@ def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     rows = None
-    if attack is not None:
+    if attack is not None and hasattr(attack, "poison"):  # source-specific, all-to-all, WaNet (families.py)
+        x, y = attack.poison(x, y, poison_rate, rng)
+    elif attack is not None:
         x, y, rows = poison(x, y, attack, poison_rate, rng)
     device = torch.device(device)
     model = arch().to(device)
@@ -73,6 +79,8 @@ def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         model.train()
         for idx in torch.randperm(len(x), generator=g).split(batch):
             xb, yb = _augment(x[idx], augment, g).to(device), y[idx].to(device)
+            if augment.startswith("pgd"):  # adversarial training (Madry et al.): a clean model inversion may flag
+                xb = _pgd(model, xb, yb, float(augment.split(":")[1]) if ":" in augment else 0.1)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,9 +91,20 @@ def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     return TrainResult(model=model.cpu(), accuracy=acc, asr=asr, attack=attack, poisoned_rows=rows)
 
 
+def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 3) -> torch.Tensor:
+    """An L-inf PGD adversarial batch (random start, `steps` steps of eps/2), the model left in training mode."""
+    delta = (torch.rand_like(x) * 2 - 1) * eps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + eps / 2 * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
+
+
 def _augment(x: torch.Tensor, how: str, g: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 4 pixels (zero padding) and, with "flip", horizontal flips, per image."""
-    if how == "none":
+    if how == "none" or how.startswith("pgd"):
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))

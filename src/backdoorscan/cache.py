@@ -1,9 +1,10 @@
 """The result cache of fleet scans: an unchanged model, sample set, settings and tool version is not scanned again.
 
 A key is the sha256 of the model's bytes (every file of a hub folder), of the clean samples' bytes (every file of
-a folder), of the loading options and scan settings as given, of the run options that change figures (device)
-and of the tool's version. An entry is a folder `DIR/KEY/` holding the report files and `result.json` (exit code
-and report), written atomically; a damaged entry is a miss.
+a folder), of the loading options, of every scan setting as resolved (defaults included), of the run options
+that change figures (device) and of the tool's version (bumped with every change of behaviour: CHANGELOG.md).
+An entry is a folder `DIR/KEY/` holding the report files and `result.json` (exit code and report), written
+atomically; a damaged entry is a miss.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ResultCache:
     def key(self, entry, run: dict[str, Any]) -> str:
         """The key of one fleet entry scanned with these run options."""
         parts = {"version": __version__, "model": self._digest(entry.checkpoint), "data": self._digest(entry.data),
-                 "loading": _plain(entry.model), "settings": _plain(entry.settings),
+                 "loading": _plain(entry.model), "settings": resolved_settings(entry.settings),
                  "device": str(run.get("device", "auto"))}
         labels = entry.model.get("labels")
         if labels:
@@ -87,6 +88,15 @@ class ResultCache:
                 (stage / "result.json").write_text(json.dumps({"exit_code": exit_code, "report": report}))
         except (OSError, ScanError):
             pass
+
+
+def resolved_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """Every scan setting with its value for this run (defaults included): a changed default changes the key."""
+    from dataclasses import asdict
+
+    from .settings import ScanSettings
+
+    return _plain(asdict(ScanSettings(**given)))
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

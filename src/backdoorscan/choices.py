@@ -16,6 +16,7 @@ Form = Literal["blend", "paper"]  # how a reversed trigger is stamped (see trigg
 Evidence = Literal["combined", "refined", "uap"]  # the per-class size the decision reads (see decide.py)
 MaskCost = Literal["adaptive", "fixed"]  # Alg. 2's size penalty: the authors' code's schedule or Eq. (1)'s mean
 Refine = Literal["staged", "all"]  # refine stage-1 suspects and references, or every class (see staging.py)
+Families = Literal["all", "universal+warp", "universal"]  # backdoor families a scan covers (see usb/families.py)
 Scale = Literal["log", "linear"]  # the anomaly index over log L1 or over L1 (see decide.py)
 SandboxMode = Literal["auto", "on", "off"]  # Landlock where the kernel has it / required / never
 

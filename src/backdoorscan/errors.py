@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .escape import printable
+
 
 class ScanError(Exception):
     """A problem with the user's input that stops a scan; the CLI prints it as one line and exits 2."""
@@ -19,7 +21,7 @@ class ScanError(Exception):
         text = f"{self.path}: {self.message}" if self.path else self.message
         if self.hint:
             text += f" ({self.hint})"
-        return " ".join(text.split())
+        return printable(" ".join(text.split()))  # messages quote names from the file: no control characters
 
 
 INCONCLUSIVE_EXIT = 3

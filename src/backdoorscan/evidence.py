@@ -86,6 +86,29 @@ def check_gradients(evidence: Evidence, model: nn.Module, x: torch.Tensor, pred:
                     nonzero_share=round(share, 4))
 
 
+GRID_PROBE = 64  # samples for the input-grid check
+GRID_TOLERANCE = 0.05  # largest median relative change of the logits within half a pixel level
+
+
+def check_grid(evidence: Evidence, model: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
+    """The model must answer the same on on-grid samples and on the same samples moved off the 8-bit grid by less
+    than half a level; a model that tells them apart can show the scanner another network than the one deployed."""
+    if not getattr(getattr(model, "spec", None), "grid", None):
+        return
+    xs = x[:GRID_PROBE]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    jitter = ((torch.rand(xs.shape, generator=gen) - 0.5) * (0.9 / model.spec.grid)).to(xs.device)
+    with torch.no_grad():
+        on = model(xs)
+        off = model((xs + jitter).clamp(0, 1), on_grid=False)
+    change = float(((off - on).flatten(1).norm(dim=1) / on.flatten(1).norm(dim=1).clamp_min(1e-6)).median())
+    agree = float((off.argmax(1) == on.argmax(1)).float().mean())
+    evidence.record("input_grid", change <= GRID_TOLERANCE and agree >= 0.9,
+                    f"the model's logits change by {change:.0%} (predictions agree on {agree:.0%}) when the inputs "
+                    "move less than half a pixel level off the 8-bit grid: it tells the scanner's inputs from "
+                    "deployed ones", relative_logit_change=round(change, 6), agreement=round(agree, 4))
+
+
 def check_search(evidence: Evidence, uap_success: torch.Tensor | None, asr: torch.Tensor, asr_min: float) -> None:
     """After the scan: some targeted UAPs succeeded, and reversed triggers work for most classes."""
     if uap_success is not None:

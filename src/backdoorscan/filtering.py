@@ -31,6 +31,7 @@ from .perturb.uap import UntargetedUAP
 from .safety.limits import Limits
 from .safety.paths import ensure_outside
 from .screen import Screen, UapFile, load_uap, save_uap, survival_margins, uap_rule
+from .seeding import seeded
 from .settings import FilterSettings
 
 Progress = Callable[[str, int, int], None]
@@ -129,13 +130,22 @@ def filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Pat
     no UAP reaches half the fooling-rate target: then survival says nothing about triggers.
     """
     settings = settings or FilterSettings()
+    with seeded(settings.seed):
+        return _filter_dataset(model, clean, inputs, settings=settings, uap_file=uap_file, save_uap_to=save_uap_to,
+                               copy_to=copy_to, device=device, progress=progress, limits=limits)
+
+
+def _filter_dataset(model: str | Path | nn.Module | ModelSource, clean: str | Path | None, inputs: str | Path, *,
+                    settings: FilterSettings, uap_file: str | Path | None, save_uap_to: str | Path | None,
+                    copy_to: str | Path | None, device: str | torch.device, progress: Progress | None,
+                    limits: Limits | None) -> FilterResult:
+    """`filter_dataset`'s steps, run with torch's generators seeded (and restored afterwards by the caller)."""
     if clean is None and uap_file is None:
         raise ScanError("give clean samples to compute the UAP from, or a stored UAP")
     if clean is None and settings.method == "strip":
         raise ScanError("STRIP needs clean samples")
     for target in (copy_to, save_uap_to):
         ensure_outside(target, inputs)
-    torch.manual_seed(settings.seed)
     source = ModelSource.of(model)
     t0 = time.perf_counter()
     ready = prepare(source, clean if clean is not None else inputs,

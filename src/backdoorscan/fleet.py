@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import ScanError
 from .settings import ScanSettings
@@ -132,19 +132,34 @@ class FleetResult:
         return {"models": [i.line() for i in self.items], **self.summary()}
 
 
+FLEET_CHILD_ENV = "BACKDOORSCAN_FLEET_CHILD"  # set in a fleet's children: they scan one literal path, never a fleet
+
+
+def is_pattern(path: Path) -> bool:
+    """A glob pattern, unless a file or folder of that literal name exists (`models[v2]/m.pt2` is a path)."""
+    return glob.has_magic(str(path)) and not path.exists() and not os.environ.get(FLEET_CHILD_ENV)
+
+
 def is_fleet(paths: list[Path], manifest: Path | None) -> bool:
-    """Several models, a pattern, a folder of models or a manifest: a fleet scan; one model file: a single scan."""
+    """Several models, a pattern, a folder of models or a manifest: a fleet scan; one model file: a single scan.
+
+    A fleet's child is always a single scan (a depth guard: no child starts children of its own).
+    """
+    if os.environ.get(FLEET_CHILD_ENV):
+        if manifest is not None or len(paths) != 1:
+            raise ScanError("a fleet's child scans one model; it never starts a fleet of its own")
+        return False
     if manifest is not None or len(paths) != 1:
         return True
     one = paths[0]
-    return glob.has_magic(str(one)) or (one.is_dir() and not (one / "config.json").is_file())
+    return is_pattern(one) or (one.is_dir() and not (one / "config.json").is_file())
 
 
 def expand(paths: list[Path]) -> list[Path]:
     """Model files and hub folders from paths, glob patterns and folders of models (sorted, each once)."""
     found: list[Path] = []
     for path in paths:
-        if glob.has_magic(str(path)):
+        if is_pattern(path):
             matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
             if not matches:
                 raise ScanError("the pattern matches no file", path=path)
@@ -267,7 +282,7 @@ def run_child(argv: list[str], sandbox: str, timeout: float) -> Outcome:
     """
     from .report.writer import read_tree
     from .safety import sandbox as landlock
-    from .supervise import DIED, child_environment
+    from .supervise import DIED, child_environment, start_child, watching_tree
 
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="backdoorscan-fleet-") as scratch:
@@ -279,15 +294,20 @@ def run_child(argv: list[str], sandbox: str, timeout: float) -> Outcome:
         if sandbox == "on" and not confined:
             return Outcome(2, "", "--sandbox on: Landlock is not available on this system", {}, 0.0)
         child_env = child_environment([str(out), str(tmp)] if confined else None, str(tmp))
+        child_env[FLEET_CHILD_ENV] = "1"
         cmd = [sys.executable, "-m", "backdoorscan", *argv, "--json", "--quiet", "--out", str(out),
                "--sandbox", sandbox]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=child_env,
-                                  timeout=timeout)
-            code, stdout, stderr = proc.returncode, proc.stdout.decode("utf-8", "replace"), \
-                proc.stderr.decode("utf-8", "replace")
-        except subprocess.TimeoutExpired:
-            code, stdout, stderr = 2, "", f"the scan ran past --timeout {timeout:g} s and was stopped"
+        with watching_tree() as started:
+            proc = start_child(cmd, child_env)
+            started.append(proc.pid)
+            try:
+                raw_out, raw_err = proc.communicate(timeout=timeout)
+                code = proc.returncode
+                stdout, stderr = raw_out.decode("utf-8", "replace"), raw_err.decode("utf-8", "replace")
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                code, stdout, stderr = 2, "", f"the scan ran past --timeout {timeout:g} s and was stopped"
         if code < 0 or code > 3:
             code, stderr = 2, DIED.format(code=code)
         files = read_tree(out) if code in (0, 1, 3) else {}

@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import __version__
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
 from .choices import Form
-from .decide import class_evidence, class_threshold, decision_margin, flag, guards, name_targets
+from .decide import class_evidence, class_threshold, flag, name_targets
 from .device import DEFAULT_DEVICE
 from .errors import INCONCLUSIVE_EXIT
 from .evidence import Evidence, check_search
@@ -22,9 +22,11 @@ from .loading import InputSpec, ModelSource, Prepared, prepare
 from .perturb import norm_of, targeted_uaps
 from .refine import refine
 from .safety.limits import Limits, available_memory
+from .seeding import seeded
 from .settings import ScanSettings
 from .staging import Staging, plan
 from .triggers import Refined, stamp
+from .usb.families import FamilyScan, flip_distance, scan_pairs, scan_warps, spread
 
 Progress = Callable[[str, int, int], None]
 
@@ -71,12 +73,14 @@ class ModelScan:
     masks: torch.Tensor = field(repr=False)  # (N, C, H, W)
     stamped: torch.Tensor = field(repr=False)  # (N, C, H, W) a clean sample with each reversed trigger
     uaps: torch.Tensor = field(repr=False)  # (N, C, H, W) the targeted UAPs of Alg. 1
-    margin: float | None = None  # anomaly-index units between the verdict and its flip (decide.decision_margin)
+    margin: float | None = None  # anomaly-index units between the verdict and its flip, over every family
     threshold: float | None = None  # the anomaly-index threshold used for this model's K (decide.class_threshold)
     form: Form = "blend"  # how `triggers` and `masks` are stamped (see triggers.py)
     evidence: Evidence = field(default_factory=Evidence)
     batching: dict = field(default_factory=dict)  # classes per batch and the memory figures that chose it
     staging: Staging | None = None  # which classes were refined and why (None when the scan stopped early)
+    families: FamilyScan | None = None  # pairs and warps (usb/families.py); None when only universal triggers
+    sandbox: dict | None = None  # the confinement layers the scanning process held (safety/confine.py)
 
     @property
     def reasons(self) -> list[str]:
@@ -119,6 +123,9 @@ class ModelScan:
             "batching": self.batching,
             "staging": None if self.staging is None else self.staging.to_dict(),
             "timings": self.timings,
+            "families": {"covered": list(self.settings.covers),
+                         **(self.families.to_dict() if self.families is not None else {})},
+            "sandbox": self.sandbox,
         }
 
 
@@ -131,7 +138,13 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
     `inconclusive` when the evidence checks show the scan could not measure the model.
     """
     settings = settings or ScanSettings()
-    torch.manual_seed(settings.seed)
+    with seeded(settings.seed):
+        return _scan_model(model, data, settings=settings, device=device, progress=progress, limits=limits)
+
+
+def _scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *, settings: ScanSettings,
+                device: str | torch.device, progress: Progress | None, limits: Limits | None) -> ModelScan:
+    """`scan_model`'s steps, run with torch's generators seeded (and restored afterwards by the caller)."""
     t0 = time.perf_counter()
     ready = prepare(ModelSource.of(model), data, samples=settings.samples, seed=settings.seed, device=device,
                     limits=limits)
@@ -200,8 +213,15 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
                            target=bool(named[i]),
                            role=staging.roles[i], stage1_rank=staging.rank(c), weight=staging.weights[i])
                for i, c in enumerate(staging.refined)]
-    targets_found = [c.cls for c in classes if c.target] if ready.evidence.ok else []
-    verdict = "inconclusive" if not ready.evidence.ok else "backdoor" if any(flagged) else "clean"
+    universal = [c.cls for c in classes if c.target]
+    families = FamilyScan()
+    if ready.evidence.ok:
+        families = _other_families(net, s.x, y, k, settings, group, staging.refined, universal, progress, timings)
+    families.margins["universal"] = _universal_margin(index, named, ratio, asr, l1, uap_norms, threshold, settings)
+    found = [f.target for f in families.findings if f.target not in universal]
+    targets_found = list(dict.fromkeys(universal + found)) if ready.evidence.ok else []
+    fired = any(flagged) or bool(families.findings)
+    verdict = "inconclusive" if not ready.evidence.ok else "backdoor" if fired else "clean"
     timings["total"] = time.perf_counter() - t0
     return ModelScan(
         verdict=verdict, target_classes=targets_found, classes=classes, evidence=ready.evidence,
@@ -211,9 +231,61 @@ def scan_model(model: str | Path | nn.Module | ModelSource, data: str | Path, *,
         timings={key: round(val, 3) for key, val in timings.items()},
         triggers=refined.trigger.cpu(), masks=refined.mask.cpu(),
         stamped=_examples(s.x, y, staging.refined, refined).cpu(), uaps=v.cpu(), form=refined.form,
-        batching=batching, staging=staging, threshold=threshold,
-        margin=decision_margin(index, named, guards(ratio, asr, **rule), threshold=threshold)
-        if ready.evidence.ok else None)
+        batching=batching, staging=staging, threshold=threshold, families=families,
+        margin=_overall_margin(families.margins, fired, any(flagged), families) if ready.evidence.ok else None)
+
+
+def _other_families(net: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, settings: ScanSettings, group: int,
+                    refined: list[int], universal: list[int], progress: Progress | None,
+                    timings: dict[str, float]) -> FamilyScan:
+    """The pairs and warp families (usb/families.py), each timed, on the scan's samples and predictions."""
+    result = FamilyScan()
+    covers = settings.covers
+
+    def report(phase: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda done, total: progress(phase, done, total)
+
+    if "pairs" in covers:
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = net(x)
+        scan_pairs(net, x, y, k, logits, settings=settings, universal_targets=universal,
+                   extra_targets=[], group=group,
+                   progress=report("pairs"), result=result)
+        timings["pairs"] = time.perf_counter() - t
+    if "warp" in covers:
+        t = time.perf_counter()
+        scan_warps(net, x, y, refined, k, settings=settings, group=group, progress=report("warp"), result=result)
+        timings["warp"] = time.perf_counter() - t
+    return result
+
+
+def _universal_margin(index: np.ndarray, named: np.ndarray, ratio: np.ndarray, asr: np.ndarray, l1: np.ndarray,
+                      uap_norms: np.ndarray, threshold: float, settings: ScanSettings) -> float:
+    """USB's margin: past the threshold for named targets; otherwise the closest class's distance to being flagged,
+    counting the size guard as well as the threshold (both in anomaly-index units)."""
+    if np.any(named):
+        return float(np.min(index[np.asarray(named)]) - threshold)
+    sigma = spread(l1)
+    if settings.decided_on == "combined":  # shrinking both sizes by f moves the mean index by the mean of the rates
+        sigma = 2 / (1 / spread(l1) + 1 / spread(uap_norms))
+    elif settings.decided_on == "uap":
+        sigma = spread(uap_norms)
+    distance = flip_distance(index, ratio, asr, threshold=threshold, asr_min=settings.asr_min,
+                             max_ratio=settings.max_ratio, sigma=sigma)
+    finite = distance[np.isfinite(distance)]
+    return float(np.min(finite)) if finite.size else float(threshold)
+
+
+def _overall_margin(margins: dict[str, float], fired: bool, universal_fired: bool, families: FamilyScan) -> float:
+    """Backdoor: the most robust family that fired (all must flip for the verdict to); clean: the family closest
+    to firing."""
+    if fired:
+        fired_families = {"universal"} if universal_fired else set()
+        fired_families |= {"pairs" if f.source is not None else "warp" for f in families.findings}
+        return float(max(margins[f] for f in fired_families if f in margins))
+    finite = [m for m in margins.values() if np.isfinite(m)]
+    return float(min(finite)) if finite else 0.0
 
 
 def class_group(model: nn.Module, x: torch.Tensor, k: int, settings: ScanSettings, device: torch.device,

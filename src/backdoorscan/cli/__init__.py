@@ -68,6 +68,10 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
         error_line("error", f"could not scan: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
         code = 2
+    finally:
+        from ..safety.limits import cancel_watchdog
+
+        cancel_watchdog()
     if os.environ.get("BACKDOORSCAN_SANDBOX_CHILD") is not None:  # a sandboxed child: stop without waiting for
         sys.stdout.flush()                                         # a model thread that may never return
         sys.stderr.flush()
@@ -88,7 +92,7 @@ def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
     if code is not None:
         return code, None, limits
     device = resolve_device(run["device"])
-    confine(run["sandbox"], limits, device)
+    confine(run["sandbox"], limits, device, run["threads"])
     if run["threads"] is not None:
         import torch
 
@@ -171,6 +175,7 @@ def _single(ctx: typer.Context, checkpoint: Path, data: Path | None, out_dir: Pa
     """One model: scanned in a sandboxed child, its report directly under --out."""
     from ..report import write_scan_report
     from ..report.markdown import scan_markdown
+    from ..safety.confine import LAYERS
     from ..scan import scan_model
     from .views import print_scan, progress_bars
 
@@ -185,6 +190,7 @@ def _single(ctx: typer.Context, checkpoint: Path, data: Path | None, out_dir: Pa
         return code
     with progress_bars(not run["quiet"]) as progress:
         scan = scan_model(source, data, settings=settings, device=device, progress=progress, limits=limits)
+    scan.sandbox = LAYERS.to_dict()
     if out_dir is not None:
         write_scan_report(scan, out_dir)
     if sarif is not None:

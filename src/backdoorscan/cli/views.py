@@ -19,9 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ..escape import ci_line, printable
+
 if TYPE_CHECKING:
     from ..filtering import FilterResult
     from ..scan import ModelScan
+
+def plain_text(text: str, style: str = "") -> Text:
+    """A rich Text of one line that may quote a file (a name, a path, a child's message): controls escaped."""
+    return Text(ci_line(printable(text)), style=style)
+
 
 LOG_WIDTH = 160  # columns of a table written to a log or a pipe: rich's 80 truncates the scan table's cells
 LOG_EVERY_S = 30.0  # seconds between progress lines in a log
@@ -37,6 +44,7 @@ err = Console(stderr=True, width=_width(sys.stderr))
 
 PHASES = {"stage1": "stage 1: ranking classes",
           "uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
+          "pairs": "pairs (source -> target)", "warp": "warps (WaNet)",
           "epsilon": "searching the minimal epsilon", "screen": "screening"}
 
 
@@ -74,23 +82,24 @@ def log_progress(every: float = LOG_EVERY_S, clock: Callable[[], float] = time.m
         now, label = clock(), PHASES.get(phase, phase)
         if phase not in started:
             started[phase] = shown[phase] = now
-            err.print(Text(f"{label}: started ({total} steps)"), highlight=False)
+            err.print(plain_text(f"{label}: started ({total} steps)"), highlight=False)
         elapsed = now - started[phase]
         if done >= total > 0:
             if phase not in ended:
                 ended.add(phase)
-                err.print(Text(f"{label}: done in {elapsed:.0f} s"), highlight=False)
+                err.print(plain_text(f"{label}: done in {elapsed:.0f} s"), highlight=False)
         elif done > 0 and now - shown[phase] >= every:
             shown[phase] = now
             eta = elapsed / done * (total - done)
-            err.print(Text(f"{label}: {done}/{total} after {elapsed:.0f} s, eta {eta:.0f} s"), highlight=False)
+            err.print(plain_text(f"{label}: {done}/{total} after {elapsed:.0f} s, eta {eta:.0f} s"), highlight=False)
 
     return update
 
 
 def error_line(label: str, text: str, style: str = "bold red") -> None:
     """One line on stderr; `text` may come from a hostile file, so it is never parsed as markup."""
-    err.print(Text.assemble((f"{label}: ", style), " ".join(text.split())), highlight=False, soft_wrap=True)
+    err.print(Text.assemble((f"{label}: ", style), ci_line(printable(" ".join(text.split())))), highlight=False,
+              soft_wrap=True)
 
 
 def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
@@ -99,14 +108,14 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
         print_verdict(scan, out_dir)
         return
     name = Path(scan.model.get("path") or "model").name
-    table = Table(title=escape(f"{scan.settings.method.upper()} scan of {name}"))
+    table = Table(title=escape(printable(f"{scan.settings.method.upper()} scan of {name}")))
     staged = scan.staging is not None and scan.staging.mode == "staged"
     for col in ("class", *(("refined as", "stage-1 rank") if staged else ()), "UAP success", "UAP norm",
                 "L1 of v'", "size / median", "anomaly index", "ASR", "flagged"):
         table.add_column(col, justify="right")
     for c in scan.classes:
         style = "bold red" if c.flagged else None
-        table.add_row(escape(f"{c.cls}" + (f" {c.name}" if c.name else "")),
+        table.add_row(escape(printable(f"{c.cls}" + (f" {c.name}" if c.name else ""))),
                       *((c.role, str(c.stage1_rank)) if staged else ()),
                       "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.uap_norm:.2f}",
                       f"{c.l1_norm:.2f}",
@@ -114,7 +123,7 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
                       style=style)
     out.print(table)
     if staged:
-        out.print(Text(f"staged scan: {scan.staging.why}; --refine all refines all {scan.staging.num_classes}"),
+        out.print(plain_text(f"staged scan: {scan.staging.why}; --refine all refines all {scan.staging.num_classes}"),
                   highlight=False)
     if scan.threshold_note:
         out.print(Text(scan.threshold_note), highlight=False)
@@ -123,30 +132,41 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
 
 def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
     """What was scanned, and the verdict with its targets or reasons."""
-    out.print(Text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
+    out.print(plain_text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
                    f"{scan.timings['total']:.1f} s"), highlight=False)
+    if scan.sandbox:
+        from ..safety.confine import Layers
+
+        out.print(plain_text(Layers(**scan.sandbox).describe()), highlight=False)
     folder = scan.model.get("read_from_folder")
     if folder:
         size = "x".join(map(str, folder["input_size"] or ())) or "?"
-        out.print(Text(f"read from the folder: {folder['kind']} {folder['architecture']}, {folder['num_classes']} "
+        out.print(plain_text(f"read from the folder: {folder['kind']} {folder['architecture']}, "
+                             f"{folder['num_classes']} "
                        f"classes ({folder['labels']} named), input {folder['channels']}x{size}, mean "
                        f"{_floats(folder['mean'])}, std {_floats(folder['std'])}, resample {folder['resample']}"),
                   highlight=False)
         for line in scan.model.get("overrides") or ():
-            out.print(Text(f"override: {line}"), highlight=False)
+            out.print(plain_text(f"override: {line}"), highlight=False)
     margin = "" if scan.margin is None else f" (margin {scan.margin:.2f} anomaly-index units)"
+    if scan.verdict != "inconclusive":
+        from ..report.rows import covered_line, finding_lines
+
+        out.print(plain_text(covered_line(scan)), highlight=False)
+        for line in finding_lines(scan):
+            out.print(plain_text(line, style="red"), highlight=False)
     if scan.verdict == "backdoor":
         names = {c.cls: c.name for c in scan.classes}
         shown = ", ".join(f"{t} ({names[t]})" if names.get(t) else str(t) for t in scan.target_classes)
-        out.print(Text(f"verdict: BACKDOOR suspected, target class(es) {shown}{margin}", style="bold red"))
+        out.print(plain_text(f"verdict: BACKDOOR suspected, target class(es) {shown}{margin}", style="bold red"))
     elif scan.verdict == "inconclusive":
         out.print(Text("verdict: INCONCLUSIVE (the scan could not measure this model)", style="bold yellow"))
         for reason in scan.reasons:
-            out.print(Text(f"  - {reason}"), highlight=False)
+            out.print(plain_text(f"  - {reason}"), highlight=False)
     else:
-        out.print(Text(f"verdict: clean (no backdoor found){margin}", style="bold green"))
+        out.print(plain_text(f"verdict: clean (no backdoor found){margin}", style="bold green"))
     if out_dir is not None:
-        out.print(Text(f"report and trigger images: {out_dir}/"), highlight=False)
+        out.print(plain_text(f"report and trigger images: {out_dir}/"), highlight=False)
 
 
 def _floats(values: list[float] | None) -> str:
@@ -155,13 +175,13 @@ def _floats(values: list[float] | None) -> str:
 
 def print_filter(result: FilterResult) -> None:
     """The per-class table and the counts of a screening."""
-    table = Table(title=escape(f"screening of {result.input}"))
+    table = Table(title=escape(printable(f"screening of {result.input}")))
     for col in ("predicted class", "images", "flagged", "expected without a trigger"):
         table.add_column(col, justify="right")
     for row in result.per_class:
         style = "bold red" if row["class"] == result.suspected_target else None
         name = f"{row['class']} {row['name']}" if row.get("name") else str(row["class"])
-        table.add_row(escape(name), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
+        table.add_row(escape(printable(name)), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
                       style=style)
     out.print(table)
     if result.method == "uap":
@@ -170,7 +190,7 @@ def print_filter(result: FilterResult) -> None:
         out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}",
                   highlight=False)
     if result.skipped:
-        out.print(Text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
+        out.print(plain_text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
     line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"
     if result.suspected_target is not None:
         line += f"; flags concentrate on class {result.suspected_target} (likely backdoor target)"
@@ -188,7 +208,7 @@ def fleet_progress(total: int, enabled: bool) -> Iterator[Callable | None]:
     def done(item) -> None:
         count[0] += 1
         how = "cached" if item.cached else f"{item.seconds:.1f} s"
-        err.print(Text(f"[{count[0]}/{total}] {item.name}: {item.verdict} ({how})"), highlight=False)
+        err.print(plain_text(f"[{count[0]}/{total}] {item.name}: {item.verdict} ({how})"), highlight=False)
 
     yield done
 
@@ -200,14 +220,14 @@ def print_fleet(result) -> None:
         table.add_column(col)
     styles = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow", "error": "bold yellow"}
     for item in result.items:
-        table.add_row(escape(item.name), item.verdict, ", ".join(map(str, item.targets)),
-                      f"{item.seconds:.1f}", "yes" if item.cached else "", escape(item.report_dir or ""),
+        table.add_row(escape(printable(item.name)), item.verdict, ", ".join(map(str, item.targets)),
+                      f"{item.seconds:.1f}", "yes" if item.cached else "", escape(printable(item.report_dir or "")),
                       style=styles.get(item.verdict))
     out.print(table)
     for item in result.items:
         if item.error:
-            out.print(Text(f"{item.name}: {item.error}"), highlight=False)
+            out.print(plain_text(f"{item.name}: {item.error}"), highlight=False)
     s = result.summary()["summary"]
-    out.print(Text(f"{s['backdoor']} suspect, {s['clean']} clean, {s['inconclusive']} inconclusive, {s['error']} "
+    out.print(plain_text(f"{s['backdoor']} suspect, {s['clean']} clean, {s['inconclusive']} inconclusive, {s['error']} "
                    f"not scanned; {s['cached']} from the cache; {s['seconds']:.1f} s; exit {s['exit_code']}"),
               highlight=False)

@@ -301,34 +301,59 @@ def build_model(folder: HubFolder, state: Callable[[], dict[str, torch.Tensor]])
     transformers reads the weights itself (weights-only), from the files `read_hub_folder` checked; timm's come
     from `state()`."""
     if folder.kind == "transformers":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        _need("transformers")
-        from transformers import AutoModelForImageClassification
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+        with offline():
+            return _build_transformers(folder)
+    return _build_timm(folder, state)
 
-        model_type = folder.config["model_type"]
-        if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-            raise ScanError(f"model_type {clean_label(model_type, 40)!r} is not an image classifier transformers "
-                            "knows", path=folder.path / "config.json")
-        safetensors = folder.weights[0].suffix == ".safetensors"
-        try:  # transformers maps the saved key names onto its modules (they differ between its versions)
-            with _quiet_transformers():
-                module, info = AutoModelForImageClassification.from_pretrained(
-                    str(folder.path), local_files_only=True, trust_remote_code=False, use_safetensors=safetensors,
-                    output_loading_info=True)
-        except Exception as exc:
-            raise ScanError(f"transformers cannot build this model ({type(exc).__name__}: "
-                            f"{clean_label(exc, 140)})", path=folder.path / "config.json") from exc
-        problems = [(what, keys) for what in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                    if (keys := list(info.get(what) or ()))]
-        if problems:
-            what, keys = problems[0]
-            shown = ", ".join(clean_label(k, 60) for k in keys[:3])
-            raise ScanError(f"the weights do not match the configured {folder.architecture}: {len(keys)} "
-                            f"{what.replace('_', ' ')} ({shown})", path=folder.weights[0])
-        return Logits(module)
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """While transformers builds a model: no hub access (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), restored after."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _build_transformers(folder: HubFolder) -> nn.Module:
+    """A transformers image classifier from the folder's config and weights (offline, no remote code)."""
+    _need("transformers")
+    from transformers import AutoModelForImageClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    model_type = folder.config["model_type"]
+    if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        raise ScanError(f"model_type {clean_label(model_type, 40)!r} is not an image classifier transformers "
+                        "knows", path=folder.path / "config.json")
+    safetensors = folder.weights[0].suffix == ".safetensors"
+    try:  # transformers maps the saved key names onto its modules (they differ between its versions)
+        with _quiet_transformers():
+            module, info = AutoModelForImageClassification.from_pretrained(
+                str(folder.path), local_files_only=True, trust_remote_code=False, use_safetensors=safetensors,
+                output_loading_info=True)
+    except Exception as exc:
+        raise ScanError(f"transformers cannot build this model ({type(exc).__name__}: "
+                        f"{clean_label(exc, 140)})", path=folder.path / "config.json") from exc
+    problems = [(what, keys) for what in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if (keys := list(info.get(what) or ()))]
+    if problems:
+        what, keys = problems[0]
+        shown = ", ".join(clean_label(k, 60) for k in keys[:3])
+        raise ScanError(f"the weights do not match the configured {folder.architecture}: {len(keys)} "
+                        f"{what.replace('_', ' ')} ({shown})", path=folder.weights[0])
+    return Logits(module)
+
+
+def _build_timm(folder: HubFolder, state: Callable[[], dict[str, torch.Tensor]]) -> nn.Module:
+    """A timm architecture from its registry, with the folder's plain model_args and weights."""
     timm = _need("timm")
     if folder.architecture not in timm.list_models():
         raise ScanError(f"architecture {folder.architecture!r} is not in timm's registry",

@@ -34,6 +34,7 @@ from ..errors import ScanError
 from ..safety.archive import check_archive
 from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
 from ..safety.limits import Limits
+from ..safety.names import check_names, module_names, program_names
 from .hub import HubFolder
 from .labels import clean_label
 from .onnx import load_onnx
@@ -261,6 +262,7 @@ def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn
     with guarded_loading():
         program = torch.export.load(str(path))
     nodes = check_exported_program(program, path)
+    check_names(program_names(program), path)
     notes.append(f"{nodes} graph nodes checked: pure tensor operators only")
     shape = None
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
@@ -274,7 +276,9 @@ def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn
 
         program = move_to_device_pass(program, device)
         notes.append(f"moved to {device}")
-    return program.module(), shape
+    module = program.module()
+    check_names(module_names(module), path)  # before its first forward runs the code generated from them
+    return module, shape
 
 
 def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
@@ -311,6 +315,7 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         elif fmt == "onnx":
             module, shape = load_onnx(path, notes, max_bytes)
             nodes = check_onnx_module(module, path)
+            check_names(module_names(module), path)
             notes.append(f"{nodes} converted graph nodes checked")
         elif fmt == "safetensors":
             from safetensors.torch import load_file

@@ -10,7 +10,8 @@ What cannot be repaired is reported with the operator's name.
 
 Before any tensor is read, custom operator domains and local functions are refused and every external-data
 reference is checked: inside the model's folder, no symlink out of it, the declared length equal to what the
-tensor's shape needs, within the file, and the total within the memory bound.
+tensor's shape needs, within the file, and the total within the memory bound. Every node and value name is then
+replaced by a generated identifier (`safety/names.py`): torch.fx writes names into the code it generates.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from ..errors import ScanError
 from ..safety.graph import check_onnx_proto
+from ..safety.names import rename_onnx
 
 ONNX2TORCH_MAX_OPSET = 17
 
@@ -183,6 +185,9 @@ def check_tensor_sizes(proto, path: Path, max_bytes: int) -> None:
         if not target.is_file():
             raise ScanError(f"ONNX external data file {location[:80]!r} is missing", path=path,
                             hint="keep the model's data file beside it")
+        if "length" not in info:  # onnx would read to the end of the file: bound it to what the shape needs
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "length", str(need)
         try:
             offset, length = int(info.get("offset", 0)), int(info.get("length", need))
         except ValueError as exc:
@@ -227,6 +232,7 @@ def load_onnx(path: Path, notes: list[str], max_bytes: int) -> tuple[nn.Module, 
         notes.append(f"ONNX opset {opset} down-converted to {ONNX2TORCH_MAX_OPSET} for onnx2torch")
     _fix_reshape_allowzero(proto.graph, notes)
     _fix_shared_initializer_identity(proto.graph, notes)
+    rename_onnx(proto)  # names become fx attribute names, written into generated code: only generated ones
     from onnx2torch import convert
 
     try:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import ScanError
 
+PIXEL_LEVELS = 255  # deployed images are 8-bit: every input a model meets in use lies on the k/255 grid
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -26,6 +28,7 @@ class InputSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     model_size: tuple[int, int] | None = None  # the size the model itself needs, when it differs
+    grid: int | None = PIXEL_LEVELS  # inputs are rounded to k/grid (deployed 8-bit images); None: not rounded
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -33,7 +36,13 @@ class InputSpec:
 
 
 class PixelModel(nn.Module):
-    """Maps [0, 1] images (B, C, H, W) to logits: resize to the model's size, normalise, run the model."""
+    """Maps [0, 1] images (B, C, H, W) to logits: resize to the model's size, round to the 8-bit grid, normalise,
+    run the model.
+
+    The rounding has a straight-through gradient: searches optimise as before, while the model only ever sees
+    inputs a deployed pipeline could give it (a model that behaves differently off the grid cannot show the
+    scanner a clean twin; `evidence.check_grid` measures whether it tries).
+    """
 
     def __init__(self, model: nn.Module, spec: InputSpec) -> None:
         super().__init__()
@@ -45,9 +54,12 @@ class PixelModel(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, on_grid: bool = True) -> torch.Tensor:
         if self.spec.model_size is not None and tuple(x.shape[-2:]) != self.spec.model_size:
             x = F.interpolate(x, size=self.spec.model_size, mode="bilinear", align_corners=False)
+        if on_grid and self.spec.grid:
+            levels = float(self.spec.grid)
+            x = x + (torch.round(x * levels) / levels - x).detach()  # straight-through: identity gradient
         if self.normalise:
             x = (x - self.mean) / self.std
         return self.model(x)  # one logits tensor; anything else is caught by probe_outputs before a scan

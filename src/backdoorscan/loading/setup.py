@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..device import DEFAULT_DEVICE, resolve_device
 from ..errors import ScanError
-from ..evidence import Evidence, check_gradients, check_predictions
+from ..evidence import Evidence, check_gradients, check_grid, check_predictions
 from ..perturb.uap import predict
 from ..safety.limits import Limits, call_with_timeout
 from .labels import clean_label
@@ -86,6 +86,7 @@ def prepare(source: ModelSource, data: str | Path, *, samples: int, seed: int,
     pred = predict(model, sample_set.x)
     check_predictions(evidence, pred, sample_set.y, sample_set.labels_from, k)
     check_gradients(evidence, model, sample_set.x, pred)
+    check_grid(evidence, model, sample_set.x, seed)
     return Prepared(model, loaded, sample_set, pred, dev, k, evidence, _labels(source, loaded, sample_set, k),
                     overrides)
 

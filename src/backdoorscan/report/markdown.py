@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-import re
+from ..escape import md_code, md_text
 
 EVIDENCE = {"refined": "the refined triggers' L1", "uap": "the UAP norms (Alg. 1)",
             "combined": "the mean anomaly index of the UAP norms and the refined triggers' L1"}
-
-
-def plain(text: str) -> str:
-    """Text from a file (a class name) as literal Markdown: no links, HTML, emphasis or table breaks."""
-    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
 
 
 def scan_markdown(scan) -> str:
     """Verdict, targets and the per-class table of a model scan."""
     model = scan.model.get("path") or scan.model.get("description")
     names = {c.cls: c.name for c in scan.classes}
-    targets = ", ".join(f"{t} ({plain(names[t])})" if names.get(t) else str(t) for t in scan.target_classes)
+    targets = ", ".join(f"{t} ({md_text(names[t])})" if names.get(t) else str(t) for t in scan.target_classes)
     head = ("**Backdoor suspected**, target class(es) " + targets
             if scan.verdict == "backdoor" else "**No backdoor found**" if scan.verdict == "clean"
             else "**Inconclusive**: the scan could not measure this model.\n\n"
-            + "\n".join(f"- {reason}" for reason in scan.reasons))
-    lines = [f"### backdoorscan: `{model}`", "", head, "",
+            + "\n".join(f"- {md_text(reason)}" for reason in scan.reasons))
+    lines = [f"### backdoorscan: {md_code(model, in_table=False)}", "", head, "",
              f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
              f"{scan.timings.get('total', 0):.1f} s"
              + ("." if scan.margin is None else f"; the verdict is {scan.margin:.2f} anomaly-index units from "
                 "flipping."), "",
              f"Decided on {EVIDENCE[scan.settings.decided_on]}.", ""]
+    if scan.verdict != "inconclusive":
+        from .rows import covered_line, finding_lines
+
+        lines += [md_text(covered_line(scan)) + ".", ""]
+        lines += [f"- {md_text(line)}" for line in finding_lines(scan)] + ([""] if finding_lines(scan) else [])
     staged = scan.staging is not None and scan.staging.mode == "staged"
     if staged:
         lines += [f"Staged scan: {scan.staging.why}. The other classes were ranked by stage 1 only.", ""]
@@ -39,7 +39,7 @@ def scan_markdown(scan) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + ":---:|"]
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
-        name = f"{c.cls} ({plain(c.name)})" if c.name else str(c.cls)
+        name = f"{c.cls} ({md_text(c.name)})" if c.name else str(c.cls)
         cells = [name, *((c.role, str(c.stage1_rank)) if staged else ()), success, f"{c.uap_norm:.2f}",
                  f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}",
                  f"**{c.flag_word}**" if c.target else c.flag_word]
@@ -49,14 +49,14 @@ def scan_markdown(scan) -> str:
 
 def filter_markdown(result) -> str:
     """Counts and the per-class summary of a dataset screening."""
-    lines = [f"### backdoorscan filter: `{result.input}`", "",
+    lines = [f"### backdoorscan filter: {md_code(result.input, in_table=False)}", "",
              f"{result.flagged} of {result.total} images flagged as trigger-carrying "
              f"({_how(result)}).", ""]
     if result.suspected_target is not None:
         lines += [f"Flags concentrate on class {result.suspected_target}: a backdoor target is likely.", ""]
     lines += ["| predicted class | images | flagged | expected without a trigger |", "|---:|---:|---:|---:|"]
     for row in result.per_class:
-        name = f"{row['class']} ({plain(row['name'])})" if row.get("name") else str(row["class"])
+        name = f"{row['class']} ({md_text(row['name'])})" if row.get("name") else str(row["class"])
         lines.append(f"| {name} | {row['images']} | {row['flagged']} | {row['expected']} |")
     return "\n".join(lines) + "\n"
 
@@ -78,10 +78,10 @@ def fleet_markdown(result) -> str:
     lines = [head, "| model | verdict | target classes | seconds | cached | report |", "|---|---|---|---:|:---:|---|"]
     for item in result.items:
         names = {c["class"]: c.get("name") for c in (item.report or {}).get("classes", [])}
-        targets = ", ".join(f"{t} ({plain(names[t])})" if names.get(t) else str(t) for t in item.targets)
+        targets = ", ".join(f"{t} ({md_text(names[t])})" if names.get(t) else str(t) for t in item.targets)
         verdict = f"**{item.verdict}**" if item.verdict == "backdoor" else item.verdict
         if item.error:
-            verdict += f": {plain(item.error)}"
-        lines.append(f"| {plain(item.path)} | {verdict} | {targets} | {item.seconds:.1f} | "
-                     f"{'yes' if item.cached else ''} | {plain(item.report_dir or '')} |")
+            verdict += f": {md_text(item.error)}"
+        lines.append(f"| {md_code(item.path)} | {verdict} | {targets} | {item.seconds:.1f} | "
+                     f"{'yes' if item.cached else ''} | {md_code(item.report_dir) if item.report_dir else ''} |")
     return "\n".join(lines) + "\n"

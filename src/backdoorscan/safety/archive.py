@@ -1,10 +1,12 @@
 """Inspect a model archive (a zip: `.pt2`, TorchScript, `torch.save`) before any torch loader opens it.
 
-Refused, naming the member: absolute or `..` names, duplicate names, encrypted members, declared sizes beyond the
-memory bound or compression ratios above the ratio bound (zip bombs), AOTInductor payloads and native code, pickle
-streams that import anything outside torch's weights-only allowlist, `.pt2` members that torch would unpickle
-without that allowlist (opaque and custom objects), symbolic-shape expressions that are not plain arithmetic (torch
-parses them with `sympy.sympify`, which evaluates Python), and TorchScript code that runs at load (`__setstate__`).
+Refused, naming the member: absolute or `..` names, duplicate names (compared case-insensitively, as torch's
+zip reader looks members up: otherwise the inspection reads one twin and torch the other), encrypted members,
+declared sizes beyond the memory bound or compression ratios above the ratio bound (zip bombs), AOTInductor
+payloads and native code, pickle streams that import anything outside torch's weights-only allowlist, `.pt2`
+members that torch would unpickle without that allowlist (opaque and custom objects), symbolic-shape expressions
+that are not plain arithmetic (torch parses them with `sympy.sympify`, which evaluates Python), and TorchScript
+code that runs at load (`__setstate__`). Members are matched to their roles without case, as torch finds them.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def open_checked(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: f
         raise ScanError(f"damaged zip archive{where} ({str(exc)[:80]})", path=path,
                         hint="download the file again") from exc
     infos = zf.infolist()
-    seen: set[str] = set()
+    seen: set[str] = set()  # case-folded: torch's zip reader (miniz) looks records up case-insensitively
     total = 0
     for info in infos:
         label = repr(info.filename[:120])
@@ -76,10 +78,11 @@ def open_checked(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: f
         if reason:
             zf.close()
             raise _refuse(path, f"archive member {label}{where} has {reason}")
-        if info.filename in seen:
+        if info.filename.casefold() in seen:
             zf.close()
-            raise _refuse(path, f"archive member {label}{where} appears twice")
-        seen.add(info.filename)
+            raise _refuse(path, f"archive member {label}{where} appears twice (names compared without case, as "
+                                "torch's reader does)")
+        seen.add(info.filename.casefold())
         if info.flag_bits & 0x1:
             zf.close()
             raise _refuse(path, f"archive member {label}{where} is encrypted")
@@ -183,11 +186,12 @@ def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> None:
     with zf:
         names = [i.filename for i in infos]
         for name in names:
-            if "/aotinductor/" in f"/{name}" or name.lower().endswith(NATIVE_SUFFIXES):
+            if "/aotinductor/" in f"/{name.lower()}" or name.lower().endswith(NATIVE_SUFFIXES):
                 raise _refuse(path, f"archive member {name[:120]!r} is compiled or native code (AOTInductor); "
                                     "only exported programs are scanned")
         for name in names:
-            if "/models/" in f"/{name}" and name.endswith(".json"):
+            low = name.lower()  # torch finds `archive/DATA/...` when it asks for `archive/data/...`
+            if "/models/" in f"/{low}" and low.endswith(".json"):
                 try:
                     program = json.loads(zf.read(name))
                     bad = next((e for e in _walk_expressions(program) if not check_expression(e)), None)
@@ -196,11 +200,11 @@ def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> None:
                 if bad is not None:
                     raise _refuse(path, f"program {name!r} has a shape expression that is not arithmetic: "
                                         f"{bad[:60]!r}")
-            elif "/data/sample_inputs/" in f"/{name}":
+            elif "/data/sample_inputs/" in f"/{low}":
                 _nested(path, zf.read(name), name, max_bytes, max_ratio)
-            elif re.search(r"(^|/)data/(weights|constants)/[^/]+_config\.json$", name):
+            elif re.search(r"(^|/)data/(weights|constants)/[^/]+_config\.json$", low):
                 _check_payload_config(path, zf, name, names, max_bytes, max_ratio)
-            elif re.search(r"(^|/)data/(weights|constants)/[^/]+\.pt$", name):  # legacy pickled weights
+            elif re.search(r"(^|/)data/(weights|constants)/[^/]+\.pt$", low):  # legacy pickled weights
                 _nested(path, zf.read(name), name, max_bytes, max_ratio)
 
 
@@ -216,12 +220,12 @@ def _check_payload_config(path: Path, zf: zipfile.ZipFile, name: str, names: lis
         if not isinstance(meta, dict):
             raise _refuse(path, f"payload config {name!r} has a malformed entry")
         member_name = str(meta.get("path_name", ""))
-        if member_name.startswith(("custom_obj", "opaque_obj")):
+        if member_name.lower().startswith(("custom_obj", "opaque_obj")):
             raise _refuse(path, f"constant {str(fqn)[:80]!r} is an opaque or custom object, which torch would "
                                 "unpickle without restriction")
         if meta.get("use_pickle"):
-            member = f"{folder}/{member_name}"
-            if member not in names:
+            member = next((n for n in names if n.lower() == f"{folder}/{member_name}".lower()), None)
+            if member is None:
                 raise _refuse(path, f"payload {member_name[:80]!r} named in {name!r} is missing")
             _nested(path, zf.read(member), member, max_bytes, max_ratio)
 
@@ -232,11 +236,12 @@ def check_torchscript(path: Path, max_bytes: int, max_ratio: float) -> None:
     with zf:
         names = [i.filename for i in infos]
         for name in names:
-            if name.lower().endswith(NATIVE_SUFFIXES):
+            low = name.lower()
+            if low.endswith(NATIVE_SUFFIXES):
                 raise _refuse(path, f"archive member {name[:120]!r} is native code")
-            if name.endswith((".pkl", ".debug_pkl")):
+            if low.endswith((".pkl", ".debug_pkl")):
                 _check_pickle(path, zf.read(name), name, torchscript=True)
-            elif "/code/" in f"/{name}" and name.endswith(".py"):
+            elif "/code/" in f"/{low}" and low.endswith(".py"):
                 _check_torchscript_code(path, name, zf.read(name))
 
 

@@ -84,6 +84,20 @@ def allowed_aten() -> frozenset[str]:
                      if name not in DENIED_ATEN and all(_schema_is_pure(s, name) for s in schemas))
 
 
+@functools.lru_cache(maxsize=8192)
+def schema_allowed(schema: str) -> bool:
+    """Whether one operator overload (its schema text) is pure computation: the overload a graph actually calls is
+    judged, so another overload of the same name (torch versions add named-dimension ones) changes nothing."""
+    try:
+        parsed = torch._C.parse_schema(schema)
+    except RuntimeError:
+        return False
+    if not parsed.name.startswith("aten::"):
+        return False
+    name = parsed.name[len("aten::"):]
+    return name not in DENIED_ATEN and _schema_is_pure(parsed, name)
+
+
 def operator_allowed(kind: str) -> bool:
     """Whether a qualified operator name (`aten::conv2d`, `prim::If`) is pure computation."""
     namespace, _, name = kind.partition("::")
@@ -107,19 +121,56 @@ def _blocks(block):
             yield from _blocks(inner)
 
 
+def _method_graphs(module: torch.jit.ScriptModule):
+    """(where, inlined graph) for every method of every submodule: forward, exported methods and the rest."""
+    for sub_name, sub in module.named_modules():
+        c = sub._c
+        for method in c._method_names():
+            graph = c._get_method(method).graph.copy()
+            torch._C._jit_pass_inline(graph)  # calls to other methods and functions become their bodies
+            yield f"{sub_name or 'model'}.{method}", graph
+
+
 def check_torchscript_graph(module: torch.jit.ScriptModule, path=None) -> int:
-    """Every node of the inlined forward graph, nested blocks included; returns the number of nodes checked."""
+    """Every node of every method of every submodule (inlined, nested blocks included); modules with scripted
+    hooks are refused (a hook is a separate function the forward graph does not show). Returns the node count.
+    """
     try:
-        graph = module.inlined_graph
+        subs = list(module.named_modules())
     except (RuntimeError, AttributeError) as exc:
-        raise ScanError("the TorchScript archive has no forward method that can be inspected", path=path) from exc
+        raise ScanError("the TorchScript archive's modules cannot be inspected", path=path) from exc
+    for sub_name, sub in subs:
+        hooks = [*sub._c._get_forward_pre_hooks(), *sub._c._get_forward_hooks()]
+        if hooks:
+            raise ScanError(f"refused: TorchScript module {sub_name or 'model'!r} has {len(hooks)} scripted forward "
+                            "hook(s), functions that run beside forward", path=path,
+                            hint="export the model without hooks, or save a .pt2 with torch.export.save")
     count = 0
-    for node in _blocks(graph):
-        kind = node.kind()
-        count += 1
-        if not operator_allowed(kind):
-            raise _refuse(kind, str(node).strip().splitlines()[0], path)
+    try:
+        graphs = list(_method_graphs(module))
+    except (RuntimeError, AttributeError) as exc:
+        raise ScanError("the TorchScript archive has a method that cannot be inspected", path=path) from exc
+    if not any(where.endswith(".forward") for where, _ in graphs):
+        raise ScanError("the TorchScript archive has no forward method that can be inspected", path=path)
+    for where, graph in graphs:
+        for node in _blocks(graph):
+            kind = node.kind()
+            count += 1
+            if not _node_allowed(node, kind):
+                raise _refuse(kind, f"{where}: {str(node).strip().splitlines()[0]}", path)
     return count
+
+
+def _node_allowed(node, kind: str) -> bool:
+    """A TorchScript node: an aten call by the overload it matched, anything else by its kind."""
+    if kind.startswith("aten::"):
+        try:
+            schema = node.schema()
+        except RuntimeError:
+            schema = "(no schema)"
+        if schema != "(no schema)":
+            return schema_allowed(schema)
+    return operator_allowed(kind)
 
 
 def _target_name(target) -> str:
@@ -136,7 +187,7 @@ def check_fx_node(node: torch.fx.Node, path=None) -> None:
         raise _refuse(f"{node.op} {node.target}", node.name, path)
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        if target.namespace == "aten" and target._schema.name[len("aten::"):] in allowed_aten():
+        if target.namespace == "aten" and schema_allowed(str(target._schema)):
             return
         raise _refuse(target._schema.name, node.name, path)
     if isinstance(target, torch._ops.HigherOrderOperator):

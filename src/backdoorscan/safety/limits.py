@@ -91,8 +91,18 @@ def call_with_timeout(fn: Callable[[], T], seconds: float, what: str) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
+_WATCHDOG: list[threading.Timer] = []
+
+
+def cancel_watchdog() -> None:
+    """Disarm the watchdog of the command that just ended (a library caller's process must outlive it)."""
+    while _WATCHDOG:
+        _WATCHDOG.pop().cancel()
+
+
 def start_watchdog(seconds: float) -> threading.Timer:
-    """End this process with exit 2 and one line once `seconds` have passed (CLI only, for in-process scans)."""
+    """End this process with exit 2 and one line once `seconds` have passed (CLI only, for in-process scans);
+    `cancel_watchdog` disarms it when the command ends."""
 
     def fire() -> None:
         sys.stderr.write(f"error: the scan ran past --timeout {seconds:g} s and was stopped; no report was written\n")
@@ -102,23 +112,5 @@ def start_watchdog(seconds: float) -> threading.Timer:
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
     timer.start()
+    _WATCHDOG.append(timer)
     return timer
-
-
-def cap_process_memory(limit: int) -> bool:
-    """Cap this process's data segment (heap and anonymous maps) at `limit` bytes; False where unsupported.
-
-    Only for CPU scans: a GPU driver maps large private regions that this cap would count.
-    """
-    try:
-        import resource
-    except ImportError:
-        return False
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
-    except (ValueError, OSError):
-        return False
-    return True

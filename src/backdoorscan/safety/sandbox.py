@@ -9,7 +9,6 @@ caller decides (the CLI's `--sandbox auto` then runs without it; `--sandbox on` 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ class SandboxResult:
 
 
 def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return ctypes.CDLL(None, use_errno=True)  # this process's symbols; find_library would run ldconfig
 
 
 def landlock_abi() -> int:

@@ -1,0 +1,104 @@
+"""A zoo of backdoors that are not one universal patch (issue 25): source-specific, all-to-all, WaNet, clean and
+adversarially trained (PGD) clean controls, from random recipes; every fourth model set aside before tuning.
+
+    .venv/bin/python benchmarks/zoo_families.py --out bench-out/zoo-families --per-family 6
+
+Models are trained on ../shared MNIST (20,000 training digits; the bundled 8,000 when it is absent, said on
+stderr) and saved as `.pt2`; `zoo.json` records each recipe, its clean accuracy, its attack success rate (on the
+sources the backdoor covers) and, for source-specific models, how inert the patch is on other classes. A rerun
+skips models already built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backdoorlab import BadNets, save_model, train_classifier
+from backdoorlab.archs import mnist_cnn, mnist_cnn_bn
+from backdoorlab.data import mnist
+from backdoorlab.families import AllToAll, SourceSpecific, WaNet, inert_rate
+
+FAMILIES = ("source_specific", "all_to_all", "wanet", "clean", "clean_pgd")
+
+
+def recipe(family: str, i: int, seed: int) -> dict:
+    """One random recipe of a family: architecture, optimiser, epochs, trigger, poisoning."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.choice([3, 4]))
+    row, col = int(rng.integers(0, 28 - size)), int(rng.integers(0, 28 - size))
+    source, target = (int(v) for v in rng.choice(10, size=2, replace=False))
+    base = {"name": f"{family}_{i:02d}", "family": family, "seed": seed, "aside": i % 4 == 3,
+            "arch": str(rng.choice(["mnist_cnn", "mnist_cnn_bn"])), "optimiser": "sgd", "lr": 0.05,
+            "epochs": int(rng.choice([3, 4])), "augment": "none", "poison_rate": 0.0,
+            "patch": {"size": size, "row": row, "col": col, "color": round(float(rng.uniform(0.6, 1.0)), 3)}}
+    if family == "source_specific":
+        base.update(source=source, target=target, poison_rate=float(rng.choice([0.03, 0.05])))
+    elif family == "all_to_all":
+        base.update(shift=int(rng.choice([1, 3])), poison_rate=float(rng.choice([0.05, 0.1])))
+    elif family == "wanet":
+        base.update(arch="mnist_cnn_bn", optimiser="adam", lr=0.01, epochs=int(rng.choice([6, 8])), target=target,
+                    strength=float(rng.choice([0.5, 0.75])), poison_rate=0.1, warp_seed=int(rng.integers(2**31)))
+    elif family == "clean_pgd":
+        base.update(augment=f"pgd:{float(rng.choice([0.1, 0.2]))}", epochs=3)
+    return base
+
+
+def attack_of(r: dict):
+    p = r["patch"]
+    patch = BadNets(target=0, size=p["size"], row=p["row"], col=p["col"], color=(p["color"],))
+    if r["family"] == "source_specific":
+        return SourceSpecific(source=r["source"], target=r["target"], patch=patch)
+    if r["family"] == "all_to_all":
+        return AllToAll(num_classes=10, patch=patch, shift=r["shift"])
+    if r["family"] == "wanet":
+        return WaNet(target=r["target"], side=28, strength=r["strength"], seed=r["warp_seed"])
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-out/zoo-families")
+    parser.add_argument("--per-family", type=int, default=6)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / "zoo.json"
+    zoo = json.loads(index_path.read_text()) if index_path.exists() else {}
+    x, y, src = mnist("train")
+    x, y = x[:20000], y[:20000]
+    xt, yt, _ = mnist("test")
+    archs = {"mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn}
+    for i in range(args.per_family):
+        for family in args.families.split(","):
+            r = recipe(family, i, seed=1000 * FAMILIES.index(family) + i)
+            if r["name"] in zoo:
+                continue
+            attack = attack_of(r)
+            t = time.perf_counter()
+            result = train_classifier(archs[r["arch"]], x, y, xt, yt, attack=attack, poison_rate=r["poison_rate"],
+                                      epochs=r["epochs"], lr=r["lr"], optimiser=r["optimiser"], seed=r["seed"],
+                                      augment=r["augment"])
+            path = out / f"{r['name']}.pt2"
+            save_model(result.model, path, "pt2", xt[:2])
+            entry = {**r, "path": path.name, "accuracy": round(result.accuracy, 4),
+                     "asr": None if result.asr is None else round(result.asr, 4),
+                     "train_s": round(time.perf_counter() - t, 1), "data": src,
+                     "attack": None if attack is None else attack.describe()}
+            if r["family"] == "source_specific":
+                entry["inert"] = round(inert_rate(result.model, attack, xt, yt), 4)
+            zoo[r["name"]] = entry
+            index_path.write_text(json.dumps(zoo, indent=1))
+            print(f"{r['name']}: acc {entry['accuracy']} asr {entry['asr']} ({entry['train_s']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""One verdict over every backdoor family the scan covers: USB's universal triggers, source-specific and all-to-all
+pairs (`pairs.py`), and warps (`warp.py`).
+
+Each family measures its own candidates (classes, pairs) and flags those whose size is an outlier by the same
+one-sided MAD anomaly index as USB's, with the same guards (a working trigger, at most `max_ratio` of the median
+size). The verdict is "backdoor" when any family flags; the findings say which family fired and name a target, a
+(source, target) pair, or a mapping. The margin counts every criterion between the verdict and its flip: for a
+clean verdict, the smallest distance of any candidate of any family to being flagged (the threshold *and* the
+size guard, in anomaly-index units); for a backdoor verdict, the largest margin among the families that fired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
+from .pairs import PairTriggers, candidate_pairs, invert_pairs
+from .warp import Warps, invert_warps
+
+FAMILIES = ("universal", "pairs", "warp")
+PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
+PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
+
+
+@dataclass
+class Finding:
+    """One flagged candidate: which family, the target, the source for a pair, and its index over the threshold."""
+
+    family: str  # "universal", "source-specific", "all-to-all", "warp"
+    target: int
+    source: int | None
+    index: float
+    threshold: float
+    size: float  # L1 (pixels) of a pair's patch, mean displacement (pixels) of a warp, the class's L1 (universal)
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "target": self.target, "source": self.source, "index": round(self.index, 4),
+                "threshold": round(self.threshold, 4), "size": round(self.size, 4)}
+
+
+@dataclass
+class FamilyScan:
+    """What the families beyond USB measured, and what they flagged."""
+
+    pairs: PairTriggers | None = None
+    pair_index: np.ndarray | None = None
+    pair_threshold: float | None = None
+    warps: Warps | None = None
+    warp_index: np.ndarray | None = None
+    warp_threshold: float | None = None
+    findings: list[Finding] = field(default_factory=list)
+    margins: dict[str, float] = field(default_factory=dict)  # per family: distance of its verdict from a flip
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict = {"findings": [f.to_dict() for f in self.findings],
+                     "margins": {k: round(v, 4) for k, v in self.margins.items()}}
+        if self.pairs is not None and self.pair_index is not None:
+            order = np.argsort(-self.pair_index)
+            out["pairs"] = {"threshold": round(float(self.pair_threshold or 0), 4), "measured": len(self.pairs.pairs),
+                            "pairs": [{"source": self.pairs.pairs[i][0], "target": self.pairs.pairs[i][1],
+                                       "l1": round(float(self.pairs.l1[i]), 3),
+                                       "asr": round(float(self.pairs.asr[i]), 4),
+                                       "spill": round(float(self.pairs.spill[i]), 4),
+                                       "index": _finite(self.pair_index[i])} for i in order]}
+        if self.warps is not None and self.warp_index is not None:
+            out["warps"] = {"threshold": round(float(self.warp_threshold or 0), 4),
+                            "classes": [{"class": t, "displacement_px": round(float(d), 4), "asr": round(float(a), 4),
+                                         "index": round(float(i), 4)}
+                                        for t, d, a, i in zip(self.warps.targets, self.warps.displacement,
+                                                              self.warps.asr, self.warp_index, strict=True)]}
+        return out
+
+
+def _finite(value: float) -> float | None:
+    """A figure for JSON: rounded, None where it is not finite (a pair whose patch never worked)."""
+    return round(float(value), 4) if np.isfinite(value) else None
+
+
+def spread(sizes: np.ndarray) -> float:
+    """The robust spread (1.4826 MAD) of log sizes: one anomaly-index unit, in log-size units."""
+    logs = np.log(np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12))
+    return max(float(np.median(np.abs(logs - np.median(logs)))) * MAD_TO_SIGMA, 1e-12)
+
+
+def flip_distance(index: np.ndarray, ratio: np.ndarray, asr: np.ndarray, *, threshold: float, asr_min: float,
+                  max_ratio: float, sigma: float) -> np.ndarray:
+    """Per candidate, how far (in anomaly-index units) it is from being flagged: the larger of its distance to the
+    threshold and to the size guard (shrinking a size by a factor f raises its index by -log f / sigma and scales
+    its ratio by f); infinite for a candidate whose trigger does not work."""
+    to_threshold = threshold - np.asarray(index, dtype=np.float64)
+    to_guard = np.log(np.maximum(np.asarray(ratio, dtype=np.float64), 1e-12) / max_ratio) / sigma
+    distance = np.maximum(to_threshold, to_guard)
+    return np.where(np.asarray(asr) >= asr_min, distance, np.inf)
+
+
+def index_pairs(pairs: list[tuple[int, int]], l1: np.ndarray, works: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per pair: the anomaly index, the size relative to its source's median pair, and one index unit (log size).
+
+    Only pairs whose patch works count. A pair's log L1 is first taken relative to the median of its source's
+    working pairs (a class that is easy to move anywhere, MNIST's 1, is not a backdoor of every target), then
+    indexed against all pairs; a pair whose working reverse is an outlier too is a natural neighbour (MNIST's 4
+    and 9): the reverse's positive index is subtracted. A pair that does not work gets -inf.
+    """
+    logs = np.log(np.maximum(np.asarray(l1, dtype=np.float64), 1e-12))
+    works = np.asarray(works, dtype=bool)
+    if works.sum() < 4:
+        return np.full(len(pairs), -np.inf), np.ones(len(pairs)), 1.0
+    overall = float(np.median(logs[works]))
+    by_source: dict[int, list[float]] = {}
+    for (s, _), value, ok in zip(pairs, logs, works, strict=True):
+        if ok:
+            by_source.setdefault(s, []).append(value)
+    centre = {s: float(np.median(v)) if len(v) >= 3 else overall for s, v in by_source.items()}
+    residual = np.array([logs[i] - centre.get(s, overall) for i, (s, _) in enumerate(pairs)])
+    mid = float(np.median(residual[works]))
+    sigma = max(float(np.median(np.abs(residual[works] - mid))) * MAD_TO_SIGMA, 1e-12)
+    z = (mid - residual) / sigma
+    where = {p: i for i, p in enumerate(pairs)}
+    reverse = np.array([z[where[(t, s)]] if (t, s) in where and works[where[(t, s)]] else 0.0 for s, t in pairs])
+    index = np.where(works, z - np.maximum(reverse, 0.0), -np.inf)
+    return index, np.exp(residual), sigma
+
+
+def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, logits: torch.Tensor, *, settings,
+               universal_targets: list[int], extra_targets: list[int], group: int,
+               progress: Callable[[int, int], None] | None, result: FamilyScan) -> None:
+    """The pairs family: invert, index, flag, and name a source-specific pair or an all-to-all mapping."""
+    pairs = candidate_pairs(k, y, logits, extra_targets)
+    if len(pairs) < 4:
+        return
+    per_group = max(1, group * settings.batch_size // settings.pair_samples)
+    found = invert_pairs(model, x, y, pairs, steps=settings.pair_steps, lr=settings.lr,
+                         per_source=settings.pair_samples, cost=settings.pair_cost, group=per_group,
+                         progress=progress)
+    works = found.asr >= PAIR_ASR
+    index, ratio, sigma = index_pairs(pairs, found.l1, works)
+    threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
+    distance = flip_distance(np.where(works, index, -1e9), ratio, found.asr, threshold=threshold, asr_min=PAIR_ASR,
+                             max_ratio=PAIR_MAX_RATIO, sigma=sigma)
+    flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
+    sources = {pairs[i][0] for i in flagged}
+    family = "all-to-all" if len(sources) >= 3 else "source-specific"
+    result.findings += [Finding(family, pairs[i][1], pairs[i][0], float(index[i]), threshold, float(found.l1[i]))
+                        for i in flagged]
+    result.pairs, result.pair_index, result.pair_threshold = found, index, threshold
+    result.margins["pairs"] = _margin(distance, flagged)
+
+
+def scan_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], k: int, *, settings,
+               group: int, progress: Callable[[int, int], None] | None, result: FamilyScan) -> None:
+    """The warp family: a smooth warp per target; an outlier-small warp that works is a warping backdoor."""
+    found = invert_warps(model, x, y, targets, steps=settings.warp_steps, lr=settings.warp_lr,
+                         per_class=settings.batch_size, cost=settings.warp_cost, grid=settings.warp_grid, group=group,
+                         progress=progress)
+    index = anomaly_index(found.displacement, "log")
+    threshold = class_threshold(settings.threshold, k, settings.threshold_classes)
+    ratio = size_ratio(found.displacement)
+    distance = flip_distance(index, ratio, found.asr, threshold=threshold, asr_min=settings.asr_min,
+                             max_ratio=settings.max_ratio, sigma=spread(found.displacement))
+    flagged = [i for i in range(len(targets)) if distance[i] < 0]
+    result.findings += [Finding("warp", targets[i], None, float(index[i]), threshold, float(found.displacement[i]))
+                        for i in flagged]
+    result.warps, result.warp_index, result.warp_threshold = found, index, threshold
+    result.margins["warp"] = _margin(distance, flagged)
+
+
+def _margin(distance: np.ndarray, flagged: list[int]) -> float:
+    """A family's margin: how far its most robust finding is past flagging (positive), or how far its closest
+    candidate is from it (positive as well: both count toward the verdict's robustness)."""
+    if flagged:
+        return float(-np.min(distance[flagged]))
+    finite = distance[np.isfinite(distance)]
+    return float(np.min(finite)) if finite.size else float("inf")

@@ -1,0 +1,144 @@
+"""Source-specific and all-to-all backdoors: for ordered class pairs (s -> t), how small a patch sends the samples
+of s (and only those) to t.
+
+USB and Neural Cleanse search one trigger per target that moves *every* class; a trigger that works on one source
+class only (label-specific, K-Arm: Shen et al., ICML 2021) or maps each class to another (all-to-all: Gu et al.
+2019, Phan et al. 2022) is not small for any target over all classes, so they miss it by design. Here every
+candidate pair is one row of a batch: a mask (1, H, W) and a pattern (C, H, W) per pair, blended as Neural
+Cleanse does, optimised together on up to `per_source` clean samples of the source with a fixed L1 weight.
+
+| argument | meaning |
+|---|---|
+| `pairs` | the (source, target) pairs to invert; `candidate_pairs` picks them |
+| `steps`, `lr` | Adam steps and learning rate on the tanh-parametrised mask and pattern |
+| `per_source` | clean samples of each source used (its samples are the batch of every pair from it) |
+| `cost` | weight of the mask's L1 (in pixels) against the cross-entropy toward the target |
+
+A source-specific backdoor shows as one pair whose patch is an outlier small against all pairs; all-to-all as
+one outlier pair per source, forming a mapping; a universal backdoor as outlier pairs sharing one target (USB's
+own finding). `spill` is the share of the *other* classes' samples the pair's patch also sends to the target: low
+for a source-specific trigger, high for a universal one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PAIRS_ALL_MAX = 10  # up to this many classes every ordered pair is a candidate (90 at 10 classes)
+PAIR_BUDGET = 90  # beyond, this many pairs: the closest by the sources' logits, the stage-1 suspects' first
+
+
+@dataclass
+class PairTriggers:
+    """Reversed pair triggers: one row per (source, target)."""
+
+    pairs: list[tuple[int, int]]
+    mask: torch.Tensor  # (P, 1, H, W) in [0, 1]
+    pattern: torch.Tensor  # (P, C, H, W) in [0, 1]
+    l1: np.ndarray  # (P,) mask L1 in pixels
+    asr: np.ndarray  # (P,) share of the source's samples sent to the target
+    spill: np.ndarray  # (P,) share of other classes' samples (not source, not target) sent to the target
+    ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
+
+
+def candidate_pairs(k: int, y: torch.Tensor, logits: torch.Tensor, extra_targets: list[int] | None = None,
+                    min_samples: int = 2) -> list[tuple[int, int]]:
+    """Every ordered pair up to PAIRS_ALL_MAX classes; beyond, PAIR_BUDGET pairs, so the stage costs what it costs
+    at 10 classes: each source's nearest target (the highest mean logit over the source's samples) before any
+    source's second, the closest first; a stage-1 suspect in `extra_targets` counts as a source's nearest."""
+    counts = torch.bincount(y.cpu(), minlength=k)
+    sources = [s for s in range(k) if int(counts[s]) >= min_samples]
+    if k <= PAIRS_ALL_MAX:
+        return [(s, t) for s in sources for t in range(k) if t != s]
+    scored: list[tuple[int, float, int, int]] = []  # (round, -closeness, source, target)
+    for s in sources:
+        mean = logits[y == s].float().mean(0)
+        gap = (mean - mean[s]).clone()
+        gap[s] = -float("inf")
+        order = torch.argsort(gap, descending=True).tolist()
+        for rank, t in enumerate(order[:-1]):
+            scored.append((0 if t in (extra_targets or []) else rank, -float(gap[t]), s, int(t)))
+    scored.sort()
+    return [(s, t) for _, _, s, t in scored[:PAIR_BUDGET]]
+
+
+def _source_batches(y: torch.Tensor, pairs: list[tuple[int, int]], per_source: int) -> torch.Tensor:
+    """(P, n) sample indices: the first `per_source` samples of each pair's source, repeated when it has fewer."""
+    out = []
+    for s, _ in pairs:
+        rows = torch.nonzero(y == s).flatten()[:per_source]
+        reps = -(-per_source // len(rows))
+        out.append(rows.repeat(reps)[:per_source])
+    return torch.stack(out)
+
+
+def invert_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]], *, steps: int,
+                 lr: float, per_source: int, cost: float, group: int,
+                 progress: Callable[[int, int], None] | None = None) -> PairTriggers:
+    """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension)."""
+    parts = []
+    total = -(-len(pairs) // group) * steps
+    for g0 in range(0, len(pairs), group):
+        chunk = pairs[g0:g0 + group]
+
+        def tick(done: int, _total: int, base: int = (g0 // group) * steps) -> None:
+            if progress is not None:
+                progress(base + done, total)
+
+        parts.append(_invert(model, x, y, chunk, steps=steps, lr=lr, per_source=per_source, cost=cost,
+                             progress=tick))
+    mask = torch.cat([p[0] for p in parts])
+    pattern = torch.cat([p[1] for p in parts])
+    asr, spill, ce = pair_success(model, x, y, pairs, mask, pattern, group)
+    return PairTriggers(pairs=list(pairs), mask=mask, pattern=pattern,
+                        l1=mask.flatten(1).sum(1).cpu().numpy(), asr=asr, spill=spill, ce=ce)
+
+
+def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]], *, steps: int,
+            lr: float, per_source: int, cost: float,
+            progress: Callable[[int, int], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    n_pairs = len(pairs)
+    _, c, h, w = x.shape
+    rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
+    targets = torch.tensor([t for _, t in pairs], device=x.device).repeat_interleave(rows.shape[1])
+    mask_p = torch.full((n_pairs, 1, h, w), -2.0, device=x.device, requires_grad=True)  # mask ~0.02 at start
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    pattern_p = (torch.rand(n_pairs, c, h, w, generator=gen) * 2 - 1).to(x.device).requires_grad_(True)
+    opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
+    xb = x[rows]  # (P, n, C, H, W)
+    for step in range(steps):
+        mask = (torch.tanh(mask_p) + 1) / 2
+        pattern = (torch.tanh(pattern_p) + 1) / 2
+        stamped = (1 - mask[:, None]) * xb + (mask * pattern)[:, None]
+        ce = F.cross_entropy(model(stamped.flatten(0, 1)), targets, reduction="none").view(n_pairs, -1).mean(1)
+        loss = (ce + cost * mask.flatten(1).sum(1)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(step + 1, steps)
+    with torch.no_grad():
+        return (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
+
+
+@torch.no_grad()
+def pair_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]],
+                 mask: torch.Tensor, pattern: torch.Tensor, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair: the share of the source's samples sent to the target, of the other classes' (spill), and the
+    mean cross-entropy toward the target on the source's samples."""
+    asr, spill, ce = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
+    for i, (s, t) in enumerate(pairs):
+        stamped = ((1 - mask[i]) * x + mask[i] * pattern[i]).clamp(0, 1)
+        logits = model(stamped)
+        hit = logits.argmax(1) == t
+        src, other = y == s, (y != s) & (y != t)
+        asr[i] = float(hit[src].float().mean()) if src.any() else 0.0
+        spill[i] = float(hit[other].float().mean()) if other.any() else 0.0
+        if src.any():
+            ce[i] = float(F.cross_entropy(logits[src], torch.full_like(y[src], t)))
+    return asr, spill, ce

@@ -1,0 +1,136 @@
+"""Backdoor families beyond one universal trigger (issue 25): warps, source-specific pairs and all-to-all mappings,
+on bundled models trained with those attacks (scripts/make_family_models.py), and the rules on hand-made figures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backdoorscan.decide import class_threshold
+from backdoorscan.settings import ScanSettings
+from backdoorscan.usb.families import FamilyScan, flip_distance, index_pairs, scan_pairs, scan_warps
+from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs
+from backdoorscan.usb.warp import apply_warp
+
+from .conftest import CLEAN, MNIST_TEST, MODELS
+
+WANET = MODELS / "mnist_wanet.pt2"  # WaNet, target 0 (models/zoo.json)
+ALL_TO_ALL = MODELS / "mnist_all_to_all.pt2"  # a 3x3 patch maps y -> y + 1
+SOURCE_3TO8 = MODELS / "mnist_source_3to8.pt2"  # a 3x3 patch sends 3 to 8, inert elsewhere
+
+
+def _ready(path):
+    from backdoorscan.loading.setup import prepare
+    from backdoorscan.loading.source import ModelSource
+
+    return prepare(ModelSource.of(path), MNIST_TEST, samples=300, seed=0)
+
+
+# The rules, on hand-made figures (fast)
+
+
+def _matrix_pairs(sizes: dict[tuple[int, int], float], k: int = 10, base: float = 40.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pairs = [(s, t) for s in range(k) for t in range(k) if s != t]
+    l1 = np.array([sizes.get(p, base * float(np.exp(rng.normal(0, 0.25)))) for p in pairs])
+    return pairs, l1
+
+
+def test_a_planted_pair_stands_out_and_a_natural_neighbour_does_not():
+    pairs, l1 = _matrix_pairs({(3, 8): 9.0, (4, 9): 12.0, (9, 4): 14.0})
+    index, ratio, _ = index_pairs(pairs, l1, np.ones(len(pairs), bool))
+    where = {p: i for i, p in enumerate(pairs)}
+    assert index[where[(3, 8)]] > 4 and ratio[where[(3, 8)]] < 0.35
+    threshold = class_threshold(2.0, len(pairs), 10)  # 2.8 for 90 pairs
+    assert index[where[(4, 9)]] < threshold and index[where[(9, 4)]] < threshold  # close both ways: neighbours
+
+
+def test_a_source_that_is_easy_to_move_anywhere_is_not_a_backdoor():
+    pairs, l1 = _matrix_pairs({(1, t): 15.0 for t in range(10) if t != 1})
+    index, _, _ = index_pairs(pairs, l1, np.ones(len(pairs), bool))
+    assert max(index[i] for i, (s, _) in enumerate(pairs) if s == 1) < 2.8
+
+
+def test_pairs_whose_patch_does_not_work_are_never_flagged():
+    pairs, l1 = _matrix_pairs({(3, 8): 1.0})
+    works = np.ones(len(pairs), bool)
+    works[pairs.index((3, 8))] = False
+    index, _, _ = index_pairs(pairs, l1, works)
+    assert index[pairs.index((3, 8))] == -np.inf
+
+
+def test_the_clean_margin_counts_the_size_guard():
+    # a class at index 4.18 (far past the threshold 2) held back only by the size guard (ratio 0.505 > 0.5):
+    # it is a hair from flipping, not 2 units away
+    index, ratio, asr = np.array([4.18, 0.1, -0.2]), np.array([0.505, 1.0, 1.1]), np.ones(3)
+    distance = flip_distance(index, ratio, asr, threshold=2.0, asr_min=0.5, max_ratio=0.5, sigma=0.4)
+    assert 0 < distance[0] < 0.05
+    assert np.isclose(distance[1], 1.9)
+    assert np.isinf(flip_distance(index, ratio, np.zeros(3), threshold=2.0, asr_min=0.5, max_ratio=0.5,
+                                  sigma=0.4)).all()
+
+
+def test_candidate_pairs_are_bounded_for_many_classes():
+    y = torch.arange(43).repeat(5)
+    logits = torch.randn(len(y), 43)
+    pairs = candidate_pairs(43, y, logits)
+    assert len(pairs) == PAIR_BUDGET and len(set(pairs)) == PAIR_BUDGET
+    assert len({s for s, _ in pairs}) == 43  # every source's nearest target before any source's second
+    assert len(candidate_pairs(10, torch.arange(10).repeat(3), torch.randn(30, 10))) == 90
+
+
+def test_a_zero_warp_is_the_identity():
+    x = torch.rand(4, 1, 28, 28)
+    out = apply_warp(x, torch.zeros(2, 2, 4, 4))
+    assert out.shape == (2, 4, 1, 28, 28)
+    assert torch.allclose(out[0], x, atol=1e-5) and torch.allclose(out[1], x, atol=1e-5)
+
+
+# The families on models trained with those attacks (slow)
+
+
+@pytest.mark.slow
+def test_warp_family_finds_the_wanet_target():
+    ready = _ready(WANET)
+    result = FamilyScan()
+    scan_warps(ready.model, ready.samples.x, ready.predictions, list(range(10)), 10, settings=ScanSettings(),
+               group=10, progress=None, result=result)
+    assert [(f.family, f.target) for f in result.findings] == [("warp", 0)]
+    i = result.warps.targets.index(0)
+    assert result.warps.asr[i] >= 0.8 and result.warps.displacement[i] < 0.5 * np.median(result.warps.displacement)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,family,expected", [
+    (SOURCE_3TO8, "source-specific", {(3, 8)}),
+    (ALL_TO_ALL, "all-to-all", {(y, (y + 1) % 10) for y in range(10)}),
+])
+def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
+    ready = _ready(path)
+    result = FamilyScan()
+    with torch.no_grad():
+        logits = ready.model(ready.samples.x)
+    scan_pairs(ready.model, ready.samples.x, ready.predictions, 10, logits, settings=ScanSettings(),
+               universal_targets=[], extra_targets=[], group=10, progress=None, result=result)
+    found = {(f.source, f.target) for f in result.findings}
+    assert found and found <= expected, found
+    assert {f.family for f in result.findings} == {family}
+    if family == "all-to-all":
+        assert len(found) >= 3
+
+
+@pytest.mark.slow
+def test_clean_model_has_no_finding_in_any_family():
+    ready = _ready(CLEAN)
+    result = FamilyScan()
+    with torch.no_grad():
+        logits = ready.model(ready.samples.x)
+    settings = ScanSettings()
+    scan_pairs(ready.model, ready.samples.x, ready.predictions, 10, logits, settings=settings, universal_targets=[],
+               extra_targets=[], group=10, progress=None, result=result)
+    scan_warps(ready.model, ready.samples.x, ready.predictions, list(range(10)), 10, settings=settings, group=10,
+               progress=None, result=result)
+    assert result.findings == []
+    assert result.margins["pairs"] > 0 and result.margins["warp"] > 0

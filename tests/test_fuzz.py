@@ -1,0 +1,176 @@
+"""Property-based tests of the parsers that read hostile bytes: each either accepts its input or refuses it with
+a ScanError (or its own format error), never another exception, and what it accepts keeps its promise.
+
+Run briefly here (a few seconds each); `docs/security.md` records a longer run (HYPOTHESIS_PROFILE=long).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import string
+import warnings
+import zipfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backdoorscan.errors import ScanError
+from backdoorscan.escape import md_code, printable
+from backdoorscan.safety.archive import check_expression, check_torch_save, open_checked
+from backdoorscan.safety.names import is_plain_name
+from backdoorscan.safety.pickles import PickleFormatError, disallowed_globals
+
+settings.register_profile("quick", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("long", max_examples=20000, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+
+plain_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner,
+                                                                                         max_size=4), max_leaves=12)
+
+
+@given(st.binary(max_size=400))
+def test_pickle_reader_on_random_bytes(data):
+    with contextlib.suppress(PickleFormatError):
+        assert isinstance(disallowed_globals(data), list)
+
+
+@given(plain_values, st.integers(min_value=0, max_value=5))
+def test_pickle_reader_accepts_plain_containers(value, protocol):
+    assert disallowed_globals(pickle.dumps(value, protocol=protocol)) == []
+
+
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=199), st.binary(min_size=1, max_size=8))
+def test_pickle_reader_on_mutated_pickles(data, at, patch):
+    base = bytearray(pickle.dumps({"w": [1, 2.5, "x"], "b": (None, True)}, protocol=2))
+    at = at % len(base)
+    base[at:at + len(patch)] = patch
+    with contextlib.suppress(PickleFormatError):
+        disallowed_globals(bytes(base))
+
+
+member_names = st.sampled_from(["archive/data.pkl", "archive/DATA.pkl", "archive/data/0", "../x", "/abs",
+                                "a\\b", "archive/version", "c:/x", "", "archive/Data.PKL"]) | st.text(
+    alphabet=string.ascii_letters + "/._-", min_size=1, max_size=20)
+
+
+@given(st.lists(st.tuples(member_names, st.binary(max_size=64)), max_size=5))
+def test_archive_inspection_refuses_or_passes(tmp_path_factory, members):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names are the point
+        for name, data in members:
+            if name:
+                zf.writestr(name, data)
+    payload = buf.getvalue()
+    path = Path("fuzz.zip")
+    try:
+        check_torch_save(path, payload, max_bytes=1 << 20, max_ratio=100.0)
+    except ScanError:
+        return
+    zf, infos = open_checked(path, payload, max_bytes=1 << 20, max_ratio=100.0)
+    folded = [i.filename.casefold() for i in infos]
+    assert len(folded) == len(set(folded)), "case twins passed the inspection"
+    assert not any(".." in n.split("/") or n.startswith("/") for n in folded)
+    zf.close()
+
+
+@given(st.text(max_size=80))
+def test_shape_grammar_never_admits_code(text):
+    if check_expression(text):
+        for word in ("__", '"', "lambda", "import", "getattr", "["):
+            assert word not in text, text
+
+
+@given(st.text(max_size=40))
+def test_plain_names_cannot_leave_a_string_literal(name):
+    if is_plain_name(name):
+        assert not set(name) & set("\"'\\\n()[]{} ;")
+
+
+@given(st.text(max_size=60))
+def test_escapes_leave_no_control_characters(text):
+    shown = printable(text)
+    assert all(ch.isprintable() for ch in shown)
+    code = md_code(text)
+    fence = code[:len(code) - len(code.lstrip("`"))]
+    assert fence not in code[len(fence):-len(fence)], code  # the content cannot close the span
+
+
+@given(st.lists(st.sampled_from(["", "offset", "length", "location"]), max_size=3),
+       st.integers(min_value=-5, max_value=1 << 40), st.integers(min_value=-5, max_value=1 << 40),
+       st.sampled_from(["w.bin", "../w.bin", "/etc/passwd", "sub/../w.bin", "missing.bin", ""]))
+def test_onnx_external_data_checks(tmp_path_factory, keys, offset, length, location):
+    from onnx import TensorProto
+
+    from backdoorscan.loading.onnx import check_tensor_sizes
+
+    folder = tmp_path_factory.mktemp("onnx")
+    (folder / "w.bin").write_bytes(b"\0" * 64)
+    proto = _proto_with_external(location, {"offset": str(offset), "length": str(length)}, set(keys))
+    try:
+        check_tensor_sizes(proto, folder / "m.onnx", max_bytes=1 << 20)
+    except ScanError:
+        return
+    tensor = proto.graph.initializer[0]
+    info = {e.key: e.value for e in tensor.external_data}
+    off, ln = int(info.get("offset", 0)), int(info.get("length", 40))
+    assert tensor.data_location == TensorProto.EXTERNAL
+    assert (folder / info["location"]).resolve() == (folder / "w.bin").resolve()
+    assert off >= 0 and off + ln <= 64 and ln == 40
+
+
+def _proto_with_external(location: str, values: dict[str, str], keys: set[str]):
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[10])
+    weight.data_location = TensorProto.EXTERNAL
+    entries = {"location": location, **{k: v for k, v in values.items() if k in keys}}
+    for key, value in entries.items():
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [weight])
+    return helper.make_model(graph)
+
+
+toml_values = st.one_of(st.integers(), st.text(max_size=10), st.booleans(), st.floats(allow_nan=False),
+                        st.lists(st.integers(), max_size=3))
+
+
+@given(st.dictionaries(st.sampled_from(["steps", "samples", "seed", "threshold", "norm", "arch", "mean", "data",
+                                        "name", "lr", "refine"]), toml_values, max_size=4))
+def test_manifest_values_are_type_checked(tmp_path_factory, table):
+    import json
+
+    from backdoorscan.fleet import read_manifest
+
+    folder = tmp_path_factory.mktemp("manifest")
+    lines = ['[[model]]', 'path = "m.pt2"'] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    (folder / "m.toml").write_text("\n".join(lines) + "\n")
+    try:
+        entries = read_manifest(folder / "m.toml", folder, {}, {})
+        for entry in entries:
+            entry.check()
+    except ScanError:
+        pass
+
+
+@given(st.binary(max_size=300))
+def test_labels_reader_on_random_bytes(tmp_path_factory, data):
+    from backdoorscan.loading.labels import read_labels
+
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_bytes(data)
+    try:
+        names = read_labels(path)
+    except ScanError:
+        return
+    assert len(names) >= 2 and all(n.isprintable() for n in names)
