@@ -118,3 +118,13 @@ def test_inputs_are_protected_through_the_library(tmp_path):
     with pytest.raises(ScanError, match="inside the input"):
         write_scan_report(scan, folder / "out")
     assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_readme_layout_names_every_module():
+    """The README's Layout is the newcomer's map: every module of the package appears in it by name."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Documentation")]
+    package = Path(__file__).resolve().parents[1] / "src/backdoorscan"
+    missing = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.name != "__init__.py" and p.name not in layout]
+    assert not missing, f"README Layout omits {missing}"

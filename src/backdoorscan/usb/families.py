@@ -66,6 +66,7 @@ class FamilyScan:
                             "pairs": [{"source": self.pairs.pairs[i][0], "target": self.pairs.pairs[i][1],
                                        "l1": round(float(self.pairs.l1[i]), 3),
                                        "asr": round(float(self.pairs.asr[i]), 4),
+                                       "cross_entropy": round(float(self.pairs.ce[i]), 4),
                                        "spill": round(float(self.pairs.spill[i]), 4),
                                        "index": _finite(self.pair_index[i])} for i in order]}
         if self.warps is not None and self.warp_index is not None:
@@ -99,16 +100,17 @@ def flip_distance(index: np.ndarray, ratio: np.ndarray, asr: np.ndarray, *, thre
     return np.where(np.asarray(asr) >= asr_min, distance, np.inf)
 
 
-def index_pairs(pairs: list[tuple[int, int]], l1: np.ndarray, works: np.ndarray
+def index_pairs(pairs: list[tuple[int, int]], sizes: np.ndarray, works: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Per pair: the anomaly index, the size relative to its source's median pair, and one index unit (log size).
 
-    Only pairs whose patch works count. A pair's log L1 is first taken relative to the median of its source's
+    `sizes` is what the inversion minimised (cross-entropy plus the weighted L1). Only pairs whose patch works
+    count. A pair's log size is first taken relative to the median of its source's
     working pairs (a class that is easy to move anywhere, MNIST's 1, is not a backdoor of every target), then
     indexed against all pairs; a pair whose working reverse is an outlier too is a natural neighbour (MNIST's 4
     and 9): the reverse's positive index is subtracted. A pair that does not work gets -inf.
     """
-    logs = np.log(np.maximum(np.asarray(l1, dtype=np.float64), 1e-12))
+    logs = np.log(np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12))
     works = np.asarray(works, dtype=bool)
     if works.sum() < 4:
         return np.full(len(pairs), -np.inf), np.ones(len(pairs)), 1.0
@@ -140,7 +142,9 @@ def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, logit
                          per_source=settings.pair_samples, cost=settings.pair_cost, group=per_group,
                          progress=progress)
     works = found.asr >= PAIR_ASR
-    index, ratio, sigma = index_pairs(pairs, found.l1, works)
+    # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
+    # natural neighbour's (MNIST's 4 -> 9) is nearly as small but leaves the target less certain
+    index, ratio, sigma = index_pairs(pairs, found.ce + settings.pair_cost * found.l1, works)
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
     distance = flip_distance(np.where(works, index, -1e9), ratio, found.asr, threshold=threshold, asr_min=PAIR_ASR,
                              max_ratio=PAIR_MAX_RATIO, sigma=sigma)

@@ -14,6 +14,7 @@ Cleanse does, optimised together on up to `per_source` clean samples of the sour
 | `per_source` | clean samples of each source used (its samples are the batch of every pair from it) |
 | `cost` | weight of the mask's L1 (in pixels) against the cross-entropy toward the target |
 
+The pair's size for the decision is the inversion's own objective (cross-entropy plus the weighted L1).
 A source-specific backdoor shows as one pair whose patch is an outlier small against all pairs; all-to-all as
 one outlier pair per source, forming a mapping; a universal backdoor as outlier pairs sharing one target (USB's
 own finding). `spill` is the share of the *other* classes' samples the pair's patch also sends to the target: low

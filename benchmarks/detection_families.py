@@ -1,0 +1,111 @@
+"""Detection on the families zoo (benchmarks/zoo_families.py): the default scan (every family) per model, with
+what USB alone (the universal stage of the same scan) would have said, each miss named with the stage that lost it.
+
+    .venv/bin/python benchmarks/detection_families.py --zoo bench-out/zoo-families [--threads 1]
+
+Writes ZOO/detection-IofN.json per shard and ZOO/detection.json (all shards, one row per model) and prints the
+per-family table of docs/results.md. Exact means:
+source-specific, the planted (source, target) pair among the findings; all-to-all, three or more flagged pairs,
+all on the planted mapping; WaNet, a warp finding on the planted target; clean models, no finding at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from backdoorscan import ScanSettings, scan_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data/mnist/test_2000.npz"
+
+
+def exact(entry: dict, scan) -> tuple[bool, str]:
+    """Whether the scan found the planted backdoor (or, for a clean model, nothing), and where it was lost."""
+    fam = scan.families
+    findings = [] if fam is None else fam.findings
+    universal = [c.cls for c in scan.classes if c.flagged]
+    kind = entry["family"]
+    if kind in ("clean", "clean_pgd"):
+        fired = [f"universal {universal}"] if universal else []
+        fired += [f"{f.family} {f.source}->{f.target}" for f in findings]
+        return not fired, "flagged by " + "; ".join(fired) if fired else ""
+    if kind == "wanet":
+        hit = any(f.family == "warp" and f.target == entry["target"] for f in findings)
+        if hit:
+            return True, ""
+        i = fam.warps.targets.index(entry["target"])
+        return False, (f"warp stage: target displacement {fam.warps.displacement[i]:.2f} px, ASR "
+                       f"{fam.warps.asr[i]:.2f}, index {fam.warp_index[i]:.2f} (threshold {fam.warp_threshold:.2f})")
+    pairs = {(f.source, f.target) for f in findings if f.source is not None}
+    if kind == "source_specific":
+        want = (entry["source"], entry["target"])
+        if want in pairs:
+            return True, ""
+        return False, _pair_loss(fam, want)
+    mapping = {(y, (y + entry["shift"]) % 10) for y in range(10)}
+    on_map = [f for f in findings if f.family == "all-to-all" and (f.source, f.target) in mapping]
+    off_map = [f for f in findings if f.source is not None and (f.source, f.target) not in mapping]
+    if len(on_map) >= 3 and not off_map:
+        return True, ""
+    best = sorted(_pair_loss(fam, p) for p in mapping)[:2]
+    return False, f"{len(on_map)} mapping pairs flagged, {len(off_map)} others; e.g. " + " | ".join(best)
+
+
+def _pair_loss(fam, pair: tuple[int, int]) -> str:
+    if fam is None or fam.pairs is None or pair not in fam.pairs.pairs:
+        return f"pairs stage: {pair} not measured"
+    i = fam.pairs.pairs.index(pair)
+    return (f"pairs stage: {pair} L1 {fam.pairs.l1[i]:.1f}, ASR {fam.pairs.asr[i]:.2f}, CE {fam.pairs.ce[i]:.3f}, "
+            f"index {fam.pair_index[i]:.2f} (threshold {fam.pair_threshold:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", default="bench-out/zoo-families")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", default="0/1", help="I/N: scan models I, I+N, ... (side-by-side processes)")
+    parser.add_argument("--table", action="store_true", help="only print the table of what the shards wrote")
+    args = parser.parse_args()
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    torch.set_num_threads(args.threads)
+    zoo_dir = Path(args.zoo)
+    zoo = json.loads((zoo_dir / "zoo.json").read_text())
+    out_path = zoo_dir / f"detection-{shard}of{shards}.json"
+    rows = json.loads(out_path.read_text()) if out_path.exists() else {}
+    for n, (name, entry) in enumerate(zoo.items()):
+        if name in rows or n % shards != shard or args.table:
+            continue
+        t = time.perf_counter()
+        scan = scan_model(zoo_dir / entry["path"], DATA, settings=ScanSettings(), device="cpu")
+        ok, lost = exact(entry, scan)
+        usb_alone = [c.cls for c in scan.classes if c.flagged]
+        rows[name] = {"family": entry["family"], "aside": entry["aside"], "asr": entry["asr"],
+                      "accuracy": entry["accuracy"], "verdict": scan.verdict, "targets": scan.target_classes,
+                      "exact": ok, "lost": lost, "usb_alone_flagged": usb_alone, "margin": scan.margin,
+                      "findings": [f.to_dict() for f in (scan.families.findings if scan.families else [])],
+                      "timings": scan.timings, "seconds": round(time.perf_counter() - t, 1)}
+        out_path.write_text(json.dumps(rows, indent=1))
+        print(f"{name}: {scan.verdict} exact={ok} usb_alone={usb_alone} {lost} ({rows[name]['seconds']} s)",
+              flush=True)
+    rows = {}
+    for part_file in sorted(zoo_dir.glob("detection-*of*.json")):
+        rows.update(json.loads(part_file.read_text()))
+    (zoo_dir / "detection.json").write_text(json.dumps(rows, indent=1))
+    print("\n| family | part | models | exact (new scan) | USB alone flagged | clean verdicts |")
+    print("|---|---|---:|---:|---:|---:|")
+    for family in ("source_specific", "all_to_all", "wanet", "clean", "clean_pgd"):
+        for aside in (False, True):
+            part = [r for r in rows.values() if r["family"] == family and r["aside"] == aside]
+            if not part:
+                continue
+            print(f"| {family} | {'aside' if aside else 'main'} | {len(part)} | {sum(r['exact'] for r in part)} | "
+                  f"{sum(bool(r['usb_alone_flagged']) for r in part)} | {sum(r['verdict'] == 'clean' for r in part)} |")
+
+
+if __name__ == "__main__":
+    main()
