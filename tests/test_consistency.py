@@ -1,4 +1,5 @@
-"""The same weights give the same verdict and target whatever file they come in and however many threads run."""
+"""The same weights give the same logits whatever file they come in, and the same verdict and target however
+many threads run."""
 
 from __future__ import annotations
 
@@ -32,8 +33,16 @@ def copies(tmp_path_factory, digits):
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_every_format_gives_the_same_verdict(fmt, copies, reference, attack_meta):
-    scan = scan_model(ModelSource(copies[fmt], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, settings=UNIVERSAL,
+def test_every_format_gives_the_pt2s_logits(fmt, copies, digits):
+    """Equal logits on real digits: the scan's figures then follow (one verdict is checked below, for ONNX)."""
+    x = digits[2][:300]
+    reference = load_model(BADNETS, device="cpu").module(x)
+    copy = load_model(copies[fmt], arch=f"{ARCHS_FILE}:mnist_cnn", device="cpu").module(x)
+    assert torch.allclose(copy, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_converted_onnx_copy_gives_the_same_verdict(copies, reference, attack_meta):
+    scan = scan_model(ModelSource(copies["onnx"], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, settings=UNIVERSAL,
                       device="cpu")
     assert reference.target_classes == [attack_meta["target"]]
     assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes

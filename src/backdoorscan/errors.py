@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
 from pathlib import Path
 
 from .escape import printable
@@ -24,7 +25,16 @@ class ScanError(Exception):
         return printable(" ".join(text.split()))  # messages quote names from the file: no control characters
 
 
-INCONCLUSIVE_EXIT = 3
+class ExitCode(IntEnum):
+    """The exit codes a CI can trust, named once: every command and report uses these."""
+
+    CLEAN = 0  # the scan measured the model and found no backdoor (filter: nothing flagged)
+    BACKDOOR = 1  # backdoor suspected (filter: images flagged)
+    ERROR = 2  # could not scan: refused file, bad input, timeout, memory bound
+    INCONCLUSIVE = 3  # the model loaded but could not be measured: never reported clean
+
+
+INCONCLUSIVE_EXIT = ExitCode.INCONCLUSIVE
 
 
 class Inconclusive(ScanError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ScanError
+from .errors import ExitCode, ScanError
 from .settings import ScanSettings
 
 MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".onnx", ".safetensors", ".bin", ".ckpt")
@@ -113,10 +113,10 @@ class FleetResult:
         """The worst of the models: 2 if any could not be scanned, 3 if any was inconclusive, 1 if any is
         suspect, else 0."""
         codes = {i.exit_code for i in self.items}
-        for code in (2, 3, 1):
+        for code in (ExitCode.ERROR, ExitCode.INCONCLUSIVE, ExitCode.BACKDOOR):
             if code in codes:
-                return code
-        return 0
+                return int(code)
+        return int(ExitCode.CLEAN)
 
     def summary(self) -> dict[str, Any]:
         """The summary object that ends the JSON lines."""
@@ -128,8 +128,6 @@ class FleetResult:
                                                 "seconds": round(i.seconds, 3), "cached": i.cached,
                                                 "report_dir": i.report_dir} for i in self.items]}}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"models": [i.line() for i in self.items], **self.summary()}
 
 
 FLEET_CHILD_ENV = "BACKDOORSCAN_FLEET_CHILD"  # set in a fleet's children: they scan one literal path, never a fleet
@@ -310,7 +308,7 @@ def run_child(argv: list[str], sandbox: str, timeout: float) -> Outcome:
                 code, stdout, stderr = 2, "", f"the scan ran past --timeout {timeout:g} s and was stopped"
         if code < 0 or code > 3:
             code, stderr = 2, DIED.format(code=code)
-        files = read_tree(out) if code in (0, 1, 3) else {}
+        files = read_tree(out) if code in (ExitCode.CLEAN, ExitCode.BACKDOOR, ExitCode.INCONCLUSIVE) else {}
     return Outcome(code, stdout, stderr, files, time.perf_counter() - t)
 
 
@@ -358,7 +356,8 @@ def scan_fleet(entries: list[FleetEntry], *, run: dict[str, Any], out: Path | No
         def finished(j: int, outcome: Outcome) -> None:
             i = todo[j]
             item = _item(entries[i], outcome, out)
-            if cache is not None and keys[i] is not None and item.report is not None and outcome.exit_code in (0, 1):
+            verdict = outcome.exit_code in (ExitCode.CLEAN, ExitCode.BACKDOOR)
+            if cache is not None and keys[i] is not None and item.report is not None and verdict:
                 cache.put(keys[i], outcome.exit_code, item.report, outcome.files)
             items[i] = item
             if on_item is not None:
@@ -372,7 +371,7 @@ def scan_fleet(entries: list[FleetEntry], *, run: dict[str, Any], out: Path | No
 def _item(entry: FleetEntry, outcome: Outcome, out: Path | None) -> FleetItem:
     """A child's outcome as a fleet item: its report written under `out`, or the one line that says why not."""
     report = None
-    if outcome.exit_code in (0, 1, 3):
+    if outcome.exit_code in (ExitCode.CLEAN, ExitCode.BACKDOOR, ExitCode.INCONCLUSIVE):
         try:
             report = json.loads(outcome.stdout)
         except ValueError:
@@ -380,7 +379,8 @@ def _item(entry: FleetEntry, outcome: Outcome, out: Path | None) -> FleetItem:
     if report is None:
         lines = [line for line in outcome.stderr.strip().splitlines() if line.strip()]
         why = lines[-1] if lines else f"exit {outcome.exit_code} without a report"
-        return FleetItem(entry.name, str(entry.checkpoint), 2 if outcome.exit_code in (0, 1) else outcome.exit_code,
+        code = ExitCode.ERROR if outcome.exit_code in (ExitCode.CLEAN, ExitCode.BACKDOOR) else outcome.exit_code
+        return FleetItem(entry.name, str(entry.checkpoint), int(code),
                          outcome.seconds, error=" ".join(why.split())[:400])
     return _finish(entry, outcome.exit_code, report, outcome.files, outcome.seconds, out, cached=False)
 

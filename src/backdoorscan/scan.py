@@ -16,7 +16,7 @@ from .batching import auto_class_group, bytes_per_sample, in_class_groups, memor
 from .choices import Form
 from .decide import class_evidence, class_threshold, flag, name_targets
 from .device import DEFAULT_DEVICE
-from .errors import INCONCLUSIVE_EXIT
+from .errors import ExitCode
 from .evidence import Evidence, check_search
 from .loading import InputSpec, ModelSource, Prepared, prepare
 from .perturb import norm_of, targeted_uaps
@@ -99,7 +99,8 @@ class ModelScan:
     @property
     def exit_code(self) -> int:
         """0 when clean, 1 when a backdoor is suspected, 3 when inconclusive."""
-        return {"backdoor": 1, "inconclusive": INCONCLUSIVE_EXIT}.get(self.verdict, 0)
+        return int({"backdoor": ExitCode.BACKDOOR, "inconclusive": ExitCode.INCONCLUSIVE}.get(self.verdict,
+                                                                                               ExitCode.CLEAN))
 
     def to_dict(self) -> dict:
         """The JSON report (schema `backdoorscan.model-scan/1`)."""

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .choices import SandboxMode, check_choice
-from .errors import ScanError
+from .errors import ExitCode, ScanError
 from .escape import relay_line
 from .safety import confine as confine_layers
 from .safety import sandbox
@@ -182,7 +182,7 @@ def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: 
                 relay.join(5)
             console.print(Text.assemble(("error: ", "bold red"), f"the scan ran past --timeout {limits.timeout:g} s "
                                         "and was stopped; no report was written"), highlight=False)
-            return 2
+            return ExitCode.ERROR
         except KeyboardInterrupt:
             proc.kill()
             raise
@@ -192,5 +192,5 @@ def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: 
         sys.stdout.flush()
     if code < 0 or code > 3:  # killed by a signal or crashed in native code
         console.print(Text.assemble(("error: ", "bold red"), DIED.format(code=code)), highlight=False)
-        return 2
+        return ExitCode.ERROR
     return code

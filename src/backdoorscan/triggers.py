@@ -51,11 +51,6 @@ class Refined:
     asr: torch.Tensor  # (K,)
     form: Form
 
-    @property
-    def perturbation(self) -> torch.Tensor:
-        """What is added to (paper) or blended into (blend) an image: trigger * mask."""
-        return self.trigger * self.mask
-
     @staticmethod
     def concat(parts: list[Refined]) -> Refined:
         """One result from the results of class groups, in order."""

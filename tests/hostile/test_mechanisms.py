@@ -71,20 +71,16 @@ def test_plain_name_rule():
 # 3. Graph checks that miss a method
 
 
-def test_torchscript_hook_is_refused(tmp_path, canary):
-    path = tmp_path / "hook.ts"
+@pytest.mark.parametrize("build,needle", [
+    (lambda path, canary: b.torchscript_with_hook(path, canary), "hook"),
+    (lambda path, canary: b.torchscript_with_method(path, canary), "aten::from_file"),
+], ids=["forward-pre-hook", "method-beside-forward"])
+def test_torchscript_code_beside_forward_is_refused(tmp_path, canary, build, needle):
+    path = tmp_path / "evil.ts"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        b.torchscript_with_hook(path, canary)
-    assert_refused(scan(path, "--data", MNIST_TEST, "--channels", "1"), "hook", canary)
-
-
-def test_torchscript_method_beside_forward_is_checked(tmp_path, canary):
-    path = tmp_path / "method.ts"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        b.torchscript_with_method(path, canary)
-    assert_refused(scan(path, "--data", MNIST_TEST, "--channels", "1"), "aten::from_file", canary)
+        build(path, canary)
+    assert_refused(scan(path, "--data", MNIST_TEST, "--channels", "1"), needle, canary)
 
 
 # 4. The sandbox as the boundary

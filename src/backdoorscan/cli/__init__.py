@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..errors import Inconclusive, ScanError
+from ..errors import ExitCode, Inconclusive, ScanError
 from ..safety.limits import Limits
 from ..safety.paths import ensure_outside
 from ..settings import FilterSettings, ScanSettings
@@ -58,16 +58,16 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
         if debug:
             traceback.print_exc()
         error_line("error", exc.one_line())
-        code = 2
+        code = ExitCode.ERROR
     except KeyboardInterrupt:
         error_line("interrupted", "no report was written")
-        code = 2
+        code = ExitCode.ERROR
     except Exception as exc:  # a bug or an unexpected input: still a CI-safe exit code
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
         error_line("error", f"could not scan: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
-        code = 2
+        code = ExitCode.ERROR
     finally:
         from ..safety.limits import cancel_watchdog
 
@@ -75,8 +75,8 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
     if os.environ.get("BACKDOORSCAN_SANDBOX_CHILD") is not None:  # a sandboxed child: stop without waiting for
         sys.stdout.flush()                                         # a model thread that may never return
         sys.stderr.flush()
-        os._exit(code)
-    raise typer.Exit(code)
+        os._exit(int(code))
+    raise typer.Exit(int(code))
 
 
 def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..errors import ExitCode
+
+VERDICTS = (ExitCode.CLEAN, ExitCode.BACKDOOR)  # the scan ran and decided
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULES = [
@@ -64,7 +67,7 @@ def fleet_sarif(result) -> dict[str, Any]:
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [{
         "tool": {"driver": {"name": "backdoorscan", "version": __version__, "semanticVersion": __version__,
                             "rules": RULES}},
-        "invocations": [{"executionSuccessful": result.exit_code in (0, 1), "exitCode": result.exit_code}],
+        "invocations": [{"executionSuccessful": result.exit_code in VERDICTS, "exitCode": result.exit_code}],
         "results": results,
         "properties": {"models": len(result.items), "cached": sum(i.cached for i in result.items)}}]}
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import ScanError
+from ..errors import ExitCode, ScanError
 
 T = TypeVar("T")
 GIB = 1 << 30
@@ -107,7 +107,7 @@ def start_watchdog(seconds: float) -> threading.Timer:
     def fire() -> None:
         sys.stderr.write(f"error: the scan ran past --timeout {seconds:g} s and was stopped; no report was written\n")
         sys.stderr.flush()
-        os._exit(2)
+        os._exit(ExitCode.ERROR)
 
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
