@@ -26,8 +26,9 @@ def scan_markdown(scan) -> str:
     if scan.verdict != "inconclusive":
         from .rows import covered_line, finding_lines
 
-        lines += [md_text(covered_line(scan)) + ".", ""]
-        lines += [f"- {md_text(line)}" for line in finding_lines(scan)] + ([""] if finding_lines(scan) else [])
+        # these lines are the tool's own words and numbers: nothing from the file, so no escaping to clutter them
+        lines += [covered_line(scan)[0].upper() + covered_line(scan)[1:] + ".", ""]
+        lines += [f"- {line}" for line in finding_lines(scan)] + ([""] if finding_lines(scan) else [])
     staged = scan.staging is not None and scan.staging.mode == "staged"
     if staged:
         lines += [f"Staged scan: {scan.staging.why}. The other classes were ranked by stage 1 only.", ""]

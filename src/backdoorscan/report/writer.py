@@ -82,6 +82,9 @@ def write_scan_report(scan, out: Path) -> Path:
             to_image(scan.stamped[i]).save(stage / f"stamped_{t}.png")
             tiles.append(vis)
             labels.append(f"{c.cls} L1={c.l1_norm:.1f}")
+        families = getattr(scan, "families", None)
+        for stem, image in (families.images.items() if families is not None else ()):  # warps, found pairs
+            to_image(image).save(stage / f"{stem}.png")
         if tiles:  # an inconclusive scan that stopped before its search has no triggers
             trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
         (stage / "report.md").write_text(scan_markdown(scan))

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
 from .pairs import PairTriggers, candidate_pairs, invert_pairs
-from .warp import Warps, invert_warps
+from .warp import Warps, apply_warp, invert_warps
 
 FAMILIES = ("universal", "pairs", "warp")
 PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
@@ -56,6 +56,7 @@ class FamilyScan:
     findings: list[Finding] = field(default_factory=list)
     margins: dict[str, float] = field(default_factory=dict)  # per family: distance of its verdict from a flip
     seconds: dict[str, float] = field(default_factory=dict)
+    images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # file stem -> (C, H, W) in [0, 1]
 
     def to_dict(self) -> dict:
         out: dict = {"findings": [f.to_dict() for f in self.findings],
@@ -153,6 +154,12 @@ def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, logit
     family = "all-to-all" if len(sources) >= 3 else "source-specific"
     result.findings += [Finding(family, pairs[i][1], pairs[i][0], float(index[i]), threshold, float(found.l1[i]))
                         for i in flagged]
+    for i in flagged:  # the found patch, and a sample of the source stamped with it
+        s, t = pairs[i]
+        mask, pattern = found.mask[i].cpu(), found.pattern[i].cpu()
+        sample = x[(y == s).nonzero()[0, 0]].cpu()
+        result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
+        result.images[f"pair_stamped_{s}_to_{t}"] = ((1 - mask) * sample + mask * pattern).clamp(0, 1)
     result.pairs, result.pair_index, result.pair_threshold = found, index, threshold
     result.margins["pairs"] = _margin(distance, flagged)
 
@@ -171,6 +178,12 @@ def scan_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list
     flagged = [i for i in range(len(targets)) if distance[i] < 0]
     result.findings += [Finding("warp", targets[i], None, float(index[i]), threshold, float(found.displacement[i]))
                         for i in flagged]
+    fields = found.fields(tuple(x.shape[-2:])).norm(dim=1, keepdim=True).cpu()  # (T, 1, H, W) pixels
+    scale = max(float(fields.max()), 1e-6)
+    for i, t in enumerate(targets):  # how far each pixel moves (white: the most of any class), and an example
+        sample = x[(y != t).nonzero()[0, 0]]
+        result.images[f"warp_field_{t}"] = fields[i] / scale
+        result.images[f"warped_{t}"] = apply_warp(sample[None], found.control[i:i + 1])[0, 0].cpu()
     result.warps, result.warp_index, result.warp_threshold = found, index, threshold
     result.margins["warp"] = _margin(distance, flagged)
 
