@@ -62,6 +62,16 @@ FAST_IN_SLOW_MODULES = frozenset({  # pure functions inside otherwise slow modul
     "test_references_form_a_stratified_sample_of_all_classes"})
 
 
+# Detection claims on real models with default-size scans (`make test-detection`, before a release and after
+# any change of the method): the bundled and trained models flagged with their targets, formats and threads
+# agreeing on a verdict. `make test` (CI) runs everything else; docs/results.md holds the zoo-scale figures.
+DETECTION_TESTS = frozenset({
+    "test_43_class_backdoor_is_flagged_by_the_default_staged_scan", "test_a_2x2_badnets_model_trained_here_is_flagged",
+    "test_adaptive_mask_cost_shrinks_the_target_to_the_patch", "test_neural_cleanse_baseline_finds_the_same_target",
+    "test_one_thread_gives_the_same_verdict", "test_a_converted_onnx_copy_gives_the_same_verdict",
+    "test_pairs_family_names_the_pair_or_the_mapping"})
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
@@ -69,3 +79,6 @@ def pytest_collection_modifyitems(config, items):
         uses_slow = bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
         if uses_slow or name in SLOW_TESTS or (module in SLOW_MODULES and name not in FAST_IN_SLOW_MODULES):
             item.add_marker(pytest.mark.slow)
+        if name in DETECTION_TESTS:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.detection)

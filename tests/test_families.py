@@ -14,7 +14,7 @@ from backdoorscan.usb.families import FamilyScan, flip_distance, index_pairs, sc
 from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs
 from backdoorscan.usb.warp import apply_warp
 
-from .conftest import CLEAN, MNIST_TEST, MODELS
+from .conftest import MNIST_TEST, MODELS
 
 WANET = MODELS / "mnist_wanet.pt2"  # WaNet, target 0 (models/zoo.json)
 ALL_TO_ALL = MODELS / "mnist_all_to_all.pt2"  # a 3x3 patch maps y -> y + 1
@@ -124,18 +124,3 @@ def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
     assert {f.family for f in result.findings} == {family}
     if family == "all-to-all":
         assert len(found) >= 3
-
-
-@pytest.mark.slow
-def test_clean_model_has_no_finding_in_any_family():
-    ready = _ready(CLEAN)
-    result = FamilyScan()
-    with torch.no_grad():
-        logits = ready.model(ready.samples.x)
-    settings = ScanSettings()
-    scan_pairs(ready.model, ready.samples.x, ready.predictions, 10, logits, settings=settings, universal_targets=[],
-               extra_targets=[], group=10, progress=None, result=result)
-    scan_warps(ready.model, ready.samples.x, ready.predictions, list(range(10)), 10, settings=settings, group=10,
-               progress=None, result=result)
-    assert result.findings == []
-    assert result.margins["pairs"] > 0 and result.margins["warp"] > 0

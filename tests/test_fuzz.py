@@ -26,7 +26,7 @@ from backdoorscan.safety.pickles import PickleFormatError, disallowed_globals
 
 settings.register_profile("quick", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("long", max_examples=20000, deadline=None,
+settings.register_profile("long", max_examples=3000, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 

@@ -20,11 +20,12 @@ from .conftest import BADNETS, CLEAN, MNIST_TEST
 
 @pytest.fixture(scope="module")
 def badnets_cli(tmp_path_factory):
-    """One CLI scan of the committed BadNets model with --json, --out and --markdown."""
+    """One CLI scan of the committed BadNets model with --json, --out and --markdown (USB's family: the default
+    scan of every family runs on the clean model below)."""
     out = tmp_path_factory.mktemp("scan") / "report"
     md = out.parent / "summary.md"
     result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), "--device", "cpu",
-                                      "--json", "--out", str(out), "--markdown", str(md)])
+                                      "--families", "universal", "--json", "--out", str(out), "--markdown", str(md)])
     return result, out, md
 
 
@@ -108,6 +109,9 @@ def test_clean_model_is_not_flagged():
     scan = scan_model(CLEAN, MNIST_TEST, device="cpu")
     assert scan.verdict == "clean" and scan.target_classes == [] and scan.exit_code == 0
     assert all(c.anomaly_index < 2 or c.asr < 0.5 for c in scan.classes)
+    assert scan.settings.covers == ("universal", "pairs", "warp")  # the default scan covers every family
+    assert scan.families.findings == [] and len(scan.families.pairs.pairs) == 90
+    assert scan.margin > 0 and set(scan.families.margins) == {"universal", "pairs", "warp"}
 
 
 def test_same_seed_same_report():
