@@ -26,9 +26,10 @@ demo: $(STAMP)
 		--input data/mnist/screen_demo.npz --out demo-out/screening || [ $$? -eq 1 ]
 	@echo "Reversed triggers: demo-out/badnets/triggers.png; screening manifest: demo-out/screening/manifest.csv"
 
-# What CI runs (.ci/run): lint, then every test but the default-size detection claims; the slowest are listed.
+# What CI runs (.ci/run): lint, then every test but the default-size detection claims, on two workers (one torch
+# thread each; a module's tests stay on one worker so its fixtures run once); the slowest are listed.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not detection" --durations=12 --timeout=900
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not detection" -n 2 --dist loadfile --durations=12 --timeout=900
 
 # The detection claims on real models at default size (minutes more): before a release, after a method change.
 test-detection: $(STAMP)

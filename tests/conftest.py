@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ ARCHS_FILE = ROOT / "lab/backdoorlab/archs.py"  # --arch path/to/archs.py:NAME r
 BADNETS = MODELS / "mnist_badnets_3x3.pt2"  # BadNets 3x3, target 4 (models/zoo.json)
 CLEAN = MODELS / "mnist_clean.pt2"
 
-torch.set_num_threads(2)
+# Two xdist workers (make test: -n 2) share the 2 cores: one torch thread each; alone, two threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
