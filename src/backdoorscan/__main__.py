@@ -2,7 +2,9 @@
 
 import os
 
-if os.environ.get("BACKDOORSCAN_SANDBOX_CHILD") is not None:
+from .safety.confine import CHILD_ENV
+
+if os.environ.get(CHILD_ENV) is not None:
     from .safety.confine import LAYERS, enter_namespaces
 
     _problem = enter_namespaces()

@@ -35,6 +35,18 @@ def in_class_groups(fn: Callable[[slice], T], num: int, group: int | None = None
     return results
 
 
+def slice_progress(progress: Callable[[int, int], None] | None, sl: slice, num: int,
+                   ) -> Callable[[int, int], None]:
+    """Progress of one slice's steps as a share of the whole phase (num items), in item-steps: one rising count
+    to its end whatever the group size, also after an out-of-memory halving."""
+
+    def tick(done: int, steps: int) -> None:
+        if progress is not None:
+            progress(sl.start * steps + done * (sl.stop - sl.start), num * steps)
+
+    return tick
+
+
 OVERHEAD = 3.0  # saved activations, their gradients and the step's temporaries, over the saved bytes alone
 
 

@@ -248,10 +248,7 @@ def _other_families(net: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, se
 
     if "pairs" in covers:
         t = time.perf_counter()
-        with torch.no_grad():
-            logits = net(x)
-        scan_pairs(net, x, y, k, logits, settings=settings, universal_targets=universal,
-                   extra_targets=[], group=group,
+        scan_pairs(net, x, y, k, settings=settings, universal_targets=universal, group=group,
                    progress=report("pairs"), result=result)
         timings["pairs"] = time.perf_counter() - t
     if "warp" in covers:
@@ -267,11 +264,10 @@ def _universal_margin(index: np.ndarray, named: np.ndarray, ratio: np.ndarray, a
     counting the size guard as well as the threshold (both in anomaly-index units)."""
     if np.any(named):
         return float(np.min(index[np.asarray(named)]) - threshold)
-    sigma = spread(l1)
     if settings.decided_on == "combined":  # shrinking both sizes by f moves the mean index by the mean of the rates
         sigma = 2 / (1 / spread(l1) + 1 / spread(uap_norms))
-    elif settings.decided_on == "uap":
-        sigma = spread(uap_norms)
+    else:
+        sigma = spread(uap_norms if settings.decided_on == "uap" else l1)
     distance = flip_distance(index, ratio, asr, threshold=threshold, asr_min=settings.asr_min,
                              max_ratio=settings.max_ratio, sigma=sigma)
     finite = distance[np.isfinite(distance)]

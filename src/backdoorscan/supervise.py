@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_SANDBOX: SandboxMode = "auto"
-CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"
+CHILD_ENV = confine_layers.CHILD_ENV
 DIED = "the scanning process died (status {code}); no verdict"
 
 

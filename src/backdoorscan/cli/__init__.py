@@ -24,6 +24,7 @@ import typer
 
 from .. import __version__
 from ..errors import ExitCode, Inconclusive, ScanError
+from ..safety.confine import CHILD_ENV
 from ..safety.limits import Limits
 from ..safety.paths import ensure_outside
 from ..settings import FilterSettings, ScanSettings
@@ -72,7 +73,7 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
         from ..safety.limits import cancel_watchdog
 
         cancel_watchdog()
-    if os.environ.get("BACKDOORSCAN_SANDBOX_CHILD") is not None:  # a sandboxed child: stop without waiting for
+    if os.environ.get(CHILD_ENV) is not None:  # a sandboxed child: stop without waiting for
         sys.stdout.flush()                                         # a model thread that may never return
         sys.stderr.flush()
         os._exit(int(code))

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 _LIBC = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: no `find_library`, which runs programs
 
+CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"  # set in a sandboxed child: the folders it may write (JSON)
+
 # Variables a scanning child keeps; everything else (tokens, CI secrets, cloud credentials) is dropped.
 ENV_KEEP = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "COLUMNS", "NO_COLOR", "VIRTUAL_ENV",
                       "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUTF8", "PYTHONIOENCODING", "LD_LIBRARY_PATH",
@@ -84,7 +86,7 @@ LAYERS = Layers()  # what this process holds; filled in by the child as it confi
 def scrubbed_environment(extra: dict[str, str]) -> dict[str, str]:
     """The environment a scanning child gets: the allowlist above, then `extra`."""
     env = {k: v for k, v in os.environ.items() if k in ENV_KEEP or k.startswith(ENV_KEEP_PREFIXES)}
-    env.pop("BACKDOORSCAN_SANDBOX_CHILD", None)
+    env.pop(CHILD_ENV, None)
     env["MALLOC_ARENA_MAX"] = "2"  # fewer glibc arenas: the address-space limit then fits the memory bound
     env.update(extra)
     return env

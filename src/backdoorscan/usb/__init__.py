@@ -8,5 +8,5 @@
 
 USB's own stages (Alg. 1 `perturb/uap.py`, Alg. 2 `refine.py`, staging, the decision `decide.py`) still sit at
 the package root; they move here as the pipeline becomes folders (issue 24). A new family is a new module here,
-registered in `families.FAMILIES`.
+named in `ScanSettings.covers` and `report/rows.FAMILY_NAMES`, and run by `scan._other_families`.
 """

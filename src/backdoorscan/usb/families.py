@@ -22,7 +22,6 @@ from ..decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
 from .pairs import PairTriggers, candidate_pairs, invert_pairs
 from .warp import Warps, apply_warp, invert_warps
 
-FAMILIES = ("universal", "pairs", "warp")
 PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
 PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
 
@@ -55,7 +54,6 @@ class FamilyScan:
     warp_threshold: float | None = None
     findings: list[Finding] = field(default_factory=list)
     margins: dict[str, float] = field(default_factory=dict)  # per family: distance of its verdict from a flip
-    seconds: dict[str, float] = field(default_factory=dict)
     images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # file stem -> (C, H, W) in [0, 1]
 
     def to_dict(self) -> dict:
@@ -131,11 +129,16 @@ def index_pairs(pairs: list[tuple[int, int]], sizes: np.ndarray, works: np.ndarr
     return index, np.exp(residual), sigma
 
 
-def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, logits: torch.Tensor, *, settings,
-               universal_targets: list[int], extra_targets: list[int], group: int,
-               progress: Callable[[int, int], None] | None, result: FamilyScan) -> None:
+def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, *, settings,
+               universal_targets: list[int], group: int, progress: Callable[[int, int], None] | None,
+               result: FamilyScan) -> None:
     """The pairs family: invert, index, flag, and name a source-specific pair or an all-to-all mapping."""
-    pairs = candidate_pairs(k, y, logits, extra_targets)
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    pairs = candidate_pairs(k, y, logits)
     if len(pairs) < 4:
         return
     per_group = max(1, group * settings.batch_size // settings.pair_samples)

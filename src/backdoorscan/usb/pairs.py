@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..batching import in_class_groups, slice_progress
+
 PAIRS_ALL_MAX = 10  # up to this many classes every ordered pair is a candidate (90 at 10 classes)
 PAIR_BUDGET = 90  # beyond, this many pairs: the closest by the sources' logits, the stage-1 suspects' first
 
@@ -48,23 +50,25 @@ class PairTriggers:
     ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
 
 
-def candidate_pairs(k: int, y: torch.Tensor, logits: torch.Tensor, extra_targets: list[int] | None = None,
+def candidate_pairs(k: int, y: torch.Tensor, logits: Callable[[], torch.Tensor],
                     min_samples: int = 2) -> list[tuple[int, int]]:
     """Every ordered pair up to PAIRS_ALL_MAX classes; beyond, PAIR_BUDGET pairs, so the stage costs what it costs
     at 10 classes: each source's nearest target (the highest mean logit over the source's samples) before any
-    source's second, the closest first; a stage-1 suspect in `extra_targets` counts as a source's nearest."""
+    source's second, the closest first. `logits` gives the samples' logits; it is called only beyond
+    PAIRS_ALL_MAX classes."""
     counts = torch.bincount(y.cpu(), minlength=k)
     sources = [s for s in range(k) if int(counts[s]) >= min_samples]
     if k <= PAIRS_ALL_MAX:
         return [(s, t) for s in sources for t in range(k) if t != s]
+    scores = logits()
     scored: list[tuple[int, float, int, int]] = []  # (round, -closeness, source, target)
     for s in sources:
-        mean = logits[y == s].float().mean(0)
+        mean = scores[y == s].float().mean(0)
         gap = (mean - mean[s]).clone()
         gap[s] = -float("inf")
         order = torch.argsort(gap, descending=True).tolist()
         for rank, t in enumerate(order[:-1]):
-            scored.append((0 if t in (extra_targets or []) else rank, -float(gap[t]), s, int(t)))
+            scored.append((rank, -float(gap[t]), s, int(t)))
     scored.sort()
     return [(s, t) for _, _, s, t in scored[:PAIR_BUDGET]]
 
@@ -82,21 +86,14 @@ def _source_batches(y: torch.Tensor, pairs: list[tuple[int, int]], per_source: i
 def invert_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]], *, steps: int,
                  lr: float, per_source: int, cost: float, group: int,
                  progress: Callable[[int, int], None] | None = None) -> PairTriggers:
-    """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension)."""
-    parts = []
-    total = -(-len(pairs) // group) * steps
-    for g0 in range(0, len(pairs), group):
-        chunk = pairs[g0:g0 + group]
-
-        def tick(done: int, _total: int, base: int = (g0 // group) * steps) -> None:
-            if progress is not None:
-                progress(base + done, total)
-
-        parts.append(_invert(model, x, y, chunk, steps=steps, lr=lr, per_source=per_source, cost=cost,
-                             progress=tick))
+    """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension; a GPU out of
+    memory halves the group, as for classes)."""
+    parts = in_class_groups(
+        lambda sl: _invert(model, x, y, pairs[sl], steps=steps, lr=lr, per_source=per_source, cost=cost,
+                           progress=slice_progress(progress, sl, len(pairs))), len(pairs), group)
     mask = torch.cat([p[0] for p in parts])
     pattern = torch.cat([p[1] for p in parts])
-    asr, spill, ce = pair_success(model, x, y, pairs, mask, pattern, group)
+    asr, spill, ce = pair_success(model, x, y, pairs, mask, pattern)
     return PairTriggers(pairs=list(pairs), mask=mask, pattern=pattern,
                         l1=mask.flatten(1).sum(1).cpu().numpy(), asr=asr, spill=spill, ce=ce)
 
@@ -129,7 +126,7 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tupl
 
 @torch.no_grad()
 def pair_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]],
-                 mask: torch.Tensor, pattern: torch.Tensor, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 mask: torch.Tensor, pattern: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: the share of the source's samples sent to the target, of the other classes' (spill), and the
     mean cross-entropy toward the target on the source's samples."""
     asr, spill, ce = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..batching import in_class_groups, slice_progress
+
 
 @dataclass
 class Warps:
@@ -39,9 +41,7 @@ class Warps:
 
     def fields(self, size: tuple[int, int]) -> torch.Tensor:
         """(T, 2, H, W) displacement fields in pixels (x then y), for images of the warps."""
-        flow = upsample(self.control, size)
-        h, w = size
-        return torch.stack((flow[:, 0] * (w - 1) / 2, flow[:, 1] * (h - 1) / 2), 1)
+        return pixel_fields(self.control, size)
 
 
 def upsample(control: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -64,7 +64,7 @@ def apply_warp(x: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
     return out.view(t, n, c, h, w).clamp(0, 1)
 
 
-def _displacement_px(control: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def pixel_fields(control: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The fields of control grids (T, 2, k, k) in pixels: (T, 2, H, W), x then y."""
     h, w = size
     flow = upsample(control, size)
@@ -86,32 +86,34 @@ def _other_rows(y: torch.Tensor, targets: list[int], n: int) -> torch.Tensor:
 def invert_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], *, steps: int, lr: float,
                  per_class: int, cost: float, grid: int, group: int,
                  progress: Callable[[int, int], None] | None = None) -> Warps:
-    """A warp per target, `group` targets per batch."""
-    controls = []
-    total = -(-len(targets) // group) * steps
-    for g0 in range(0, len(targets), group):
-        chunk = targets[g0:g0 + group]
-        rows = _other_rows(y, chunk, per_class).to(x.device)
-        wanted = torch.tensor(chunk, device=x.device).repeat_interleave(per_class)
-        control = torch.zeros(len(chunk), 2, grid, grid, device=x.device, requires_grad=True)
-        opt = torch.optim.Adam([control], lr=lr)
-        xb = x[rows]
-        for step in range(steps):
-            warped = apply_warp(xb, control)
-            ce = F.cross_entropy(model(warped.flatten(0, 1)), wanted, reduction="none").view(len(chunk), -1).mean(1)
-            size = _displacement_px(control, x.shape[-2:]).pow(2).flatten(1).mean(1)
-            loss = (ce + cost * size).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress((g0 // group) * steps + step + 1, total)
-        controls.append(control.detach())
-    control = torch.cat(controls)
+    """A warp per target, `group` targets per batch (a GPU out of memory halves the group, as for classes)."""
+    control = torch.cat(in_class_groups(
+        lambda sl: _invert(model, x, y, targets[sl], steps=steps, lr=lr, per_class=per_class, cost=cost, grid=grid,
+                           progress=slice_progress(progress, sl, len(targets))), len(targets), group))
     with torch.no_grad():
-        displacement = _displacement_px(control, x.shape[-2:]).norm(dim=1).flatten(1).mean(1)
+        displacement = pixel_fields(control, x.shape[-2:]).norm(dim=1).flatten(1).mean(1)
     return Warps(targets=list(targets), control=control, displacement=displacement.cpu().numpy(),
                  asr=warp_success(model, x, y, targets, control))
+
+
+def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], *, steps: int, lr: float,
+            per_class: int, cost: float, grid: int, progress: Callable[[int, int], None]) -> torch.Tensor:
+    """The control grids (T, 2, grid, grid) of one group of targets."""
+    rows = _other_rows(y, targets, per_class).to(x.device)
+    wanted = torch.tensor(targets, device=x.device).repeat_interleave(per_class)
+    control = torch.zeros(len(targets), 2, grid, grid, device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([control], lr=lr)
+    xb = x[rows]
+    for step in range(steps):
+        warped = apply_warp(xb, control)
+        ce = F.cross_entropy(model(warped.flatten(0, 1)), wanted, reduction="none").view(len(targets), -1).mean(1)
+        size = pixel_fields(control, x.shape[-2:]).pow(2).flatten(1).mean(1)
+        loss = (ce + cost * size).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(step + 1, steps)
+    return control.detach()
 
 
 @torch.no_grad()
