@@ -40,8 +40,11 @@ test-detection: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=120
 
+# Lint, format and types: ruff (check and format) everywhere, mypy on the package.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts lab
+	$(BIN)/ruff format --check src tests benchmarks scripts lab
+	$(BIN)/mypy
 
 # Benchmarks read ../shared/data when present and say so when it is absent (CIFAR-10 needs it).
 # On 2 CPU cores: bench-mnist ~35 min, bench-cifar10 ~90 min (docs/results.md has the figures they print).

@@ -19,7 +19,7 @@ import time
 import torch
 
 from backdoorscan import FilterSettings, ModelSource, ScanSettings, filter_dataset, scan_model
-from backdoorscan.device import resolve_device
+from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import prepare
 
 from common import BUNDLED_TEST, ROOT, device_name
@@ -67,21 +67,31 @@ def main() -> None:
     unit = unit_seconds(source, data, dev, ScanSettings.samples)
     print(f"model {source.path}; device {device_name(dev)}; one unit = {1000 * unit:.1f} ms")
     rows = []
-    for name, settings in (("USB scan, default settings", ScanSettings()),
-                           ("Neural Cleanse scan", ScanSettings(method="nc"))):
+    for name, settings in (
+        ("USB scan, default settings", ScanSettings()),
+        ("Neural Cleanse scan", ScanSettings(method="nc")),
+    ):
         t = time.perf_counter()
         scan = scan_model(source, data, settings=settings, device=dev)
         total = time.perf_counter() - t
         phases = {k: round(v / unit) for k, v in scan.timings.items() if k not in ("total", "load")}
         rows.append((name, total, round((total - scan.timings["load"]) / unit), phases))
-    for name, settings in (("filter: UAP with epsilon search, dominant classes' UAPs (default)", FilterSettings()),
-                           ("filter: the same, one UAP only (class_survival=1)", FilterSettings(class_survival=1.0))):
+    for name, settings in (
+        ("filter: UAP with epsilon search, dominant classes' UAPs (default)", FilterSettings()),
+        ("filter: the same, one UAP only (class_survival=1)", FilterSettings(class_survival=1.0)),
+    ):
         t = time.perf_counter()
         res = filter_dataset(source, data, data, settings=settings, device=dev)
         total = time.perf_counter() - t
         prepared = round(res.timings["prepare"] / unit)
-        rows.append((name, total, prepared, {"UAPs": prepared, f"screening {res.total} images":
-                                             round(res.timings["screen"] / unit)}))
+        rows.append(
+            (
+                name,
+                total,
+                prepared,
+                {"UAPs": prepared, f"screening {res.total} images": round(res.timings["screen"] / unit)},
+            )
+        )
     print("\n| what | seconds | units (without loading) | per phase |\n|---|---:|---:|---|")
     for name, total, units, phases in rows:
         print(f"| {name} | {total:.1f} | {units} | {', '.join(f'{k} {v}' for k, v in phases.items())} |")

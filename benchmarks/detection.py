@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from backdoorscan import ModelSource, ScanSettings, scan_model
-from backdoorscan.choices import Evidence, Form, MaskCost, Refine, Scale, choices
-from backdoorscan.decide import class_evidence, class_threshold, decision_margin, flag, guards, name_targets
-from backdoorscan.device import resolve_device
+from backdoorscan.core.choices import Evidence, Form, MaskCost, Refine, Scale, choices
+from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.staging import ranking, screen, select
+from backdoorscan.usb.decide import class_evidence, class_threshold, decision_margin, flag, guards, name_targets
+from backdoorscan.usb.staging import ranking, select, stage_one
 
 from common import clean_samples, device_name
 
@@ -36,35 +36,57 @@ def main() -> None:
     parser.add_argument("--data", help="clean samples (default: the zoo's clean.npz, else the bundled MNIST digits)")
     parser.add_argument("--methods", default="usb,nc")
     parser.add_argument("--form", default=ScanSettings.form, choices=choices(Form), help="USB trigger form")
-    parser.add_argument("--mask-cost", default=ScanSettings.mask_cost, choices=choices(MaskCost),
-                        help="USB refinement's size penalty (refine.py)")
+    parser.add_argument(
+        "--mask-cost",
+        default=ScanSettings.mask_cost,
+        choices=choices(MaskCost),
+        help="USB refinement's size penalty (refine.py)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--refine", default=ScanSettings.refine, choices=choices(Refine),
-                        help="staged (default) or all; an 'all' run also stores the stage-1 ranking, so that "
-                             "--staged-from can decide the staged scan from its figures")
+    parser.add_argument(
+        "--refine",
+        default=ScanSettings.refine,
+        choices=choices(Refine),
+        help="staged (default) or all; an 'all' run also stores the stage-1 ranking, so that "
+        "--staged-from can decide the staged scan from its figures",
+    )
     parser.add_argument("--models", help="comma-separated model names to scan (default: every counted model)")
-    parser.add_argument("--staged-from", help="detection.json files of --refine all runs: decide each model as the "
-                                              "staged scan would (its refined classes' figures) and compare")
-    parser.add_argument("--name", default="detection",
-                        help="results go to ZOO/NAME.json (two runs side by side, e.g. one per method, need two names)")
-    parser.add_argument("--rescore", help="detection.json files (comma-separated) to decide again with --scale, "
-                                          "--threshold, --max-ratio, --evidence")
+    parser.add_argument(
+        "--staged-from",
+        help="detection.json files of --refine all runs: decide each model as the "
+        "staged scan would (its refined classes' figures) and compare",
+    )
+    parser.add_argument(
+        "--name",
+        default="detection",
+        help="results go to ZOO/NAME.json (two runs side by side, e.g. one per method, need two names)",
+    )
+    parser.add_argument(
+        "--rescore",
+        help="detection.json files (comma-separated) to decide again with --scale, "
+        "--threshold, --max-ratio, --evidence",
+    )
     parser.add_argument("--scale", default=ScanSettings.scale, choices=choices(Scale))
     parser.add_argument("--threshold", type=float, default=ScanSettings.threshold)
     parser.add_argument("--threshold-classes", type=int, default=ScanSettings.threshold_classes)
     parser.add_argument("--target-share", type=float, default=ScanSettings.target_share)
     parser.add_argument("--max-ratio", type=float, default=ScanSettings.max_ratio)
-    parser.add_argument("--evidence", default=ScanSettings.evidence, choices=choices(Evidence),
-                        help="with --rescore: the per-class size to decide on (decide.class_evidence)")
+    parser.add_argument(
+        "--evidence",
+        default=ScanSettings.evidence,
+        choices=choices(Evidence),
+        help="with --rescore: the per-class size to decide on (decide.class_evidence)",
+    )
     args = parser.parse_args()
     if args.staged_from:
         compare_staged([json.loads(Path(f).read_text()) for f in args.staged_from.split(",")])
         return
     if args.rescore:
         saved = [json.loads(Path(f).read_text()) for f in args.rescore.split(",")]
-        rule = Rule(args.scale, args.threshold, args.max_ratio, args.evidence, args.threshold_classes,
-                    args.target_share)
+        rule = Rule(
+            args.scale, args.threshold, args.max_ratio, args.evidence, args.threshold_classes, args.target_share
+        )
         rows = [rescore(r, rule) for d in saved for r in d["rows"]]
         report(rows, f"{saved[0]['device']}; decided again with {rule}")
         return
@@ -95,40 +117,64 @@ def main() -> None:
             order = scan.staging.order if scan.staging is not None else None
             if order is None and args.refine == "all" and scan.classes:
                 order = stage1_order(source, data, settings, dev, scan.batching.get("class_group"))
-            rows.append({"name": model["name"], "group": model["group"], "method": method, "target": target,
-                         "accuracy": model["accuracy"], "asr": model["asr"], "verdict": scan.verdict,
-                         "found": scan.target_classes, "num_classes": scan.staging.num_classes if scan.staging
-                         else None, "threshold": scan.threshold,
-                         "weaker": [c.cls for c in scan.classes if c.flagged and not c.target],
-                         "l1_target": l1[ids.index(target)] if target in ids else None,
-                         "refine": None if scan.staging is None else scan.staging.mode, "classes": ids,
-                         "weights": [c.weight for c in scan.classes], "stage1_order": order,
-                         "l1_mean": float(np.mean(l1)) if l1 else None, "seconds": round(time.perf_counter() - t, 2),
-                         "l1": [round(v, 3) for v in l1], "asr_per_class": [round(c.asr, 3) for c in scan.classes],
-                         "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes],
-                         "uap_norm": [round(c.uap_norm, 3) for c in scan.classes],
-                         "uap_success": [None if c.uap_success is None else round(c.uap_success, 3)
-                                         for c in scan.classes],
-                         "margin": scan.margin, "aside": bool(model.get("aside")), "format": model.get("format"),
-                         "arch": model.get("arch")})
+            rows.append(
+                {
+                    "name": model["name"],
+                    "group": model["group"],
+                    "method": method,
+                    "target": target,
+                    "accuracy": model["accuracy"],
+                    "asr": model["asr"],
+                    "verdict": scan.verdict,
+                    "found": scan.target_classes,
+                    "num_classes": scan.staging.num_classes if scan.staging else None,
+                    "threshold": scan.threshold,
+                    "weaker": [c.cls for c in scan.classes if c.flagged and not c.target],
+                    "l1_target": l1[ids.index(target)] if target in ids else None,
+                    "refine": None if scan.staging is None else scan.staging.mode,
+                    "classes": ids,
+                    "weights": [c.weight for c in scan.classes],
+                    "stage1_order": order,
+                    "l1_mean": float(np.mean(l1)) if l1 else None,
+                    "seconds": round(time.perf_counter() - t, 2),
+                    "l1": [round(v, 3) for v in l1],
+                    "asr_per_class": [round(c.asr, 3) for c in scan.classes],
+                    "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes],
+                    "uap_norm": [round(c.uap_norm, 3) for c in scan.classes],
+                    "uap_success": [None if c.uap_success is None else round(c.uap_success, 3) for c in scan.classes],
+                    "margin": scan.margin,
+                    "aside": bool(model.get("aside")),
+                    "format": model.get("format"),
+                    "arch": model.get("arch"),
+                }
+            )
             rows[-1]["stage"] = stage(rows[-1])
             print(json.dumps(rows[-1]), flush=True)
-            write_text_atomic(out, json.dumps({"device": device_name(dev), "form": args.form, "rows": rows},
-                                              indent=2) + "\n")
+            write_text_atomic(
+                out, json.dumps({"device": device_name(dev), "form": args.form, "rows": rows}, indent=2) + "\n"
+            )
     report(rows, device_name(dev))
 
 
-def stage1_order(source: ModelSource, data: str, settings: ScanSettings, dev: torch.device,
-                 group: int | None) -> list[int]:
+def stage1_order(
+    source: ModelSource, data: str, settings: ScanSettings, dev: torch.device, group: int | None
+) -> list[int]:
     """The staged scan's stage-1 ranking of a model (for decisions of the staged scan from a full scan's figures),
     in the class groups the scan itself used."""
     ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device=dev)
-    return ranking(*screen(ready.model, ready.samples.x, ready.predictions, ready.num_classes, settings,
-                           group or ready.num_classes))
+    return ranking(
+        *stage_one(
+            ready.model, ready.samples.x, ready.predictions, ready.num_classes, settings, group or ready.num_classes
+        )
+    )
 
 
-def staged_row(row: dict, suspects: int = ScanSettings.suspects, references: int = ScanSettings.references,
-               seed: int = ScanSettings.seed) -> dict:
+def staged_row(
+    row: dict,
+    suspects: int = ScanSettings.suspects,
+    references: int = ScanSettings.references,
+    seed: int = ScanSettings.seed,
+) -> dict:
     """A full scan's row decided as the staged scan decides: on the classes it would refine, with their weights.
 
     Exact up to floating point, since each class's Alg. 1 and Alg. 2 run independently of the others.
@@ -155,8 +201,10 @@ def compare_staged(saved: list[dict]) -> None:
         rank = "-" if t is None else row["stage1_order"].index(t)
         agree = staged["found"] == row["found"]
         same, total = same + agree, total + 1
-        print(f"| {row['name']} | {row['group']} | {'-' if t is None else t} | {rank} | {row['found'] or 'clean'} "
-              f"| {staged['found'] or 'clean'} | {'yes' if agree else '**no**'} |")
+        print(
+            f"| {row['name']} | {row['group']} | {'-' if t is None else t} | {rank} | {row['found'] or 'clean'} "
+            f"| {staged['found'] or 'clean'} | {'yes' if agree else '**no**'} |"
+        )
     print(f"\nSame verdict and targets: {same}/{total}")
 
 
@@ -176,9 +224,11 @@ def report(rows: list[dict], device: str) -> None:
         i = _position(r, t)
         ratio = "n/a" if i is None else f"{r['l1'][i] / np.median(r['l1']):.2f}"
         index = "n/a" if i is None else f"{r['anomaly_index'][i]:.2f}"
-        print(f"| {r['name']}{' (aside)' if r.get('aside') else ''} | {r['method']} | {r['group']} | "
-              f"{'-' if t is None else t} | {r['found']} | {r.get('stage', stage(r))} | {r.get('margin')} | "
-              f"{index} | {ratio} |")
+        print(
+            f"| {r['name']}{' (aside)' if r.get('aside') else ''} | {r['method']} | {r['group']} | "
+            f"{'-' if t is None else t} | {r['found']} | {r.get('stage', stage(r))} | {r.get('margin')} | "
+            f"{index} | {ratio} |"
+        )
 
 
 @dataclass(frozen=True)
@@ -202,8 +252,13 @@ def rescore(row: dict, rule: Rule) -> dict:
     """The row with verdict, found classes and margin decided again from its stored per-class figures."""
     if not row["l1"]:
         return row
-    index, ratio = class_evidence(row["l1"], row.get("uap_norm") if row["method"] == "usb" else None, rule.evidence,
-                                  rule.scale, row.get("weights"))
+    index, ratio = class_evidence(
+        row["l1"],
+        row.get("uap_norm") if row["method"] == "usb" else None,
+        rule.evidence,
+        rule.scale,
+        row.get("weights"),
+    )
     guard = {"asr_min": ScanSettings.asr_min, "max_ratio": rule.max_ratio}
     threshold = class_threshold(rule.threshold, num_classes(row), rule.threshold_classes)
     flagged = flag(index, ratio, row["asr_per_class"], threshold=threshold, **guard)
@@ -211,9 +266,15 @@ def rescore(row: dict, rule: Rule) -> dict:
     ids = row.get("classes") or list(range(len(row["l1"])))
     found = [int(ids[i]) for i in np.flatnonzero(named)]
     margin = decision_margin(index, named, guards(ratio, row["asr_per_class"], **guard), threshold=threshold)
-    row = {**row, "found": found, "verdict": "backdoor" if found else "clean", "margin": round(margin, 3),
-           "anomaly_index": [round(float(v), 3) for v in index], "threshold": round(threshold, 3),
-           "weaker": [int(ids[i]) for i in np.flatnonzero(flagged & ~named)]}
+    row = {
+        **row,
+        "found": found,
+        "verdict": "backdoor" if found else "clean",
+        "margin": round(margin, 3),
+        "anomaly_index": [round(float(v), 3) for v in index],
+        "threshold": round(threshold, 3),
+        "weaker": [int(ids[i]) for i in np.flatnonzero(flagged & ~named)],
+    }
     return {**row, "stage": stage(row)}
 
 
@@ -249,9 +310,11 @@ def _position(row: dict, cls: int | None) -> int | None:
 
 def table(rows: list[dict], device: str) -> str:
     """Tab. 1 of the USB paper: one line per group and method."""
-    lines = ["| group | models | accuracy | ASR | method | L1 of reversed trigger | detected clean | detected "
-             "backdoored | target correct | correct set | wrong | s / model |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| group | models | accuracy | ASR | method | L1 of reversed trigger | detected clean | detected "
+        "backdoored | target correct | correct set | wrong | s / model |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for group in dict.fromkeys(r["group"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows):
             rs = [r for r in rows if r["group"] == group and r["method"] == method]
@@ -264,11 +327,13 @@ def table(rows: list[dict], device: str) -> str:
             cset = sum(r["target"] in r["found"] and len(r["found"]) > 1 for r in bad)
             wrong = sum(bool(r["found"]) and r["target"] not in r["found"] for r in bad)
             asr = f"{100 * np.mean([r['asr'] for r in bad]):.2f}" if bad else "n/a"
-            lines.append(f"| {group} | {len(rs)} | {100 * np.mean([r['accuracy'] for r in rs]):.2f} | {asr} | "
-                         f"{method.upper()} | {l1:.2f} | {sum(r['verdict'] == 'clean' for r in rs)} | "
-                         f"{sum(r['verdict'] == 'backdoor' for r in rs)} | "
-                         f"{correct if bad else 'n/a'} | {cset if bad else 'n/a'} | {wrong if bad else 'n/a'} | "
-                         f"{np.mean([r['seconds'] for r in rs]):.1f} |")
+            lines.append(
+                f"| {group} | {len(rs)} | {100 * np.mean([r['accuracy'] for r in rs]):.2f} | {asr} | "
+                f"{method.upper()} | {l1:.2f} | {sum(r['verdict'] == 'clean' for r in rs)} | "
+                f"{sum(r['verdict'] == 'backdoor' for r in rs)} | "
+                f"{correct if bad else 'n/a'} | {cset if bad else 'n/a'} | {wrong if bad else 'n/a'} | "
+                f"{np.mean([r['seconds'] for r in rs]):.1f} |"
+            )
     return "\n".join(lines) + f"\n\nDevice: {device}."
 
 

@@ -39,8 +39,10 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
         if hit:
             return True, ""
         i = fam.warps.targets.index(entry["target"])
-        return False, (f"warp stage: target displacement {fam.warps.displacement[i]:.2f} px, ASR "
-                       f"{fam.warps.asr[i]:.2f}, index {fam.warp_index[i]:.2f} (threshold {fam.warp_threshold:.2f})")
+        return False, (
+            f"warp stage: target displacement {fam.warps.displacement[i]:.2f} px, ASR "
+            f"{fam.warps.asr[i]:.2f}, index {fam.warp_index[i]:.2f} (threshold {fam.warp_threshold:.2f})"
+        )
     pairs = {(f.source, f.target) for f in findings if f.source is not None}
     if kind == "source_specific":
         want = (entry["source"], entry["target"])
@@ -60,8 +62,10 @@ def _pair_loss(fam, pair: tuple[int, int]) -> str:
     if fam is None or fam.pairs is None or pair not in fam.pairs.pairs:
         return f"pairs stage: {pair} not measured"
     i = fam.pairs.pairs.index(pair)
-    return (f"pairs stage: {pair} L1 {fam.pairs.l1[i]:.1f}, ASR {fam.pairs.asr[i]:.2f}, CE {fam.pairs.ce[i]:.3f}, "
-            f"index {fam.pair_index[i]:.2f} (threshold {fam.pair_threshold:.2f})")
+    return (
+        f"pairs stage: {pair} L1 {fam.pairs.l1[i]:.1f}, ASR {fam.pairs.asr[i]:.2f}, CE {fam.pairs.ce[i]:.3f}, "
+        f"index {fam.pair_index[i]:.2f} (threshold {fam.pair_threshold:.2f})"
+    )
 
 
 def main() -> None:
@@ -84,14 +88,23 @@ def main() -> None:
         scan = scan_model(zoo_dir / entry["path"], DATA, settings=ScanSettings(), device="cpu")
         ok, lost = exact(entry, scan)
         usb_alone = [c.cls for c in scan.classes if c.flagged]
-        rows[name] = {"family": entry["family"], "aside": entry["aside"], "asr": entry["asr"],
-                      "accuracy": entry["accuracy"], "verdict": scan.verdict, "targets": scan.target_classes,
-                      "exact": ok, "lost": lost, "usb_alone_flagged": usb_alone, "margin": scan.margin,
-                      "findings": [f.to_dict() for f in (scan.families.findings if scan.families else [])],
-                      "timings": scan.timings, "seconds": round(time.perf_counter() - t, 1)}
+        rows[name] = {
+            "family": entry["family"],
+            "aside": entry["aside"],
+            "asr": entry["asr"],
+            "accuracy": entry["accuracy"],
+            "verdict": scan.verdict,
+            "targets": scan.target_classes,
+            "exact": ok,
+            "lost": lost,
+            "usb_alone_flagged": usb_alone,
+            "margin": scan.margin,
+            "findings": [f.to_dict() for f in (scan.families.findings if scan.families else [])],
+            "timings": scan.timings,
+            "seconds": round(time.perf_counter() - t, 1),
+        }
         out_path.write_text(json.dumps(rows, indent=1))
-        print(f"{name}: {scan.verdict} exact={ok} usb_alone={usb_alone} {lost} ({rows[name]['seconds']} s)",
-              flush=True)
+        print(f"{name}: {scan.verdict} exact={ok} usb_alone={usb_alone} {lost} ({rows[name]['seconds']} s)", flush=True)
     rows = {}
     for part_file in sorted(zoo_dir.glob("detection-*of*.json")):
         rows.update(json.loads(part_file.read_text()))
@@ -103,8 +116,10 @@ def main() -> None:
             part = [r for r in rows.values() if r["family"] == family and r["aside"] == aside]
             if not part:
                 continue
-            print(f"| {family} | {'aside' if aside else 'main'} | {len(part)} | {sum(r['exact'] for r in part)} | "
-                  f"{sum(bool(r['usb_alone_flagged']) for r in part)} | {sum(r['verdict'] == 'clean' for r in part)} |")
+            print(
+                f"| {family} | {'aside' if aside else 'main'} | {len(part)} | {sum(r['exact'] for r in part)} | "
+                f"{sum(bool(r['usb_alone_flagged']) for r in part)} | {sum(r['verdict'] == 'clean' for r in part)} |"
+            )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,16 @@ import torch
 from backdoorlab.attacks import BadNets, Blend
 from backdoorlab.data import dataset
 from backdoorscan import FilterSettings, ModelSource, filter_dataset
-from backdoorscan.device import resolve_device
+from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import to_uint8_images
 
 from common import clean_samples, device_name
 
-METHODS = {"uap": FilterSettings(), "uap1": FilterSettings(class_survival=1.0),  # uap1: the paper's single UAP
-           "strip": FilterSettings(method="strip")}
+METHODS = {
+    "uap": FilterSettings(),
+    "uap1": FilterSettings(class_survival=1.0),  # uap1: the paper's single UAP
+    "strip": FilterSettings(method="strip"),
+}
 
 
 def attack_from(meta: dict):
@@ -81,12 +84,22 @@ def main() -> None:
                 pred = np.array([i.prediction for i in res.items])
                 basr_before = float((pred[kind] == attack.target).mean())
                 basr_after = float(((pred[kind] == attack.target) & ~flagged[kind]).mean())
-                rows.append({"name": model["name"], "group": model["group"], "method": method,
-                             "frr": float(flagged[~kind].mean()), "basr_before": basr_before,
-                             "basr_after": basr_after, "epsilon": res.epsilon,
-                             "suspected_target": res.suspected_target, "target": attack.target,
-                             "aside": bool(model.get("aside")), "size": model["attack"].get("size"),
-                             "seconds": round(time.perf_counter() - t, 2)})
+                rows.append(
+                    {
+                        "name": model["name"],
+                        "group": model["group"],
+                        "method": method,
+                        "frr": float(flagged[~kind].mean()),
+                        "basr_before": basr_before,
+                        "basr_after": basr_after,
+                        "epsilon": res.epsilon,
+                        "suspected_target": res.suspected_target,
+                        "target": attack.target,
+                        "aside": bool(model.get("aside")),
+                        "size": model["attack"].get("size"),
+                        "seconds": round(time.perf_counter() - t, 2),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     (zoo / f"{args.name}.json").write_text(json.dumps({"device": device_name(dev), "rows": rows}, indent=2) + "\n")
     print_tables(rows, device_name(dev))
@@ -102,8 +115,10 @@ def print_tables(rows: list[dict], device: str) -> None:
 
 def table(rows: list[dict], device: str) -> str:
     """One line per trigger group and method, then BadNets of 3 px and more, then all, per method."""
-    lines = ["| group | method | models | FRR | BASR before | BASR after filtering | target named | "
-             "epsilon | s / model |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| group | method | models | FRR | BASR before | BASR after filtering | target named | epsilon | s / model |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = [(g, [r for r in rows if r["group"] == g]) for g in dict.fromkeys(r["group"] for r in rows)]
     groups += [("**BadNets >= 3 px**", [r for r in rows if (r.get("size") or 0) >= 3]), ("**all**", rows)]
@@ -113,12 +128,14 @@ def table(rows: list[dict], device: str) -> str:
             if not rs:
                 continue
             eps = [r["epsilon"] for r in rs if r["epsilon"] is not None]
-            lines.append(f"| {group} | {method.upper()} | {len(rs)} | {100 * np.mean([r['frr'] for r in rs]):.2f}% | "
-                         f"{100 * np.mean([r['basr_before'] for r in rs]):.2f}% | "
-                         f"{100 * np.mean([r['basr_after'] for r in rs]):.2f}% "
-                         f"(max {100 * max(r['basr_after'] for r in rs):.1f}%) | "
-                         f"{sum(r['suspected_target'] == r['target'] for r in rs)}/{len(rs)} | "
-                         f"{f'{np.mean(eps):.3f}' if eps else 'n/a'} | {np.mean([r['seconds'] for r in rs]):.1f} |")
+            lines.append(
+                f"| {group} | {method.upper()} | {len(rs)} | {100 * np.mean([r['frr'] for r in rs]):.2f}% | "
+                f"{100 * np.mean([r['basr_before'] for r in rs]):.2f}% | "
+                f"{100 * np.mean([r['basr_after'] for r in rs]):.2f}% "
+                f"(max {100 * max(r['basr_after'] for r in rs):.1f}%) | "
+                f"{sum(r['suspected_target'] == r['target'] for r in rs)}/{len(rs)} | "
+                f"{f'{np.mean(eps):.3f}' if eps else 'n/a'} | {np.mean([r['seconds'] for r in rs]):.1f} |"
+            )
     return "\n".join(lines) + f"\n\nDevice: {device}."
 
 

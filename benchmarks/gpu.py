@@ -43,23 +43,48 @@ def mnist_scan(dev: torch.device) -> dict:
     t = time.perf_counter()
     scan = scan_model(MODEL, MNIST, device=dev)
     _sync()
-    return {"seconds": round(time.perf_counter() - t, 2), "verdict": scan.verdict, "targets": scan.target_classes,
-            "phases": scan.timings}
+    return {
+        "seconds": round(time.perf_counter() - t, 2),
+        "verdict": scan.verdict,
+        "targets": scan.target_classes,
+        "phases": scan.timings,
+    }
 
 
 def cli_scan(dev: torch.device) -> dict:
     t = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "backdoorscan", "model", str(MODEL), "--data", str(MNIST),
-                           "--device", str(dev), "--json", "--quiet"], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backdoorscan",
+            "model",
+            str(MODEL),
+            "--data",
+            str(MNIST),
+            "--device",
+            str(dev),
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     seconds = round(time.perf_counter() - t, 2)
     try:
         report = json.loads(proc.stdout)
     except ValueError:
         return {"exit": proc.returncode, "seconds": seconds, "stderr": proc.stderr[-800:]}
-    return {"exit": proc.returncode, "seconds": seconds, "verdict": report["verdict"],
-            "sandbox": report.get("sandbox"), "phases": report["timings"]}
+    return {
+        "exit": proc.returncode,
+        "seconds": seconds,
+        "verdict": report["verdict"],
+        "sandbox": report.get("sandbox"),
+        "phases": report["timings"],
+    }
 
 
 def cifar_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +112,7 @@ def cifar_resnet_scan(dev: torch.device, tmp: Path) -> dict:
     for _epoch in range(60):
         perm = torch.randperm(len(xd), device=dev)
         for i in range(0, len(xd), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             xb, yb = xd[idx].clone(), yd[idx].clone()
             poison = torch.rand(len(idx), device=dev) < 0.2
             xb[poison, :, -4:-1, -4:-1] = 1.0  # a white 3x3 patch near the corner
@@ -110,9 +135,16 @@ def cifar_resnet_scan(dev: torch.device, tmp: Path) -> dict:
     t = time.perf_counter()
     scan = scan_model(path, CIFAR, device=dev)
     _sync()
-    return {"train_s": train_s, "clean_accuracy_on_scan_data": round(acc, 3), "asr": round(asr, 3),
-            "seconds": round(time.perf_counter() - t, 2), "verdict": scan.verdict, "targets": scan.target_classes,
-            "phases": scan.timings, "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {
+        "train_s": train_s,
+        "clean_accuracy_on_scan_data": round(acc, 3),
+        "asr": round(asr, 3),
+        "seconds": round(time.perf_counter() - t, 2),
+        "verdict": scan.verdict,
+        "targets": scan.target_classes,
+        "phases": scan.timings,
+        "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+    }
 
 
 def main() -> None:
@@ -120,10 +152,16 @@ def main() -> None:
     parser.add_argument("--out", default="gpu.json")
     args = parser.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    figures: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "python": sys.version.split()[0]}
-    for name, fn in (("mnist_scan", lambda: mnist_scan(dev)), ("mnist_scan_again", lambda: mnist_scan(dev)),
-                     ("cli_sandboxed", lambda: cli_scan(dev))):
+    figures: dict = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    for name, fn in (
+        ("mnist_scan", lambda: mnist_scan(dev)),
+        ("mnist_scan_again", lambda: mnist_scan(dev)),
+        ("cli_sandboxed", lambda: cli_scan(dev)),
+    ):
         try:
             figures[name] = fn()
         except Exception as exc:  # a benchmark row that fails is recorded, not fatal

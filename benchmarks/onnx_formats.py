@@ -43,16 +43,29 @@ class Logits(nn.Module):
 def _hf_vit(side: int, patch: int, width: int, layers: int, heads: int) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
-    return Logits(ViTForImageClassification(ViTConfig(image_size=side, patch_size=patch, hidden_size=width,
-                                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                                       intermediate_size=4 * width, num_labels=10)))
+    return Logits(
+        ViTForImageClassification(
+            ViTConfig(
+                image_size=side,
+                patch_size=patch,
+                hidden_size=width,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=4 * width,
+                num_labels=10,
+            )
+        )
+    )
 
 
 def _hf_resnet() -> nn.Module:
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    return Logits(ResNetForImageClassification(ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256],
-                                                            depths=[1, 1, 1, 1], num_labels=10)))
+    return Logits(
+        ResNetForImageClassification(
+            ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], num_labels=10)
+        )
+    )
 
 
 def _timm(name: str) -> Callable[[], nn.Module]:
@@ -60,6 +73,7 @@ def _timm(name: str) -> Callable[[], nn.Module]:
         import timm
 
         return timm.create_model(name, pretrained=False, num_classes=10)
+
     return build
 
 
@@ -68,6 +82,7 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
         import torchvision
 
         return torchvision.models.get_model(name, weights=None, num_classes=10)
+
     return build
 
 
@@ -81,8 +96,10 @@ MODELS: dict[str, tuple[str, Callable[[], nn.Module], int]] = {  # name: (descri
     "timm-efficientnet-b0": ("timm efficientnet_b0, 224 px", _timm("efficientnet_b0"), 224),
     "tv-mobilenet-v3": ("torchvision mobilenet_v3_small, 224 px", _torchvision("mobilenet_v3_small"), 224),
 }
-EXPORTERS = {"dynamo": "torch.onnx.export(dynamo=True), opset 20", "legacy": "torch.onnx.export(dynamo=False), "
-                                                                              "opset 17"}
+EXPORTERS = {
+    "dynamo": "torch.onnx.export(dynamo=True), opset 20",
+    "legacy": "torch.onnx.export(dynamo=False), opset 17",
+}
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> None:
@@ -90,20 +107,34 @@ def export(model: nn.Module, x: torch.Tensor, path: Path, exporter: str) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["pixel_values"],
-                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                              verbose=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                verbose=False,
+            )
         else:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
-                              input_names=["pixel_values"], output_names=["logits"],
-                              dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            )
 
 
 def row(name: str, exporter: str) -> dict:
     """Export, convert through backdoorscan, compare with onnxruntime."""
     import onnxruntime as ort
 
-    from backdoorscan.errors import ScanError
+    from backdoorscan.core.errors import ScanError
     from backdoorscan.loading import load_model
 
     description, factory, side = MODELS[name]
@@ -119,8 +150,11 @@ def row(name: str, exporter: str) -> dict:
             return {**out, "converts": False, "reason": f"export failed: {type(exc).__name__}: {str(exc)[:160]}"}
         import onnx
 
-        out["opset"] = max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                           if o.domain in ("", "ai.onnx"))
+        out["opset"] = max(
+            o.version
+            for o in onnx.load(str(path), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")
+        )
         t = time.perf_counter()
         try:
             loaded = load_model(path, device="cpu")
@@ -131,20 +165,28 @@ def row(name: str, exporter: str) -> dict:
         ref = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         with torch.no_grad():
             got = loaded.module(x).numpy()
-        out.update(converts=True, max_abs_diff=float(np.abs(got - ref).max()),
-                   logit_scale=float(np.abs(ref).max()), argmax_agree=float((got.argmax(1) == ref.argmax(1)).mean()),
-                   notes=[n for n in loaded.notes if "checked" not in n])
+        out.update(
+            converts=True,
+            max_abs_diff=float(np.abs(got - ref).max()),
+            logit_scale=float(np.abs(ref).max()),
+            argmax_agree=float((got.argmax(1) == ref.argmax(1)).mean()),
+            notes=[n for n in loaded.notes if "checked" not in n],
+        )
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| architecture | exporter | opset | converts | max abs logit diff vs onnxruntime | repairs / reason |",
-             "|---|---|---:|:---:|---:|---|"]
+    lines = [
+        "| architecture | exporter | opset | converts | max abs logit diff vs onnxruntime | repairs / reason |",
+        "|---|---|---:|:---:|---:|---|",
+    ]
     for r in rows:
         diff = f"{r['max_abs_diff']:.1e} (logits up to {r['logit_scale']:.1f})" if r.get("converts") else "-"
         why = "; ".join(r.get("notes") or []) or "none" if r.get("converts") else r.get("reason", "")
-        lines.append(f"| {r['description']} | {r['exporter']} | {r.get('opset', '-')} | "
-                     f"{'yes' if r.get('converts') else '**no**'} | {diff} | {why} |")
+        lines.append(
+            f"| {r['description']} | {r['exporter']} | {r.get('opset', '-')} | "
+            f"{'yes' if r.get('converts') else '**no**'} | {diff} | {why} |"
+        )
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import torch
 
 
 def steps_per_second(model, x, y, dev, steps: int = 30) -> float:
-    from backdoorscan.refine import refine
+    from backdoorscan.usb.refine import refine
 
     targets = torch.arange(10, device=dev)
     v = torch.rand(10, *x.shape[1:], device=dev) * 0.1

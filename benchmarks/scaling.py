@@ -59,8 +59,9 @@ def prepare_trunk() -> None:
         images = (torch.cat([xt, x]) * 255).round().byte().permute(0, 2, 3, 1).numpy()
         np.savez(SAMPLES, x=images)  # no labels: the scan balances by the model's predictions
     if not TRUNK.exists():
-        trained = train_classifier(lambda: Net(TRAINED), x, y, xt, yt, epochs=30, lr=0.003, optimiser="adam",
-                                   schedule="cosine", seed=0)
+        trained = train_classifier(
+            lambda: Net(TRAINED), x, y, xt, yt, epochs=30, lr=0.003, optimiser="adam", schedule="cosine", seed=0
+        )
         print(f"trunk trained: accuracy {trained.accuracy:.2f} on the held-out signs", file=sys.stderr)
         torch.save(trained.model.state_dict(), TRUNK)
 
@@ -93,11 +94,21 @@ def one(k: int, side: int, threads: int) -> dict:
     scan = scan_model(source, SAMPLES, device="cpu")
     seconds = time.perf_counter() - t - scan.timings["load"]
     phases = {p: round(v / unit) for p, v in scan.timings.items() if p not in ("total", "load")}
-    return {"classes": k, "side": side, "samples": scan.data["samples"], "unit_ms": round(1000 * unit, 1),
-            "seconds": round(seconds, 1), "units": round(seconds / unit), "phases": phases,
-            "refined": len(scan.classes), "staging": scan.staging.mode if scan.staging else None,
-            "verdict": scan.verdict, "class_group": scan.batching.get("class_group"),
-            "budget_mb": _budget_mb(), "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "classes": k,
+        "side": side,
+        "samples": scan.data["samples"],
+        "unit_ms": round(1000 * unit, 1),
+        "seconds": round(seconds, 1),
+        "units": round(seconds / unit),
+        "phases": phases,
+        "refined": len(scan.classes),
+        "staging": scan.staging.mode if scan.staging else None,
+        "verdict": scan.verdict,
+        "class_group": scan.batching.get("class_group"),
+        "budget_mb": _budget_mb(),
+        "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def eta(threads: int, limit: float = 60.0) -> dict:
@@ -105,7 +116,7 @@ def eta(threads: int, limit: float = 60.0) -> dict:
     import torchvision
 
     from backdoorscan import ModelSource, scan_model
-    from backdoorscan.errors import ScanError
+    from backdoorscan.core.errors import ScanError
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)  # random weights, but the same ones every run
@@ -124,26 +135,30 @@ def eta(threads: int, limit: float = 60.0) -> dict:
         now = time.perf_counter() - start
         first = seen.setdefault(phase, {"t0": now, "d0": done})
         rate = (done - first["d0"]) / max(now - first["t0"], 1e-9)
-        seen[phase].update(done=done, total=total, at=round(now, 1),
-                           eta_s=round((total - done) / rate) if rate > 0 else None)
+        seen[phase].update(
+            done=done, total=total, at=round(now, 1), eta_s=round((total - done) / rate) if rate > 0 else None
+        )
         if now > limit:
             raise ScanError("stopped after the first minute (benchmark)")
 
     scan_error = None
     try:
-        scan = scan_model(ModelSource(net, input_size=(224, 224), channels=3), SAMPLES, device="cpu",
-                          progress=progress)
+        scan = scan_model(ModelSource(net, input_size=(224, 224), channels=3), SAMPLES, device="cpu", progress=progress)
         scan_error = f"finished: {scan.verdict} ({'; '.join(scan.reasons)})"  # e.g. an unmeasurable random model
     except ScanError as exc:
         scan_error = str(exc)
-    return {"model": "resnet18, 1000 classes, 224 px, random weights", "stopped": scan_error,
-            "phases": {p: {k: v for k, v in d.items() if k not in ("t0", "d0")} for p, d in seen.items()},
-            "budget_mb": _budget_mb(), "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "model": "resnet18, 1000 classes, 224 px, random weights",
+        "stopped": scan_error,
+        "phases": {p: {k: v for k, v in d.items() if k not in ("t0", "d0")} for p, d in seen.items()},
+        "budget_mb": _budget_mb(),
+        "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def _budget_mb() -> int:
-    from backdoorscan.batching import memory_budget
     from backdoorscan.safety.limits import Limits, available_memory
+    from backdoorscan.usb.batching import memory_budget
 
     return round(memory_budget(torch.device("cpu"), Limits().max_memory, available_memory()) / 2**20)
 
@@ -164,35 +179,51 @@ def main() -> None:
     out = OUT / "scaling.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["classes"], r["side"]) for r in rows if "classes" in r}
-    jobs = [f"{k},{s}" for s in map(int, args.sides.split(",")) for k in map(int, args.classes.split(","))
-            if (k, s) not in done] + (["eta"] if args.eta else [])
+    jobs = [
+        f"{k},{s}"
+        for s in map(int, args.sides.split(","))
+        for k in map(int, args.classes.split(","))
+        if (k, s) not in done
+    ] + (["eta"] if args.eta else [])
     for job in jobs:
-        proc = subprocess.run([sys.executable, __file__, "--one", job, "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", job, "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if not (job == "eta" and "model" in r)] + [row]
-        out.write_text(json.dumps({"device": device_name(torch.device("cpu")), "threads": args.threads,
-                                   "rows": rows}, indent=2) + "\n")
+        out.write_text(
+            json.dumps({"device": device_name(torch.device("cpu")), "threads": args.threads, "rows": rows}, indent=2)
+            + "\n"
+        )
     table(rows)
 
 
 def table(rows: list[dict]) -> None:
     """The Markdown table, with each row's cost over the 10-class scan of the same side."""
     base = {r["side"]: r["units"] for r in rows if r.get("classes") == 10}
-    print("\n| classes | side | refined | unit (ms) | seconds | units | x 10-class | per phase (units) | peak MB | "
-          "budget MB |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    print(
+        "\n| classes | side | refined | unit (ms) | seconds | units | x 10-class | per phase (units) | peak MB | "
+        "budget MB |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+    )
     for r in sorted((r for r in rows if "classes" in r), key=lambda r: (r["side"], r["classes"])):
         ratio = f"{r['units'] / base[r['side']]:.2f}" if r["side"] in base else "n/a"
-        print(f"| {r['classes']} | {r['side']} | {r['refined']} | {r['unit_ms']} | {r['seconds']} | {r['units']} | "
-              f"{ratio} | {', '.join(f'{k} {v}' for k, v in r['phases'].items())} | {r['peak_mb']} | "
-              f"{r['budget_mb']} |")
+        print(
+            f"| {r['classes']} | {r['side']} | {r['refined']} | {r['unit_ms']} | {r['seconds']} | {r['units']} | "
+            f"{ratio} | {', '.join(f'{k} {v}' for k, v in r['phases'].items())} | {r['peak_mb']} | "
+            f"{r['budget_mb']} |"
+        )
     for r in (r for r in rows if "model" in r):
-        print(f"\n{r['model']}: peak {r['peak_mb']} MB (budget {r['budget_mb']} MB); {r['stopped']}; phases "
-              + json.dumps(r["phases"]))
+        print(
+            f"\n{r['model']}: peak {r['peak_mb']} MB (budget {r['budget_mb']} MB); {r['stopped']}; phases "
+            + json.dumps(r["phases"])
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from backdoorscan import ScanSettings, scan_model
-from backdoorscan.device import resolve_device
-from backdoorscan.filtering import filter_dataset
+from backdoorscan.core.device import resolve_device
+from backdoorscan.screen.pipeline import filter_dataset
 
 from common import BUNDLED_TEST, ROOT, SHARED, device_name
 
@@ -57,8 +57,10 @@ def main() -> None:
     figures["mnist_scan_phases"] = scan.timings
     figures["mnist_verdict"] = scan.verdict
     figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    print(f"MNIST CNN scan (batched over classes): {seconds:.1f} s, verdict {scan.verdict}, "
-          f"phases {scan.timings}, peak RSS {figures['peak_rss_mb']} MB")
+    print(
+        f"MNIST CNN scan (batched over classes): {seconds:.1f} s, verdict {scan.verdict}, "
+        f"phases {scan.timings}, peak RSS {figures['peak_rss_mb']} MB"
+    )
     if not args.skip_sequential:
         seq, _ = timed_scan(MODEL, CLEAN, dev, class_group=1)
         figures["mnist_scan_sequential_s"] = round(seq, 2)
@@ -92,8 +94,10 @@ def main() -> None:
     figures["screening_images"] = res.total
     figures["screening_images_per_s"] = round(res.total / res.timings["screen"], 1)
     figures["screening_total_s"] = round(seconds, 2)
-    print(f"screening with a stored UAP: {res.total} images, {figures['screening_images_per_s']} images/s "
-          f"(screen phase), {seconds:.1f} s with model load")
+    print(
+        f"screening with a stored UAP: {res.total} images, {figures['screening_images_per_s']} images/s "
+        f"(screen phase), {seconds:.1f} s with model load"
+    )
     print(json.dumps(figures))
 
 

@@ -24,7 +24,7 @@ import torch
 from backdoorlab import ARCHS, TrainResult, make_attack, save_model, train_classifier
 from backdoorlab.data import NUM_CLASSES, dataset
 from backdoorlab.recipes import SPACES, draw_recipes
-from backdoorscan.device import resolve_device
+from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import to_uint8_images
 from backdoorscan.report.writer import write_text_atomic
 
@@ -32,8 +32,12 @@ from common import device_name
 
 GROUPS = {
     "mnist": {"clean": (None, 0), "badnets_2x2": ("badnets", 2), "badnets_3x3": ("badnets", 3), "blend": ("blend", 0)},
-    "cifar10": {"clean": (None, 0), "badnets_3x3": ("badnets", 3), "badnets_4x4": ("badnets", 4),
-                "blend": ("blend", 0)},
+    "cifar10": {
+        "clean": (None, 0),
+        "badnets_3x3": ("badnets", 3),
+        "badnets_4x4": ("badnets", 4),
+        "blend": ("blend", 0),
+    },
 }
 DEFAULTS = {  # archs and file formats cycled through within a group, training images, epochs
     "mnist": ("mnist_cnn,mnist_cnn_bn", "pt2", 20000, 6),
@@ -44,8 +48,9 @@ SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist", choices=sorted(SPACES),
-                        help="gtsrb (43 classes) only with --recipes")
+    parser.add_argument(
+        "--dataset", default="mnist", choices=sorted(SPACES), help="gtsrb (43 classes) only with --recipes"
+    )
     parser.add_argument("--out", default="bench-out/zoo")
     parser.add_argument("--per-group", type=int, default=5)
     parser.add_argument("--groups", help="default: all groups of the dataset")
@@ -56,8 +61,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--recipes", type=int, help="build N models from varied recipes (backdoorlab.recipes) "
-                                                    "instead of the fixed groups; a rerun skips models already built")
+    parser.add_argument(
+        "--recipes",
+        type=int,
+        help="build N models from varied recipes (backdoorlab.recipes) "
+        "instead of the fixed groups; a rerun skips models already built",
+    )
     args = parser.parse_args()
     if args.recipes:
         varied(args)
@@ -72,8 +81,17 @@ def main() -> None:
     dev, out, (x, y, train_src), (xt, yt, test_src) = setup(args)
     x, y = x[: args.train_size or size_default], y[: args.train_size or size_default]
     shape, records = tuple(x.shape[1:]), []
-    meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "train_size": len(x), "epochs": epochs,
-            "poison_rate": 0.1, "clean_samples": "clean.npz", "device": device_name(dev), "models": records}
+    meta = {
+        "dataset": args.dataset,
+        "train": train_src,
+        "test": test_src,
+        "train_size": len(x),
+        "epochs": epochs,
+        "poison_rate": 0.1,
+        "clean_samples": "clean.npz",
+        "device": device_name(dev),
+        "models": records,
+    }
     for g, group in enumerate((args.groups or ",".join(groups)).split(",")):
         kind, size = groups[group]
         counted, attempt = 0, 0
@@ -106,19 +124,38 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, Path, tuple, tuple]:
     return dev, out, train, (xt, yt, test_src)
 
 
-def keep(result: TrainResult, out: Path, name: str, fmt: str, arch: str, group: str, seed: int, ok: bool,
-         example: torch.Tensor, started: float) -> dict:
+def keep(
+    result: TrainResult,
+    out: Path,
+    name: str,
+    fmt: str,
+    arch: str,
+    group: str,
+    seed: int,
+    ok: bool,
+    example: torch.Tensor,
+    started: float,
+) -> dict:
     """Save a model whose attack worked (or a clean one) as a user would receive it, and its zoo.json record."""
     file = f"{name}{SUFFIX[fmt]}"
     if ok:
         save_model(result.model, out / file, fmt, example)
     attack = result.attack
-    return {"name": name, "file": file if ok else None, "format": fmt, "group": group, "arch": arch,
-            # safetensors holds weights only: the scan needs the architecture, as a user's would
-            "arch_ref": f"backdoorlab.archs:{arch}" if fmt == "safetensors" else None, "seed": seed,
-            "attack": attack.describe() if attack else None, "accuracy": round(result.accuracy, 4),
-            "asr": None if result.asr is None else round(result.asr, 4), "counted": ok,
-            "train_seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "name": name,
+        "file": file if ok else None,
+        "format": fmt,
+        "group": group,
+        "arch": arch,
+        # safetensors holds weights only: the scan needs the architecture, as a user's would
+        "arch_ref": f"backdoorlab.archs:{arch}" if fmt == "safetensors" else None,
+        "seed": seed,
+        "attack": attack.describe() if attack else None,
+        "accuracy": round(result.accuracy, 4),
+        "asr": None if result.asr is None else round(result.asr, 4),
+        "counted": ok,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def varied(args: argparse.Namespace) -> None:
@@ -131,25 +168,61 @@ def varied(args: argparse.Namespace) -> None:
     old = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {"models": []}
     done = {m["name"]: m for m in old["models"]}
     records: list[dict] = []
-    meta = {"dataset": args.dataset, "train": train_src, "test": test_src, "clean_samples": "clean.npz",
-            "device": device_name(dev), "recipes_seed": args.seed, "models": records}
+    meta = {
+        "dataset": args.dataset,
+        "train": train_src,
+        "test": test_src,
+        "clean_samples": "clean.npz",
+        "device": device_name(dev),
+        "recipes_seed": args.seed,
+        "models": records,
+    }
     for recipe in draw_recipes(args.dataset, args.recipes, args.seed):
         if recipe.name in done:
             records.append(done[recipe.name])
             continue
         rng = np.random.default_rng(recipe.seed)
         classes = NUM_CLASSES[args.dataset]
-        attack = (make_attack(recipe.kind, shape, classes, rng, size=recipe.size, alpha=recipe.alpha,
-                              position=recipe.position, pattern=recipe.pattern) if recipe.kind else None)
+        attack = (
+            make_attack(
+                recipe.kind,
+                shape,
+                classes,
+                rng,
+                size=recipe.size,
+                alpha=recipe.alpha,
+                position=recipe.position,
+                pattern=recipe.pattern,
+            )
+            if recipe.kind
+            else None
+        )
         t = time.perf_counter()
         arch = functools.partial(ARCHS[recipe.arch], num_classes=classes)
-        result = train_classifier(arch, x_all[:recipe.train_size], y_all[:recipe.train_size], xt, yt,
-                                  attack=attack, poison_rate=recipe.poison_rate, epochs=recipe.epochs, lr=recipe.lr,
-                                  seed=recipe.seed, optimiser=recipe.optimiser, schedule=recipe.schedule,
-                                  augment=recipe.augment, device=dev)
+        result = train_classifier(
+            arch,
+            x_all[: recipe.train_size],
+            y_all[: recipe.train_size],
+            xt,
+            yt,
+            attack=attack,
+            poison_rate=recipe.poison_rate,
+            epochs=recipe.epochs,
+            lr=recipe.lr,
+            seed=recipe.seed,
+            optimiser=recipe.optimiser,
+            schedule=recipe.schedule,
+            augment=recipe.augment,
+            device=dev,
+        )
         ok = attack is None or result.asr >= 0.8  # a backdoor that does not work is no backdoor to find
-        records.append({**keep(result, out, recipe.name, recipe.fmt, recipe.arch, recipe.group, recipe.seed, ok,
-                               xt[:2], t), "aside": recipe.aside, "recipe": recipe.describe()})
+        records.append(
+            {
+                **keep(result, out, recipe.name, recipe.fmt, recipe.arch, recipe.group, recipe.seed, ok, xt[:2], t),
+                "aside": recipe.aside,
+                "recipe": recipe.describe(),
+            }
+        )
         print(json.dumps(records[-1]), flush=True)
         write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
     write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")

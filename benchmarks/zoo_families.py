@@ -33,17 +33,34 @@ def recipe(family: str, i: int, seed: int) -> dict:
     size = int(rng.choice([3, 4]))
     row, col = int(rng.integers(0, 28 - size)), int(rng.integers(0, 28 - size))
     source, target = (int(v) for v in rng.choice(10, size=2, replace=False))
-    base = {"name": f"{family}_{i:02d}", "family": family, "seed": seed, "aside": i % 4 == 3,
-            "arch": str(rng.choice(["mnist_cnn", "mnist_cnn_bn"])), "optimiser": "sgd", "lr": 0.05,
-            "epochs": int(rng.choice([3, 4])), "augment": "none", "poison_rate": 0.0,
-            "patch": {"size": size, "row": row, "col": col, "color": round(float(rng.uniform(0.6, 1.0)), 3)}}
+    base = {
+        "name": f"{family}_{i:02d}",
+        "family": family,
+        "seed": seed,
+        "aside": i % 4 == 3,
+        "arch": str(rng.choice(["mnist_cnn", "mnist_cnn_bn"])),
+        "optimiser": "sgd",
+        "lr": 0.05,
+        "epochs": int(rng.choice([3, 4])),
+        "augment": "none",
+        "poison_rate": 0.0,
+        "patch": {"size": size, "row": row, "col": col, "color": round(float(rng.uniform(0.6, 1.0)), 3)},
+    }
     if family == "source_specific":
         base.update(source=source, target=target, poison_rate=float(rng.choice([0.03, 0.05])))
     elif family == "all_to_all":
         base.update(shift=int(rng.choice([1, 3])), poison_rate=float(rng.choice([0.05, 0.1])))
     elif family == "wanet":
-        base.update(arch="mnist_cnn_bn", optimiser="adam", lr=0.01, epochs=int(rng.choice([6, 8])), target=target,
-                    strength=float(rng.choice([0.5, 0.75])), poison_rate=0.1, warp_seed=int(rng.integers(2**31)))
+        base.update(
+            arch="mnist_cnn_bn",
+            optimiser="adam",
+            lr=0.01,
+            epochs=int(rng.choice([6, 8])),
+            target=target,
+            strength=float(rng.choice([0.5, 0.75])),
+            poison_rate=0.1,
+            warp_seed=int(rng.integers(2**31)),
+        )
     elif family == "clean_pgd":
         base.update(augment=f"pgd:{float(rng.choice([0.1, 0.2]))}", epochs=3)
     return base
@@ -84,15 +101,31 @@ def main() -> None:
                 continue
             attack = attack_of(r)
             t = time.perf_counter()
-            result = train_classifier(archs[r["arch"]], x, y, xt, yt, attack=attack, poison_rate=r["poison_rate"],
-                                      epochs=r["epochs"], lr=r["lr"], optimiser=r["optimiser"], seed=r["seed"],
-                                      augment=r["augment"])
+            result = train_classifier(
+                archs[r["arch"]],
+                x,
+                y,
+                xt,
+                yt,
+                attack=attack,
+                poison_rate=r["poison_rate"],
+                epochs=r["epochs"],
+                lr=r["lr"],
+                optimiser=r["optimiser"],
+                seed=r["seed"],
+                augment=r["augment"],
+            )
             path = out / f"{r['name']}.pt2"
             save_model(result.model, path, "pt2", xt[:2])
-            entry = {**r, "path": path.name, "accuracy": round(result.accuracy, 4),
-                     "asr": None if result.asr is None else round(result.asr, 4),
-                     "train_s": round(time.perf_counter() - t, 1), "data": src,
-                     "attack": None if attack is None else attack.describe()}
+            entry = {
+                **r,
+                "path": path.name,
+                "accuracy": round(result.accuracy, 4),
+                "asr": None if result.asr is None else round(result.asr, 4),
+                "train_s": round(time.perf_counter() - t, 1),
+                "data": src,
+                "attack": None if attack is None else attack.describe(),
+            }
             if r["family"] == "source_specific":
                 entry["inert"] = round(inert_rate(result.model, attack, xt, yt), 4)
             zoo[r["name"]] = entry

@@ -24,8 +24,12 @@ from backdoorlab.families import AllToAll, SourceSpecific, WaNet, inert_rate
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = BadNets(target=0, size=3, row=24, col=24, color=(1.0,))
 RECIPES = {
-    "mnist_wanet": (mnist_cnn_bn, WaNet(target=0, side=28, strength=0.5, seed=3), 0.1,
-                    {"optimiser": "adam", "lr": 0.01, "epochs": 10}),
+    "mnist_wanet": (
+        mnist_cnn_bn,
+        WaNet(target=0, side=28, strength=0.5, seed=3),
+        0.1,
+        {"optimiser": "adam", "lr": 0.01, "epochs": 10},
+    ),
     "mnist_all_to_all": (mnist_cnn, AllToAll(num_classes=10, patch=PATCH, shift=1), 0.1, {"epochs": 6}),
     "mnist_source_3to8": (mnist_cnn, SourceSpecific(source=3, target=8, patch=PATCH), 0.05, {"epochs": 6}),
 }
@@ -40,9 +44,16 @@ def main() -> None:
         arch, attack, rate, train = RECIPES[name]
         result = train_classifier(arch, x, y, xt, yt, attack=attack, poison_rate=rate, seed=1, **train)
         save_model(result.model, ROOT / f"models/{name}.pt2", "pt2", xt[:2])
-        records[name] = {"arch": f"backdoorlab.archs:{arch.__name__}", "seed": 1, "poison_rate": rate,
-                         "train": "data/mnist/train_8000.npz", **train, "clean_accuracy": round(result.accuracy, 4),
-                         "asr": round(result.asr, 4), "attack": attack.describe()}
+        records[name] = {
+            "arch": f"backdoorlab.archs:{arch.__name__}",
+            "seed": 1,
+            "poison_rate": rate,
+            "train": "data/mnist/train_8000.npz",
+            **train,
+            "clean_accuracy": round(result.accuracy, 4),
+            "asr": round(result.asr, 4),
+            "attack": attack.describe(),
+        }
         if isinstance(attack, SourceSpecific):
             records[name]["inert"] = round(inert_rate(result.model, attack, xt, yt), 4)
         print(name, records[name], flush=True)

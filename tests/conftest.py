@@ -50,28 +50,70 @@ def attack_meta() -> dict:
 # Test tiers (`make test-fast` runs `-m "not slow"`): a test is slow when it trains a model, runs a scan or a CLI
 # command that loads a model, or uses a fixture that does. The rule is written here once, by fixture and module,
 # so that a new test in a slow module or on a slow fixture is tiered without a marker of its own.
-SLOW_FIXTURES = frozenset({"small_model", "reference", "copies", "screened", "models", "first_run", "vit_folder",
-                           "timm_folder", "saved", "badnets_cli", "gtsrb_model", "clean_module"})
-SLOW_MODULES = frozenset({"test_scan", "test_filter", "test_fleet", "test_hub", "test_consistency",
-                          "test_hostile", "test_mechanisms", "test_staged"})
-SLOW_TESTS = frozenset({"test_inputs_are_protected_through_the_library",  # scans, with tiny settings
-                        "test_malicious_pickle_never_runs_without_the_flag"})
-FAST_IN_SLOW_MODULES = frozenset({  # pure functions inside otherwise slow modules
-    "test_log_progress_states_an_eta_at_most_every_interval", "test_shape_expression_grammar",
-    "test_pickle_reader_sees_through_stack_tricks", "test_plain_name_rule", "test_escapes_per_sink",
-    "test_no_env_secret_reaches_a_child", "test_exported_graph_nodes_outside_the_allowlist_are_refused",
-    "test_weighted_median_is_numpys_for_equal_weights_and_counts_repeats",
-    "test_references_form_a_stratified_sample_of_all_classes"})
+SLOW_FIXTURES = frozenset(
+    {
+        "small_model",
+        "reference",
+        "copies",
+        "screened",
+        "models",
+        "first_run",
+        "vit_folder",
+        "timm_folder",
+        "saved",
+        "badnets_cli",
+        "gtsrb_model",
+        "clean_module",
+    }
+)
+SLOW_MODULES = frozenset(
+    {
+        "test_scan",
+        "test_filter",
+        "test_fleet",
+        "test_hub",
+        "test_consistency",
+        "test_hostile",
+        "test_mechanisms",
+        "test_staged",
+    }
+)
+SLOW_TESTS = frozenset(
+    {
+        "test_inputs_are_protected_through_the_library",  # scans, with tiny settings
+        "test_malicious_pickle_never_runs_without_the_flag",
+    }
+)
+FAST_IN_SLOW_MODULES = frozenset(
+    {  # pure functions inside otherwise slow modules
+        "test_log_progress_states_an_eta_at_most_every_interval",
+        "test_shape_expression_grammar",
+        "test_pickle_reader_sees_through_stack_tricks",
+        "test_plain_name_rule",
+        "test_escapes_per_sink",
+        "test_no_env_secret_reaches_a_child",
+        "test_exported_graph_nodes_outside_the_allowlist_are_refused",
+        "test_weighted_median_is_numpys_for_equal_weights_and_counts_repeats",
+        "test_references_form_a_stratified_sample_of_all_classes",
+    }
+)
 
 
 # Detection claims on real models with default-size scans (`make test-detection`, before a release and after
 # any change of the method): the bundled and trained models flagged with their targets, formats and threads
 # agreeing on a verdict. `make test` (CI) runs everything else; docs/results.md holds the zoo-scale figures.
-DETECTION_TESTS = frozenset({
-    "test_43_class_backdoor_is_flagged_by_the_default_staged_scan", "test_a_2x2_badnets_model_trained_here_is_flagged",
-    "test_adaptive_mask_cost_shrinks_the_target_to_the_patch", "test_neural_cleanse_baseline_finds_the_same_target",
-    "test_one_thread_gives_the_same_verdict", "test_a_converted_onnx_copy_gives_the_same_verdict",
-    "test_pairs_family_names_the_pair_or_the_mapping"})
+DETECTION_TESTS = frozenset(
+    {
+        "test_43_class_backdoor_is_flagged_by_the_default_staged_scan",
+        "test_a_2x2_badnets_model_trained_here_is_flagged",
+        "test_adaptive_mask_cost_shrinks_the_target_to_the_patch",
+        "test_neural_cleanse_baseline_finds_the_same_target",
+        "test_one_thread_gives_the_same_verdict",
+        "test_a_converted_onnx_copy_gives_the_same_verdict",
+        "test_pairs_family_names_the_pair_or_the_mapping",
+        "test_clean_model_is_not_flagged",
+    }
+)
 
 
 def pytest_collection_modifyitems(config, items):

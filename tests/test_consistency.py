@@ -42,8 +42,9 @@ def test_every_format_gives_the_pt2s_logits(fmt, copies, digits):
 
 
 def test_a_converted_onnx_copy_gives_the_same_verdict(copies, reference, attack_meta):
-    scan = scan_model(ModelSource(copies["onnx"], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, settings=UNIVERSAL,
-                      device="cpu")
+    scan = scan_model(
+        ModelSource(copies["onnx"], arch=f"{ARCHS_FILE}:mnist_cnn"), MNIST_TEST, settings=UNIVERSAL, device="cpu"
+    )
     assert reference.target_classes == [attack_meta["target"]]
     assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes
     assert scan.margin > 0.5  # a verdict far from its flip, reported in report.json

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from backdoorscan.decide import class_threshold
-from backdoorscan.settings import ScanSettings
+from backdoorscan.core.settings import ScanSettings
+from backdoorscan.usb.decide import class_threshold
 from backdoorscan.usb.families import FamilyScan, flip_distance, index_pairs, scan_pairs, scan_warps
 from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs
 from backdoorscan.usb.warp import apply_warp
@@ -68,8 +68,9 @@ def test_the_clean_margin_counts_the_size_guard():
     distance = flip_distance(index, ratio, asr, threshold=2.0, asr_min=0.5, max_ratio=0.5, sigma=0.4)
     assert 0 < distance[0] < 0.05
     assert np.isclose(distance[1], 1.9)
-    assert np.isinf(flip_distance(index, ratio, np.zeros(3), threshold=2.0, asr_min=0.5, max_ratio=0.5,
-                                  sigma=0.4)).all()
+    assert np.isinf(
+        flip_distance(index, ratio, np.zeros(3), threshold=2.0, asr_min=0.5, max_ratio=0.5, sigma=0.4)
+    ).all()
 
 
 def test_candidate_pairs_are_bounded_for_many_classes():
@@ -96,8 +97,17 @@ def test_a_zero_warp_is_the_identity():
 def test_warp_family_finds_the_wanet_target():
     ready = _ready(WANET)
     result = FamilyScan()
-    scan_warps(ready.model, ready.samples.x, ready.predictions, list(range(10)), 10, settings=ScanSettings(),
-               group=10, progress=None, result=result)
+    scan_warps(
+        ready.model,
+        ready.samples.x,
+        ready.predictions,
+        list(range(10)),
+        10,
+        settings=ScanSettings(),
+        group=10,
+        progress=None,
+        result=result,
+    )
     assert [(f.family, f.target) for f in result.findings] == [("warp", 0)]
     i = result.warps.targets.index(0)
     assert result.warps.asr[i] >= 0.8 and result.warps.displacement[i] < 0.5 * np.median(result.warps.displacement)
@@ -105,19 +115,33 @@ def test_warp_family_finds_the_wanet_target():
 
 SOURCE_SPECIFIC_LIMIT = pytest.mark.xfail(
     reason="known limit (docs/results.md): on MNIST a natural neighbour pair (4 -> 9) is about as small as a 3x3 "
-    "source-specific patch, and the planted pair's index stays near the pairs' threshold", strict=False)
+    "source-specific patch, and the planted pair's index stays near the pairs' threshold",
+    strict=False,
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path,family,expected", [
-    pytest.param(SOURCE_3TO8, "source-specific", {(3, 8)}, marks=SOURCE_SPECIFIC_LIMIT),
-    (ALL_TO_ALL, "all-to-all", {(y, (y + 1) % 10) for y in range(10)}),
-])
+@pytest.mark.parametrize(
+    "path,family,expected",
+    [
+        pytest.param(SOURCE_3TO8, "source-specific", {(3, 8)}, marks=SOURCE_SPECIFIC_LIMIT),
+        (ALL_TO_ALL, "all-to-all", {(y, (y + 1) % 10) for y in range(10)}),
+    ],
+)
 def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
     ready = _ready(path)
     result = FamilyScan()
-    scan_pairs(ready.model, ready.samples.x, ready.predictions, 10, settings=ScanSettings(), universal_targets=[],
-               group=10, progress=None, result=result)
+    scan_pairs(
+        ready.model,
+        ready.samples.x,
+        ready.predictions,
+        10,
+        settings=ScanSettings(),
+        universal_targets=[],
+        group=10,
+        progress=None,
+        result=result,
+    )
     found = {(f.source, f.target) for f in result.findings}
     assert found and found <= expected, found
     assert {f.family for f in result.findings} == {family}

@@ -38,10 +38,12 @@ def test_class_thresholds_lower_the_false_rejections_and_keep_the_triggers(scree
     clean samples take those clean digits back, and the triggered ones still pass."""
     kind = np.load(SCREEN)["kind"]
     single = filter_dataset(BADNETS, MNIST_TEST, SCREEN, settings=FilterSettings(class_survival=1.0), device="cpu")
-    assert single.screen.dominant == [] and screened.screen.dominant
-    assert np.array_equal(single.screen.v.numpy(), screened.screen.v.numpy())  # the same UAP, another rule
-    frr = {name: np.array([i.flagged for i in r.items])[kind == 0].mean()
-           for name, r in (("single", single), ("class", screened))}
+    assert single.rule.dominant == [] and screened.rule.dominant
+    assert np.array_equal(single.rule.v.numpy(), screened.rule.v.numpy())  # the same UAP, another rule
+    frr = {
+        name: np.array([i.flagged for i in r.items])[kind == 0].mean()
+        for name, r in (("single", single), ("class", screened))
+    }
     assert frr["class"] < frr["single"]
     assert np.array([i.flagged for i in screened.items])[kind == 1].mean() >= 0.95
 
@@ -55,8 +57,11 @@ def test_clean_model_flags_do_not_concentrate():
 
 
 def _tree_digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
@@ -69,9 +74,26 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
     before = _tree_digest(src)
     uap_file = tmp_path / "model.uap"
     runner = CliRunner()
-    res = runner.invoke(app, ["filter", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src),
-                              "--copy-to", str(tmp_path / "sorted"), "--out", str(tmp_path / "out"),
-                              "--save-uap", str(uap_file), "--json", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "filter",
+            str(BADNETS),
+            "--clean",
+            str(MNIST_TEST),
+            "--input",
+            str(src),
+            "--copy-to",
+            str(tmp_path / "sorted"),
+            "--out",
+            str(tmp_path / "out"),
+            "--save-uap",
+            str(uap_file),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 1, res.output
     report = json.loads(res.stdout)
     assert {"total", "flagged", "epsilon", "fooling_rate", "items"} <= set(report)
@@ -93,20 +115,34 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
         meta = fh.metadata()
     assert meta["model_sha256"] == report["model"]["sha256"] and float(meta["epsilon"]) == report["epsilon"]
     assert float(meta["fooling_rate"]) == report["fooling_rate"]
-    from backdoorscan.screen import load_uap
+    from backdoorscan.report.uap_file import load_uap
 
     stored = load_uap(uap_file, report["model"]["sha256"], (1, 28, 28))
-    assert np.allclose(stored.screen.thresholds.numpy(), report["thresholds"], atol=1e-4)
-    assert stored.screen.dominant == report["dominant_classes"] != []
-    for c in stored.screen.dominant:
-        assert stored.screen.class_v[c].shape == (1, 28, 28)
+    assert np.allclose(stored.thresholds.numpy(), report["thresholds"], atol=1e-4)
+    assert sorted(stored.class_v) == report["dominant_classes"] != []
+    for c in stored.class_v:
+        assert stored.class_v[c].shape == (1, 28, 28)
     one = src / "batch_b/deep/img_400.png"
     for stored in (uap_file, tmp_path / "out/uap.safetensors"):
-        res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(stored), "--input", str(one),
-                                  "--json", "--device", "cpu"])
+        res = runner.invoke(
+            app,
+            ["filter-dataset", str(BADNETS), "--uap", str(stored), "--input", str(one), "--json", "--device", "cpu"],
+        )
         assert res.exit_code == 1 and json.loads(res.stdout)["flagged"] == 1
-    res = runner.invoke(app, ["filter-dataset", str(BADNETS), "--uap", str(uap_file),
-                              "--input", str(src / "batch_a/deep/img_0.png"), "--json", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "filter-dataset",
+            str(BADNETS),
+            "--uap",
+            str(uap_file),
+            "--input",
+            str(src / "batch_a/deep/img_0.png"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code in (0, 1) and json.loads(res.stdout)["total"] == 1
     # ... and a UAP is refused for another model.
     res = runner.invoke(app, ["filter-dataset", str(CLEAN), "--uap", str(uap_file), "--input", str(one)])
@@ -114,8 +150,9 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
 
 
 def test_npz_copy_to_and_strip(tmp_path):
-    result = filter_dataset(BADNETS, MNIST_TEST, SCREEN, settings=FilterSettings(method="strip"),
-                            copy_to=tmp_path / "sorted", device="cpu")
+    result = filter_dataset(
+        BADNETS, MNIST_TEST, SCREEN, settings=FilterSettings(method="strip"), copy_to=tmp_path / "sorted", device="cpu"
+    )
     kind = np.load(SCREEN)["kind"]
     flagged = np.array([i.flagged for i in result.items])
     assert flagged[kind == 1].mean() >= 0.8 and flagged[kind == 0].mean() <= 0.3
@@ -128,8 +165,19 @@ def test_refuses_to_write_inside_the_input(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(src / "a.png")
-    res = CliRunner().invoke(app, ["filter-dataset", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src),
-                                   "--copy-to", str(src / "sorted")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "filter-dataset",
+            str(BADNETS),
+            "--clean",
+            str(MNIST_TEST),
+            "--input",
+            str(src),
+            "--copy-to",
+            str(src / "sorted"),
+        ],
+    )
     assert res.exit_code == 2 and "inside the input" in res.output
 
 
@@ -137,17 +185,26 @@ def test_malformed_thresholds_in_a_uap_file_are_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from backdoorscan.errors import ScanError
-    from backdoorscan.screen import UAP_SCHEMA, load_uap
+    from backdoorscan.core.errors import ScanError
+    from backdoorscan.report.uap_file import UAP_SCHEMA, load_uap
 
     meta = {"schema": UAP_SCHEMA, "epsilon": "0.5", "fooling_rate": "0.9", "model_sha256": ""}
-    cases = {"no thresholds": {}, "wrong rank": {"thresholds": torch.zeros(2, 5)},
-             "not finite": {"thresholds": torch.tensor([0.0, float("nan")])},
-             "class UAPs without classes": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 28, 28)},
-             "class UAP of another shape": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 8, 8),
-                                            "class_uap_classes": torch.tensor([3])},
-             "class without a threshold": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 28, 28),
-                                           "class_uap_classes": torch.tensor([12])}}
+    cases = {
+        "no thresholds": {},
+        "wrong rank": {"thresholds": torch.zeros(2, 5)},
+        "not finite": {"thresholds": torch.tensor([0.0, float("nan")])},
+        "class UAPs without classes": {"thresholds": torch.zeros(10), "class_uaps": torch.zeros(1, 1, 28, 28)},
+        "class UAP of another shape": {
+            "thresholds": torch.zeros(10),
+            "class_uaps": torch.zeros(1, 1, 8, 8),
+            "class_uap_classes": torch.tensor([3]),
+        },
+        "class without a threshold": {
+            "thresholds": torch.zeros(10),
+            "class_uaps": torch.zeros(1, 1, 28, 28),
+            "class_uap_classes": torch.tensor([12]),
+        },
+    }
     for name, extra in cases.items():
         path = tmp_path / f"{name}.safetensors"
         save_file({"uap": torch.zeros(1, 28, 28), **extra}, str(path), metadata=meta)

@@ -10,14 +10,26 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from backdoorscan.cache import ResultCache
 from backdoorscan.cli import app
-from backdoorscan.fleet import FleetEntry, plan
+from backdoorscan.fleet.cache import ResultCache
+from backdoorscan.fleet.plan import FleetEntry, plan_fleet
 
 from .conftest import BADNETS, CLEAN, MNIST_TEST, ROOT
 
-FAST = ["--samples", "40", "--steps", "30", "--max-passes", "2", "--device", "cpu", "--threads", "1",
-        "--families", "universal"]
+FAST = [
+    "--samples",
+    "40",
+    "--steps",
+    "30",
+    "--max-passes",
+    "2",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--families",
+    "universal",
+]
 SCHEMA = ROOT / "tests/data/sarif-schema-2.1.0.json"
 
 
@@ -39,9 +51,20 @@ def models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("first")
-    code, lines, _ = _fleet(models / "badnets.pt2", models / "clean.pt2", "--data", MNIST_TEST, "--out",
-                            out / "reports", "--sarif", out / "scan.sarif", "--markdown", out / "fleet.md",
-                            "--cache-dir", out / "cache")
+    code, lines, _ = _fleet(
+        models / "badnets.pt2",
+        models / "clean.pt2",
+        "--data",
+        MNIST_TEST,
+        "--out",
+        out / "reports",
+        "--sarif",
+        out / "scan.sarif",
+        "--markdown",
+        out / "fleet.md",
+        "--cache-dir",
+        out / "cache",
+    )
     return code, lines, out
 
 
@@ -75,14 +98,30 @@ def test_sarif_is_valid_2_1_0_with_one_result_per_suspect_model(first_run):
 
 def test_an_unchanged_model_comes_from_the_cache_and_a_changed_one_does_not(first_run, models, tmp_path):
     code, lines, out = first_run
-    again_code, again, _ = _fleet(models / "badnets.pt2", models / "clean.pt2", "--data", MNIST_TEST, "--out",
-                                  tmp_path / "reports", "--cache-dir", out / "cache")
+    again_code, again, _ = _fleet(
+        models / "badnets.pt2",
+        models / "clean.pt2",
+        "--data",
+        MNIST_TEST,
+        "--out",
+        tmp_path / "reports",
+        "--cache-dir",
+        out / "cache",
+    )
     assert again_code == code and again[-1]["summary"]["cached"] == 2
     assert [r["classes"] for r in again[:-1]] == [r["classes"] for r in lines[:-1]]  # the same reports
     assert (tmp_path / "reports/badnets.pt2/report.json").exists()  # reports written from the cache too
     # Other settings, or --no-cache, scan again.
-    _, changed, _ = _fleet(models / "clean.pt2", models / "badnets.pt2", "--data", MNIST_TEST, "--cache-dir",
-                           out / "cache", "--threshold", "2.5")
+    _, changed, _ = _fleet(
+        models / "clean.pt2",
+        models / "badnets.pt2",
+        "--data",
+        MNIST_TEST,
+        "--cache-dir",
+        out / "cache",
+        "--threshold",
+        "2.5",
+    )
     assert changed[-1]["summary"]["cached"] == 0
 
 
@@ -92,8 +131,7 @@ def test_cache_keys_follow_the_bytes_and_the_settings(models, tmp_path):
     key = cache.key(base, {"device": "cpu"})
     assert key == cache.key(FleetEntry("b", models / "clean.pt2", MNIST_TEST), {"device": "cpu"})
     assert key != cache.key(FleetEntry("a", models / "badnets.pt2", MNIST_TEST), {"device": "cpu"})
-    assert key != cache.key(FleetEntry("a", models / "clean.pt2", MNIST_TEST, settings={"steps": 9}),
-                            {"device": "cpu"})
+    assert key != cache.key(FleetEntry("a", models / "clean.pt2", MNIST_TEST, settings={"steps": 9}), {"device": "cpu"})
     assert key != cache.key(base, {"device": "cuda"})
 
 
@@ -114,19 +152,18 @@ data = "{MNIST_TEST}"
 threshold = 2.0
 
 [[model]]
-path = "{models / 'badnets.pt2'}"
+path = "{models / "badnets.pt2"}"
 name = "trojaned"
 
 [[model]]
-path = "{models / 'clean.pt2'}"
+path = "{models / "clean.pt2"}"
 mean = [0.0]
 std = [1.0]
 steps = 20
 """)
-    entries = plan([], None, {}, {}, manifest)
+    entries = plan_fleet([], None, {}, {}, manifest)
     assert [e.name for e in entries] == ["trojaned", "clean.pt2"]
-    assert entries[1].model == {"mean": [0.0], "std": [1.0]} and entries[1].settings == {"threshold": 2.0,
-                                                                                         "steps": 20}
+    assert entries[1].model == {"mean": [0.0], "std": [1.0]} and entries[1].settings == {"threshold": 2.0, "steps": 20}
     assert "--mean" in entries[1].argv({}) and "0.0" in entries[1].argv({})
     code, lines, _ = _fleet("--manifest", manifest, "--no-cache")
     assert code == 1 and [r["verdict"] for r in lines[:-1]] == ["backdoor", "clean"]
@@ -139,8 +176,9 @@ steps = 20
 def test_ray_local_gives_the_local_reports(first_run, models):
     pytest.importorskip("ray")
     _, local, _ = first_run
-    code, lines, _ = _fleet(models / "badnets.pt2", models / "clean.pt2", "--data", MNIST_TEST, "--ray", "local",
-                            "--no-cache")
+    code, lines, _ = _fleet(
+        models / "badnets.pt2", models / "clean.pt2", "--data", MNIST_TEST, "--ray", "local", "--no-cache"
+    )
     assert code == 1 and lines[-1]["summary"]["runner"].startswith("Ray local instance")
     for remote, here in zip(lines[:-1], local[:-1], strict=True):
         assert remote["verdict"] == here["verdict"] and remote["target_classes"] == here["target_classes"]
@@ -149,8 +187,10 @@ def test_ray_local_gives_the_local_reports(first_run, models):
 
 
 def test_a_single_model_can_write_sarif_too(tmp_path):
-    result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), *FAST, "--sarif",
-                                      str(tmp_path / "one.sarif"), "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        ["model", str(BADNETS), "--data", str(MNIST_TEST), *FAST, "--sarif", str(tmp_path / "one.sarif"), "--quiet"],
+    )
     assert result.exit_code == 1
     log = json.loads((tmp_path / "one.sarif").read_text())
     assert log["runs"][0]["results"][0]["properties"]["targetClasses"] == [4]
@@ -164,8 +204,11 @@ def test_the_github_action_is_valid_and_uses_real_options():
     checker = Path(sys.executable).parent / "check-jsonschema"
     if not checker.exists():
         pytest.skip("check-jsonschema is not installed")
-    done = subprocess.run([str(checker), "--builtin-schema", "vendor.github-actions", str(ROOT / "action.yml")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.github-actions", str(ROOT / "action.yml")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     text = (ROOT / "action.yml").read_text()
     help_text = " ".join(CliRunner().invoke(app, ["model", "--help"], terminal_width=200).output.split())

@@ -18,21 +18,31 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backdoorscan.errors import ScanError
-from backdoorscan.escape import md_code, printable
+from backdoorscan.core.errors import ScanError
+from backdoorscan.core.escape import md_code, printable
 from backdoorscan.safety.archive import check_expression, check_torch_save, open_checked
 from backdoorscan.safety.names import is_plain_name
 from backdoorscan.safety.pickles import PickleFormatError, disallowed_globals
 
-settings.register_profile("quick", max_examples=60, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("long", max_examples=3000, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile(
+    "quick",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=3000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
-plain_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner,
-                                                                                         max_size=4), max_leaves=12)
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @given(st.binary(max_size=400))
@@ -50,14 +60,25 @@ def test_pickle_reader_accepts_plain_containers(value, protocol):
 def test_pickle_reader_on_mutated_pickles(data, at, patch):
     base = bytearray(pickle.dumps({"w": [1, 2.5, "x"], "b": (None, True)}, protocol=2))
     at = at % len(base)
-    base[at:at + len(patch)] = patch
+    base[at : at + len(patch)] = patch
     with contextlib.suppress(PickleFormatError):
         disallowed_globals(bytes(base))
 
 
-member_names = st.sampled_from(["archive/data.pkl", "archive/DATA.pkl", "archive/data/0", "../x", "/abs",
-                                "a\\b", "archive/version", "c:/x", "", "archive/Data.PKL"]) | st.text(
-    alphabet=string.ascii_letters + "/._-", min_size=1, max_size=20)
+member_names = st.sampled_from(
+    [
+        "archive/data.pkl",
+        "archive/DATA.pkl",
+        "archive/data/0",
+        "../x",
+        "/abs",
+        "a\\b",
+        "archive/version",
+        "c:/x",
+        "",
+        "archive/Data.PKL",
+    ]
+) | st.text(alphabet=string.ascii_letters + "/._-", min_size=1, max_size=20)
 
 
 @given(st.lists(st.tuples(member_names, st.binary(max_size=64)), max_size=5))
@@ -99,13 +120,16 @@ def test_escapes_leave_no_control_characters(text):
     shown = printable(text)
     assert all(ch.isprintable() for ch in shown)
     code = md_code(text)
-    fence = code[:len(code) - len(code.lstrip("`"))]
-    assert fence not in code[len(fence):-len(fence)], code  # the content cannot close the span
+    fence = code[: len(code) - len(code.lstrip("`"))]
+    assert fence not in code[len(fence) : -len(fence)], code  # the content cannot close the span
 
 
-@given(st.lists(st.sampled_from(["", "offset", "length", "location"]), max_size=3),
-       st.integers(min_value=-5, max_value=1 << 40), st.integers(min_value=-5, max_value=1 << 40),
-       st.sampled_from(["w.bin", "../w.bin", "/etc/passwd", "sub/../w.bin", "missing.bin", ""]))
+@given(
+    st.lists(st.sampled_from(["", "offset", "length", "location"]), max_size=3),
+    st.integers(min_value=-5, max_value=1 << 40),
+    st.integers(min_value=-5, max_value=1 << 40),
+    st.sampled_from(["w.bin", "../w.bin", "/etc/passwd", "sub/../w.bin", "missing.bin", ""]),
+)
 def test_onnx_external_data_checks(tmp_path_factory, keys, offset, length, location):
     from onnx import TensorProto
 
@@ -135,25 +159,37 @@ def _proto_with_external(location: str, values: dict[str, str], keys: set[str]):
     for key, value in entries.items():
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
     return helper.make_model(graph)
 
 
-toml_values = st.one_of(st.integers(), st.text(max_size=10), st.booleans(), st.floats(allow_nan=False),
-                        st.lists(st.integers(), max_size=3))
+toml_values = st.one_of(
+    st.integers(), st.text(max_size=10), st.booleans(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=3)
+)
 
 
-@given(st.dictionaries(st.sampled_from(["steps", "samples", "seed", "threshold", "norm", "arch", "mean", "data",
-                                        "name", "lr", "refine"]), toml_values, max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["steps", "samples", "seed", "threshold", "norm", "arch", "mean", "data", "name", "lr", "refine"]
+        ),
+        toml_values,
+        max_size=4,
+    )
+)
 def test_manifest_values_are_type_checked(tmp_path_factory, table):
     import json
 
-    from backdoorscan.fleet import read_manifest
+    from backdoorscan.fleet.plan import read_manifest
 
     folder = tmp_path_factory.mktemp("manifest")
-    lines = ['[[model]]', 'path = "m.pt2"'] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    lines = ["[[model]]", 'path = "m.pt2"'] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
     (folder / "m.toml").write_text("\n".join(lines) + "\n")
     try:
         entries = read_manifest(folder / "m.toml", folder, {}, {})

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from backdoorscan.cache import ResultCache
-from backdoorscan.fleet import FleetEntry
-from backdoorscan.settings import ScanSettings
+from backdoorscan.core.settings import ScanSettings
+from backdoorscan.fleet.cache import ResultCache
+from backdoorscan.fleet.plan import FleetEntry
 
 from .conftest import BADNETS, MNIST_TEST
 
@@ -46,8 +46,12 @@ def test_scan_leaves_the_callers_random_state_environment_and_timers_alone():
     state = torch.get_rng_state()
     env = dict(os.environ)
     timers = {t.name for t in threading.enumerate()}
-    scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(steps=5, samples=40, max_passes=1, families="universal"),
-               device="cpu")
+    scan_model(
+        BADNETS,
+        MNIST_TEST,
+        settings=ScanSettings(steps=5, samples=40, max_passes=1, families="universal"),
+        device="cpu",
+    )
     assert torch.equal(torch.get_rng_state(), state)
     assert dict(os.environ) == env
     assert {t.name for t in threading.enumerate()} <= timers | {"backdoorscan-guarded"}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from backdoorlab import make_attack, train_classifier
 from backdoorlab.hub import DIGIT_NAMES, Normalised, save_timm_folder, save_vit_folder, tiny_timm, tiny_vit
 from backdoorscan.cli import app
-from backdoorscan.errors import ScanError
+from backdoorscan.core.errors import ScanError
 from backdoorscan.loading import load_model
 from backdoorscan.loading.labels import read_labels
 
@@ -40,8 +40,15 @@ def digits_4000(digits):
 def vit_folder(tmp_path_factory, digits_4000):
     """A 2-layer ViT trained on digits normalised with mean 0.5, std 0.5, saved by save_pretrained."""
     names = (HOSTILE, *DIGIT_NAMES[1:])
-    trained = train_classifier(lambda: Normalised(tiny_vit(names=names), 0.5, 0.5, hf=True), *digits_4000,
-                               attack=_attack(), epochs=8, lr=0.002, optimiser="adam", schedule="cosine")
+    trained = train_classifier(
+        lambda: Normalised(tiny_vit(names=names), 0.5, 0.5, hf=True),
+        *digits_4000,
+        attack=_attack(),
+        epochs=8,
+        lr=0.002,
+        optimiser="adam",
+        schedule="cosine",
+    )
     assert trained.asr > 0.9 and trained.accuracy > 0.6
     return save_vit_folder(trained.model.model, tmp_path_factory.mktemp("hf") / "vit-digits")
 
@@ -49,8 +56,15 @@ def vit_folder(tmp_path_factory, digits_4000):
 @pytest.fixture(scope="module")
 def timm_folder(tmp_path_factory, digits_4000):
     """timm's test_resnet trained on digits normalised with mean 0.5, std 0.5, saved by timm's save_for_hf."""
-    trained = train_classifier(lambda: Normalised(tiny_timm(), 0.5, 0.5), *digits_4000, attack=_attack(), epochs=6,
-                               lr=0.003, optimiser="adam", schedule="cosine")
+    trained = train_classifier(
+        lambda: Normalised(tiny_timm(), 0.5, 0.5),
+        *digits_4000,
+        attack=_attack(),
+        epochs=6,
+        lr=0.003,
+        optimiser="adam",
+        schedule="cosine",
+    )
     assert trained.asr > 0.9 and trained.accuracy > 0.9
     return save_timm_folder(trained.model.model, tmp_path_factory.mktemp("timm") / "timm-digits")
 
@@ -92,8 +106,21 @@ def test_timm_folder_is_scanned_by_path_alone(timm_folder):
 
 
 def test_flags_override_the_folder_and_the_override_is_reported(timm_folder):
-    code, report, _ = _scan(timm_folder, "--json", "--mean", "0.4", "--std", "0.5", "--max-passes", "1",
-                            "--steps", "2", "--samples", "20", *IN_PROCESS)
+    code, report, _ = _scan(
+        timm_folder,
+        "--json",
+        "--mean",
+        "0.4",
+        "--std",
+        "0.5",
+        "--max-passes",
+        "1",
+        "--steps",
+        "2",
+        "--samples",
+        "20",
+        *IN_PROCESS,
+    )
     assert code in (0, 1) and report["input"]["mean"] == [0.4]
     assert report["model"]["overrides"] == ["--mean 0.4 overrides the folder's 0.5"]
 
@@ -104,8 +131,23 @@ def test_missing_or_wrong_preprocessing_is_a_clear_exit_2(vit_folder, tmp_path):
     code, _, text = _scan(bare, *IN_PROCESS)
     assert code == 2 and "preprocessor_config.json" in text and len(text.strip().splitlines()) == 1
     # With all three flags the user takes responsibility, and the scan runs.
-    code, report, _ = _scan(bare, "--json", "--input-size", "28x28", "--mean", "0.5", "--std", "0.5",
-                            "--max-passes", "1", "--steps", "2", "--samples", "20", *IN_PROCESS)
+    code, report, _ = _scan(
+        bare,
+        "--json",
+        "--input-size",
+        "28x28",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--max-passes",
+        "1",
+        "--steps",
+        "2",
+        "--samples",
+        "20",
+        *IN_PROCESS,
+    )
     assert code in (0, 1) and report["input"]["mean"] == [0.5]
     wrong = json.loads((vit_folder / "preprocessor_config.json").read_text())
     wrong["image_mean"] = [0.5, 0.5, 0.5]  # three channels for a one-channel model
@@ -148,8 +190,9 @@ def test_dynamo_exported_vit_matches_onnxruntime(vit_folder, tmp_path):
     model = Normalised(AutoModelForImageClassification.from_pretrained(vit_folder), 0.0, 1.0, hf=True).eval()
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "vit.onnx"
-    torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                      verbose=False)
+    torch.onnx.export(
+        model, (x,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False
+    )
     loaded = load_model(path, device="cpu")
     assert any("Gelu" in n for n in loaded.notes) and any("opset 20" in n for n in loaded.notes)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -173,13 +216,34 @@ def test_labels_flag_names_classes_and_must_match(tmp_path):
     from .conftest import BADNETS
 
     (tmp_path / "names.txt").write_text("\n".join(f"digit {i}" for i in range(10)))
-    result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), "--labels",
-                                      str(tmp_path / "names.txt"), "--json", "--max-passes", "1", "--steps", "2",
-                                      "--samples", "20", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(BADNETS),
+            "--data",
+            str(MNIST_TEST),
+            "--labels",
+            str(tmp_path / "names.txt"),
+            "--json",
+            "--max-passes",
+            "1",
+            "--steps",
+            "2",
+            "--families",
+            "universal",
+            "--samples",
+            "20",
+            "--device",
+            "cpu",
+        ],
+    )
     assert [c["name"] for c in json.loads(result.stdout)["classes"]] == [f"digit {i}" for i in range(10)]
     (tmp_path / "few.txt").write_text("a\nb\nc\n")
-    result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), "--labels",
-                                      str(tmp_path / "few.txt"), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        ["model", str(BADNETS), "--data", str(MNIST_TEST), "--labels", str(tmp_path / "few.txt"), "--device", "cpu"],
+    )
     assert result.exit_code == 2 and "names 3 classes but the model has 10" in result.output
 
 

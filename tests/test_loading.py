@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from backdoorlab import save_model
 from backdoorscan.cli import app
-from backdoorscan.errors import ScanError
+from backdoorscan.core.errors import ScanError
 from backdoorscan.loading import detect_format, load_model
 
 from .conftest import ARCHS_FILE, MNIST_TEST
@@ -26,9 +26,16 @@ def saved(small_model, digits, tmp_path_factory):
     """The same trained model in every supported format."""
     folder = tmp_path_factory.mktemp("formats")
     example = digits[2][:2]
-    paths = {fmt: save_model(small_model, folder / f"model.{ext}", fmt, example)
-             for fmt, ext in [("pt2", "pt2"), ("onnx", "onnx"), ("torchscript", "ts"),
-                              ("safetensors", "safetensors"), ("state_dict", "pt")]}
+    paths = {
+        fmt: save_model(small_model, folder / f"model.{ext}", fmt, example)
+        for fmt, ext in [
+            ("pt2", "pt2"),
+            ("onnx", "onnx"),
+            ("torchscript", "ts"),
+            ("safetensors", "safetensors"),
+            ("state_dict", "pt"),
+        ]
+    }
     return paths
 
 
@@ -66,12 +73,17 @@ def test_shared_weight_identity_nodes_are_repaired(tmp_path):
 
     w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["W"], ["W_shared"]),
-         helper.make_node("MatMul", ["x", "W"], ["h"]),
-         helper.make_node("MatMul", ["x", "W_shared"], ["h2"]),
-         helper.make_node("Add", ["h", "h2"], ["y"])],
-        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [numpy_helper.from_array(w, "W")])
+        [
+            helper.make_node("Identity", ["W"], ["W_shared"]),
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("MatMul", ["x", "W_shared"], ["h2"]),
+            helper.make_node("Add", ["h", "h2"], ["y"]),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(w, "W")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / "shared.onnx"
@@ -97,15 +109,21 @@ def test_torchvision_arch_state_dict_with_common_wrappers(tmp_path):
 
 def test_arch_from_a_file(tmp_path, saved, small_model, digits):
     factory = tmp_path / "my_arch.py"
-    factory.write_text("from backdoorlab.archs import mnist_cnn\n\ndef build(num_classes=10):\n"
-                       "    return mnist_cnn(num_classes)\n")
+    factory.write_text(
+        "from backdoorlab.archs import mnist_cnn\n\ndef build(num_classes=10):\n    return mnist_cnn(num_classes)\n"
+    )
     loaded = load_model(saved["safetensors"], arch=f"{factory}:build")
     assert torch.allclose(loaded.module(digits[2][:4]), small_model(digits[2][:4]), atol=TOL)
 
 
 def test_format_is_detected_from_content_not_extension(saved, tmp_path):
-    for fmt, expected in [("pt2", "torch.export"), ("onnx", "onnx"), ("torchscript", "torchscript"),
-                          ("safetensors", "safetensors"), ("state_dict", "pickle")]:
+    for fmt, expected in [
+        ("pt2", "torch.export"),
+        ("onnx", "onnx"),
+        ("torchscript", "torchscript"),
+        ("safetensors", "safetensors"),
+        ("state_dict", "pickle"),
+    ]:
         renamed = tmp_path / f"{fmt}.bin"
         shutil.copy(saved[fmt], renamed)
         assert detect_format(renamed) == expected

@@ -6,10 +6,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backdoorscan.decide import anomaly_index, decision_margin, flag_classes, guards, size_ratio
 from backdoorscan.perturb import deepfool, norm_of, project
-from backdoorscan.perturb.uap import predict, untargeted_uap
-from backdoorscan.ssim import gaussian_window, ssim
+from backdoorscan.perturb.evaluate import predict
+from backdoorscan.perturb.uap import untargeted_uap
+from backdoorscan.usb.decide import anomaly_index, decision_margin, flag_classes, guards, size_ratio
+from backdoorscan.usb.ssim import gaussian_window, ssim
 
 
 def test_targeted_deepfool_reaches_the_target(small_model, digits):
@@ -89,8 +90,9 @@ def test_anomaly_index_on_hand_made_norms():
 
 def test_untargeted_uap_fools_most_samples(small_model, digits):
     x = digits[2][:200]
-    uap = untargeted_uap(small_model, x, epsilon=0.7, p="linf", target_rate=0.8, max_passes=10, overshoot=0.02,
-                         max_iter=10, solver="pgd")
+    uap = untargeted_uap(
+        small_model, x, epsilon=0.7, p="linf", target_rate=0.8, max_passes=10, overshoot=0.02, max_iter=10, solver="pgd"
+    )
     assert uap.fooling_rate >= 0.8 and float(uap.v.abs().max()) <= 0.7 + 1e-6
 
 
@@ -98,12 +100,16 @@ def test_combined_evidence_on_figures_recorded_from_two_zoo_models():
     """Per-class sizes from two scans of the varied MNIST zoo: a blend the refinement could not shrink (target 4)
     and a clean model with a naturally easy class 3. Both stages' evidence together flags the first's target and
     not the second's easy class; the refined stage alone gets both wrong."""
-    from backdoorscan.decide import class_evidence, flag
+    from backdoorscan.usb.decide import class_evidence, flag
 
-    blend = {"l1": [90.471, 172.151, 84.477, 72.661, 45.783, 59.592, 81.48, 66.961, 91.509, 76.052],
-             "uap": [6.619, 7.891, 5.77, 6.132, 2.018, 6.4, 5.714, 5.172, 4.533, 5.376]}
-    easy = {"l1": [86.489, 69.986, 54.539, 28.888, 68.648, 41.32, 62.541, 59.034, 60.945, 61.631],
-            "uap": [5.985, 5.054, 4.377, 3.831, 5.195, 4.893, 4.713, 4.729, 4.787, 4.802]}
+    blend = {
+        "l1": [90.471, 172.151, 84.477, 72.661, 45.783, 59.592, 81.48, 66.961, 91.509, 76.052],
+        "uap": [6.619, 7.891, 5.77, 6.132, 2.018, 6.4, 5.714, 5.172, 4.533, 5.376],
+    }
+    easy = {
+        "l1": [86.489, 69.986, 54.539, 28.888, 68.648, 41.32, 62.541, 59.034, 60.945, 61.631],
+        "uap": [5.985, 5.054, 4.377, 3.831, 5.195, 4.893, 4.713, 4.729, 4.787, 4.802],
+    }
 
     def found(model, evidence):
         index, ratio = class_evidence(model["l1"], model["uap"], evidence, "log")
@@ -113,15 +119,17 @@ def test_combined_evidence_on_figures_recorded_from_two_zoo_models():
     assert found(blend, "refined") == [] and found(easy, "refined") == [3]
     index, ratio = class_evidence(blend["l1"], blend["uap"], "combined", "log")
     assert np.allclose(index, (anomaly_index(blend["l1"], "log") + anomaly_index(blend["uap"], "log")) / 2)
-    assert np.allclose(ratio ** 2, np.array(blend["l1"]) / np.median(blend["l1"]) *
-                       np.array(blend["uap"]) / np.median(blend["uap"]))
-    assert np.array_equal(class_evidence(blend["l1"], None, "combined", "log")[0],
-                          anomaly_index(blend["l1"], "log"))  # Neural Cleanse has no UAP stage
+    assert np.allclose(
+        ratio**2, np.array(blend["l1"]) / np.median(blend["l1"]) * np.array(blend["uap"]) / np.median(blend["uap"])
+    )
+    assert np.array_equal(
+        class_evidence(blend["l1"], None, "combined", "log")[0], anomaly_index(blend["l1"], "log")
+    )  # Neural Cleanse has no UAP stage
 
 
 def test_class_groups_are_sized_to_the_memory_budget(small_model, digits):
     """The class x sample batch is sized from a budget over the bytes one class needs, measured on the model."""
-    from backdoorscan.batching import auto_class_group, bytes_per_sample
+    from backdoorscan.usb.batching import auto_class_group, bytes_per_sample
 
     x = digits[2][:8]
     per_sample = bytes_per_sample(small_model, x)
@@ -135,13 +143,14 @@ def test_class_groups_are_sized_to_the_memory_budget(small_model, digits):
 def test_threshold_rises_with_the_classes_so_clean_models_cross_it_as_often():
     """The largest of K clean classes' indices grows with K; the raised threshold keeps the share of clean models
     with a class over it at the 10-class figure (indices drawn standard normal, 4,000 models per K)."""
-    from backdoorscan.decide import class_threshold
+    from backdoorscan.usb.decide import class_threshold
 
     assert class_threshold(2.0, 10, 10) == 2.0 and class_threshold(2.0, 1000, 0) == 2.0
     assert np.isclose(class_threshold(2.0, 43, 10), 2.556, atol=1e-3)
     rng = np.random.default_rng(0)
-    crossed = {k: float((rng.standard_normal((4000, k)).max(1) > class_threshold(2.0, k, 10)).mean())
-               for k in (10, 43, 1000)}
+    crossed = {
+        k: float((rng.standard_normal((4000, k)).max(1) > class_threshold(2.0, k, 10)).mean()) for k in (10, 43, 1000)
+    }
     assert all(abs(share - crossed[10]) < 0.03 for share in crossed.values()), crossed
     assert (rng.standard_normal((4000, 1000)).max(1) > 2.0).mean() > 0.99  # the fixed threshold: nearly all
 
@@ -150,13 +159,28 @@ def test_a_weaker_class_beside_the_target_is_flagged_but_not_named():
     """Figures recorded from a staged scan of a 43-class GTSRB model (BadNets 4x4, target 19; docs/results.md):
     class 25, naturally small, crosses the threshold too, far below the target. The verdict counts both; only
     the target is named. Two targets that stand out alike are both named."""
-    from backdoorscan.decide import class_evidence, class_threshold, flag, name_targets
+    from backdoorscan.usb.decide import class_evidence, class_threshold, flag, name_targets
 
     classes = [19, 38, 7, 25, 22, 11, 33, 4, 2, 9, 41, 30, 1, 15, 24, 18]
-    l1 = [16.332, 316.023, 258.518, 131.373, 296.437, 257.111, 418.593, 374.982, 506.6, 414.314, 703.184, 520.341,
-          293.255, 482.813, 301.964, 401.499]
-    uap = [2.56, 6.095, 5.423, 5.049, 5.981, 4.941, 6.515, 6.836, 7.317, 8.042, 10.0, 8.157, 6.739, 8.065, 8.031,
-           5.918]
+    l1 = [
+        16.332,
+        316.023,
+        258.518,
+        131.373,
+        296.437,
+        257.111,
+        418.593,
+        374.982,
+        506.6,
+        414.314,
+        703.184,
+        520.341,
+        293.255,
+        482.813,
+        301.964,
+        401.499,
+    ]
+    uap = [2.56, 6.095, 5.423, 5.049, 5.981, 4.941, 6.515, 6.836, 7.317, 8.042, 10.0, 8.157, 6.739, 8.065, 8.031, 5.918]
     weights = [1.0] * 6 + [3.7] * 10
     index, ratio = class_evidence(l1, uap, "combined", "log", weights)
     threshold = class_threshold(2.0, 43, 10)
@@ -171,7 +195,8 @@ def test_a_weaker_class_beside_the_target_is_flagged_but_not_named():
 
 
 def test_cost_schedule_climbs_while_the_trigger_works_and_keeps_the_smallest_that_did():
-    from backdoorscan.cost import CostSchedule
+    from backdoorscan.perturb.cost import CostSchedule
+
     s = CostSchedule.start(2, init=1e-3, epoch=2, device=torch.device("cpu"), patience=2)
     works, fails = torch.ones(2, 8, dtype=torch.bool), torch.tensor([[True] * 8, [False] * 8])
     kept = [s.step(works, torch.tensor([50.0, 60.0])) for _ in range(2)]  # epoch 1: both work
@@ -179,5 +204,5 @@ def test_cost_schedule_climbs_while_the_trigger_works_and_keeps_the_smallest_tha
     for size in (40.0, 40.0, 30.0, 30.0):  # epochs 2-3: class 0 works and shrinks, class 1 fails
         kept.append(s.step(fails, torch.tensor([size, 10.0])))
     assert s.best.tolist() == [30.0, 60.0]  # class 1's smaller trigger never worked: not kept
-    assert torch.allclose(s.cost, torch.tensor([1.5e-3, 1e-3 / 1.5 ** 1.5]))  # up after 2 good, down after 2 bad
+    assert torch.allclose(s.cost, torch.tensor([1.5e-3, 1e-3 / 1.5**1.5]))  # up after 2 good, down after 2 bad
     assert not s.never.any()

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.cli import app
-from backdoorscan.refine import refine
-from backdoorscan.triggers import stamp
+from backdoorscan.perturb.triggers import stamp
+from backdoorscan.usb.refine import refine
 
 from .conftest import BADNETS, CLEAN, MNIST_TEST
 
@@ -24,8 +24,24 @@ def badnets_cli(tmp_path_factory):
     scan of every family runs on the clean model below)."""
     out = tmp_path_factory.mktemp("scan") / "report"
     md = out.parent / "summary.md"
-    result = CliRunner().invoke(app, ["model", str(BADNETS), "--data", str(MNIST_TEST), "--device", "cpu",
-                                      "--families", "universal", "--json", "--out", str(out), "--markdown", str(md)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(BADNETS),
+            "--data",
+            str(MNIST_TEST),
+            "--device",
+            "cpu",
+            "--families",
+            "universal",
+            "--json",
+            "--out",
+            str(out),
+            "--markdown",
+            str(md),
+        ],
+    )
     return result, out, md
 
 
@@ -52,6 +68,7 @@ def test_a_log_gets_plain_progress_lines_on_stderr_and_the_json_alone_on_stdout(
 
 def test_log_progress_states_an_eta_at_most_every_interval(capsys):
     from backdoorscan.cli.views import log_progress
+
     now = [0.0]
     update = log_progress(every=30, clock=lambda: now[0])
     for t, done in ((0, 0), (10, 10), (31, 31), (40, 40), (62, 62), (100, 100)):
@@ -61,7 +78,8 @@ def test_log_progress_states_an_eta_at_most_every_interval(capsys):
         "refinement (Alg. 2): started (100 steps)",
         "refinement (Alg. 2): 31/100 after 31 s, eta 69 s",
         "refinement (Alg. 2): 62/100 after 62 s, eta 38 s",
-        "refinement (Alg. 2): done in 100 s"]
+        "refinement (Alg. 2): done in 100 s",
+    ]
 
 
 def test_json_report_carries_the_documented_fields(badnets_cli):
@@ -89,7 +107,7 @@ def test_trigger_images_are_written(badnets_cli, attack_meta):
     mask = np.asarray(Image.open(out / f"mask_{attack_meta['target']}.png"), dtype=float)
     scale = mask.shape[0] // 28
     r, c, s = attack_meta["row"], attack_meta["col"], attack_meta["size"]
-    inside = mask[r * scale:(r + s) * scale, c * scale:(c + s) * scale].sum()
+    inside = mask[r * scale : (r + s) * scale, c * scale : (c + s) * scale].sum()
     assert inside / mask.sum() > 0.3
 
 
@@ -97,20 +115,33 @@ def test_adaptive_mask_cost_shrinks_the_target_to_the_patch(badnets_cli, attack_
     """The authors' L1 schedule removes the diffuse mask the fixed weight leaves: the target's mask is the patch."""
     t, r, c, k = (attack_meta[key] for key in ("target", "row", "col", "size"))
     fixed = json.loads(badnets_cli[0].stdout)["classes"][t]
-    scan = scan_model(BADNETS, MNIST_TEST, settings=ScanSettings(mask_cost="adaptive", families="universal"),
-                      device="cpu")
+    scan = scan_model(
+        BADNETS, MNIST_TEST, settings=ScanSettings(mask_cost="adaptive", families="universal"), device="cpu"
+    )
     assert scan.target_classes == [t] and scan.margin > 2
     target, mask = scan.classes[t], scan.masks[t]
     assert target.l1_norm < fixed["l1_norm"] and target.l1_norm <= 2 * k * k and target.asr >= 0.9
-    assert float(mask[:, r:r + k, c:c + k].sum() / mask.sum()) > 0.9  # fixed weight: about 0.6
+    assert float(mask[:, r : r + k, c : c + k].sum() / mask.sum()) > 0.9  # fixed weight: about 0.6
 
 
 def test_clean_model_is_not_flagged():
+    """The claim at default size (make test-detection)."""
     scan = scan_model(CLEAN, MNIST_TEST, device="cpu")
     assert scan.verdict == "clean" and scan.target_classes == [] and scan.exit_code == 0
     assert all(c.anomaly_index < 2 or c.asr < 0.5 for c in scan.classes)
     assert scan.settings.covers == ("universal", "pairs", "warp")  # the default scan covers every family
     assert scan.families.findings == [] and len(scan.families.pairs.pairs) == 90
+    assert scan.margin > 0 and set(scan.families.margins) == {"universal", "pairs", "warp"}
+
+
+def test_every_family_runs_on_a_clean_model_at_reduced_size():
+    """The plumbing at a fifth of the cost: every family measured (90 pairs, a warp per class), a clean verdict
+    with a margin from each."""
+    settings = ScanSettings(steps=60, samples=60, max_passes=2, pair_steps=30, pair_samples=6, warp_steps=20)
+    scan = scan_model(CLEAN, MNIST_TEST, settings=settings, device="cpu")
+    assert scan.verdict == "clean" and scan.exit_code == 0 and scan.settings.covers == ("universal", "pairs", "warp")
+    assert scan.families.findings == [] and len(scan.families.pairs.pairs) == 90
+    assert len(scan.families.warps.targets) == 10 and len(scan.families.warp_index) == 10
     assert scan.margin > 0 and set(scan.families.margins) == {"universal", "pairs", "warp"}
 
 
@@ -132,9 +163,22 @@ def test_refinement_starts_from_the_uap(digits):
 def test_refinement_paper_form_runs_batched_over_classes(small_model, digits):
     x, y = digits[2][:32], digits[3][:32]
     targets = torch.arange(10)
-    refined = refine(small_model, x, y, targets, torch.zeros(10, 1, 28, 28), torch.zeros(10, dtype=torch.bool),
-                     form="paper", steps=5, lr=0.1, batch=16, betas=(0.5, 0.9), w0=10.0, mask_cost="fixed",
-                     init_cost=1e-3)
+    refined = refine(
+        small_model,
+        x,
+        y,
+        targets,
+        torch.zeros(10, 1, 28, 28),
+        torch.zeros(10, dtype=torch.bool),
+        form="paper",
+        steps=5,
+        lr=0.1,
+        batch=16,
+        betas=(0.5, 0.9),
+        w0=10.0,
+        mask_cost="fixed",
+        init_cost=1e-3,
+    )
     assert refined.trigger.shape == (10, 1, 28, 28) and refined.l1.shape == (10,)
     assert float(refined.mask.min()) >= 0 and float(refined.mask.max()) <= 1
 
@@ -160,8 +204,13 @@ def test_progress_spans_all_class_groups():
     """With classes in groups, each phase reports one rising count to its end, so the bar's ETA means something."""
     seen: dict[str, list[tuple[int, int]]] = {}
     settings = ScanSettings(steps=20, samples=40, max_passes=1, class_group=4, pair_steps=5, warp_steps=5)
-    scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu",
-               progress=lambda phase, done, total: seen.setdefault(phase, []).append((done, total)))
+    scan_model(
+        BADNETS,
+        MNIST_TEST,
+        settings=settings,
+        device="cpu",
+        progress=lambda phase, done, total: seen.setdefault(phase, []).append((done, total)),
+    )
     assert set(seen) == {"uap", "refine", "pairs", "warp"}
     for calls in seen.values():
         done = [d for d, _ in calls]

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from backdoorlab.data import BUNDLED_GTSRB, bundled_gtsrb
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.cli import app
-from backdoorscan.decide import anomaly_index, weighted_median
-from backdoorscan.staging import plan, select
+from backdoorscan.usb.decide import anomaly_index, weighted_median
+from backdoorscan.usb.staging import choose_classes, select
 
 from .conftest import BADNETS, MNIST_TEST
 
@@ -62,7 +62,7 @@ def test_staged_scan_of_a_10_class_model_equals_the_full_scan(attack_meta):
         assert c.uap_norm == pytest.approx(by_class[c.cls].uap_norm, rel=1e-4)
         assert c.l1_norm == pytest.approx(by_class[c.cls].l1_norm, rel=0.05)
     # With the defaults (6 + 10 >= 10 classes) every class is refined, without a stage 1: the paper's scan.
-    assert plan(None, None, None, 10, ScanSettings(), group=10).mode == "all"
+    assert choose_classes(None, None, None, 10, ScanSettings(), group=10).mode == "all"
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,22 @@ def gtsrb_model(tmp_path_factory):
 
 
 def _scan(path) -> tuple[int, dict]:
-    result = CliRunner().invoke(app, ["model", str(path), "--data", str(BUNDLED_GTSRB["test"]), "--device", "cpu",
-                                      "--steps", str(STEPS), "--families", "universal", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(path),
+            "--data",
+            str(BUNDLED_GTSRB["test"]),
+            "--device",
+            "cpu",
+            "--steps",
+            str(STEPS),
+            "--families",
+            "universal",
+            "--json",
+        ],
+    )
     return result.exit_code, json.loads(result.stdout)
 
 

@@ -9,6 +9,19 @@ from .export import save_model
 from .train import TrainResult, evaluate, train_classifier
 
 __all__ = [
-    "ARCHS", "Attack", "BadNets", "Blend", "TrainResult", "cifar_cnn", "cifar_resnet18", "cifar_small",
-    "cifar_small_bn", "evaluate", "make_attack", "mnist_cnn", "mnist_cnn_bn", "save_model", "train_classifier",
+    "ARCHS",
+    "Attack",
+    "BadNets",
+    "Blend",
+    "TrainResult",
+    "cifar_cnn",
+    "cifar_resnet18",
+    "cifar_small",
+    "cifar_small_bn",
+    "evaluate",
+    "make_attack",
+    "mnist_cnn",
+    "mnist_cnn_bn",
+    "save_model",
+    "train_classifier",
 ]

@@ -12,28 +12,55 @@ import torch.nn as nn
 def mnist_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """Two conv layers and two linear layers for 28x28 inputs (the USB paper's small CNN, max-pooled)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
     )
 
 
 def mnist_cnn_bn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """The same CNN with batch norm after each convolution."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes),
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
     )
 
 
 def _cifar_small(num_classes: int, in_channels: int, batch_norm: bool) -> nn.Module:
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), *([nn.BatchNorm2d(cout)] if batch_norm else []), nn.ReLU(),
-                nn.MaxPool2d(2)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1),
+            *([nn.BatchNorm2d(cout)] if batch_norm else []),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
 
-    return nn.Sequential(*block(in_channels, 32), *block(32, 64), *block(64, 128),
-                         nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes))
+    return nn.Sequential(
+        *block(in_channels, 32),
+        *block(32, 64),
+        *block(64, 128),
+        nn.Flatten(),
+        nn.Linear(128 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
 
 
 def cifar_small(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -48,12 +75,27 @@ def cifar_small_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 def cifar_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """A VGG-style CNN with batch norm for 32x32 inputs."""
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
 
-    return nn.Sequential(*block(in_channels, 32), *block(32, 64), *block(64, 128),
-                         nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, num_classes))
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+
+    return nn.Sequential(
+        *block(in_channels, 32),
+        *block(32, 64),
+        *block(64, 128),
+        nn.Flatten(),
+        nn.Linear(128 * 4 * 4, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
 
 
 def cifar_resnet18(num_classes: int = 10) -> nn.Module:
@@ -90,7 +132,12 @@ def cifar_small_bn_norm(num_classes: int = 10) -> nn.Module:
 
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
-    "mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn, "cifar_small": cifar_small,
-    "cifar_small_bn": cifar_small_bn, "cifar_cnn": cifar_cnn, "cifar_resnet18": cifar_resnet18,
-    "mnist_cnn_norm": mnist_cnn_norm, "cifar_small_bn_norm": cifar_small_bn_norm,
+    "mnist_cnn": mnist_cnn,
+    "mnist_cnn_bn": mnist_cnn_bn,
+    "cifar_small": cifar_small,
+    "cifar_small_bn": cifar_small_bn,
+    "cifar_cnn": cifar_cnn,
+    "cifar_resnet18": cifar_resnet18,
+    "mnist_cnn_norm": mnist_cnn_norm,
+    "cifar_small_bn_norm": cifar_small_bn_norm,
 }

@@ -48,7 +48,7 @@ class BadNets(Attack):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
-        out[:, :, self.row:self.row + self.size, self.col:self.col + self.size] = self.patch(x.shape[1], x.device)
+        out[:, :, self.row : self.row + self.size, self.col : self.col + self.size] = self.patch(x.shape[1], x.device)
         return out
 
 
@@ -71,8 +71,16 @@ class Blend(Attack):
 POSITIONS = ("random", "corner", "centre")
 
 
-def make_attack(kind: str, shape: tuple[int, int, int], num_classes: int, rng: np.random.Generator,
-                size: int = 3, alpha: float = 0.15, position: str = "random", pattern: str = "solid") -> Attack:
+def make_attack(
+    kind: str,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    rng: np.random.Generator,
+    size: int = 3,
+    alpha: float = 0.15,
+    position: str = "random",
+    pattern: str = "solid",
+) -> Attack:
     """A random attack as in the USB paper: random target, position and colour (BadNets) or pattern (blend).
 
     `position` "corner" puts the patch in one of the four corners (one pixel in), "centre" in the middle.
@@ -80,23 +88,28 @@ def make_attack(kind: str, shape: tuple[int, int, int], num_classes: int, rng: n
     c, h, w = shape
     target = int(rng.integers(num_classes))
     if kind == "badnets":
-        color = tuple(float(v) for v in rng.uniform(0.5, 1.0, c)) if c == 1 else tuple(
-            float(v) for v in rng.integers(0, 2, c) * 0.8 + rng.uniform(0.0, 0.2, c))
+        color = (
+            tuple(float(v) for v in rng.uniform(0.5, 1.0, c))
+            if c == 1
+            else tuple(float(v) for v in rng.integers(0, 2, c) * 0.8 + rng.uniform(0.0, 0.2, c))
+        )
         if position == "corner":
             row, col = int(rng.choice([1, h - size - 1])), int(rng.choice([1, w - size - 1]))
         elif position == "centre":
             row, col = (h - size) // 2, (w - size) // 2
         else:
             row, col = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        return BadNets(target=target, size=size, row=row, col=col, color=color, pattern=pattern,
-                       seed=int(rng.integers(2**31)))
+        return BadNets(
+            target=target, size=size, row=row, col=col, color=color, pattern=pattern, seed=int(rng.integers(2**31))
+        )
     if kind == "blend":
         return Blend(target=target, alpha=alpha, seed=int(rng.integers(2**31)), shape=shape)
     raise ValueError(f"unknown attack {kind!r}")
 
 
-def poison(x: torch.Tensor, y: torch.Tensor, attack: Attack, rate: float,
-           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def poison(
+    x: torch.Tensor, y: torch.Tensor, attack: Attack, rate: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Stamp the trigger on `rate` of the samples not already of the target class and relabel them."""
     candidates = np.flatnonzero(y.numpy() != attack.target)
     chosen = rng.choice(candidates, size=int(round(rate * len(y))), replace=False)

@@ -45,8 +45,9 @@ def mnist(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     shared = SHARED / f"mnist_{split}.npz"
     path = shared if shared.exists() else BUNDLED_MNIST[split]
     if path != shared:
-        print(f"NOTE: {shared} is absent; using the bundled subset {path.name} (smaller, figures differ)",
-              file=sys.stderr)
+        print(
+            f"NOTE: {shared} is absent; using the bundled subset {path.name} (smaller, figures differ)", file=sys.stderr
+        )
     return (*read_npz(path, (1, 28, 28)), str(path))
 
 
@@ -60,8 +61,9 @@ def cifar10(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     cache = ROOT / "bench-out" / "cache" / f"cifar10_{split}.npz"
     if not cache.exists():
         if not archive.exists():
-            sys.exit(f"{archive} is absent: the CIFAR-10 benchmarks need the full JPEG archive "
-                     "(see data/PROVENANCE.md)")
+            sys.exit(
+                f"{archive} is absent: the CIFAR-10 benchmarks need the full JPEG archive (see data/PROVENANCE.md)"
+            )
         from PIL import Image
 
         images, labels = [], []
@@ -74,8 +76,12 @@ def cifar10(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
                     labels.append(CIFAR10_CLASSES.index(parts[2]))
         order = np.random.default_rng(0).permutation(len(images))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, x=np.stack(images)[order], y=np.array(labels, dtype=np.int64)[order],
-                 classes=np.array(CIFAR10_CLASSES))
+        np.savez(
+            cache,
+            x=np.stack(images)[order],
+            y=np.array(labels, dtype=np.int64)[order],
+            classes=np.array(CIFAR10_CLASSES),
+        )
     return (*read_npz(cache, (3, 32, 32)), f"{archive} ({split}, shuffled with seed 0)")
 
 

@@ -26,8 +26,15 @@ def save_model(model: nn.Module, path: str | Path, fmt: str, example: torch.Tens
     elif fmt == "onnx":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
-                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
     elif fmt == "torchscript":
         torch.jit.save(torch.jit.trace(model, example), str(path))
     elif fmt == "safetensors":

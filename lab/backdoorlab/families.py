@@ -47,8 +47,13 @@ class SourceSpecific:
         return x, y
 
     def describe(self) -> dict:
-        return {"kind": "source_specific", "source": self.source, "target": self.target,
-                "patch": self.patch.describe(), "cover_rate": self.cover_rate}
+        return {
+            "kind": "source_specific",
+            "source": self.source,
+            "target": self.target,
+            "patch": self.patch.describe(),
+            "cover_rate": self.cover_rate,
+        }
 
 
 @dataclass
@@ -117,7 +122,7 @@ class WaNet:
         x, y = x.clone(), y.clone()
         n = int(round(rate * len(y)))
         order = rng.permutation(len(y))
-        bd, cross = order[:n], order[n:n + int(n * self.cross_ratio)]
+        bd, cross = order[:n], order[n : n + int(n * self.cross_ratio)]
         x[bd], y[bd] = self.stamp(x[bd]), self.target
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         grid = self.field().expand(len(cross), -1, -1, -1)

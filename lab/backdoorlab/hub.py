@@ -27,9 +27,18 @@ def tiny_vit(num_classes: int = 10, channels: int = 1, side: int = 28, names: tu
     """A 2-layer ViT image classifier (patch 7, width 48) with id2label from `names`."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=side, patch_size=7, num_channels=channels, hidden_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=96, num_labels=num_classes,
-                       id2label={i: n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
+    config = ViTConfig(
+        image_size=side,
+        patch_size=7,
+        num_channels=channels,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_labels=num_classes,
+        id2label={i: n for i, n in enumerate(names)},
+        label2id={n: i for i, n in enumerate(names)},
+    )
     return ViTForImageClassification(config)
 
 
@@ -40,8 +49,9 @@ def save_vit_folder(model: nn.Module, out: Path, side: int = 28, mean: float = 0
 
     model.save_pretrained(out)
     channels = model.config.num_channels
-    ViTImageProcessor(size={"height": side, "width": side}, image_mean=[mean] * channels,
-                      image_std=[std] * channels, resample=2).save_pretrained(out)
+    ViTImageProcessor(
+        size={"height": side, "width": side}, image_mean=[mean] * channels, image_std=[std] * channels, resample=2
+    ).save_pretrained(out)
     return out
 
 
@@ -52,17 +62,27 @@ def tiny_timm(num_classes: int = 10, channels: int = 1):
     return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes, in_chans=channels)
 
 
-def save_timm_folder(model: nn.Module, out: Path, side: int = 28, mean: float = 0.5, std: float = 0.5,
-                     names: tuple[str, ...] | None = DIGIT_NAMES) -> Path:
+def save_timm_folder(
+    model: nn.Module,
+    out: Path,
+    side: int = 28,
+    mean: float = 0.5,
+    std: float = 0.5,
+    names: tuple[str, ...] | None = DIGIT_NAMES,
+) -> Path:
     """timm's `save_for_hf` with safetensors, its pretrained_cfg set to the size, mean and std used in training."""
     from timm.models._hub import save_for_hf
 
     channels = _in_chans(model)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, side, side),
-                            "mean": (mean,) * channels, "std": (std,) * channels, "interpolation": "bilinear",
-                            "crop_pct": 1.0}
-    save_for_hf(model, str(out), model_config={"label_names": list(names)} if names else None,
-                safe_serialization=True)
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "input_size": (channels, side, side),
+        "mean": (mean,) * channels,
+        "std": (std,) * channels,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    save_for_hf(model, str(out), model_config={"label_names": list(names)} if names else None, safe_serialization=True)
     return out
 
 

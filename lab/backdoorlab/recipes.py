@@ -13,15 +13,29 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 SPACES = {
-    "mnist": {"archs": ("mnist_cnn", "mnist_cnn_bn", "mnist_cnn_norm"), "formats": ("pt2", "safetensors", "onnx"),
-              "train_sizes": (10000, 20000), "epochs": (2, 4, 6), "augment": ("none", "crop")},
-    "cifar10": {"archs": ("cifar_small", "cifar_small_bn", "cifar_small_bn_norm"),
-                "formats": ("pt2", "onnx", "safetensors"), "train_sizes": (20000, 30000), "epochs": (3, 4),
-                "augment": ("none", "crop+flip")},
+    "mnist": {
+        "archs": ("mnist_cnn", "mnist_cnn_bn", "mnist_cnn_norm"),
+        "formats": ("pt2", "safetensors", "onnx"),
+        "train_sizes": (10000, 20000),
+        "epochs": (2, 4, 6),
+        "augment": ("none", "crop"),
+    },
+    "cifar10": {
+        "archs": ("cifar_small", "cifar_small_bn", "cifar_small_bn_norm"),
+        "formats": ("pt2", "onnx", "safetensors"),
+        "train_sizes": (20000, 30000),
+        "epochs": (3, 4),
+        "augment": ("none", "crop+flip"),
+    },
     # 43 traffic-sign classes, 1,720 training images: many epochs; no flips (signs are not mirror-symmetric);
     # no safetensors (a weights file needs the architecture, whose default head has 10 classes)
-    "gtsrb": {"archs": ("cifar_small_bn", "cifar_small_bn_norm"), "formats": ("pt2", "onnx"),
-              "train_sizes": (1720,), "epochs": (30, 40), "augment": ("crop",)},
+    "gtsrb": {
+        "archs": ("cifar_small_bn", "cifar_small_bn_norm"),
+        "formats": ("pt2", "onnx"),
+        "train_sizes": (1720,),
+        "epochs": (30, 40),
+        "augment": ("crop",),
+    },
 }
 
 
@@ -51,8 +65,9 @@ class Recipe:
     @property
     def group(self) -> str:
         """The table row a model falls in: clean, badnets_NxN or blend."""
-        return "clean" if self.kind is None else f"badnets_{self.size}x{self.size}" if self.kind == "badnets" \
-            else "blend"
+        return (
+            "clean" if self.kind is None else f"badnets_{self.size}x{self.size}" if self.kind == "badnets" else "blend"
+        )
 
     def describe(self) -> dict:
         return asdict(self)
@@ -66,12 +81,20 @@ def draw_recipes(dataset: str, n: int, seed: int = 7) -> list[Recipe]:
         optimiser = str(rng.choice(["sgd", "adam"]))
         kind = None if i % 3 == 0 else str(rng.choice(["badnets", "badnets", "blend"]))
         recipe = Recipe(
-            name=f"{dataset}_{i:03d}", dataset=dataset, seed=seed * 1000 + i, arch=str(rng.choice(space["archs"])),
-            fmt=str(space["formats"][i % len(space["formats"])]), optimiser=optimiser,
+            name=f"{dataset}_{i:03d}",
+            dataset=dataset,
+            seed=seed * 1000 + i,
+            arch=str(rng.choice(space["archs"])),
+            fmt=str(space["formats"][i % len(space["formats"])]),
+            optimiser=optimiser,
             lr=float(rng.choice([0.05, 0.02]) if optimiser == "sgd" else rng.choice([1e-3, 3e-3])),
-            schedule=str(rng.choice(["onecycle", "cosine", "step"])), epochs=int(rng.choice(space["epochs"])),
-            augment=str(rng.choice(space["augment"])), train_size=int(rng.choice(space["train_sizes"])),
-            kind=kind, aside=i % 4 == 3)
+            schedule=str(rng.choice(["onecycle", "cosine", "step"])),
+            epochs=int(rng.choice(space["epochs"])),
+            augment=str(rng.choice(space["augment"])),
+            train_size=int(rng.choice(space["train_sizes"])),
+            kind=kind,
+            aside=i % 4 == 3,
+        )
         if kind == "badnets":
             recipe.size = int(rng.integers(2, 6))
             recipe.position = str(rng.choice(["random", "corner", "centre"]))

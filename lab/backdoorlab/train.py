@@ -25,8 +25,9 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
-             batch: int = 1000) -> tuple[float, float | None]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None, batch: int = 1000
+) -> tuple[float, float | None]:
     """Clean accuracy on (x, y) and ASR: share of triggered non-target samples classified as the target."""
     model.eval()
     pred = torch.cat([model(c).argmax(1) for c in x.split(batch)])
@@ -43,11 +44,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack 
     return acc, float((pred_t == attack.target).float().mean())
 
 
-def train_classifier(arch: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
-                     y_test: torch.Tensor, *, attack: Attack | None = None, poison_rate: float = 0.1,
-                     epochs: int = 6, lr: float = 0.05, batch: int = 128, seed: int = 0, optimiser: str = "sgd",
-                     schedule: str = "onecycle", augment: str = "none",
-                     device: str | torch.device = "cpu") -> TrainResult:
+def train_classifier(
+    arch: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    attack: Attack | None = None,
+    poison_rate: float = 0.1,
+    epochs: int = 6,
+    lr: float = 0.05,
+    batch: int = 128,
+    seed: int = 0,
+    optimiser: str = "sgd",
+    schedule: str = "onecycle",
+    augment: str = "none",
+    device: str | torch.device = "cpu",
+) -> TrainResult:
     """Train on x in [0, 1] (N, C, H, W), poisoned with `attack` when given. Deterministic for a given seed.
 
     optimiser "sgd" (momentum 0.9, weight decay 5e-4) or "adam"; schedule "onecycle", "cosine" or "step" (x0.1 at

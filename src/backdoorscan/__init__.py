@@ -19,14 +19,34 @@ from typing import TYPE_CHECKING  # noqa: E402
 
 # The public names, imported on first use (PEP 562) so that `backdoorscan --help` does not load torch.
 _EXPORTS = {
-    "ClassResult": ".scan", "ModelScan": ".scan", "scan_model": ".scan",
-    "FilterResult": ".filtering", "filter_dataset": ".filtering",
-    "FilterSettings": ".settings", "ScanSettings": ".settings",
-    "Inconclusive": ".errors", "ScanError": ".errors",
-    "ModelSource": ".loading", "load_model": ".loading", "load_samples": ".loading",
+    "ClassResult": ".usb.pipeline",
+    "ModelScan": ".usb.pipeline",
+    "scan_model": ".usb.pipeline",
+    "FilterResult": ".screen.pipeline",
+    "filter_dataset": ".screen.pipeline",
+    "FilterSettings": ".core.settings",
+    "ScanSettings": ".core.settings",
+    "Inconclusive": ".core.errors",
+    "ScanError": ".core.errors",
+    "ModelSource": ".loading",
+    "load_model": ".loading",
+    "load_samples": ".loading",
 }
-__all__ = ["ClassResult", "FilterResult", "FilterSettings", "Inconclusive", "ModelScan", "ModelSource", "ScanError",
-           "ScanSettings", "__version__", "filter_dataset", "load_model", "load_samples", "scan_model"]
+__all__ = [
+    "ClassResult",
+    "FilterResult",
+    "FilterSettings",
+    "Inconclusive",
+    "ModelScan",
+    "ModelSource",
+    "ScanError",
+    "ScanSettings",
+    "__version__",
+    "filter_dataset",
+    "load_model",
+    "load_samples",
+    "scan_model",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -36,8 +56,8 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:
-    from .errors import Inconclusive, ScanError
-    from .filtering import FilterResult, filter_dataset
+    from .core.errors import Inconclusive, ScanError
+    from .core.settings import FilterSettings, ScanSettings
     from .loading import ModelSource, load_model, load_samples
-    from .scan import ClassResult, ModelScan, scan_model
-    from .settings import FilterSettings, ScanSettings
+    from .screen.pipeline import FilterResult, filter_dataset
+    from .usb.pipeline import ClassResult, ModelScan, scan_model

@@ -26,12 +26,19 @@ class WritesCanary:
         return (open, (self.canary, "w"))
 
 
-def rewrite_zip(src: Path, dst: Path, replace: dict[str, bytes] | None = None, add: dict[str, bytes] | None = None,
-                deflate: bool = False) -> Path:
+def rewrite_zip(
+    src: Path,
+    dst: Path,
+    replace: dict[str, bytes] | None = None,
+    add: dict[str, bytes] | None = None,
+    deflate: bool = False,
+) -> Path:
     """Copy a zip archive, replacing or adding members (by exact name)."""
     replace, add = replace or {}, add or {}
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(
-            dst, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as zout:
+    with (
+        zipfile.ZipFile(src) as zin,
+        zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as zout,
+    ):
         for info in zin.infolist():
             zout.writestr(info.filename, replace.get(info.filename, zin.read(info)))
         for name, data in add.items():
@@ -62,10 +69,15 @@ def pt2_pickled_sample_inputs(clean: Path, dst: Path, canary: Path, raw: bool = 
 def pt2_opaque_constant(clean: Path, dst: Path, canary: Path) -> Path:
     """A .pt2 declaring an opaque constant, which torch reads with plain pickle.loads."""
     prefix = member(clean, "archive_format").rsplit("/", 1)[0]
-    config = {"config": {"evil": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
-                                  "tensor_meta": None}}}
-    return rewrite_zip(clean, dst, replace={member(clean, "model_constants_config.json"): json.dumps(config).encode()},
-                       add={f"{prefix}/data/constants/opaque_obj_0": pickle.dumps(WritesCanary(canary))})
+    config = {
+        "config": {"evil": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}
+    }
+    return rewrite_zip(
+        clean,
+        dst,
+        replace={member(clean, "model_constants_config.json"): json.dumps(config).encode()},
+        add={f"{prefix}/data/constants/opaque_obj_0": pickle.dumps(WritesCanary(canary))},
+    )
 
 
 def pt2_with_member(clean: Path, dst: Path, name: str, data: bytes = b"\x7fELF") -> Path:
@@ -160,9 +172,13 @@ def onnx_lying_external_data(dst: Path, length: int = 4 << 30) -> Path:
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
     (dst.parent / "w.bin").write_bytes(b"\0" * 64)
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 28, 28])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     dst.write_bytes(model.SerializeToString())
@@ -173,9 +189,12 @@ def onnx_custom_domain(dst: Path, domain: str = "evil[/]ops[bold]") -> Path:
     """An ONNX model calling an operator from a custom domain whose name is rich markup."""
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("ReadFile", ["x"], ["y"], domain=domain)], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])])
+    graph = helper.make_graph(
+        [helper.make_node("ReadFile", ["x"], ["y"], domain=domain)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
     model.ir_version = 8
     dst.write_bytes(model.SerializeToString())
@@ -203,11 +222,17 @@ def pt2_case_twin(clean: Path, dst: Path, canary: Path) -> Path:
     """A .pt2 with a benign constants config and an upper-case twin declaring an opaque (pickled) constant."""
     benign = member(clean, "data/constants/model_constants_config.json")
     prefix = benign.split("/data/")[0]
-    config = {"config": {"evil": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
-                                  "tensor_meta": None}}}
-    return rewrite_zip(clean, dst, add={f"{prefix}/DATA/constants/model_constants_config.json":
-                                        json.dumps(config).encode(),
-                                        f"{prefix}/DATA/constants/opaque_obj_0": pickle.dumps(WritesCanary(canary))})
+    config = {
+        "config": {"evil": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}
+    }
+    return rewrite_zip(
+        clean,
+        dst,
+        add={
+            f"{prefix}/DATA/constants/model_constants_config.json": json.dumps(config).encode(),
+            f"{prefix}/DATA/constants/opaque_obj_0": pickle.dumps(WritesCanary(canary)),
+        },
+    )
 
 
 class NamedWeight(nn.Module):
@@ -238,11 +263,18 @@ def onnx_code_in_names(dst: Path, canary: Path) -> Path:
     w = numpy_helper.from_array((rng.standard_normal((10, 784)) * 0.01).astype(np.float32), code_name("w", canary))
     bias = numpy_helper.from_array(np.zeros(10, np.float32), code_name("b", canary))
     c = numpy_helper.from_array(np.ones(10, np.float32), code_name("c", canary))
-    nodes = [helper.make_node("Flatten", ["x"], ["f"], name=code_name("flat", canary)),
-             helper.make_node("Gemm", ["f", w.name, bias.name], ["g"], name=code_name("gemm", canary), transB=1),
-             helper.make_node("Add", ["g", c.name], ["y"], name=code_name("add", canary))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w, bias, c])
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], name=code_name("flat", canary)),
+        helper.make_node("Gemm", ["f", w.name, bias.name], ["g"], name=code_name("gemm", canary), transB=1),
+        helper.make_node("Add", ["g", c.name], ["y"], name=code_name("add", canary)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [w, bias, c],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     dst.write_bytes(model.SerializeToString())
@@ -306,7 +338,7 @@ class Probe:
         return (exec, (self.code, {}))
 
 
-SANDBOX_PROBE = r'''
+SANDBOX_PROBE = r"""
 import errno, fcntl, json, mmap, os, resource, socket, subprocess, termios
 r = {}
 def attempt(name, fn):
@@ -356,7 +388,7 @@ def write_outside():
     open(CANARY, "w").write("x")
 attempt("write_outside", write_outside)
 open(os.path.join(OUT, "probe.json"), "w").write(json.dumps(r))
-'''
+"""
 
 
 def sandbox_probe(dst: Path, out: Path, canary: Path, unix_path: Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from backdoorscan.cli import app
-from backdoorscan.errors import ScanError
+from backdoorscan.core.errors import ScanError
 from backdoorscan.loading import load_model
 from backdoorscan.safety.archive import check_expression
 from backdoorscan.safety.graph import check_fx_node, operator_allowed
@@ -60,11 +60,14 @@ def test_pt2_opaque_constant_is_refused(tmp_path, canary):
     assert_refused(scan(evil, "--data", MNIST_TEST), "opaque", canary)
 
 
-@pytest.mark.parametrize("name,needle", [
-    ("mnist_clean/data/aotinductor/model/model.so", "native code"),
-    ("../../outside.txt", "'..'"),
-    ("/etc/cron.d/evil", "absolute"),
-])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("mnist_clean/data/aotinductor/model/model.so", "native code"),
+        ("../../outside.txt", "'..'"),
+        ("/etc/cron.d/evil", "absolute"),
+    ],
+)
 def test_pt2_native_code_and_escaping_names_are_refused(tmp_path, name, needle):
     evil = b.pt2_with_member(CLEAN, tmp_path / "evil.pt2", name)
     assert_refused(scan(evil, "--data", MNIST_TEST), needle)
@@ -87,7 +90,7 @@ def test_pickle_reader_sees_through_stack_tricks():
     import pickle as pk
 
     # push 'os', 'system', then a decoy string that is popped before STACK_GLOBAL
-    data = (b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x8c\x05torch\x30\x93\x8c\x02hi\x85R.")
+    data = b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x8c\x05torch\x30\x93\x8c\x02hi\x85R."
     assert pickle_globals(data) == {"os.system"}
     assert pickle_globals(pk.dumps(b.WritesCanary(Path("x")))) == {open.__module__ + ".open"}
 
@@ -121,8 +124,10 @@ def test_torchscript_setstate_is_refused_before_loading(tmp_path, canary):
     name = b.member(tmp_path / "plain.ts", ".py")
     with __import__("zipfile").ZipFile(tmp_path / "plain.ts") as zf:
         code = zf.read(name).decode()
-    code += (f"\n  def __setstate__(self, state: Tuple[bool]) -> None:\n"
-             f"    _0 = torch.from_file(\"{canary}\", True, 16)\n    return None\n")
+    code += (
+        f"\n  def __setstate__(self, state: Tuple[bool]) -> None:\n"
+        f'    _0 = torch.from_file("{canary}", True, 16)\n    return None\n'
+    )
     evil = b.rewrite_zip(tmp_path / "plain.ts", tmp_path / "evil.ts", replace={name: code.encode()})
     assert_refused(scan(evil, "--data", MNIST_TEST), "__setstate__", canary)
     assert not source.exists()
@@ -148,8 +153,7 @@ def test_markup_in_names_cannot_break_the_error_line(tmp_path):
     assert_refused(scan(evil, "--data", MNIST_TEST), "evil[/]ops[bold]")
     weights = tmp_path / "keys.pt"
     torch.save({"[/]oops[bold red]": torch.zeros(3)}, weights)
-    assert_refused(scan(weights, "--data", MNIST_TEST, "--arch", f"{ARCHS_FILE}:mnist_cnn"),
-                   "do not match")
+    assert_refused(scan(weights, "--data", MNIST_TEST, "--arch", f"{ARCHS_FILE}:mnist_cnn"), "do not match")
 
 
 def test_forward_that_never_returns_is_stopped(tmp_path):
@@ -158,8 +162,9 @@ def test_forward_that_never_returns_is_stopped(tmp_path):
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(b.NeverReturns().eval()), path)
     start = time.perf_counter()
-    assert_refused(scan(path, "--data", MNIST_TEST, "--channels", "1", "--forward-timeout", "3"),
-                   "did not finish within 3 s")
+    assert_refused(
+        scan(path, "--data", MNIST_TEST, "--channels", "1", "--forward-timeout", "3"), "did not finish within 3 s"
+    )
     result = scan(path, "--data", MNIST_TEST, "--channels", "1", "--forward-timeout", "100", "--timeout", "8")
     assert_refused(result, "ran past --timeout 8 s")
     assert time.perf_counter() - start < 60
@@ -210,15 +215,18 @@ def test_labels_beyond_the_output_are_inconclusive(tmp_path):
 @pytest.mark.skipif(landlock_abi() < 1, reason="Landlock is not available on this kernel")
 def test_sandbox_stops_writes_outside_the_output(tmp_path, canary):
     arch = tmp_path / "arch.py"
-    arch.write_text("from backdoorlab.archs import mnist_cnn\n\n"
-                    f"def build(num_classes=10):\n    open({str(canary)!r}, 'w').write('x')\n"
-                    "    return mnist_cnn(num_classes)\n")
+    arch.write_text(
+        "from backdoorlab.archs import mnist_cnn\n\n"
+        f"def build(num_classes=10):\n    open({str(canary)!r}, 'w').write('x')\n"
+        "    return mnist_cnn(num_classes)\n"
+    )
     weights = tmp_path / "w.pt"
     from backdoorlab.archs import mnist_cnn
 
     torch.save(mnist_cnn().state_dict(), weights)
-    result = scan(weights, "--data", MNIST_TEST, "--arch", f"{arch}:build", "--out", tmp_path / "out",
-                  "--sandbox", "on")
+    result = scan(
+        weights, "--data", MNIST_TEST, "--arch", f"{arch}:build", "--out", tmp_path / "out", "--sandbox", "on"
+    )
     assert result.exit_code == 2 and "Permission denied" in result.output, result.output
     assert not canary.exists()
 
@@ -226,8 +234,11 @@ def test_sandbox_stops_writes_outside_the_output(tmp_path, canary):
 def test_converted_onnx_graph_uses_the_same_allowlist():
     from backdoorscan.safety.graph import check_onnx_module
 
-    for op, target in (("call_function", torch.from_file), ("call_method", "numpy"),
-                       ("call_method", "untyped_storage")):
+    for op, target in (
+        ("call_function", torch.from_file),
+        ("call_method", "numpy"),
+        ("call_method", "untyped_storage"),
+    ):
         graph = torch.fx.Graph()
         x = graph.placeholder("x")
         graph.output(graph.create_node(op, target, (x,)))
@@ -237,9 +248,9 @@ def test_converted_onnx_graph_uses_the_same_allowlist():
 
 def test_filter_without_clean_data_reports_an_applicable_reason(tmp_path):
     from backdoorlab.archs import mnist_cnn
-    from backdoorscan.errors import Inconclusive
-    from backdoorscan.filtering import filter_dataset
+    from backdoorscan.core.errors import Inconclusive
     from backdoorscan.loading import ModelSource, prepare
+    from backdoorscan.screen.pipeline import filter_dataset
 
     torch.manual_seed(0)
     model = b.Rounded(mnist_cnn().eval())

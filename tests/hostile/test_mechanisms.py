@@ -17,8 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from backdoorscan.cli import app
-from backdoorscan.escape import ci_line, md_code, printable, relay_line
-from backdoorscan.fleet import expand, is_fleet
+from backdoorscan.core.escape import ci_line, md_code, printable, relay_line
+from backdoorscan.fleet.plan import expand, is_fleet
 from backdoorscan.loading import load_model
 from backdoorscan.safety.names import is_plain_name
 
@@ -71,10 +71,14 @@ def test_plain_name_rule():
 # 3. Graph checks that miss a method
 
 
-@pytest.mark.parametrize("build,needle", [
-    (lambda path, canary: b.torchscript_with_hook(path, canary), "hook"),
-    (lambda path, canary: b.torchscript_with_method(path, canary), "aten::from_file"),
-], ids=["forward-pre-hook", "method-beside-forward"])
+@pytest.mark.parametrize(
+    "build,needle",
+    [
+        (lambda path, canary: b.torchscript_with_hook(path, canary), "hook"),
+        (lambda path, canary: b.torchscript_with_method(path, canary), "aten::from_file"),
+    ],
+    ids=["forward-pre-hook", "method-beside-forward"],
+)
 def test_torchscript_code_beside_forward_is_refused(tmp_path, canary, build, needle):
     path = tmp_path / "evil.ts"
     with warnings.catch_warnings():
@@ -95,8 +99,23 @@ def test_sandbox_probe_finds_every_way_out_closed(tmp_path, canary, monkeypatch)
     listener.listen(1)
     monkeypatch.setenv("CI_TOKEN_FOR_TEST", "SECRET_SENTINEL")
     evil = b.sandbox_probe(tmp_path / "probe.pt", out, canary, unix_path)
-    result = CliRunner().invoke(app, ["model", str(evil), "--data", str(MNIST_TEST), "--unsafe-allow-pickle",
-                                      "--out", str(out), "--sandbox", "on", "--max-memory", "512M", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(evil),
+            "--data",
+            str(MNIST_TEST),
+            "--unsafe-allow-pickle",
+            "--out",
+            str(out),
+            "--sandbox",
+            "on",
+            "--max-memory",
+            "512M",
+            "--quiet",
+        ],
+    )
     listener.close()
     if "--sandbox on:" in result.output:
         pytest.skip(f"this kernel lacks a layer: {result.output.strip()}")
@@ -123,7 +142,7 @@ def test_model_that_routes_off_grid_inputs_to_a_clean_twin_is_not_clean(tmp_path
 
 
 def test_honest_model_passes_the_grid_check():
-    from backdoorscan.evidence import Evidence, check_grid
+    from backdoorscan.loading.evidence import Evidence, check_grid
     from backdoorscan.loading.preprocess import InputSpec, PixelModel
     from backdoorscan.loading.samples import load_samples, open_source
 
@@ -155,9 +174,24 @@ def test_markdown_report_keeps_a_hostile_file_name_in_its_code_span(tmp_path):
     model = folder / name
     shutil.copy(BADNETS, model)
     summary = tmp_path / "summary.md"
-    result = CliRunner().invoke(app, ["model", str(model), "--data", str(MNIST_TEST), "--samples", "30",
-                                      "--steps", "5", "--families", "universal", "--markdown", str(summary),
-                                      "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(model),
+            "--data",
+            str(MNIST_TEST),
+            "--samples",
+            "30",
+            "--steps",
+            "5",
+            "--families",
+            "universal",
+            "--markdown",
+            str(summary),
+            "--quiet",
+        ],
+    )
     assert result.exit_code in (0, 1, 3), result.output
     heading = summary.read_text().splitlines()[0]
     assert heading.startswith("### backdoorscan: ``"), heading  # a fence longer than the name's backtick
@@ -196,10 +230,25 @@ def test_fleet_of_a_bracketed_folder_scans_its_model_once(tmp_path):
     folder.mkdir()
     shutil.copy(CLEAN, folder / "m.pt2")
     before = {p.pid for p in _children()}
-    result = CliRunner().invoke(app, ["model", str(folder / "m.pt2"), str(folder / "m.pt2"), "--data",
-                                      str(MNIST_TEST), "--samples", "20", "--steps", "2", "--families", "universal",
-                                      "--no-cache", "--json",
-                                      "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(folder / "m.pt2"),
+            str(folder / "m.pt2"),
+            "--data",
+            str(MNIST_TEST),
+            "--samples",
+            "20",
+            "--steps",
+            "2",
+            "--families",
+            "universal",
+            "--no-cache",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code in (0, 1, 3), result.output
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[-1]["summary"]["models"] == 1, lines[-1]
@@ -218,7 +267,7 @@ def _children() -> list[_Proc]:
 
 
 def test_no_env_secret_reaches_a_child(monkeypatch):
-    from backdoorscan.supervise import child_environment
+    from backdoorscan.safety.child import child_environment
 
     monkeypatch.setenv("GITHUB_TOKEN", "SECRET_SENTINEL")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET_SENTINEL")

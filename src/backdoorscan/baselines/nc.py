@@ -15,13 +15,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cost import CostSchedule
-from ..triggers import Refined, stamped_success
+from ..perturb.cost import CostSchedule
+from ..perturb.triggers import Refined, stamped_success
 
 
-def neural_cleanse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
-                   steps: int, lr: float, batch: int, init_cost: float,
-                   progress: Callable[[int, int], None] | None = None) -> Refined:
+def neural_cleanse(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    init_cost: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> Refined:
     """Reverse a trigger for every class in `targets` at once; steps, lr, batch and init_cost are `ScanSettings`'."""
     k, n = len(targets), x.shape[0]
     c, h, w = x.shape[1:]

@@ -13,8 +13,9 @@ import torch.nn as nn
 
 
 @torch.no_grad()
-def strip_entropy(model: nn.Module, x: torch.Tensor, clean: torch.Tensor, blends: int = 32,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def strip_entropy(
+    model: nn.Module, x: torch.Tensor, clean: torch.Tensor, blends: int = 32, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Mean prediction entropy of each image of x over `blends` superimpositions with clean images."""
     pick = torch.randint(0, clean.shape[0], (x.shape[0], blends), generator=generator).to(clean.device)
     mixed = (0.5 * x[:, None] + 0.5 * clean[pick]).flatten(0, 1)
@@ -23,8 +24,9 @@ def strip_entropy(model: nn.Module, x: torch.Tensor, clean: torch.Tensor, blends
     return entropy.view(x.shape[0], blends).mean(1)
 
 
-def strip_threshold(model: nn.Module, clean: torch.Tensor, frr: float = 0.1, blends: int = 32,
-                    generator: torch.Generator | None = None) -> float:
+def strip_threshold(
+    model: nn.Module, clean: torch.Tensor, frr: float = 0.1, blends: int = 32, generator: torch.Generator | None = None
+) -> float:
     """Entropy below which an input is flagged, so that `frr` of the clean samples would be flagged."""
     scores = torch.cat([strip_entropy(model, chunk, clean, blends, generator) for chunk in clean.split(64)])
     return float(torch.quantile(scores.double().cpu(), frr))

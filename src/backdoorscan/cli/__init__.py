@@ -23,17 +23,21 @@ from typing import Annotated, Any
 import typer
 
 from .. import __version__
-from ..errors import ExitCode, Inconclusive, ScanError
+from ..core.errors import ExitCode, Inconclusive, ScanError
+from ..core.settings import FilterSettings, ScanSettings
 from ..safety.confine import CHILD_ENV
 from ..safety.limits import Limits
 from ..safety.paths import ensure_outside
-from ..settings import FilterSettings, ScanSettings
-from ..supervise import run_supervised
 from . import options as opt
+from .supervise import run_supervised
 from .views import error_line, out
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Scan image classifiers for backdoors and screen datasets for trigger-carrying images.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Scan image classifiers for backdoors and screen datasets for trigger-carrying images.",
+)
 
 Markdown = Annotated[Path | None, typer.Option(help="Write a Markdown summary (CI job summary).")]
 
@@ -74,18 +78,19 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
 
         cancel_watchdog()
     if os.environ.get(CHILD_ENV) is not None:  # a sandboxed child: stop without waiting for
-        sys.stdout.flush()                                         # a model thread that may never return
+        sys.stdout.flush()  # a model thread that may never return
         sys.stderr.flush()
         os._exit(int(code))
     raise typer.Exit(int(code))
 
 
-def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
-               files: list[Path | None]) -> tuple[int | None, Any, Limits]:
+def _scan_here(
+    ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None], files: list[Path | None]
+) -> tuple[int | None, Any, Limits]:
     """Supervise a sandboxed child (its exit code), or get this process ready to scan (None, the device); and the
     limits the run options set."""
-    from ..device import resolve_device
-    from ..supervise import confine
+    from ..core.device import resolve_device
+    from ..safety.child import confine_self
     from .views import err
 
     limits = opt.limits(run)
@@ -93,7 +98,7 @@ def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
     if code is not None:
         return code, None, limits
     device = resolve_device(run["device"])
-    confine(run["sandbox"], limits, device, run["threads"])
+    confine_self(run["sandbox"], limits, device, run["threads"])
     if run["threads"] is not None:
         import torch
 
@@ -101,8 +106,9 @@ def _scan_here(ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None],
     return None, device, limits
 
 
-def _emit(result: Any, run: dict[str, Any], markdown: Path | None, to_markdown: Callable[[Any], str],
-          show: Callable[[], None]) -> int:
+def _emit(
+    result: Any, run: dict[str, Any], markdown: Path | None, to_markdown: Callable[[Any], str], show: Callable[[], None]
+) -> int:
     """Write the Markdown summary, print JSON or the human view, and return the result's exit code."""
     from ..report.writer import write_text_atomic
 
@@ -123,8 +129,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Scan image classifiers for backdoors and screen datasets for trigger-carrying images."""
 
@@ -133,24 +140,41 @@ def main_callback(
 @opt.with_options(ScanSettings, opt.model_options, opt.run_options)
 def model(
     ctx: typer.Context,
-    checkpoints: Annotated[list[Path] | None, typer.Argument(
-        help="The model(s): .pt2 (torch.export), TorchScript, ONNX, safetensors or state_dict (with --arch) files, "
-             "Hugging Face or timm model folders; several, a folder of models or a quoted glob scan a fleet.",
-        show_default=False)] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")]
-    = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write report.json, report.md and trigger images "
-                                                               "here (a fleet: one folder per model).")] = None,
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="The model(s): .pt2 (torch.export), TorchScript, ONNX, safetensors or state_dict (with --arch) files, "
+            "Hugging Face or timm model folders; several, a folder of models or a quoted glob scan a fleet.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Clean samples: an image folder or an .npz (x, y).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Write report.json, report.md and trigger images here (a fleet: one folder per model)."
+        ),
+    ] = None,
     markdown: Markdown = None,
-    manifest: Annotated[Path | None, typer.Option(help="A TOML manifest of models, each with its own options "
-                                                       "(docs/ci.md).")] = None,
-    sarif: Annotated[Path | None, typer.Option(help="Write SARIF 2.1.0 (one result per suspect model) for code "
-                                                    "scanning.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Fleet result cache (default: ~/.cache/backdoorscan or "
-                                                        "$BACKDOORSCAN_CACHE_DIR).")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="A TOML manifest of models, each with its own options (docs/ci.md).")
+    ] = None,
+    sarif: Annotated[
+        Path | None, typer.Option(help="Write SARIF 2.1.0 (one result per suspect model) for code scanning.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Fleet result cache (default: ~/.cache/backdoorscan or $BACKDOORSCAN_CACHE_DIR)."),
+    ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Scan every model of a fleet again.")] = False,
-    ray: Annotated[str | None, typer.Option(help="Run a fleet on Ray: an address, auto (this machine's cluster) "
-                                                 "or local (a throwaway local instance).")] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run a fleet on Ray: an address, auto (this machine's cluster) or local (a throwaway local instance)."
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Scan classifiers for a backdoor with USB (Universal Soldier); exit 1 suspected, 3 inconclusive, 2 could not
@@ -159,25 +183,45 @@ def model(
     paths = list(checkpoints or [])
 
     def body() -> int:
-        from ..fleet import is_fleet
+        from ..fleet.plan import is_fleet
 
         settings_values, model_values = opt.take(ScanSettings, options), opt.take(opt.model_options, options)
         if is_fleet(paths, manifest) or ray is not None:
-            return _fleet(paths, data, out_dir, markdown, manifest, sarif, cache_dir, no_cache, ray, run,
-                          settings_values, model_values)
+            return _fleet(
+                paths,
+                data,
+                out_dir,
+                markdown,
+                manifest,
+                sarif,
+                cache_dir,
+                no_cache,
+                ray,
+                run,
+                settings_values,
+                model_values,
+            )
         return _single(ctx, paths[0], data, out_dir, markdown, sarif, run, settings_values, model_values)
 
     _run(run["debug"], body)
 
 
-def _single(ctx: typer.Context, checkpoint: Path, data: Path | None, out_dir: Path | None, markdown: Path | None,
-            sarif: Path | None, run: dict[str, Any], settings_values: dict[str, Any],
-            model_values: dict[str, Any]) -> int:
+def _single(
+    ctx: typer.Context,
+    checkpoint: Path,
+    data: Path | None,
+    out_dir: Path | None,
+    markdown: Path | None,
+    sarif: Path | None,
+    run: dict[str, Any],
+    settings_values: dict[str, Any],
+    model_values: dict[str, Any],
+) -> int:
     """One model: scanned in a sandboxed child, its report directly under --out."""
     from ..report import write_scan_report
     from ..report.markdown import scan_markdown
     from ..safety.confine import LAYERS
-    from ..scan import scan_model
+    from ..usb.pipeline import scan_model
     from .views import print_scan, progress_bars
 
     if data is None:
@@ -195,39 +239,64 @@ def _single(ctx: typer.Context, checkpoint: Path, data: Path | None, out_dir: Pa
     if out_dir is not None:
         write_scan_report(scan, out_dir)
     if sarif is not None:
-        from ..fleet import FleetItem, FleetResult
+        from ..fleet.run import FleetItem, FleetResult
         from ..report.sarif import write_sarif
 
-        item = FleetItem(checkpoint.name, str(checkpoint), scan.exit_code, scan.timings.get("total", 0.0),
-                         report=scan.to_dict(), report_dir=None if out_dir is None else str(out_dir))
+        item = FleetItem(
+            checkpoint.name,
+            str(checkpoint),
+            scan.exit_code,
+            scan.timings.get("total", 0.0),
+            report=scan.to_dict(),
+            report_dir=None if out_dir is None else str(out_dir),
+        )
         write_sarif(FleetResult([item]), sarif)
     return _emit(scan, run, markdown, scan_markdown, lambda: print_scan(scan, out_dir))
 
 
-def _fleet(paths: list[Path], data: Path | None, out_dir: Path | None, markdown: Path | None,
-           manifest: Path | None, sarif: Path | None, cache_dir: Path | None, no_cache: bool, ray: str | None,
-           run: dict[str, Any], settings_values: dict[str, Any], model_values: dict[str, Any]) -> int:
+def _fleet(
+    paths: list[Path],
+    data: Path | None,
+    out_dir: Path | None,
+    markdown: Path | None,
+    manifest: Path | None,
+    sarif: Path | None,
+    cache_dir: Path | None,
+    no_cache: bool,
+    ray: str | None,
+    run: dict[str, Any],
+    settings_values: dict[str, Any],
+    model_values: dict[str, Any],
+) -> int:
     """Many models: each scanned by its own sandboxed child (locally or on Ray), cached, summed up."""
-    from ..cache import ResultCache
-    from ..fleet import CHILD_RUN_KEYS, plan, scan_fleet
+    from ..fleet.cache import ResultCache
+    from ..fleet.plan import CHILD_RUN_KEYS, plan_fleet
+    from ..fleet.run import scan_fleet
     from ..report.markdown import fleet_markdown
     from ..report.writer import write_text_atomic
     from .views import fleet_progress, print_fleet
 
     given = {k: v for k, v in opt.model_values(model_values).items() if v not in (None, False)}
     chosen = {k: v for k, v in settings_values.items() if v != getattr(ScanSettings, k, None)}
-    entries = plan(paths, data, given, chosen, manifest)
+    entries = plan_fleet(paths, data, given, chosen, manifest)
     for target in (out_dir, markdown, sarif):
         ensure_outside(target, *{e.data for e in entries})
     runner, where = None, "local"  # scan_fleet's default: one child after another on this machine
     if ray is not None:
-        from ..fleet_ray import ray_runner
+        from ..fleet.ray import ray_runner
 
         runner, where = ray_runner(ray, run["sandbox"], float(run["timeout"]), run["threads"])
     cache = None if no_cache else ResultCache(cache_dir)
     with fleet_progress(len(entries), not run["quiet"] and not run["as_json"]) as on_item:
-        result = scan_fleet(entries, run={k: run[k] for k in (*CHILD_RUN_KEYS, "sandbox", "timeout")}, out=out_dir,
-                            cache=cache, runner=runner, runner_name=where, on_item=on_item)
+        result = scan_fleet(
+            entries,
+            run={k: run[k] for k in (*CHILD_RUN_KEYS, "sandbox", "timeout")},
+            out=out_dir,
+            cache=cache,
+            runner=runner,
+            runner_name=where,
+            on_item=on_item,
+        )
     if sarif is not None:
         from ..report.sarif import write_sarif
 
@@ -250,12 +319,15 @@ def filter_dataset_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="The model file (same formats as `model`).")],
     inputs: Annotated[Path, typer.Option("--input", help="Images to screen: a folder, an .npz or one image.")],
     clean: Annotated[Path | None, typer.Option(help="Clean samples to compute the UAP from (folder or .npz).")] = None,
-    uap: Annotated[Path | None, typer.Option("--uap", help="Use a stored UAP (from --save-uap, or a report's "
-                                                           "uap.safetensors).")] = None,
+    uap: Annotated[
+        Path | None, typer.Option("--uap", help="Use a stored UAP (from --save-uap, or a report's uap.safetensors).")
+    ] = None,
     save_uap: Annotated[Path | None, typer.Option(help="Store the UAP for later screening.")] = None,
     copy_to: Annotated[Path | None, typer.Option(help="Copy images into DIR/kept and DIR/flagged.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write manifest.csv/.json, summary.md, uap.png and "
-                                                               "uap.safetensors here.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write manifest.csv/.json, summary.md, uap.png and uap.safetensors here."),
+    ] = None,
     markdown: Markdown = None,
     **options: Any,
 ) -> None:
@@ -263,9 +335,9 @@ def filter_dataset_cmd(
     run = opt.take(opt.run_options, options)
 
     def body() -> int:
-        from ..filtering import filter_dataset
         from ..report.markdown import filter_markdown
         from ..report.writer import write_filter_report
+        from ..screen.pipeline import filter_dataset
         from .views import print_filter, progress_bars
 
         settings = FilterSettings(**opt.take(FilterSettings, options))
@@ -276,8 +348,18 @@ def filter_dataset_cmd(
         if code is not None:
             return code
         with progress_bars(not run["quiet"]) as progress:
-            result = filter_dataset(source, clean, inputs, settings=settings, uap_file=uap, save_uap_to=save_uap,
-                                    copy_to=copy_to, device=device, progress=progress, limits=limits)
+            result = filter_dataset(
+                source,
+                clean,
+                inputs,
+                settings=settings,
+                uap_file=uap,
+                save_uap_to=save_uap,
+                copy_to=copy_to,
+                device=device,
+                progress=progress,
+                limits=limits,
+            )
         if out_dir is not None:
             write_filter_report(result, out_dir)
         return _emit(result, run, markdown, filter_markdown, lambda: print_filter(result))
@@ -286,7 +368,8 @@ def filter_dataset_cmd(
 
 
 app.command("filter-dataset", help="The same command as `filter` (its earlier name, kept as an alias).")(
-    filter_dataset_cmd)
+    filter_dataset_cmd
+)
 
 
 def main() -> None:
@@ -295,4 +378,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -15,60 +15,81 @@ from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
 import typer
 
-from ..choices import SandboxMode
-from ..device import DEFAULT_DEVICE
-from ..errors import ScanError
+from ..core.choices import SandboxMode
+from ..core.device import DEFAULT_DEVICE
+from ..core.errors import ScanError
 from ..safety.limits import Limits, parse_bytes
 
 if TYPE_CHECKING:
     from ..loading import ModelSource
-from ..supervise import DEFAULT_SANDBOX
+from .supervise import DEFAULT_SANDBOX
 
 LIMITS = Limits()
 
 
 def model_options(
-    arch: Annotated[str | None, typer.Option(
-        help="Architecture for weight-only files: a torchvision name (resnet18), timm:NAME, path/to/file.py:function "
-             "or package.module:function (hub folders name their own).")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Number of classes (checked against the model's "
-                                                         "output).")] = None,
-    input_size: Annotated[str | None, typer.Option(help="Input size HxW of the [0, 1] images the model "
-                                                        "takes.")] = None,
-    channels: Annotated[int | None, typer.Option(help="Input channels (1 or 3); read from the model when "
-                                                      "possible.")] = None,
-    mean: Annotated[str | None, typer.Option(help="Per-channel mean the model expects, e.g. "
-                                                  "0.485,0.456,0.406.")] = None,
-    std: Annotated[str | None, typer.Option(help="Per-channel std the model expects, e.g. "
-                                                 "0.229,0.224,0.225.")] = None,
-    labels: Annotated[Path | None, typer.Option(
-        help="Class names: one per line, or a JSON list or {index: name} object (default: the model folder's "
-             "id2label or label_names, else the data's class folders).")] = None,
-    unsafe_allow_pickle: Annotated[bool, typer.Option(
-        "--unsafe-allow-pickle", help="Allow loading a fully pickled model. A pickle can run arbitrary code: only "
-                                      "for files you trust.")] = False,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture for weight-only files: a torchvision name (resnet18), timm:NAME, "
+            "path/to/file.py:function or package.module:function (hub folders name their own)."
+        ),
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Number of classes (checked against the model's output).")
+    ] = None,
+    input_size: Annotated[str | None, typer.Option(help="Input size HxW of the [0, 1] images the model takes.")] = None,
+    channels: Annotated[
+        int | None, typer.Option(help="Input channels (1 or 3); read from the model when possible.")
+    ] = None,
+    mean: Annotated[
+        str | None, typer.Option(help="Per-channel mean the model expects, e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std the model expects, e.g. 0.229,0.224,0.225.")] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="Class names: one per line, or a JSON list or {index: name} object (default: the model folder's "
+            "id2label or label_names, else the data's class folders)."
+        ),
+    ] = None,
+    unsafe_allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-allow-pickle",
+            help="Allow loading a fully pickled model. A pickle can run arbitrary code: only for files you trust.",
+        ),
+    ] = False,
 ) -> None:
     """How to load the model and feed it (the fields of `ModelSource`)."""
 
 
 def run_options(
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")] = DEFAULT_DEVICE,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout and nothing "
-                                                         "else.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout and nothing else.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 when several scans share a "
-                                                     "machine).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds the whole scan may take; past it, exit 2.")]
-    = LIMITS.timeout,
-    forward_timeout: Annotated[float, typer.Option(help="Seconds the model's first forward may take.")]
-    = LIMITS.forward_timeout,
-    max_memory: Annotated[str | None, typer.Option(
-        help="Memory bound, e.g. 4G (default: 75 % of the memory available): larger archives are refused, CPU "
-             "scans capped.")] = LIMITS.max_memory,
-    sandbox: Annotated[SandboxMode, typer.Option(
-        help="Run the scan in a child process restricted by Landlock: auto (where the kernel has it), on (refuse "
-             "to scan without it) or off.")] = DEFAULT_SANDBOX,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (1 when several scans share a machine).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds the whole scan may take; past it, exit 2.")] = LIMITS.timeout,
+    forward_timeout: Annotated[
+        float, typer.Option(help="Seconds the model's first forward may take.")
+    ] = LIMITS.forward_timeout,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory bound, e.g. 4G (default: 75 % of the memory available): larger archives are refused, CPU "
+            "scans capped."
+        ),
+    ] = None,  # Limits.max_memory: None is 75 % of what is available
+    sandbox: Annotated[
+        SandboxMode,
+        typer.Option(
+            help="Run the scan in a child process restricted by Landlock: auto (where the kernel has it), on (refuse "
+            "to scan without it) or off."
+        ),
+    ] = DEFAULT_SANDBOX,
 ) -> None:
     """How to run a scan: device, output mode, limits and sandbox."""
 
@@ -80,18 +101,19 @@ def settings_parameters(cls: type) -> list[inspect.Parameter]:
     for f in fields(cls):
         if "help" not in f.metadata:
             continue
-        annotation = Annotated[hints[f.name], typer.Option(help=f.metadata["help"])]  # a Literal: a choice
-        default = f.default if f.default is not MISSING else f.default_factory()
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=annotation))
+        annotation = Annotated[hints[f.name], typer.Option(help=f.metadata["help"])]  # type: ignore[valid-type,name-defined]
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return params
 
 
 def _parameters(group: Callable[..., None] | type) -> list[inspect.Parameter]:
     if is_dataclass(group):
         return settings_parameters(group)
-    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            for p in inspect.signature(group, eval_str=True).parameters.values()]
+    return [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(group, eval_str=True).parameters.values()
+    ]
 
 
 def with_options(*groups: Callable[..., None] | type) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -104,7 +126,7 @@ def with_options(*groups: Callable[..., None] | type) -> Callable[[Callable[...,
         names = [p.name for p in own + added]
         if len(names) != len(set(names)):
             raise TypeError(f"{command.__name__}: an option is declared twice")
-        command.__signature__ = signature.replace(parameters=own + added)
+        command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
         return command
 
     return decorate
@@ -143,8 +165,12 @@ def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 def model_values(values: dict[str, Any]) -> dict[str, Any]:
     """The model options parsed: sizes and per-channel values as tuples (the labels file stays a path)."""
-    return {**values, "input_size": parse_size(values["input_size"]), "mean": parse_floats(values["mean"], "mean"),
-            "std": parse_floats(values["std"], "std")}
+    return {
+        **values,
+        "input_size": parse_size(values["input_size"]),
+        "mean": parse_floats(values["mean"], "mean"),
+        "std": parse_floats(values["std"], "std"),
+    }
 
 
 def model_source(checkpoint: Path, values: dict[str, Any]) -> ModelSource:
@@ -153,11 +179,16 @@ def model_source(checkpoint: Path, values: dict[str, Any]) -> ModelSource:
     from ..loading.labels import read_labels
 
     parsed = model_values(values)
-    return ModelSource(checkpoint=checkpoint, **{**parsed, "labels": None if values["labels"] is None
-                                                 else read_labels(values["labels"])})
+    return ModelSource(
+        checkpoint=checkpoint,
+        **{**parsed, "labels": None if values["labels"] is None else read_labels(values["labels"])},
+    )
 
 
 def limits(values: dict[str, Any]) -> Limits:
     """The `Limits` the run options describe."""
-    return Limits(timeout=values["timeout"], forward_timeout=values["forward_timeout"],
-                  max_memory=parse_bytes(values["max_memory"]))
+    return Limits(
+        timeout=values["timeout"],
+        forward_timeout=values["forward_timeout"],
+        max_memory=parse_bytes(values["max_memory"]),
+    )

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,11 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..escape import ci_line, printable
+from ..core.escape import ci_line, printable
 
 if TYPE_CHECKING:
-    from ..filtering import FilterResult
-    from ..scan import ModelScan
+    from ..screen.pipeline import FilterResult
+    from ..usb.pipeline import ModelScan
+
 
 def plain_text(text: str, style: str = "") -> Text:
     """A rich Text of one line that may quote a file (a name, a path, a child's message): controls escaped."""
@@ -42,10 +43,16 @@ def _width(stream) -> int | None:
 out = Console(width=_width(sys.stdout))
 err = Console(stderr=True, width=_width(sys.stderr))
 
-PHASES = {"stage1": "stage 1: ranking classes",
-          "uap": "targeted UAPs (Alg. 1)", "refine": "refinement (Alg. 2)", "nc": "Neural Cleanse",
-          "pairs": "pairs (source -> target)", "warp": "warps (WaNet)",
-          "epsilon": "searching the minimal epsilon", "screen": "screening"}
+PHASES = {
+    "stage1": "stage 1: ranking classes",
+    "uap": "targeted UAPs (Alg. 1)",
+    "refine": "refinement (Alg. 2)",
+    "nc": "Neural Cleanse",
+    "pairs": "pairs (source -> target)",
+    "warp": "warps (WaNet)",
+    "epsilon": "searching the minimal epsilon",
+    "screen": "screening",
+}
 
 
 @contextlib.contextmanager
@@ -57,9 +64,17 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
     if not err.is_terminal:
         yield log_progress()
         return
-    bar = Progress(TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
-    tasks: dict[str, int] = {}
+    bar = Progress(
+        TextColumn("{task.description:<32}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}  # phase -> rich TaskID
 
     def update(phase: str, done: int, total: int) -> None:
         if phase not in tasks:
@@ -70,8 +85,9 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None] | N
         yield update
 
 
-def log_progress(every: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic
-                 ) -> Callable[[str, int, int], None]:
+def log_progress(
+    every: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic
+) -> Callable[[str, int, int], None]:
     """Progress for a CI log: a line on stderr when a phase starts, every `every` seconds with its ETA, and when
     it ends, so a long scan in a pipeline shows it is alive and when it will finish."""
     started: dict[str, float] = {}
@@ -98,8 +114,11 @@ def log_progress(every: float = LOG_EVERY_S, clock: Callable[[], float] = time.m
 
 def error_line(label: str, text: str, style: str = "bold red") -> None:
     """One line on stderr; `text` may come from a hostile file, so it is never parsed as markup."""
-    err.print(Text.assemble((f"{label}: ", style), ci_line(printable(" ".join(text.split())))), highlight=False,
-              soft_wrap=True)
+    err.print(
+        Text.assemble((f"{label}: ", style), ci_line(printable(" ".join(text.split())))),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
@@ -110,21 +129,38 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
     name = Path(scan.model.get("path") or "model").name
     table = Table(title=escape(printable(f"{scan.settings.method.upper()} scan of {name}")))
     staged = scan.staging is not None and scan.staging.mode == "staged"
-    for col in ("class", *(("refined as", "stage-1 rank") if staged else ()), "UAP success", "UAP norm",
-                "L1 of v'", "size / median", "anomaly index", "ASR", "flagged"):
+    for col in (
+        "class",
+        *(("refined as", "stage-1 rank") if staged else ()),
+        "UAP success",
+        "UAP norm",
+        "L1 of v'",
+        "size / median",
+        "anomaly index",
+        "ASR",
+        "flagged",
+    ):
         table.add_column(col, justify="right")
     for c in scan.classes:
         style = "bold red" if c.flagged else None
-        table.add_row(escape(printable(f"{c.cls}" + (f" {c.name}" if c.name else ""))),
-                      *((c.role, str(c.stage1_rank)) if staged else ()),
-                      "n/a" if c.uap_success is None else f"{c.uap_success:.2f}", f"{c.uap_norm:.2f}",
-                      f"{c.l1_norm:.2f}",
-                      f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}", c.flag_word,
-                      style=style)
+        table.add_row(
+            escape(printable(f"{c.cls}" + (f" {c.name}" if c.name else ""))),
+            *((c.role, str(c.stage1_rank)) if staged else ()),
+            "n/a" if c.uap_success is None else f"{c.uap_success:.2f}",
+            f"{c.uap_norm:.2f}",
+            f"{c.l1_norm:.2f}",
+            f"{c.size_ratio:.2f}",
+            f"{c.anomaly_index:.2f}",
+            f"{c.asr:.2f}",
+            c.flag_word,
+            style=style,
+        )
     out.print(table)
-    if staged:
-        out.print(plain_text(f"staged scan: {scan.staging.why}; --refine all refines all {scan.staging.num_classes}"),
-                  highlight=False)
+    if staged and scan.staging is not None:
+        out.print(
+            plain_text(f"staged scan: {scan.staging.why}; --refine all refines all {scan.staging.num_classes}"),
+            highlight=False,
+        )
     if scan.threshold_note:
         out.print(Text(scan.threshold_note), highlight=False)
     print_verdict(scan, out_dir)
@@ -132,8 +168,13 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
 
 def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
     """What was scanned, and the verdict with its targets or reasons."""
-    out.print(plain_text(f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
-                   f"{scan.timings['total']:.1f} s"), highlight=False)
+    out.print(
+        plain_text(
+            f"model: {scan.model['description']}; {scan.data['samples']} samples; device {scan.device}; "
+            f"{scan.timings['total']:.1f} s"
+        ),
+        highlight=False,
+    )
     if scan.sandbox:
         from ..safety.confine import Layers
 
@@ -141,11 +182,15 @@ def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
     folder = scan.model.get("read_from_folder")
     if folder:
         size = "x".join(map(str, folder["input_size"] or ())) or "?"
-        out.print(plain_text(f"read from the folder: {folder['kind']} {folder['architecture']}, "
-                             f"{folder['num_classes']} "
-                       f"classes ({folder['labels']} named), input {folder['channels']}x{size}, mean "
-                       f"{_floats(folder['mean'])}, std {_floats(folder['std'])}, resample {folder['resample']}"),
-                  highlight=False)
+        out.print(
+            plain_text(
+                f"read from the folder: {folder['kind']} {folder['architecture']}, "
+                f"{folder['num_classes']} "
+                f"classes ({folder['labels']} named), input {folder['channels']}x{size}, mean "
+                f"{_floats(folder['mean'])}, std {_floats(folder['std'])}, resample {folder['resample']}"
+            ),
+            highlight=False,
+        )
         for line in scan.model.get("overrides") or ():
             out.print(plain_text(f"override: {line}"), highlight=False)
     margin = "" if scan.margin is None else f" (margin {scan.margin:.2f} anomaly-index units)"
@@ -181,14 +226,16 @@ def print_filter(result: FilterResult) -> None:
     for row in result.per_class:
         style = "bold red" if row["class"] == result.suspected_target else None
         name = f"{row['class']} {row['name']}" if row.get("name") else str(row["class"])
-        table.add_row(escape(printable(name)), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}",
-                      style=style)
+        table.add_row(
+            escape(printable(name)), str(row["images"]), str(row["flagged"]), f"{row['expected']:.1f}", style=style
+        )
     out.print(table)
     if result.method == "uap":
-        own = result.screen.dominant if result.screen is not None else []
+        own = result.rule.dominant if result.rule is not None else []
         extra = f"; own UAP and margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
-        out.print(f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}",
-                  highlight=False)
+        out.print(
+            f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}", highlight=False
+        )
     if result.skipped:
         out.print(plain_text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
     line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"
@@ -220,14 +267,24 @@ def print_fleet(result) -> None:
         table.add_column(col)
     styles = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow", "error": "bold yellow"}
     for item in result.items:
-        table.add_row(escape(printable(item.name)), item.verdict, ", ".join(map(str, item.targets)),
-                      f"{item.seconds:.1f}", "yes" if item.cached else "", escape(printable(item.report_dir or "")),
-                      style=styles.get(item.verdict))
+        table.add_row(
+            escape(printable(item.name)),
+            item.verdict,
+            ", ".join(map(str, item.targets)),
+            f"{item.seconds:.1f}",
+            "yes" if item.cached else "",
+            escape(printable(item.report_dir or "")),
+            style=styles.get(item.verdict),
+        )
     out.print(table)
     for item in result.items:
         if item.error:
             out.print(plain_text(f"{item.name}: {item.error}"), highlight=False)
     s = result.summary()["summary"]
-    out.print(plain_text(f"{s['backdoor']} suspect, {s['clean']} clean, {s['inconclusive']} inconclusive, {s['error']} "
-                   f"not scanned; {s['cached']} from the cache; {s['seconds']:.1f} s; exit {s['exit_code']}"),
-              highlight=False)
+    out.print(
+        plain_text(
+            f"{s['backdoor']} suspect, {s['clean']} clean, {s['inconclusive']} inconclusive, {s['error']} "
+            f"not scanned; {s['cached']} from the cache; {s['seconds']:.1f} s; exit {s['exit_code']}"
+        ),
+        highlight=False,
+    )

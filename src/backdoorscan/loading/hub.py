@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 from .labels import clean_label
 
 JSON_LIMIT = 4 << 20  # bytes: a config larger than this is not a config
@@ -55,11 +55,19 @@ class HubFolder:
 
     def to_dict(self) -> dict[str, Any]:
         """What was read from the folder, for the report's `model.read_from_folder`."""
-        return {"kind": self.kind, "architecture": self.architecture, "num_classes": self.num_classes,
-                "channels": self.channels, "input_size": list(self.input_size) if self.input_size else None,
-                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "resample": self.resample, "labels": len(self.labels) if self.labels else 0,
-                "preprocessing_from": self.preprocessing_from, "weights": [w.name for w in self.weights]}
+        return {
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "input_size": list(self.input_size) if self.input_size else None,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "resample": self.resample,
+            "labels": len(self.labels) if self.labels else 0,
+            "preprocessing_from": self.preprocessing_from,
+            "weights": [w.name for w in self.weights],
+        }
 
 
 def is_hub_folder(path: Path) -> bool:
@@ -93,8 +101,11 @@ def read_hub_folder(path: Path) -> HubFolder:
         return _read_transformers(path, config)
     if isinstance(config.get("architecture"), str):
         return _read_timm(path, config)
-    raise ScanError("config.json is neither a transformers config (model_type) nor a timm config (architecture)",
-                    path=path, hint="a folder as CHECKPOINT must be a Hugging Face or timm model repository")
+    raise ScanError(
+        "config.json is neither a transformers config (model_type) nor a timm config (architecture)",
+        path=path,
+        hint="a folder as CHECKPOINT must be a Hugging Face or timm model repository",
+    )
 
 
 def _weights(path: Path) -> list[Path]:
@@ -109,15 +120,20 @@ def _weights(path: Path) -> list[Path]:
         shards = sorted({str(v) for v in weight_map.values()})
         for name in shards:
             if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
-                raise ScanError(f"refused: the shard index names {clean_label(name)!r}, not a .safetensors file "
-                                "in the folder", path=index)
+                raise ScanError(
+                    f"refused: the shard index names {clean_label(name)!r}, not a .safetensors file in the folder",
+                    path=index,
+                )
             if not (path / name).is_file():
                 raise ScanError(f"shard {name} is missing", path=path, hint="download the whole repository")
         return [path / name for name in shards]
     if (path / "pytorch_model.bin").is_file():
         return [path / "pytorch_model.bin"]  # read weights-only; a pickle that needs more is refused
-    raise ScanError("the folder has no weights (model.safetensors, its shards or pytorch_model.bin)", path=path,
-                    hint="download the weights with the configuration")
+    raise ScanError(
+        "the folder has no weights (model.safetensors, its shards or pytorch_model.bin)",
+        path=path,
+        hint="download the weights with the configuration",
+    )
 
 
 def _labels_from(id2label: Any, k: int) -> list[str] | None:
@@ -155,9 +171,12 @@ def _side(value: Any, where: Path) -> int:
 
 def _read_transformers(path: Path, config: dict[str, Any]) -> HubFolder:
     if "auto_map" in config or any(path.glob("*.py")):
-        raise ScanError("refused: this model needs trust_remote_code (its repository ships Python code that "
-                        "would run); backdoorscan never runs repository code", path=path,
-                        hint="scan an export of it (torch.export .pt2 or ONNX) made where the code is trusted")
+        raise ScanError(
+            "refused: this model needs trust_remote_code (its repository ships Python code that "
+            "would run); backdoorscan never runs repository code",
+            path=path,
+            hint="scan an export of it (torch.export .pt2 or ONNX) made where the code is trusted",
+        )
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise ScanError("model_type is not a string", path=path / "config.json")
@@ -170,8 +189,16 @@ def _read_transformers(path: Path, config: dict[str, Any]) -> HubFolder:
         raise ScanError(f"num_channels {clean_label(channels, 20)} is not 1 or 3", path=path / "config.json")
     archs = config.get("architectures")
     arch = clean_label(archs[0]) if isinstance(archs, list) and archs else model_type
-    folder = HubFolder(kind="transformers", path=path, architecture=arch, num_classes=k, channels=channels,
-                       config=config, weights=_weights(path), labels=_labels_from(labels_map, k))
+    folder = HubFolder(
+        kind="transformers",
+        path=path,
+        architecture=arch,
+        num_classes=k,
+        channels=channels,
+        config=config,
+        weights=_weights(path),
+        labels=_labels_from(labels_map, k),
+    )
     _transformers_preprocessing(folder)
     return folder
 
@@ -184,8 +211,10 @@ def _transformers_preprocessing(folder: HubFolder) -> None:
     """
     where = folder.path / "preprocessor_config.json"
     if not where.is_file():
-        folder.missing = ("the folder has no preprocessor_config.json, so its input size, mean and std are unknown; "
-                          "scanning with a guess would skew every trigger norm")
+        folder.missing = (
+            "the folder has no preprocessor_config.json, so its input size, mean and std are unknown; "
+            "scanning with a guess would skew every trigger norm"
+        )
         return
     pre = read_json(where)
     c = folder.channels
@@ -240,8 +269,16 @@ def _read_timm(path: Path, config: dict[str, Any]) -> HubFolder:
         raise ScanError(f"in_chans {clean_label(channels, 20)} is not 1 or 3", path=where)
     names = config.get("label_names")
     labels = [clean_label(v) for v in names] if isinstance(names, list) and len(names) == k else None
-    folder = HubFolder(kind="timm", path=path, architecture=clean_label(config["architecture"]), num_classes=k,
-                       channels=channels, config=config, weights=_weights(path), labels=labels)
+    folder = HubFolder(
+        kind="timm",
+        path=path,
+        architecture=clean_label(config["architecture"]),
+        num_classes=k,
+        channels=channels,
+        config=config,
+        weights=_weights(path),
+        labels=labels,
+    )
     if not isinstance(cfg, dict):
         folder.missing = "config.json has no pretrained_cfg, so the input size, mean and std are unknown"
         return folder
@@ -265,8 +302,10 @@ def _need(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError as exc:
-        raise ScanError(f"reading this folder needs {module}, which is not installed",
-                        hint=f"pip install 'backdoorscan[{EXTRA}]' (or pip install {module})") from exc
+        raise ScanError(
+            f"reading this folder needs {module}, which is not installed",
+            hint=f"pip install 'backdoorscan[{EXTRA}]' (or pip install {module})",
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -331,24 +370,38 @@ def _build_transformers(folder: HubFolder) -> nn.Module:
 
     model_type = folder.config["model_type"]
     if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        raise ScanError(f"model_type {clean_label(model_type, 40)!r} is not an image classifier transformers "
-                        "knows", path=folder.path / "config.json")
+        raise ScanError(
+            f"model_type {clean_label(model_type, 40)!r} is not an image classifier transformers knows",
+            path=folder.path / "config.json",
+        )
     safetensors = folder.weights[0].suffix == ".safetensors"
     try:  # transformers maps the saved key names onto its modules (they differ between its versions)
         with _quiet_transformers():
             module, info = AutoModelForImageClassification.from_pretrained(
-                str(folder.path), local_files_only=True, trust_remote_code=False, use_safetensors=safetensors,
-                output_loading_info=True)
+                str(folder.path),
+                local_files_only=True,
+                trust_remote_code=False,
+                use_safetensors=safetensors,
+                output_loading_info=True,
+            )
     except Exception as exc:
-        raise ScanError(f"transformers cannot build this model ({type(exc).__name__}: "
-                        f"{clean_label(exc, 140)})", path=folder.path / "config.json") from exc
-    problems = [(what, keys) for what in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                if (keys := list(info.get(what) or ()))]
+        raise ScanError(
+            f"transformers cannot build this model ({type(exc).__name__}: {clean_label(exc, 140)})",
+            path=folder.path / "config.json",
+        ) from exc
+    problems = [
+        (what, keys)
+        for what in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if (keys := list(info.get(what) or ()))
+    ]
     if problems:
         what, keys = problems[0]
         shown = ", ".join(clean_label(k, 60) for k in keys[:3])
-        raise ScanError(f"the weights do not match the configured {folder.architecture}: {len(keys)} "
-                        f"{what.replace('_', ' ')} ({shown})", path=folder.weights[0])
+        raise ScanError(
+            f"the weights do not match the configured {folder.architecture}: {len(keys)} "
+            f"{what.replace('_', ' ')} ({shown})",
+            path=folder.weights[0],
+        )
     return Logits(module)
 
 
@@ -356,20 +409,27 @@ def _build_timm(folder: HubFolder, state: Callable[[], dict[str, torch.Tensor]])
     """A timm architecture from its registry, with the folder's plain model_args and weights."""
     timm = _need("timm")
     if folder.architecture not in timm.list_models():
-        raise ScanError(f"architecture {folder.architecture!r} is not in timm's registry",
-                        path=folder.path / "config.json", hint="upgrade timm if the model is newer than it")
+        raise ScanError(
+            f"architecture {folder.architecture!r} is not in timm's registry",
+            path=folder.path / "config.json",
+            hint="upgrade timm if the model is newer than it",
+        )
     kwargs = {}
     for key, value in (folder.config.get("model_args") or {}).items():
         if _FORBIDDEN_ARG.search(str(key)) or not isinstance(value, (int, float, str, bool)):
-            raise ScanError(f"refused: model_args.{clean_label(key, 40)} is not a plain architecture setting",
-                            path=folder.path / "config.json")
+            raise ScanError(
+                f"refused: model_args.{clean_label(key, 40)} is not a plain architecture setting",
+                path=folder.path / "config.json",
+            )
         kwargs[str(key)] = value
     kwargs["num_classes"] = folder.num_classes
     try:
         module = timm.create_model(folder.architecture, pretrained=False, **kwargs)
     except Exception as exc:
-        raise ScanError(f"timm cannot build {folder.architecture} ({type(exc).__name__}: {clean_label(exc, 140)})",
-                        path=folder.path / "config.json") from exc
+        raise ScanError(
+            f"timm cannot build {folder.architecture} ({type(exc).__name__}: {clean_label(exc, 140)})",
+            path=folder.path / "config.json",
+        ) from exc
     _load_strict(module, state(), folder)
     return module
 
@@ -391,13 +451,16 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: HubF
     if wrong:
         shown = ", ".join(clean_label(k, 60) for k in wrong[:3])
         what = "missing from" if missing else "unexpected in"
-        raise ScanError(f"the weights do not match the configured {folder.architecture}: {len(wrong)} keys {what} "
-                        f"the weights ({shown})", path=folder.weights[0])
+        raise ScanError(
+            f"the weights do not match the configured {folder.architecture}: {len(wrong)} keys {what} "
+            f"the weights ({shown})",
+            path=folder.weights[0],
+        )
 
 
 def folder_digest(folder: HubFolder) -> str:
     """sha256 over the folder's config, preprocessing and weight files (names and contents), in a fixed order."""
-    from ..digest import files_digest
+    from ..core.digest import files_digest
 
     files = [folder.path / "config.json", *folder.weights]
     if (folder.path / "preprocessor_config.json").is_file():

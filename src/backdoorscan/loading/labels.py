@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 
 LABELS_LIMIT = 4 << 20  # bytes
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..device import DEFAULT_DEVICE, resolve_device
-from ..digest import sha256_file
-from ..errors import ScanError
+from ..core.device import DEFAULT_DEVICE, resolve_device
+from ..core.digest import sha256_file
+from ..core.errors import ScanError
 from ..safety.archive import check_archive
 from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
 from ..safety.limits import Limits
@@ -123,13 +123,16 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ScanError("the file holds no state_dict of tensors", path=path,
-                        hint="save it with torch.save(model.state_dict(), PATH)")
+        raise ScanError(
+            "the file holds no state_dict of tensors",
+            path=path,
+            hint="save it with torch.save(model.state_dict(), PATH)",
+        )
     out = {}
     for key, value in obj.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -141,8 +144,9 @@ def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
     natural key order ("9" before "11"). Key order alone is not enough: safetensors stores keys sorted as
     strings, where "11.weight" comes before "9.weight".
     """
-    linear = sorted(((k, v) for k, v in state.items() if k.endswith("weight") and v.ndim == 2),
-                    key=lambda kv: _natural(kv[0]))
+    linear = sorted(
+        ((k, v) for k, v in state.items() if k.endswith("weight") and v.ndim == 2), key=lambda kv: _natural(kv[0])
+    )
     inputs = {int(v.shape[1]) for _, v in linear}
     heads = [v for _, v in linear if int(v.shape[0]) not in inputs] or [v for _, v in linear]
     return int(heads[-1].shape[0]) if heads else None
@@ -159,7 +163,7 @@ def resolve_arch(spec: str, num_classes: int | None, in_chans: int | None = None
     if spec.startswith("timm:"):
         from .hub import timm_arch
 
-        return timm_arch(spec[len("timm:"):], num_classes, in_chans)
+        return timm_arch(spec[len("timm:") :], num_classes, in_chans)
     if ":" in spec:
         target, func_name = spec.rsplit(":", 1)
         if target.endswith(".py"):
@@ -167,6 +171,8 @@ def resolve_arch(spec: str, num_classes: int | None, in_chans: int | None = None
             if not file.is_file():
                 raise ScanError("architecture file not found", path=file, hint="--arch path/to/file.py:function")
             mod_spec = importlib.util.spec_from_file_location(f"_backdoorscan_arch_{file.stem}", file)
+            if mod_spec is None or mod_spec.loader is None:
+                raise ScanError("not a Python file", path=file, hint="--arch path/to/file.py:function")
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)  # the user's own code, which they trust
         else:
@@ -183,31 +189,43 @@ def resolve_arch(spec: str, num_classes: int | None, in_chans: int | None = None
     import torchvision
 
     if spec not in torchvision.models.list_models():
-        raise ScanError(f"unknown architecture {spec!r}",
-                        hint="name a torchvision model (resnet18, vgg16_bn, ...), timm:NAME or "
-                             "path/to/file.py:function")
+        raise ScanError(
+            f"unknown architecture {spec!r}",
+            hint="name a torchvision model (resnet18, vgg16_bn, ...), timm:NAME or path/to/file.py:function",
+        )
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     return torchvision.models.get_model(spec, weights=None, **kwargs)
 
 
-def _load_state_into(state: dict[str, torch.Tensor], arch: str | None, num_classes: int | None,
-                     path: Path) -> nn.Module:
+def _load_state_into(
+    state: dict[str, torch.Tensor], arch: str | None, num_classes: int | None, path: Path
+) -> nn.Module:
     if arch is None:
-        raise ScanError("this file holds only weights, so the architecture must be named", path=path,
-                        hint="add --arch resnet18 (torchvision) or --arch path/to/file.py:function")
+        raise ScanError(
+            "this file holds only weights, so the architecture must be named",
+            path=path,
+            hint="add --arch resnet18 (torchvision) or --arch path/to/file.py:function",
+        )
     inferred = infer_num_classes(state)
     if num_classes is not None and inferred is not None and inferred != num_classes:
-        raise ScanError(f"--num-classes {num_classes} disagrees with the weights, whose head has {inferred} outputs",
-                        path=path, hint=f"use --num-classes {inferred}")
+        raise ScanError(
+            f"--num-classes {num_classes} disagrees with the weights, whose head has {inferred} outputs",
+            path=path,
+            hint=f"use --num-classes {inferred}",
+        )
     convs = [v for _, v in sorted(state.items(), key=lambda kv: _natural(kv[0])) if v.ndim == 4]
-    module = resolve_arch(arch, num_classes if num_classes is not None else inferred,
-                          in_chans=int(convs[0].shape[1]) if convs else None)
+    module = resolve_arch(
+        arch, num_classes if num_classes is not None else inferred, in_chans=int(convs[0].shape[1]) if convs else None
+    )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1:3]
-        raise ScanError(f"the weights do not match --arch {arch}: {' '.join(s.strip() for s in first)[:200]}",
-                        path=path, hint="name the architecture the weights were trained with") from exc
+        raise ScanError(
+            f"the weights do not match --arch {arch}: {' '.join(s.strip() for s in first)[:200]}",
+            path=path,
+            hint="name the architecture the weights were trained with",
+        ) from exc
     return module
 
 
@@ -236,20 +254,27 @@ def guarded_loading(weights_only: bool = True) -> Iterator[None]:
                 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
-def _load_pickle(path: Path, arch: str | None, num_classes: int | None, unsafe: bool,
-                 notes: list[str]) -> tuple[nn.Module, str]:
+def _load_pickle(
+    path: Path, arch: str | None, num_classes: int | None, unsafe: bool, notes: list[str]
+) -> tuple[nn.Module, str]:
     try:
         with guarded_loading():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" not in str(exc):
-            raise ScanError(f"cannot read the file ({str(exc).splitlines()[0][:120]})", path=path,
-                            hint="download it again; it may be truncated") from exc
+            raise ScanError(
+                f"cannot read the file ({str(exc).splitlines()[0][:120]})",
+                path=path,
+                hint="download it again; it may be truncated",
+            ) from exc
         if not unsafe:
             imports = pickle_imports(path)
             shown = ", ".join(imports[:6]) + (", ..." if len(imports) > 6 else "")
-            raise ScanError(f"refused: this is a pickle that would import {shown or 'arbitrary objects'}",
-                            path=path, hint=PICKLE_HINT) from exc
+            raise ScanError(
+                f"refused: this is a pickle that would import {shown or 'arbitrary objects'}",
+                path=path,
+                hint=PICKLE_HINT,
+            ) from exc
         notes.append("loaded a full pickle with --unsafe-allow-pickle")
         with guarded_loading(weights_only=False):
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -281,9 +306,15 @@ def _load_export(path: Path, device: torch.device, notes: list[str]) -> tuple[nn
     return module, shape
 
 
-def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
-               unsafe_allow_pickle: bool = False, device: str | torch.device = DEFAULT_DEVICE,
-               limits: Limits | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    unsafe_allow_pickle: bool = False,
+    device: str | torch.device = DEFAULT_DEVICE,
+    limits: Limits | None = None,
+) -> LoadedModel:
     """Load a checkpoint in any supported format, in inference form, with gradients off for its parameters.
 
     The file is inspected before loading and its graph checked after; a refusal is a ScanError naming the reason.
@@ -297,11 +328,15 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         raise ScanError("model file not found", path=path, hint="check the path")
     if path.stat().st_size == 0:
         raise ScanError("model file is empty", path=path, hint="download it again")
-    fmt, notes, shape = detect_format(path), [], None
+    fmt, shape = detect_format(path), None
+    notes: list[str] = []
     max_bytes = limits.memory_bytes()
     if path.stat().st_size > max_bytes:
-        raise ScanError(f"refused: the file is larger than the memory bound of {max_bytes >> 20} MiB", path=path,
-                        hint="raise --max-memory if the machine has the memory")
+        raise ScanError(
+            f"refused: the file is larger than the memory bound of {max_bytes >> 20} MiB",
+            path=path,
+            hint="raise --max-memory if the machine has the memory",
+        )
     check_archive(path, fmt, max_bytes, limits.max_ratio, allow_pickle=unsafe_allow_pickle)
     try:
         if fmt == "torch.export":
@@ -326,12 +361,17 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     except ScanError:
         raise
     except Exception as exc:
-        raise ScanError(f"cannot load this {fmt} file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]})",
-                        path=path, hint="check that the file is complete and of a supported format") from exc
+        raise ScanError(
+            f"cannot load this {fmt} file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:140]})",
+            path=path,
+            hint="check that the file is complete and of a supported format",
+        ) from exc
     if arch is not None and fmt in ("torch.export", "torchscript", "onnx", "pickle"):
         notes.append(f"--arch {arch} ignored: the file carries its own architecture")
-    return _finish(LoadedModel(module=module, path=path, format=fmt, sha256=sha256_file(path), input_shape=shape,
-                               notes=notes), device)
+    return _finish(
+        LoadedModel(module=module, path=path, format=fmt, sha256=sha256_file(path), input_shape=shape, notes=notes),
+        device,
+    )
 
 
 def _finish(loaded: LoadedModel, device: torch.device) -> LoadedModel:
@@ -353,16 +393,24 @@ def _load_folder(path: Path, arch: str | None, num_classes: int | None, limits: 
     from .hub import build_model, folder_digest, is_hub_folder, read_hub_folder
 
     if not is_hub_folder(path):
-        raise ScanError("a folder as CHECKPOINT must be a Hugging Face or timm model repository (with config.json)",
-                        path=path, hint="or pass the model file itself")
+        raise ScanError(
+            "a folder as CHECKPOINT must be a Hugging Face or timm model repository (with config.json)",
+            path=path,
+            hint="or pass the model file itself",
+        )
     folder = read_hub_folder(path)
     if num_classes is not None and num_classes != folder.num_classes:
-        raise ScanError(f"--num-classes {num_classes} disagrees with the folder, which declares "
-                        f"{folder.num_classes} classes", path=path)
+        raise ScanError(
+            f"--num-classes {num_classes} disagrees with the folder, which declares {folder.num_classes} classes",
+            path=path,
+        )
     max_bytes = limits.memory_bytes()
     if sum(w.stat().st_size for w in folder.weights) > max_bytes:
-        raise ScanError(f"refused: the weights are larger than the memory bound of {max_bytes >> 20} MiB",
-                        path=path, hint="raise --max-memory if the machine has the memory")
+        raise ScanError(
+            f"refused: the weights are larger than the memory bound of {max_bytes >> 20} MiB",
+            path=path,
+            hint="raise --max-memory if the machine has the memory",
+        )
     formats = {}
     for weights in folder.weights:
         formats[weights] = fmt = detect_format(weights)
@@ -372,6 +420,7 @@ def _load_folder(path: Path, arch: str | None, num_classes: int | None, limits: 
 
     def state() -> dict[str, torch.Tensor]:
         return {k: v for w, fmt in formats.items() for k, v in _read_weights(w, fmt).items()}
+
     notes = [f"{folder.kind} {folder.architecture}, {folder.num_classes} classes, read from the folder"]
     if arch is not None:
         notes.append(f"--arch {arch} ignored: the folder names its architecture")
@@ -379,8 +428,15 @@ def _load_folder(path: Path, arch: str | None, num_classes: int | None, limits: 
     with guarded_loading():
         module = build_model(folder, state)
     shape = (None, folder.channels, *folder.input_size) if folder.input_size else None
-    return LoadedModel(module=module, path=path, format=f"{folder.kind} folder", sha256=folder_digest(folder),
-                       input_shape=shape, notes=notes, hub=folder)
+    return LoadedModel(
+        module=module,
+        path=path,
+        format=f"{folder.kind} folder",
+        sha256=folder_digest(folder),
+        input_shape=shape,
+        notes=notes,
+        hub=folder,
+    )
 
 
 def _read_weights(path: Path, fmt: str) -> dict[str, torch.Tensor]:
@@ -396,8 +452,11 @@ def _read_weights(path: Path, fmt: str) -> dict[str, torch.Tensor]:
         with guarded_loading():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ScanError("refused: the weights file is a pickle that needs more than tensors", path=path,
-                        hint="convert it to safetensors where it was made") from exc
+        raise ScanError(
+            "refused: the weights file is a pickle that needs more than tensors",
+            path=path,
+            hint="convert it to safetensors where it was made",
+        ) from exc
     return _unwrap_state_dict(obj, path)
 
 

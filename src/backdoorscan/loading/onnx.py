@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 from ..safety.graph import check_onnx_proto
 from ..safety.names import rename_onnx
 
@@ -102,10 +102,14 @@ def _decompose_gelu(graph, notes: list[str]) -> None:
             return f"{tag}_{name}"
 
         if approx == "tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-            steps = [("Mul", [x, x], "x2"), ("Mul", [f"{tag}_x2", x], "x3"),
-                     ("Mul", [f"{tag}_x3", const("c", 0.044715)], "cx3"), ("Add", [x, f"{tag}_cx3"], "inner"),
-                     ("Mul", [f"{tag}_inner", const("k", float(np.sqrt(2 / np.pi)))], "arg"),
-                     ("Tanh", [f"{tag}_arg"], "t")]
+            steps = [
+                ("Mul", [x, x], "x2"),
+                ("Mul", [f"{tag}_x2", x], "x3"),
+                ("Mul", [f"{tag}_x3", const("c", 0.044715)], "cx3"),
+                ("Add", [x, f"{tag}_cx3"], "inner"),
+                ("Mul", [f"{tag}_inner", const("k", float(np.sqrt(2 / np.pi)))], "arg"),
+                ("Tanh", [f"{tag}_arg"], "t"),
+            ]
         else:  # 0.5 x (1 + erf(x / sqrt(2)))
             steps = [("Div", [x, const("sqrt2", float(np.sqrt(2)))], "arg"), ("Erf", [f"{tag}_arg"], "t")]
         steps += [("Add", [f"{tag}_t", const("one", 1.0)], "onep"), ("Mul", [x, f"{tag}_onep"], "xo")]
@@ -147,6 +151,7 @@ def _tensor_bytes(tensor) -> int:
 
 def _all_tensors(proto):
     """Initializers and tensor attributes of every node, subgraphs included."""
+
     def walk(graph):
         yield from graph.initializer
         for node in graph.node:
@@ -180,11 +185,15 @@ def check_tensor_sizes(proto, path: Path, max_bytes: int) -> None:
         location = info.get("location", "")
         target = (base / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(base):
-            raise ScanError(f"refused: ONNX tensor {name!r} points outside the model's folder "
-                            f"({location[:80]!r})", path=path)
+            raise ScanError(
+                f"refused: ONNX tensor {name!r} points outside the model's folder ({location[:80]!r})", path=path
+            )
         if not target.is_file():
-            raise ScanError(f"ONNX external data file {location[:80]!r} is missing", path=path,
-                            hint="keep the model's data file beside it")
+            raise ScanError(
+                f"ONNX external data file {location[:80]!r} is missing",
+                path=path,
+                hint="keep the model's data file beside it",
+            )
         if "length" not in info:  # onnx would read to the end of the file: bound it to what the shape needs
             entry = tensor.external_data.add()
             entry.key, entry.value = "length", str(need)
@@ -193,12 +202,18 @@ def check_tensor_sizes(proto, path: Path, max_bytes: int) -> None:
         except ValueError as exc:
             raise ScanError(f"refused: ONNX tensor {name!r} has a malformed offset or length", path=path) from exc
         if length != need or offset < 0 or offset + length > target.stat().st_size:
-            raise ScanError(f"refused: ONNX tensor {name!r} declares {length} bytes at offset {offset} of "
-                            f"{location[:60]!r}, but its shape needs {need} and the file holds "
-                            f"{target.stat().st_size}", path=path)
+            raise ScanError(
+                f"refused: ONNX tensor {name!r} declares {length} bytes at offset {offset} of "
+                f"{location[:60]!r}, but its shape needs {need} and the file holds "
+                f"{target.stat().st_size}",
+                path=path,
+            )
     if total > max_bytes:
-        raise ScanError(f"refused: the ONNX tensors need {total >> 20} MiB, more than the memory bound of "
-                        f"{max_bytes >> 20} MiB", path=path, hint="raise --max-memory if the machine has it")
+        raise ScanError(
+            f"refused: the ONNX tensors need {total >> 20} MiB, more than the memory bound of {max_bytes >> 20} MiB",
+            path=path,
+            hint="raise --max-memory if the machine has it",
+        )
 
 
 def load_onnx(path: Path, notes: list[str], max_bytes: int) -> tuple[nn.Module, tuple[int | None, ...] | None]:
@@ -210,25 +225,33 @@ def load_onnx(path: Path, notes: list[str], max_bytes: int) -> tuple[nn.Module, 
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf errors have many types
-        raise ScanError(f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:120]})", path=path,
-                        hint="check that the download is complete") from exc
+        raise ScanError(
+            f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:120]})",
+            path=path,
+            hint="check that the download is complete",
+        ) from exc
     check_onnx_proto(proto, path)
     check_tensor_sizes(proto, path, max_bytes)
     try:
         load_external_data_for_model(proto, str(path.resolve().parent))
         onnx.checker.check_model(proto)
     except Exception as exc:  # protobuf and checker errors have many types
-        raise ScanError(f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:120]})", path=path,
-                        hint="check that the download is complete") from exc
+        raise ScanError(
+            f"not a valid ONNX model ({exc.__class__.__name__}: {str(exc)[:120]})",
+            path=path,
+            hint="check that the download is complete",
+        ) from exc
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset > ONNX2TORCH_MAX_OPSET:
         _decompose_gelu(proto.graph, notes)
         try:
             proto = version_converter.convert_version(proto, ONNX2TORCH_MAX_OPSET)
         except Exception as exc:
-            raise ScanError(f"cannot down-convert ONNX opset {opset} to {ONNX2TORCH_MAX_OPSET} "
-                            f"({str(exc)[:120]})", path=path,
-                            hint="re-export with torch.onnx.export(..., opset_version=17, dynamo=False)") from exc
+            raise ScanError(
+                f"cannot down-convert ONNX opset {opset} to {ONNX2TORCH_MAX_OPSET} ({str(exc)[:120]})",
+                path=path,
+                hint="re-export with torch.onnx.export(..., opset_version=17, dynamo=False)",
+            ) from exc
         notes.append(f"ONNX opset {opset} down-converted to {ONNX2TORCH_MAX_OPSET} for onnx2torch")
     _fix_reshape_allowzero(proto.graph, notes)
     _fix_shared_initializer_identity(proto.graph, notes)
@@ -238,9 +261,15 @@ def load_onnx(path: Path, notes: list[str], max_bytes: int) -> tuple[nn.Module, 
     try:
         module = convert(proto)
     except NotImplementedError as exc:
-        raise ScanError(f"onnx2torch cannot convert this graph: {str(exc)[:160]}", path=path,
-                        hint="export with torch.onnx.export(..., dynamo=False) or save a .pt2 instead") from exc
+        raise ScanError(
+            f"onnx2torch cannot convert this graph: {str(exc)[:160]}",
+            path=path,
+            hint="export with torch.onnx.export(..., dynamo=False) or save a .pt2 instead",
+        ) from exc
     except KeyError as exc:
-        raise ScanError(f"onnx2torch failed on a graph edge {exc}", path=path,
-                        hint="export with torch.onnx.export(..., dynamo=False) or save a .pt2 instead") from exc
+        raise ScanError(
+            f"onnx2torch failed on a graph edge {exc}",
+            path=path,
+            hint="export with torch.onnx.export(..., dynamo=False) or save a .pt2 instead",
+        ) from exc
     return module, input_shape(proto)

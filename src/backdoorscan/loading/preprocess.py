@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 
 PIXEL_LEVELS = 255  # deployed images are 8-bit: every input a model meets in use lies on the k/255 grid
 
@@ -61,7 +61,7 @@ class PixelModel(nn.Module):
             levels = float(self.spec.grid)
             x = x + (torch.round(x * levels) / levels - x).detach()  # straight-through: identity gradient
         if self.normalise:
-            x = (x - self.mean) / self.std
+            x = (x - self.get_buffer("mean")) / self.get_buffer("std")
         return self.model(x)  # one logits tensor; anything else is caught by probe_outputs before a scan
 
 
@@ -72,8 +72,10 @@ def _per_channel(values: Sequence[float] | None, channels: int, name: str) -> tu
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:
-        raise ScanError(f"--{name} has {len(values)} values but the model takes {channels} channels",
-                        hint=f"give one value or {channels}")
+        raise ScanError(
+            f"--{name} has {len(values)} values but the model takes {channels} channels",
+            hint=f"give one value or {channels}",
+        )
     if name == "std" and any(v <= 0 for v in values):
         raise ScanError("--std values must be positive")
     return values
@@ -90,10 +92,16 @@ def first_conv_channels(model: nn.Module) -> int | None:
     return None
 
 
-def make_spec(model: nn.Module, declared: tuple[int | None, ...] | None, *,
-              input_size: tuple[int, int] | None = None, channels: int | None = None,
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              data_size: tuple[int, int] | None = None) -> InputSpec:
+def make_spec(
+    model: nn.Module,
+    declared: tuple[int | None, ...] | None,
+    *,
+    input_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    data_size: tuple[int, int] | None = None,
+) -> InputSpec:
     """Settle channels and size: the user's flags first, then what the file declares, then the data's own size."""
     declared_c = declared[1] if declared is not None and len(declared) == 4 else None
     declared_hw = tuple(declared[2:]) if declared is not None and len(declared) == 4 else None
@@ -107,15 +115,23 @@ def make_spec(model: nn.Module, declared: tuple[int | None, ...] | None, *,
     size = input_size or declared_hw or data_size
     if size is None:
         raise ScanError("cannot tell the model's input size", hint="pass --input-size HxW, e.g. 32x32")
-    model_size = declared_hw if declared_hw is not None and tuple(declared_hw) != tuple(size) else None
-    return InputSpec(channels=c, height=int(size[0]), width=int(size[1]),
-                     mean=_per_channel(mean, c, "mean"), std=_per_channel(std, c, "std"),
-                     model_size=model_size)
+    model_size = None
+    if declared_hw is not None and tuple(declared_hw) != tuple(size):
+        model_size = (int(declared_hw[0] or 0), int(declared_hw[1] or 0))
+    return InputSpec(
+        channels=int(c or 0),
+        height=int(size[0] or 0),
+        width=int(size[1] or 0),
+        mean=_per_channel(mean, c, "mean"),
+        std=_per_channel(std, c, "std"),
+        model_size=model_size,
+    )
 
 
 @torch.no_grad()
-def probe_outputs(model: nn.Module, spec: InputSpec, device: torch.device,
-                  num_classes: int | None = None) -> tuple[int, str | None]:
+def probe_outputs(
+    model: nn.Module, spec: InputSpec, device: torch.device, num_classes: int | None = None
+) -> tuple[int, str | None]:
     """Run a probe batch; returns the number of classes and, when the output is not one logits tensor, why.
 
     Non-finite, non-2-D or one-class outputs and a --num-classes mismatch are errors (exit 2); a tuple, list or
@@ -125,23 +141,29 @@ def probe_outputs(model: nn.Module, spec: InputSpec, device: torch.device,
     try:
         out = model(probe)
     except Exception as exc:
-        raise ScanError(f"the model fails on (2, {spec.channels}, {spec.height}, {spec.width}) inputs: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
-                        hint="check --input-size and --channels") from exc
+        raise ScanError(
+            f"the model fails on (2, {spec.channels}, {spec.height}, {spec.width}) inputs: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
+            hint="check --input-size and --channels",
+        ) from exc
     if not isinstance(out, torch.Tensor):
         members = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else []
         widths = [int(t.shape[-1]) for t in members if isinstance(t, torch.Tensor) and t.ndim == 2]
         kind = type(out).__name__
-        return (widths[-1] if widths else 0), (f"the model returns a {kind} of {len(members)} outputs, not one "
-                                               "logits tensor: which one holds the logits would be a guess")
+        return (widths[-1] if widths else 0), (
+            f"the model returns a {kind} of {len(members)} outputs, not one "
+            "logits tensor: which one holds the logits would be a guess"
+        )
     if out.ndim != 2:
         raise ScanError(f"the model's output has shape {tuple(out.shape)}; a classifier gives (batch, classes)")
     if not torch.isfinite(out).all():
         raise ScanError("the model's output is not finite (NaN or inf)", hint="the weights may be corrupt")
     k = int(out.shape[1])
     if num_classes is not None and num_classes != k:
-        raise ScanError(f"--num-classes {num_classes} disagrees with the model, which outputs {k} classes",
-                        hint=f"use --num-classes {k} or leave it out")
+        raise ScanError(
+            f"--num-classes {num_classes} disagrees with the model, which outputs {k} classes",
+            hint=f"use --num-classes {k} or leave it out",
+        )
     if k < 2:
         raise ScanError("the model outputs fewer than 2 classes")
     return k, None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -84,8 +84,11 @@ class NpzSource:
             with zipfile.ZipFile(path) as zf:
                 names = set(zf.namelist())
                 if "x.npy" not in names:
-                    raise ScanError("the .npz has no array 'x'", path=path,
-                                    hint="store images as x: uint8 (N, H, W, C), labels as y")
+                    raise ScanError(
+                        "the .npz has no array 'x'",
+                        path=path,
+                        hint="store images as x: uint8 (N, H, W, C), labels as y",
+                    )
                 with zf.open("x.npy") as fh:
                     self.shape, _, self.dtype = _read_header(fh)
                 self.y, self.classes = None, None
@@ -128,7 +131,7 @@ class NpzSource:
                 block = np.frombuffer(data, dtype=dtype).reshape(n, *row_shape).copy()
                 idx = np.arange(start, start + n)
                 if wanted is not None:
-                    keep = wanted[start:start + n]
+                    keep = wanted[start : start + n]
                     if not keep.any():
                         continue
                     block, idx = block[keep], idx[keep]
@@ -156,16 +159,22 @@ class FolderSource:
             self.root = path
             self.files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
-            raise ScanError("no images found (PNG, JPEG, BMP, PPM, WebP, TIFF)", path=path,
-                            hint="point to a folder of images, an image file or an .npz")
+            raise ScanError(
+                "no images found (PNG, JPEG, BMP, PPM, WebP, TIFF)",
+                path=path,
+                hint="point to a folder of images, an image file or an .npz",
+            )
         rel = [f.relative_to(self.root) for f in self.files]
         self.classes: list[str] | None = None
         self.y = None
         if path.is_dir() and all(len(r.parts) == 2 for r in rel):
             names = sorted({r.parts[0] for r in rel})
             if len(names) > 1:
-                to_index = ({n: int(n) for n in names} if all(n.isdigit() for n in names)
-                            else {n: i for i, n in enumerate(names)})
+                to_index = (
+                    {n: int(n) for n in names}
+                    if all(n.isdigit() for n in names)
+                    else {n: i for i, n in enumerate(names)}
+                )
                 self.classes = names
                 self.y = np.array([to_index[r.parts[0]] for r in rel], dtype=np.int64)
         self.ids = [r.as_posix() for r in rel]
@@ -186,8 +195,8 @@ class FolderSource:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(self.files[index]) as im:
-                im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+            with Image.open(self.files[index]) as opened:
+                im = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened
                 return np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, -1)
         except (UnidentifiedImageError, OSError, ValueError):
             return None
@@ -208,8 +217,13 @@ def open_source(path: str | Path) -> Source:
     return FolderSource(path)
 
 
-def iter_images(source: Source, shape: tuple[int, int, int], chunk: int = 256,
-                rows: np.ndarray | None = None, skipped: list[str] | None = None) -> Iterator[Batch]:
+def iter_images(
+    source: Source,
+    shape: tuple[int, int, int],
+    chunk: int = 256,
+    rows: np.ndarray | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[Batch]:
     """Stream the source in chunks converted to `shape`; unreadable files are skipped and listed in `skipped`."""
     if isinstance(source, NpzSource):
         for idx, block in source.blocks(chunk, rows):
@@ -217,7 +231,9 @@ def iter_images(source: Source, shape: tuple[int, int, int], chunk: int = 256,
             yield Batch(to_model_format(block, shape), y, [str(i) for i in idx])
         return
     order = range(len(source)) if rows is None else sorted(int(r) for r in rows)
-    images, ids, labels = [], [], []
+    images: list[np.ndarray] = []
+    ids: list[str] = []
+    labels: list[int] = []
 
     def flush() -> Batch:
         x = torch.cat([to_model_format(im[None], shape) for im in images])
@@ -259,8 +275,14 @@ def balanced_rows(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
-def load_samples(data: str | Path | Source, shape: tuple[int, int, int], *, n: int, seed: int,
-                 predict: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SampleSet:
+def load_samples(
+    data: str | Path | Source,
+    shape: tuple[int, int, int],
+    *,
+    n: int,
+    seed: int,
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> SampleSet:
     """A class-balanced draw of n clean samples: by the file's labels or folders, else by `predict(x)` labels.
 
     `data` is a path or a source already opened (`open_source`), so that a scan opens its data once.
@@ -278,7 +300,7 @@ def load_samples(data: str | Path | Source, shape: tuple[int, int, int], *, n: i
         raise ScanError("no readable images", path=path, hint="check that the files are images")
     x = torch.cat([b.x for b in batches])
     ids = [i for b in batches for i in b.ids]
-    y = torch.cat([b.y for b in batches]) if batches[0].y is not None else None
+    y = torch.cat([b.y for b in batches if b.y is not None]) if batches[0].y is not None else None
     if y is None and predict is not None:
         pred = predict(x).cpu().numpy()
         keep = balanced_rows(pred, n, rng)
@@ -287,5 +309,6 @@ def load_samples(data: str | Path | Source, shape: tuple[int, int, int], *, n: i
         x, ids = x[:n], ids[:n]
     size = source.image_size()
     resized = size if size is not None and tuple(size) != tuple(shape[1:]) else None
-    return SampleSet(x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from, class_names=source.classes,
-                     resized_from=resized)
+    return SampleSet(
+        x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from, class_names=source.classes, resized_from=resized
+    )

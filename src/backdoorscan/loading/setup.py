@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..device import DEFAULT_DEVICE, resolve_device
-from ..errors import ScanError
-from ..evidence import Evidence, check_gradients, check_grid, check_predictions
-from ..perturb.uap import predict
+from ..core.device import DEFAULT_DEVICE, resolve_device
+from ..core.errors import ScanError
+from ..perturb.evaluate import predict
 from ..safety.limits import Limits, call_with_timeout
+from .evidence import Evidence, check_gradients, check_grid, check_predictions
 from .labels import clean_label
 from .models import LoadedModel, load_model
 from .preprocess import InputSpec, PixelModel, make_spec, probe_outputs
@@ -47,18 +47,35 @@ class Prepared:
     def model_info(self) -> dict:
         """What was scanned, for reports: path, sha256, format, a description and the number of classes."""
         if self.loaded is None:
-            return {"path": None, "sha256": None, "format": "nn.Module",
-                    "description": type(self.model.model).__name__, "num_classes": self.num_classes}
-        info = {"path": str(self.loaded.path), "sha256": self.loaded.sha256, "format": self.loaded.format,
-                "description": self.loaded.description, "num_classes": self.num_classes}
+            return {
+                "path": None,
+                "sha256": None,
+                "format": "nn.Module",
+                "description": type(self.model.model).__name__,
+                "num_classes": self.num_classes,
+            }
+        info = {
+            "path": str(self.loaded.path),
+            "sha256": self.loaded.sha256,
+            "format": self.loaded.format,
+            "description": self.loaded.description,
+            "num_classes": self.num_classes,
+        }
         if self.loaded.hub is not None:
             info["read_from_folder"] = self.loaded.hub.to_dict()
             info["overrides"] = self.overrides or []
         return info
 
 
-def prepare(source: ModelSource, data: str | Path, *, samples: int, seed: int,
-            device: str | torch.device = DEFAULT_DEVICE, limits: Limits | None = None) -> Prepared:
+def prepare(
+    source: ModelSource,
+    data: str | Path,
+    *,
+    samples: int,
+    seed: int,
+    device: str | torch.device = DEFAULT_DEVICE,
+    limits: Limits | None = None,
+) -> Prepared:
     """Load the model and a class-balanced draw of clean samples on the scan's device, and measure the evidence."""
     limits = limits or Limits()
     dev = resolve_device(device)
@@ -67,17 +84,31 @@ def prepare(source: ModelSource, data: str | Path, *, samples: int, seed: int,
         for param in module.parameters():
             param.requires_grad_(False)
     else:
-        loaded = load_model(source.checkpoint, arch=source.arch, num_classes=source.num_classes,
-                            unsafe_allow_pickle=source.unsafe_allow_pickle, device=dev, limits=limits)
+        loaded = load_model(
+            source.checkpoint,
+            arch=source.arch,
+            num_classes=source.num_classes,
+            unsafe_allow_pickle=source.unsafe_allow_pickle,
+            device=dev,
+            limits=limits,
+        )
         module, declared = loaded.module, loaded.input_shape
     images: Source = open_source(data)
     declared, mean, std, overrides = _folder_preprocessing(loaded, declared, source)
-    spec = make_spec(module, declared, input_size=source.input_size, channels=source.channels, mean=mean,
-                     std=std, data_size=images.image_size())
+    spec = make_spec(
+        module,
+        declared,
+        input_size=source.input_size,
+        channels=source.channels,
+        mean=mean,
+        std=std,
+        data_size=images.image_size(),
+    )
     model = PixelModel(module, spec).to(dev)
     evidence = Evidence()
-    k, problem = call_with_timeout(lambda: probe_outputs(model, spec, dev, source.num_classes),
-                                   limits.forward_timeout, "the model's first forward")
+    k, problem = call_with_timeout(
+        lambda: probe_outputs(model, spec, dev, source.num_classes), limits.forward_timeout, "the model's first forward"
+    )
     evidence.record("single_logits_output", problem is None, problem or "", num_classes=k)
     if problem is not None:
         return Prepared(model, loaded, None, None, dev, k, evidence, overrides=overrides)
@@ -87,12 +118,14 @@ def prepare(source: ModelSource, data: str | Path, *, samples: int, seed: int,
     check_predictions(evidence, pred, sample_set.y, sample_set.labels_from, k)
     check_gradients(evidence, model, sample_set.x, pred)
     check_grid(evidence, model, sample_set.x, seed)
-    return Prepared(model, loaded, sample_set, pred, dev, k, evidence, _labels(source, loaded, sample_set, k),
-                    overrides)
+    return Prepared(
+        model, loaded, sample_set, pred, dev, k, evidence, _labels(source, loaded, sample_set, k), overrides
+    )
 
 
-def _folder_preprocessing(loaded: LoadedModel | None, declared: tuple | None, source: ModelSource
-                          ) -> tuple[tuple | None, tuple | None, tuple | None, list[str]]:
+def _folder_preprocessing(
+    loaded: LoadedModel | None, declared: tuple | None, source: ModelSource
+) -> tuple[tuple | None, tuple | None, tuple | None, list[str]]:
     """A hub folder's size, mean and std unless a flag overrides them (each override noted); a folder whose
     preprocessing could not be read needs all three flags, never a silent default."""
     hub = None if loaded is None else loaded.hub
@@ -101,12 +134,19 @@ def _folder_preprocessing(loaded: LoadedModel | None, declared: tuple | None, so
     given = {"input_size": source.input_size, "mean": source.mean, "std": source.std}
     if hub.missing is not None and None in given.values():
         raise ScanError(hub.missing, path=hub.path, hint="give --input-size, --mean and --std to scan it anyway")
-    overrides = [f"--{name.replace('_', '-')} {_show(value)} overrides the folder's {_show(getattr(hub, name))}"
-                 for name, value in given.items() if value is not None and _differs(value, getattr(hub, name))]
+    overrides = [
+        f"--{name.replace('_', '-')} {_show(value)} overrides the folder's {_show(getattr(hub, name))}"
+        for name, value in given.items()
+        if value is not None and _differs(value, getattr(hub, name))
+    ]
     if source.input_size is not None:
         declared = (None, hub.channels, None, None)  # the user's size is the model's: no resize to the folder's
-    return (declared, source.mean if source.mean is not None else hub.mean,
-            source.std if source.std is not None else hub.std, overrides)
+    return (
+        declared,
+        source.mean if source.mean is not None else hub.mean,
+        source.std if source.std is not None else hub.std,
+        overrides,
+    )
 
 
 def _differs(given: tuple, declared: tuple | None) -> bool:

@@ -45,4 +45,6 @@ class ModelSource:
     @staticmethod
     def of(model: str | Path | nn.Module | ModelSource) -> ModelSource:
         """A `ModelSource` from a path or a module with nothing else given, or the source itself."""
-        return model if isinstance(model, ModelSource) else ModelSource(checkpoint=model)
+        if isinstance(model, ModelSource):
+            return model
+        return ModelSource(checkpoint=model if isinstance(model, nn.Module) else Path(model))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..choices import Norm
+from ..core.choices import Norm
 
 
 def _step(f: torch.Tensor, w: torch.Tensor, p: Norm) -> torch.Tensor:
@@ -48,8 +48,9 @@ def _feasible(w: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
     return w.masked_fill(blocked, 0.0)
 
 
-def _nearest_boundary_step(model: nn.Module, xa: torch.Tensor, orig: torch.Tensor, cands: torch.Tensor,
-                           p: str) -> torch.Tensor:
+def _nearest_boundary_step(
+    model: nn.Module, xa: torch.Tensor, orig: torch.Tensor, cands: torch.Tensor, p: Norm
+) -> torch.Tensor:
     """Untargeted step: towards the candidate class whose linearised boundary is nearest.
 
     All candidates' gradients come from one forward and backward pass over the batch repeated per candidate.
@@ -68,8 +69,16 @@ def _nearest_boundary_step(model: nn.Module, xa: torch.Tensor, orig: torch.Tenso
     return _step(margin[best], grad[best], p)
 
 
-def deepfool(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, *, p: Norm, overshoot: float,
-             max_iter: int, candidates: int = 10) -> torch.Tensor:
+def deepfool(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    p: Norm,
+    overshoot: float,
+    max_iter: int,
+    candidates: int = 10,
+) -> torch.Tensor:
     """Batched DeepFool; see the module docstring for the arguments."""
     x = x.detach()
     r_tot = torch.zeros_like(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..choices import Norm, check_choice
+from ..core.choices import Norm, check_choice
 
 
 def norm_of(v: torch.Tensor, p: Norm) -> torch.Tensor:

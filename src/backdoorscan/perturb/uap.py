@@ -17,43 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..choices import Norm, Solver, check_choice
+from ..core.choices import Norm, Solver, check_choice
 from .deepfool import deepfool
+from .evaluate import fooling_rate, predict, targeted_success
 from .project import project
 
 Progress = Callable[[int, int], None]
 PGD_BATCH = 32  # samples per signed-gradient step of the "pgd" solver
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """Labels of x, in batches, on x's device."""
-    return torch.cat([model(chunk).argmax(1) for chunk in x.split(batch)])
-
-
-@torch.no_grad()
-def success_rates(model: nn.Module, y: torch.Tensor, targets: torch.Tensor,
-                  perturbed: Callable[[slice], torch.Tensor], n: int, batch: int = 2048) -> torch.Tensor:
-    """Per target t: share of the n samples not of class t whose perturbed copy the model sends to t.
-
-    `perturbed(sl)` returns the samples perturbed for the classes targets[sl], shaped (len(sl), n, C, H, W);
-    classes are taken in chunks so that about `batch` images go through the model at once.
-    """
-    rates = torch.zeros(len(targets), device=y.device)
-    per = max(1, batch // max(1, n))
-    for start in range(0, len(targets), per):
-        sl = slice(start, start + per)
-        ts = targets[sl]
-        pred = predict(model, perturbed(sl).flatten(0, 1), batch).view(len(ts), -1)
-        others = y[None] != ts[:, None]
-        rates[sl] = ((pred == ts[:, None]) & others).sum(1) / others.sum(1).clamp_min(1)
-    return rates
-
-
-def targeted_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor,
-                     targets: torch.Tensor) -> torch.Tensor:
-    """Per target t: share of the samples not of class t that f(clip(x + v_t)) sends to t."""
-    return success_rates(model, y, targets, lambda sl: (x[None] + v[sl, None]).clamp(0, 1), x.shape[0])
 
 
 @dataclass
@@ -65,9 +35,22 @@ class TargetedUAPs:
     passes: int
 
 
-def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *, p: Norm,
-                  delta: float, theta: float, max_passes: int, overshoot: float, max_iter: int, stall: float = 0.0,
-                  v0: torch.Tensor | None = None, progress: Progress | None = None) -> TargetedUAPs:
+def targeted_uaps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    p: Norm,
+    delta: float,
+    theta: float,
+    max_passes: int,
+    overshoot: float,
+    max_iter: int,
+    stall: float = 0.0,
+    v0: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> TargetedUAPs:
     """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted).
 
     The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter, stall); `v0` continues
@@ -101,14 +84,6 @@ def targeted_uaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: t
     return TargetedUAPs(v=v, success=success, passes=passes)
 
 
-@torch.no_grad()
-def fooling_rate(model: nn.Module, x: torch.Tensor, v: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-    """Share of samples whose predicted label changes when v is added."""
-    before = predict(model, x) if labels is None else labels
-    after = predict(model, (x + v).clamp(0, 1))
-    return float((before != after).float().mean())
-
-
 @dataclass
 class UntargetedUAP:
     """A single untargeted UAP and its fooling rate on the samples it was computed from."""
@@ -119,9 +94,20 @@ class UntargetedUAP:
     passes: int
 
 
-def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float, p: Norm, target_rate: float,
-                   max_passes: int, overshoot: float, max_iter: int, solver: Solver, batch: int = PGD_BATCH,
-                   progress: Progress | None = None) -> UntargetedUAP:
+def untargeted_uap(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    epsilon: float,
+    p: Norm,
+    target_rate: float,
+    max_passes: int,
+    overshoot: float,
+    max_iter: int,
+    solver: Solver,
+    batch: int = PGD_BATCH,
+    progress: Progress | None = None,
+) -> UntargetedUAP:
     """Xue et al.'s perturbation: one UAP fooling at least `target_rate` of x, with ||v||_p <= epsilon.
 
     solver "deepfool" is the UAP algorithm the paper cites: sample by sample, a DeepFool step (L2, as in the
@@ -156,8 +142,9 @@ def untargeted_uap(model: nn.Module, x: torch.Tensor, *, epsilon: float, p: Norm
     return UntargetedUAP(v=best[0], epsilon=epsilon, fooling_rate=best_rate, passes=passes)
 
 
-def _margin_ascent_pass(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, v: torch.Tensor, epsilon: float,
-                        p: Norm, batch: int) -> torch.Tensor:
+def _margin_ascent_pass(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, v: torch.Tensor, epsilon: float, p: Norm, batch: int
+) -> torch.Tensor:
     """One pass of signed-gradient steps lowering the (clipped) margin of each sample's clean label."""
     for xb, yb in zip(x.split(batch), labels.split(batch), strict=True):
         v = v.detach().requires_grad_(True)

@@ -1,7 +1,24 @@
-"""Reports: JSON (versioned schema), trigger images, a Markdown summary for CI; written atomically."""
+"""Reports: JSON (versioned schema), trigger images, Markdown and SARIF for CI; written atomically.
+
+| module | holds |
+|---|---|
+| `writer.py` | report folders written whole or not at all (`atomic_output_dir`), scan and filter reports |
+| `images.py` | triggers, masks, UAPs and warp fields as PNG grids |
+| `markdown.py` | the Markdown summaries (a step summary, a PR comment) |
+| `sarif.py` | SARIF 2.1.0 for code scanning |
+| `rows.py` | the lines every renderer shows for the families (what was covered, what fired) |
+| `uap_file.py` | the screen's UAP file (`--save-uap` / `--uap`), bound to its model's sha256 |
+"""
 
 from .images import to_image, trigger_grid, visible_perturbation
 from .writer import atomic_output_dir, write_filter_report, write_scan_report, write_text_atomic
 
-__all__ = ["atomic_output_dir", "to_image", "trigger_grid", "visible_perturbation", "write_filter_report",
-           "write_scan_report", "write_text_atomic"]
+__all__ = [
+    "atomic_output_dir",
+    "to_image",
+    "trigger_grid",
+    "visible_perturbation",
+    "write_filter_report",
+    "write_scan_report",
+    "write_text_atomic",
+]

@@ -25,7 +25,9 @@ def to_image(x: torch.Tensor, min_side: int = MIN_SIDE) -> Image.Image:
     arr = (x * 255).round().byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
     factor = max(1, -(-min_side // max(image.size)))
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def trigger_grid(tiles: list[torch.Tensor], labels: list[str], flagged: list[bool], columns: int = 10) -> Image.Image:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from ..escape import md_code, md_text
+from ..core.escape import md_code, md_text
 
-EVIDENCE = {"refined": "the refined triggers' L1", "uap": "the UAP norms (Alg. 1)",
-            "combined": "the mean anomaly index of the UAP norms and the refined triggers' L1"}
+EVIDENCE = {
+    "refined": "the refined triggers' L1",
+    "uap": "the UAP norms (Alg. 1)",
+    "combined": "the mean anomaly index of the UAP norms and the refined triggers' L1",
+}
 
 
 def scan_markdown(scan) -> str:
@@ -13,16 +16,26 @@ def scan_markdown(scan) -> str:
     model = scan.model.get("path") or scan.model.get("description")
     names = {c.cls: c.name for c in scan.classes}
     targets = ", ".join(f"{t} ({md_text(names[t])})" if names.get(t) else str(t) for t in scan.target_classes)
-    head = ("**Backdoor suspected**, target class(es) " + targets
-            if scan.verdict == "backdoor" else "**No backdoor found**" if scan.verdict == "clean"
-            else "**Inconclusive**: the scan could not measure this model.\n\n"
-            + "\n".join(f"- {md_text(reason)}" for reason in scan.reasons))
-    lines = [f"### backdoorscan: {md_code(model, in_table=False)}", "", head, "",
-             f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
-             f"{scan.timings.get('total', 0):.1f} s"
-             + ("." if scan.margin is None else f"; the verdict is {scan.margin:.2f} anomaly-index units from "
-                "flipping."), "",
-             f"Decided on {EVIDENCE[scan.settings.decided_on]}.", ""]
+    head = (
+        "**Backdoor suspected**, target class(es) " + targets
+        if scan.verdict == "backdoor"
+        else "**No backdoor found**"
+        if scan.verdict == "clean"
+        else "**Inconclusive**: the scan could not measure this model.\n\n"
+        + "\n".join(f"- {md_text(reason)}" for reason in scan.reasons)
+    )
+    lines = [
+        f"### backdoorscan: {md_code(model, in_table=False)}",
+        "",
+        head,
+        "",
+        f"Method {scan.settings.method.upper()}, {scan.data['samples']} clean samples, device {scan.device}, "
+        f"{scan.timings.get('total', 0):.1f} s"
+        + ("." if scan.margin is None else f"; the verdict is {scan.margin:.2f} anomaly-index units from flipping."),
+        "",
+        f"Decided on {EVIDENCE[scan.settings.decided_on]}.",
+        "",
+    ]
     if scan.verdict != "inconclusive":
         from .rows import covered_line, finding_lines
 
@@ -35,24 +48,44 @@ def scan_markdown(scan) -> str:
     if scan.threshold_note:
         lines += [scan.threshold_note[0].upper() + scan.threshold_note[1:] + ".", ""]
     extra = ("refined as", "stage-1 rank") if staged else ()
-    header = ("class", *extra, "UAP success", "UAP norm", "L1 of reversed trigger", "size / median",
-              "anomaly index", "ASR", "flagged")
+    header = (
+        "class",
+        *extra,
+        "UAP success",
+        "UAP norm",
+        "L1 of reversed trigger",
+        "size / median",
+        "anomaly index",
+        "ASR",
+        "flagged",
+    )
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + ":---:|"]
     for c in scan.classes:
         success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
         name = f"{c.cls} ({md_text(c.name)})" if c.name else str(c.cls)
-        cells = [name, *((c.role, str(c.stage1_rank)) if staged else ()), success, f"{c.uap_norm:.2f}",
-                 f"{c.l1_norm:.2f}", f"{c.size_ratio:.2f}", f"{c.anomaly_index:.2f}", f"{c.asr:.2f}",
-                 f"**{c.flag_word}**" if c.target else c.flag_word]
+        cells = [
+            name,
+            *((c.role, str(c.stage1_rank)) if staged else ()),
+            success,
+            f"{c.uap_norm:.2f}",
+            f"{c.l1_norm:.2f}",
+            f"{c.size_ratio:.2f}",
+            f"{c.anomaly_index:.2f}",
+            f"{c.asr:.2f}",
+            f"**{c.flag_word}**" if c.target else c.flag_word,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def filter_markdown(result) -> str:
     """Counts and the per-class summary of a dataset screening."""
-    lines = [f"### backdoorscan filter: {md_code(result.input, in_table=False)}", "",
-             f"{result.flagged} of {result.total} images flagged as trigger-carrying "
-             f"({_how(result)}).", ""]
+    lines = [
+        f"### backdoorscan filter: {md_code(result.input, in_table=False)}",
+        "",
+        f"{result.flagged} of {result.total} images flagged as trigger-carrying ({_how(result)}).",
+        "",
+    ]
     if result.suspected_target is not None:
         lines += [f"Flags concentrate on class {result.suspected_target}: a backdoor target is likely.", ""]
     lines += ["| predicted class | images | flagged | expected without a trigger |", "|---:|---:|---:|---:|"]
@@ -65,7 +98,7 @@ def filter_markdown(result) -> str:
 def _how(result) -> str:
     if result.method == "strip":
         return f"STRIP, entropy threshold {result.threshold:.4f}"
-    own = result.screen.dominant if result.screen is not None else []
+    own = result.rule.dominant if result.rule is not None else []
     extra = f"; own UAP and margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
     return f"UAP L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}"
 
@@ -73,9 +106,11 @@ def _how(result) -> str:
 def fleet_markdown(result) -> str:
     """The whole fleet in one Markdown table (a CI job summary)."""
     s = result.summary()["summary"]
-    head = (f"### backdoorscan: {s['models']} models\n\n**{s['backdoor']} suspect**, {s['clean']} clean, "
-            f"{s['inconclusive']} inconclusive, {s['error']} not scanned ({s['cached']} from the cache); "
-            f"exit code {s['exit_code']}.\n")
+    head = (
+        f"### backdoorscan: {s['models']} models\n\n**{s['backdoor']} suspect**, {s['clean']} clean, "
+        f"{s['inconclusive']} inconclusive, {s['error']} not scanned ({s['cached']} from the cache); "
+        f"exit code {s['exit_code']}.\n"
+    )
     lines = [head, "| model | verdict | target classes | seconds | cached | report |", "|---|---|---|---:|:---:|---|"]
     for item in result.items:
         names = {c["class"]: c.get("name") for c in (item.report or {}).get("classes", [])}
@@ -83,6 +118,8 @@ def fleet_markdown(result) -> str:
         verdict = f"**{item.verdict}**" if item.verdict == "backdoor" else item.verdict
         if item.error:
             verdict += f": {md_text(item.error)}"
-        lines.append(f"| {md_code(item.path)} | {verdict} | {targets} | {item.seconds:.1f} | "
-                     f"{'yes' if item.cached else ''} | {md_code(item.report_dir) if item.report_dir else ''} |")
+        lines.append(
+            f"| {md_code(item.path)} | {verdict} | {targets} | {item.seconds:.1f} | "
+            f"{'yes' if item.cached else ''} | {md_code(item.report_dir) if item.report_dir else ''} |"
+        )
     return "\n".join(lines) + "\n"

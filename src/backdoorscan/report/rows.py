@@ -3,8 +3,11 @@ covers."""
 
 from __future__ import annotations
 
-FAMILY_NAMES = {"universal": "universal triggers (USB)", "pairs": "source-specific and all-to-all pairs",
-                "warp": "warps (WaNet)"}
+FAMILY_NAMES = {
+    "universal": "universal triggers (USB)",
+    "pairs": "source-specific and all-to-all pairs",
+    "warp": "warps (WaNet)",
+}
 
 
 def covered_line(scan) -> str:
@@ -24,9 +27,12 @@ def finding_lines(scan) -> list[str]:
         lines.append(f"all-to-all mapping: {pairs} (pair patches an outlier small against all pairs)")
     for f in fam.findings:
         if f.family == "source-specific":
-            lines.append(f"source-specific: class {f.source} -> {f.target} (patch L1 {f.size:.1f} px, index "
-                         f"{f.index:.2f} > {f.threshold:.2f})")
+            lines.append(
+                f"source-specific: class {f.source} -> {f.target} (patch L1 {f.size:.1f} px, index "
+                f"{f.index:.2f} > {f.threshold:.2f})"
+            )
         elif f.family == "warp":
-            lines.append(f"warp: target {f.target} (mean displacement {f.size:.2f} px, index {f.index:.2f} > "
-                         f"{f.threshold:.2f})")
+            lines.append(
+                f"warp: target {f.target} (mean displacement {f.size:.2f} px, index {f.index:.2f} > {f.threshold:.2f})"
+            )
     return lines

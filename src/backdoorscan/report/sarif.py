@@ -13,24 +13,37 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import ExitCode
+from ..core.errors import ExitCode
 
 VERDICTS = (ExitCode.CLEAN, ExitCode.BACKDOOR)  # the scan ran and decided
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 RULES = [
-    {"id": "BDS001", "name": "BackdoorSuspected",
-     "shortDescription": {"text": "The model carries a backdoor (trojan): a class is reached by an outlier-small "
-                                  "trigger."},
-     "fullDescription": {"text": "USB (Universal Soldier for Backdoor detection) reversed a trigger for the named "
-                                 "target class(es) far smaller than for the other classes; inputs stamped with it "
-                                 "are sent to the target."},
-     "help": {"text": "Open the report folder named in the result's properties: report.md, the reversed "
-                      "triggers (triggers.png) and the per-class figures. Do not deploy the model."},
-     "defaultConfiguration": {"level": "error"}, "properties": {"tags": ["security", "ml", "backdoor"]}},
-    {"id": "BDS002", "name": "NotScanned",
-     "shortDescription": {"text": "The model could not be scanned or measured, so it is not known to be clean."},
-     "defaultConfiguration": {"level": "warning"}, "properties": {"tags": ["security", "ml"]}},
+    {
+        "id": "BDS001",
+        "name": "BackdoorSuspected",
+        "shortDescription": {
+            "text": "The model carries a backdoor (trojan): a class is reached by an outlier-small trigger."
+        },
+        "fullDescription": {
+            "text": "USB (Universal Soldier for Backdoor detection) reversed a trigger for the named "
+            "target class(es) far smaller than for the other classes; inputs stamped with it "
+            "are sent to the target."
+        },
+        "help": {
+            "text": "Open the report folder named in the result's properties: report.md, the reversed "
+            "triggers (triggers.png) and the per-class figures. Do not deploy the model."
+        },
+        "defaultConfiguration": {"level": "error"},
+        "properties": {"tags": ["security", "ml", "backdoor"]},
+    },
+    {
+        "id": "BDS002",
+        "name": "NotScanned",
+        "shortDescription": {"text": "The model could not be scanned or measured, so it is not known to be clean."},
+        "defaultConfiguration": {"level": "warning"},
+        "properties": {"tags": ["security", "ml"]},
+    },
 ]
 
 
@@ -50,26 +63,54 @@ def fleet_sarif(result) -> dict[str, Any]:
             names = {c["class"]: c.get("name") for c in report.get("classes", [])}
             index = {c["class"]: c.get("anomaly_index") for c in report.get("classes", [])}
             targets = ", ".join(f"{t} ({names[t]})" if names.get(t) else str(t) for t in item.targets)
-            results.append({
-                "ruleId": "BDS001", "ruleIndex": 0, "level": "error",
-                "message": {"text": f"Backdoor suspected in {Path(item.path).name}: target class(es) {targets}."},
-                "locations": location,
-                "partialFingerprints": {"modelSha256": str(report.get("model", {}).get("sha256") or "")},
-                "properties": {"targetClasses": item.targets,
-                               "anomalyIndex": {str(t): index.get(t) for t in item.targets},
-                               "margin": report.get("margin"), "report": item.report_dir, "cached": item.cached}})
+            results.append(
+                {
+                    "ruleId": "BDS001",
+                    "ruleIndex": 0,
+                    "level": "error",
+                    "message": {"text": f"Backdoor suspected in {Path(item.path).name}: target class(es) {targets}."},
+                    "locations": location,
+                    "partialFingerprints": {"modelSha256": str(report.get("model", {}).get("sha256") or "")},
+                    "properties": {
+                        "targetClasses": item.targets,
+                        "anomalyIndex": {str(t): index.get(t) for t in item.targets},
+                        "margin": report.get("margin"),
+                        "report": item.report_dir,
+                        "cached": item.cached,
+                    },
+                }
+            )
         elif item.verdict in ("inconclusive", "error"):
             why = item.error or "; ".join(item.report.get("reasons", []) if item.report else []) or item.verdict
-            results.append({"ruleId": "BDS002", "ruleIndex": 1, "level": "warning",
-                            "message": {"text": f"{Path(item.path).name} was not scanned to a verdict: {why}"},
-                            "locations": location, "properties": {"exitCode": item.exit_code,
-                                                                  "report": item.report_dir}})
-    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [{
-        "tool": {"driver": {"name": "backdoorscan", "version": __version__, "semanticVersion": __version__,
-                            "rules": RULES}},
-        "invocations": [{"executionSuccessful": result.exit_code in VERDICTS, "exitCode": result.exit_code}],
-        "results": results,
-        "properties": {"models": len(result.items), "cached": sum(i.cached for i in result.items)}}]}
+            results.append(
+                {
+                    "ruleId": "BDS002",
+                    "ruleIndex": 1,
+                    "level": "warning",
+                    "message": {"text": f"{Path(item.path).name} was not scanned to a verdict: {why}"},
+                    "locations": location,
+                    "properties": {"exitCode": item.exit_code, "report": item.report_dir},
+                }
+            )
+    return {
+        "$schema": SCHEMA,
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "backdoorscan",
+                        "version": __version__,
+                        "semanticVersion": __version__,
+                        "rules": RULES,
+                    }
+                },
+                "invocations": [{"executionSuccessful": result.exit_code in VERDICTS, "exitCode": result.exit_code}],
+                "results": results,
+                "properties": {"models": len(result.items), "cached": sum(i.cached for i in result.items)},
+            }
+        ],
+    }
 
 
 def write_sarif(result, path: Path) -> None:

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 from ..loading.labels import file_slug
 from ..safety.paths import ensure_outside
 from .images import to_image, trigger_grid, visible_perturbation
@@ -58,8 +58,11 @@ def atomic_output_dir(out: Path, last: str) -> Iterator[Path]:
 def read_tree(folder: Path) -> dict[str, bytes]:
     """A folder's regular files (relative name -> bytes): no symlinks, nothing hidden (staging leftovers)."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.is_symlink() and not p.relative_to(folder).as_posix().startswith(".")}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink() and not p.relative_to(folder).as_posix().startswith(".")
+    }
 
 
 def write_tree(folder: Path, files: dict[str, bytes]) -> None:
@@ -83,7 +86,7 @@ def write_scan_report(scan, out: Path) -> Path:
             tiles.append(vis)
             labels.append(f"{c.cls} L1={c.l1_norm:.1f}")
         families = getattr(scan, "families", None)
-        for stem, image in (families.images.items() if families is not None else ()):  # warps, found pairs
+        for stem, image in families.images.items() if families is not None else ():  # warps, found pairs
             to_image(image).save(stage / f"{stem}.png")
         if tiles:  # an inconclusive scan that stopped before its search has no triggers
             trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
@@ -99,8 +102,8 @@ def write_filter_report(result, out: Path) -> Path:
     """
     import csv
 
-    from ..screen import UapFile, save_uap
     from .markdown import filter_markdown
+    from .uap_file import UapFile, save_uap
 
     ensure_outside(out, result.input)
     with atomic_output_dir(out, "manifest.json") as stage:
@@ -108,16 +111,31 @@ def write_filter_report(result, out: Path) -> Path:
             writer = csv.writer(fh)
             writer.writerow(["id", "label", "prediction", "prediction_perturbed", "score", "flagged"])
             for i in result.items:
-                writer.writerow([i.id, "" if i.label is None else i.label, i.prediction,
-                                 "" if i.prediction_perturbed is None else i.prediction_perturbed,
-                                 "" if i.score is None else f"{i.score:.6f}", int(i.flagged)])
+                writer.writerow(
+                    [
+                        i.id,
+                        "" if i.label is None else i.label,
+                        i.prediction,
+                        "" if i.prediction_perturbed is None else i.prediction_perturbed,
+                        "" if i.score is None else f"{i.score:.6f}",
+                        int(i.flagged),
+                    ]
+                )
         (stage / "summary.md").write_text(filter_markdown(result))
-        if result.screen is not None:
-            v = result.screen.v
+        if result.rule is not None:
+            v = result.rule.v
             to_image(0.5 + 0.5 * v / max(float(v.abs().max()), 1e-8)).save(stage / "uap.png")
-            save_uap(stage / "uap.safetensors", UapFile(screen=result.screen, epsilon=result.epsilon,
-                                                         fooling_rate=result.fooling_rate,
-                                                         model_sha256=result.model.get("sha256"),
-                                                         survival=result.survival))
+            save_uap(
+                stage / "uap.safetensors",
+                UapFile(
+                    v=result.rule.v,
+                    thresholds=result.rule.thresholds,
+                    class_v=result.rule.class_v,
+                    epsilon=result.epsilon,
+                    fooling_rate=result.fooling_rate,
+                    model_sha256=result.model.get("sha256"),
+                    survival=result.survival,
+                ),
+            )
         (stage / "manifest.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return out / "manifest.json"

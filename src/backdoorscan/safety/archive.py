@@ -20,31 +20,114 @@ import re
 import zipfile
 from pathlib import Path
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 from .pickles import PickleFormatError, disallowed_globals
 
 MIB = 1 << 20
-NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd", ".o", ".a", ".cubin", ".ptx", ".fatbin", ".hsaco", ".cpp",
-                   ".c", ".h", ".hpp", ".cu", ".spv", ".exe")
+NATIVE_SUFFIXES = (
+    ".so",
+    ".dll",
+    ".dylib",
+    ".pyd",
+    ".o",
+    ".a",
+    ".cubin",
+    ".ptx",
+    ".fatbin",
+    ".hsaco",
+    ".cpp",
+    ".c",
+    ".h",
+    ".hpp",
+    ".cu",
+    ".spv",
+    ".exe",
+)
 ZIP_MAGIC = b"PK\x03\x04"
 # What a symbolic-shape expression may contain: symbols (s0, u1, Symbol('s0', integer=True)), numbers, operators
 # and torch's sympy functions; no attribute access, no quotes beyond a symbol's name, no other names.
-_EXPR_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
-                         r"|(?P<str>'[A-Za-z0-9_]{1,32}')|(?P<op>\*\*|//|<=|>=|==|!=|[-+*/%(),<>&|~=]))")
-_EXPR_FUNCTIONS = frozenset({
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
-    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "OpaqueUnaryFn_sqrt",
-    "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "BitwiseFn_bitwise_xor", "Max", "Min", "Abs", "Eq", "Ne", "Lt",
-    "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "oo", "zoo", "nan", "Integer", "Float", "Rational", "Pow",
-    "Mul", "Add", "floor", "ceiling", "sqrt", "Piecewise", "ITE", "Identity", "Symbol", "positive", "negative",
-    "nonnegative", "nonpositive", "integer", "real", "finite", "zero", "rational", "even", "odd", "commutative"})
+_EXPR_TOKEN = re.compile(
+    r"\s*(?:(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<str>'[A-Za-z0-9_]{1,32}')|(?P<op>\*\*|//|<=|>=|==|!=|[-+*/%(),<>&|~=]))"
+)
+_EXPR_FUNCTIONS = frozenset(
+    {
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "Mod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "OpaqueUnaryFn_sqrt",
+        "BitwiseFn_bitwise_and",
+        "BitwiseFn_bitwise_or",
+        "BitwiseFn_bitwise_xor",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "True",
+        "False",
+        "oo",
+        "zoo",
+        "nan",
+        "Integer",
+        "Float",
+        "Rational",
+        "Pow",
+        "Mul",
+        "Add",
+        "floor",
+        "ceiling",
+        "sqrt",
+        "Piecewise",
+        "ITE",
+        "Identity",
+        "Symbol",
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "integer",
+        "real",
+        "finite",
+        "zero",
+        "rational",
+        "even",
+        "odd",
+        "commutative",
+    }
+)
 _SYMBOL = re.compile(r"^[a-z]{1,8}\d+$")
 
 
 def _refuse(path: Path, reason: str) -> ScanError:
-    return ScanError(f"refused: {reason}", path=path,
-                     hint="the file is refused before any loader reads it; see docs/security.md")
+    return ScanError(
+        f"refused: {reason}", path=path, hint="the file is refused before any loader reads it; see docs/security.md"
+    )
 
 
 def check_member_name(name: str) -> str | None:
@@ -61,14 +144,16 @@ def check_member_name(name: str) -> str | None:
     return None
 
 
-def open_checked(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: float,
-                 where: str = "") -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+def open_checked(
+    path: Path, data: bytes | None, *, max_bytes: int, max_ratio: float, where: str = ""
+) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
     """Open a zip (from a path or bytes) and check names, sizes and ratios of every member."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data) if data is not None else path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ScanError(f"damaged zip archive{where} ({str(exc)[:80]})", path=path,
-                        hint="download the file again") from exc
+        raise ScanError(
+            f"damaged zip archive{where} ({str(exc)[:80]})", path=path, hint="download the file again"
+        ) from exc
     infos = zf.infolist()
     seen: set[str] = set()  # case-folded: torch's zip reader (miniz) looks records up case-insensitively
     total = 0
@@ -80,8 +165,10 @@ def open_checked(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: f
             raise _refuse(path, f"archive member {label}{where} has {reason}")
         if info.filename.casefold() in seen:
             zf.close()
-            raise _refuse(path, f"archive member {label}{where} appears twice (names compared without case, as "
-                                "torch's reader does)")
+            raise _refuse(
+                path,
+                f"archive member {label}{where} appears twice (names compared without case, as torch's reader does)",
+            )
         seen.add(info.filename.casefold())
         if info.flag_bits & 0x1:
             zf.close()
@@ -90,13 +177,19 @@ def open_checked(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: f
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > MIB and ratio > max_ratio:
             zf.close()
-            raise _refuse(path, f"archive member {label}{where} inflates {ratio:.0f}x "
-                                f"({info.file_size / MIB:.0f} MiB from {info.compress_size / MIB:.1f} MiB), "
-                                f"above the bound of {max_ratio:g}x (a zip bomb)")
+            raise _refuse(
+                path,
+                f"archive member {label}{where} inflates {ratio:.0f}x "
+                f"({info.file_size / MIB:.0f} MiB from {info.compress_size / MIB:.1f} MiB), "
+                f"above the bound of {max_ratio:g}x (a zip bomb)",
+            )
     if total > max_bytes:
         zf.close()
-        raise _refuse(path, f"the archive{where} declares {total / MIB:.0f} MiB, more than the memory bound "
-                            f"of {max_bytes / MIB:.0f} MiB (--max-memory)")
+        raise _refuse(
+            path,
+            f"the archive{where} declares {total / MIB:.0f} MiB, more than the memory bound "
+            f"of {max_bytes / MIB:.0f} MiB (--max-memory)",
+        )
     return zf, infos
 
 
@@ -107,13 +200,17 @@ def _check_pickle(path: Path, data: bytes, member: str, *, torchscript: bool = F
         raise _refuse(path, f"pickle {member!r} is malformed ({exc})") from exc
     if bad:
         shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
-        raise ScanError(f"refused: pickle {member!r} would import {shown}", path=path,
-                        hint="only tensors and plain containers are loaded; a pickle that imports other objects "
-                        "can run any code (--unsafe-allow-pickle loads whole-module pickles you trust)")
+        raise ScanError(
+            f"refused: pickle {member!r} would import {shown}",
+            path=path,
+            hint="only tensors and plain containers are loaded; a pickle that imports other objects "
+            "can run any code (--unsafe-allow-pickle loads whole-module pickles you trust)",
+        )
 
 
-def check_torch_save(path: Path, data: bytes | None, *, max_bytes: int, max_ratio: float, parent: str = "",
-                     pickles: bool = True) -> None:
+def check_torch_save(
+    path: Path, data: bytes | None, *, max_bytes: int, max_ratio: float, parent: str = "", pickles: bool = True
+) -> None:
     """A `torch.save` archive, or one nested in member `parent`: every `.pkl` member within the allowlist."""
     where = f" in {parent}" if parent else ""
     zf, infos = open_checked(path, data, max_bytes=max_bytes, max_ratio=max_ratio, where=where)
@@ -137,7 +234,7 @@ def check_raw_pickle(path: Path, data: bytes) -> None:
             if first:
                 raise _refuse(path, "the pickle is malformed") from None
             break  # legacy files end in raw storage bytes
-        _check_pickle(path, data[start:stream.tell()], "pickle")
+        _check_pickle(path, data[start : stream.tell()], "pickle")
         first = False
 
 
@@ -187,8 +284,11 @@ def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> None:
         names = [i.filename for i in infos]
         for name in names:
             if "/aotinductor/" in f"/{name.lower()}" or name.lower().endswith(NATIVE_SUFFIXES):
-                raise _refuse(path, f"archive member {name[:120]!r} is compiled or native code (AOTInductor); "
-                                    "only exported programs are scanned")
+                raise _refuse(
+                    path,
+                    f"archive member {name[:120]!r} is compiled or native code (AOTInductor); "
+                    "only exported programs are scanned",
+                )
         for name in names:
             low = name.lower()  # torch finds `archive/DATA/...` when it asks for `archive/data/...`
             if "/models/" in f"/{low}" and low.endswith(".json"):
@@ -198,8 +298,7 @@ def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> None:
                 except (ValueError, RecursionError) as exc:
                     raise _refuse(path, f"program {name!r} is not valid JSON ({str(exc)[:80]})") from exc
                 if bad is not None:
-                    raise _refuse(path, f"program {name!r} has a shape expression that is not arithmetic: "
-                                        f"{bad[:60]!r}")
+                    raise _refuse(path, f"program {name!r} has a shape expression that is not arithmetic: {bad[:60]!r}")
             elif "/data/sample_inputs/" in f"/{low}":
                 _nested(path, zf.read(name), name, max_bytes, max_ratio)
             elif re.search(r"(^|/)data/(weights|constants)/[^/]+_config\.json$", low):
@@ -208,8 +307,9 @@ def check_pt2(path: Path, max_bytes: int, max_ratio: float) -> None:
                 _nested(path, zf.read(name), name, max_bytes, max_ratio)
 
 
-def _check_payload_config(path: Path, zf: zipfile.ZipFile, name: str, names: list[str], max_bytes: int,
-                          max_ratio: float) -> None:
+def _check_payload_config(
+    path: Path, zf: zipfile.ZipFile, name: str, names: list[str], max_bytes: int, max_ratio: float
+) -> None:
     try:
         config = json.loads(zf.read(name)).get("config", {})
         entries = list(config.items())
@@ -221,8 +321,11 @@ def _check_payload_config(path: Path, zf: zipfile.ZipFile, name: str, names: lis
             raise _refuse(path, f"payload config {name!r} has a malformed entry")
         member_name = str(meta.get("path_name", ""))
         if member_name.lower().startswith(("custom_obj", "opaque_obj")):
-            raise _refuse(path, f"constant {str(fqn)[:80]!r} is an opaque or custom object, which torch would "
-                                "unpickle without restriction")
+            raise _refuse(
+                path,
+                f"constant {str(fqn)[:80]!r} is an opaque or custom object, which torch would "
+                "unpickle without restriction",
+            )
         if meta.get("use_pickle"):
             member = next((n for n in names if n.lower() == f"{folder}/{member_name}".lower()), None)
             if member is None:
@@ -252,12 +355,14 @@ def _check_torchscript_code(path: Path, name: str, source: bytes) -> None:
         raise _refuse(path, f"TorchScript source {name!r} cannot be parsed") from exc
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and node.name == "__setstate__":
-            raise _refuse(path, f"TorchScript code in {name!r} defines __setstate__, which runs while the file "
-                                "loads, before any check of its graph")
+            raise _refuse(
+                path,
+                f"TorchScript code in {name!r} defines __setstate__, which runs while the file "
+                "loads, before any check of its graph",
+            )
 
 
-def check_archive(path: Path, fmt: str, max_bytes: int, max_ratio: float,
-                  allow_pickle: bool = False) -> None:
+def check_archive(path: Path, fmt: str, max_bytes: int, max_ratio: float, allow_pickle: bool = False) -> None:
     """Dispatch on the detected format; non-zip formats (safetensors, ONNX) are checked by their own loaders.
 
     `allow_pickle` (the user's --unsafe-allow-pickle) skips the global allowlist of `torch.save` files only.

@@ -29,11 +29,34 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: no `find
 CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"  # set in a sandboxed child: the folders it may write (JSON)
 
 # Variables a scanning child keeps; everything else (tokens, CI secrets, cloud credentials) is dropped.
-ENV_KEEP = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "COLUMNS", "NO_COLOR", "VIRTUAL_ENV",
-                      "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUTF8", "PYTHONIOENCODING", "LD_LIBRARY_PATH",
-                      "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
-                      "NVIDIA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                      "XDG_CACHE_HOME", "COVERAGE_PROCESS_START"})
+ENV_KEEP = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "COLUMNS",
+        "NO_COLOR",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "PYTHONHASHSEED",
+        "PYTHONUTF8",
+        "PYTHONIOENCODING",
+        "LD_LIBRARY_PATH",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "NVIDIA_VISIBLE_DEVICES",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "XDG_CACHE_HOME",
+        "COVERAGE_PROCESS_START",
+    }
+)
 ENV_KEEP_PREFIXES = ("LC_", "BACKDOORSCAN_", "TORCH_", "CUBLAS_", "CUDNN_")
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWIPC = 0x10000000, 0x40000000, 0x08000000
@@ -45,21 +68,93 @@ EPERM, EACCES, ENOSYS = 1, 13, 38
 TIOCSTI, TIOCLINUX, TIOCCONS = 0x5412, 0x541C, 0x541D
 # Syscall numbers per architecture, with the audit architecture seccomp sees.
 _ARCH = {
-    "x86_64": dict(audit=0xC000003E, socket=41, socketpair=53, ptrace=101, process_vm_readv=310,
-                   process_vm_writev=311, fork=57, vfork=58, clone=56, clone3=435, execve=59, execveat=322,
-                   ioctl=16, unshare=272, setns=308, mount=165, bpf=321, keyctl=250, add_key=248, request_key=249,
-                   setrlimit=160, prlimit64=302, userfaultfd=323, perf_event_open=298, kcmp=312, pidfd_getfd=438,
-                   open_by_handle_at=304, init_module=175, finit_module=313),
-    "aarch64": dict(audit=0xC00000B7, socket=198, socketpair=199, ptrace=117, process_vm_readv=270,
-                    process_vm_writev=271, clone=220, clone3=435, execve=221, execveat=281, ioctl=29, unshare=97,
-                    setns=268, mount=40, bpf=280, keyctl=219, add_key=217, request_key=218, setrlimit=164,
-                    prlimit64=261, userfaultfd=282, perf_event_open=241, kcmp=272, pidfd_getfd=438,
-                    open_by_handle_at=265, init_module=105, finit_module=273),
+    "x86_64": dict(
+        audit=0xC000003E,
+        socket=41,
+        socketpair=53,
+        ptrace=101,
+        process_vm_readv=310,
+        process_vm_writev=311,
+        fork=57,
+        vfork=58,
+        clone=56,
+        clone3=435,
+        execve=59,
+        execveat=322,
+        ioctl=16,
+        unshare=272,
+        setns=308,
+        mount=165,
+        bpf=321,
+        keyctl=250,
+        add_key=248,
+        request_key=249,
+        setrlimit=160,
+        prlimit64=302,
+        userfaultfd=323,
+        perf_event_open=298,
+        kcmp=312,
+        pidfd_getfd=438,
+        open_by_handle_at=304,
+        init_module=175,
+        finit_module=313,
+    ),
+    "aarch64": dict(
+        audit=0xC00000B7,
+        socket=198,
+        socketpair=199,
+        ptrace=117,
+        process_vm_readv=270,
+        process_vm_writev=271,
+        clone=220,
+        clone3=435,
+        execve=221,
+        execveat=281,
+        ioctl=29,
+        unshare=97,
+        setns=268,
+        mount=40,
+        bpf=280,
+        keyctl=219,
+        add_key=217,
+        request_key=218,
+        setrlimit=164,
+        prlimit64=261,
+        userfaultfd=282,
+        perf_event_open=241,
+        kcmp=272,
+        pidfd_getfd=438,
+        open_by_handle_at=265,
+        init_module=105,
+        finit_module=273,
+    ),
 }
-DENIED = ("socket", "socketpair", "ptrace", "process_vm_readv", "process_vm_writev", "fork", "vfork", "execve",
-          "execveat", "unshare", "setns", "mount", "bpf", "keyctl", "add_key", "request_key", "setrlimit",
-          "userfaultfd", "perf_event_open", "kcmp", "pidfd_getfd", "open_by_handle_at", "init_module",
-          "finit_module")
+DENIED = (
+    "socket",
+    "socketpair",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "fork",
+    "vfork",
+    "execve",
+    "execveat",
+    "unshare",
+    "setns",
+    "mount",
+    "bpf",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "setrlimit",
+    "userfaultfd",
+    "perf_event_open",
+    "kcmp",
+    "pidfd_getfd",
+    "open_by_handle_at",
+    "init_module",
+    "finit_module",
+)
 _X32_BIT = 0x40000000
 
 
@@ -132,15 +227,27 @@ def _filter(arch: dict[str, int]) -> bytes:
         if name in arch:
             prog += [(jeq, 0, 1, arch[name]), errno(EACCES if name.startswith("socket") else EPERM)]
     prog += [(jeq, 0, 1, arch["clone3"]), errno(ENOSYS)]  # glibc falls back to clone, checked below
-    prog += [(jeq, 0, 4, arch["clone"]), (ld, 0, 0, 16), (jset, 0, 1, CLONE_THREAD), (ret, 0, 0, RET_ALLOW),
-             errno(EPERM)]  # threads only: no new process
+    prog += [
+        (jeq, 0, 4, arch["clone"]),
+        (ld, 0, 0, 16),
+        (jset, 0, 1, CLONE_THREAD),
+        (ret, 0, 0, RET_ALLOW),
+        errno(EPERM),
+    ]  # threads only: no new process
     requests = (TIOCSTI, TIOCLINUX, TIOCCONS)
     prog += [(jeq, 0, 2 * len(requests) + 2, arch["ioctl"]), (ld, 0, 0, 24)]
     for request in requests:
         prog += [(jeq, 0, 1, request), errno(EPERM)]
     prog += [(ret, 0, 0, RET_ALLOW)]
-    prog += [(jeq, 0, 5, arch["prlimit64"]), (ld, 0, 0, 32), (jeq, 0, 2, 0), (ld, 0, 0, 36), (jeq, 1, 0, 0),
-             errno(EPERM), (ret, 0, 0, RET_ALLOW)]  # reading limits is fine, setting them is not
+    prog += [
+        (jeq, 0, 5, arch["prlimit64"]),
+        (ld, 0, 0, 32),
+        (jeq, 0, 2, 0),
+        (ld, 0, 0, 36),
+        (jeq, 1, 0, 0),
+        errno(EPERM),
+        (ret, 0, 0, RET_ALLOW),
+    ]  # reading limits is fine, setting them is not
     prog += [(ret, 0, 0, RET_ALLOW)]
     return b"".join(struct.pack("HBBI", *insn) for insn in prog)
 
@@ -211,7 +318,7 @@ def children() -> set[int]:
                     stat = fh.read(512)
             except OSError:
                 continue
-            fields = stat[stat.rfind(b")") + 2:].split()
+            fields = stat[stat.rfind(b")") + 2 :].split()
             if len(fields) > 1 and int(fields[1]) == me:
                 found.add(int(entry.name))
     return found

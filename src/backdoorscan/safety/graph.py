@@ -18,49 +18,268 @@ import re
 import torch
 import torch.nn as nn
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 
 # aten operators that take strings only as modes, equations or scripted-code string values.
-STRING_MODE_OPS = frozenset({
-    "Delete", "Float", "Int", "warn", "__contains__", "__getitem__", "__interpolate", "__upsample", "_assert_async",
-    "_assert_scalar", "_convolution_mode", "_functional_assert_async", "_functional_assert_scalar", "add", "any",
-    "bin", "capitalize", "center", "chr", "clear", "conv1d", "conv2d", "conv3d", "copy", "count", "device", "dict",
-    "div", "div_", "divide", "divide_", "einsum", "endswith", "eq", "expandtabs", "fft_fft", "fft_fft2", "fft_fftn",
-    "fft_ifft", "fft_ifft2", "fft_ifftn", "fft_irfft", "fft_irfft2", "fft_irfftn", "fft_rfft", "fft_rfft2",
-    "fft_rfftn", "find", "format", "ge", "gelu", "gelu_", "get", "gt", "hex", "index", "index_reduce",
-    "index_reduce_", "isalnum", "isalpha", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric",
-    "isprintable", "isspace", "istitle", "isupper", "items", "join", "keys", "le", "len", "linalg_matrix_norm",
-    "linalg_norm", "list", "ljust", "lower", "lstrip", "lt", "meshgrid", "ne", "oct", "ord", "pad", "partition",
-    "percentFormat", "pop", "popitem", "remove", "replace", "rfind", "rindex", "rjust", "rpartition", "rsplit",
-    "rstrip", "scatter", "scatter_", "scatter_reduce", "scatter_reduce_", "searchsorted", "setdefault", "slice",
-    "sort", "sorted", "split", "splitlines", "startswith", "str", "strip", "swapcase", "title", "update", "upper",
-    "values", "zfill",
-})
+STRING_MODE_OPS = frozenset(
+    {
+        "Delete",
+        "Float",
+        "Int",
+        "warn",
+        "__contains__",
+        "__getitem__",
+        "__interpolate",
+        "__upsample",
+        "_assert_async",
+        "_assert_scalar",
+        "_convolution_mode",
+        "_functional_assert_async",
+        "_functional_assert_scalar",
+        "add",
+        "any",
+        "bin",
+        "capitalize",
+        "center",
+        "chr",
+        "clear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "copy",
+        "count",
+        "device",
+        "dict",
+        "div",
+        "div_",
+        "divide",
+        "divide_",
+        "einsum",
+        "endswith",
+        "eq",
+        "expandtabs",
+        "fft_fft",
+        "fft_fft2",
+        "fft_fftn",
+        "fft_ifft",
+        "fft_ifft2",
+        "fft_ifftn",
+        "fft_irfft",
+        "fft_irfft2",
+        "fft_irfftn",
+        "fft_rfft",
+        "fft_rfft2",
+        "fft_rfftn",
+        "find",
+        "format",
+        "ge",
+        "gelu",
+        "gelu_",
+        "get",
+        "gt",
+        "hex",
+        "index",
+        "index_reduce",
+        "index_reduce_",
+        "isalnum",
+        "isalpha",
+        "isdecimal",
+        "isdigit",
+        "isidentifier",
+        "islower",
+        "isnumeric",
+        "isprintable",
+        "isspace",
+        "istitle",
+        "isupper",
+        "items",
+        "join",
+        "keys",
+        "le",
+        "len",
+        "linalg_matrix_norm",
+        "linalg_norm",
+        "list",
+        "ljust",
+        "lower",
+        "lstrip",
+        "lt",
+        "meshgrid",
+        "ne",
+        "oct",
+        "ord",
+        "pad",
+        "partition",
+        "percentFormat",
+        "pop",
+        "popitem",
+        "remove",
+        "replace",
+        "rfind",
+        "rindex",
+        "rjust",
+        "rpartition",
+        "rsplit",
+        "rstrip",
+        "scatter",
+        "scatter_",
+        "scatter_reduce",
+        "scatter_reduce_",
+        "searchsorted",
+        "setdefault",
+        "slice",
+        "sort",
+        "sorted",
+        "split",
+        "splitlines",
+        "startswith",
+        "str",
+        "strip",
+        "swapcase",
+        "title",
+        "update",
+        "upper",
+        "values",
+        "zfill",
+    }
+)
 # aten operators refused whatever their types: raw storage, I/O, printing. (`aten::warn` of scripted torchvision
 # models is allowed: it raises a Python warning, which the CLI silences unless --debug.)
-DENIED_ATEN = frozenset({"from_file", "save", "_print", "set_", "owner_name",
-                         "_get_cpu_capability", "_unsafe_index_put", "_nested_tensor_from_tensor_list"})
+DENIED_ATEN = frozenset(
+    {
+        "from_file",
+        "save",
+        "_print",
+        "set_",
+        "owner_name",
+        "_get_cpu_capability",
+        "_unsafe_index_put",
+        "_nested_tensor_from_tensor_list",
+    }
+)
 # Words a permitted schema type may be built from.
-PURE_TYPE_WORDS = frozenset({
-    "Tensor", "Scalar", "int", "float", "bool", "complex", "SymInt", "SymFloat", "SymBool", "Device", "ScalarType",
-    "Layout", "MemoryFormat", "Generator", "Dimname", "number", "NoneType", "Optional", "List", "Tuple", "Dict",
-    "Union", "t", "t1", "t2", "tVal", "tKey", "str", "Any", "AnyEnumType", "QScheme",
-})
-PRIM_OPS = frozenset({
-    "Constant", "ListConstruct", "ListUnpack", "TupleConstruct", "TupleUnpack", "TupleIndex", "TupleSlice",
-    "DictConstruct", "DictIndex", "GetAttr", "SetAttr", "If", "Loop", "RaiseException", "Uninitialized",
-    "unchecked_cast", "NumToTensor", "ImplicitTensorToNum", "device", "dtype", "layout", "is_cuda", "is_cpu",
-    "is_mps", "is_xpu", "is_meta", "is_sparse", "is_quantized", "is_nested", "data", "min", "max", "abs",
-    "isinstance", "requires_grad", "id", "rangelist", "AutogradZero", "StringIndex", "shape", "name", "grad",
-    "TypeCheck", "RequiresGradCheck", "EnumName", "EnumValue", "type", "is_mkldnn", "is_vulkan",
-    "unchecked_unwrap_optional", "AutogradAdd", "ConstantChunk", "MMTreeReduce", "BroadcastSizes", "ChunkSizes",
-    "SumToSize", "Return", "ListIndex", "ModuleContainerIndex",
-})
-SYMBOLIC_FUNCTIONS = frozenset({
-    operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-    operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    operator.and_, operator.or_, operator.not_, operator.pos, operator.abs,
-})
+PURE_TYPE_WORDS = frozenset(
+    {
+        "Tensor",
+        "Scalar",
+        "int",
+        "float",
+        "bool",
+        "complex",
+        "SymInt",
+        "SymFloat",
+        "SymBool",
+        "Device",
+        "ScalarType",
+        "Layout",
+        "MemoryFormat",
+        "Generator",
+        "Dimname",
+        "number",
+        "NoneType",
+        "Optional",
+        "List",
+        "Tuple",
+        "Dict",
+        "Union",
+        "t",
+        "t1",
+        "t2",
+        "tVal",
+        "tKey",
+        "str",
+        "Any",
+        "AnyEnumType",
+        "QScheme",
+    }
+)
+PRIM_OPS = frozenset(
+    {
+        "Constant",
+        "ListConstruct",
+        "ListUnpack",
+        "TupleConstruct",
+        "TupleUnpack",
+        "TupleIndex",
+        "TupleSlice",
+        "DictConstruct",
+        "DictIndex",
+        "GetAttr",
+        "SetAttr",
+        "If",
+        "Loop",
+        "RaiseException",
+        "Uninitialized",
+        "unchecked_cast",
+        "NumToTensor",
+        "ImplicitTensorToNum",
+        "device",
+        "dtype",
+        "layout",
+        "is_cuda",
+        "is_cpu",
+        "is_mps",
+        "is_xpu",
+        "is_meta",
+        "is_sparse",
+        "is_quantized",
+        "is_nested",
+        "data",
+        "min",
+        "max",
+        "abs",
+        "isinstance",
+        "requires_grad",
+        "id",
+        "rangelist",
+        "AutogradZero",
+        "StringIndex",
+        "shape",
+        "name",
+        "grad",
+        "TypeCheck",
+        "RequiresGradCheck",
+        "EnumName",
+        "EnumValue",
+        "type",
+        "is_mkldnn",
+        "is_vulkan",
+        "unchecked_unwrap_optional",
+        "AutogradAdd",
+        "ConstantChunk",
+        "MMTreeReduce",
+        "BroadcastSizes",
+        "ChunkSizes",
+        "SumToSize",
+        "Return",
+        "ListIndex",
+        "ModuleContainerIndex",
+    }
+)
+SYMBOLIC_FUNCTIONS = frozenset(
+    {
+        operator.getitem,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.floordiv,
+        operator.truediv,
+        operator.mod,
+        operator.neg,
+        operator.pow,
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        operator.and_,
+        operator.or_,
+        operator.not_,
+        operator.pos,
+        operator.abs,
+    }
+)
 HIGHER_ORDER_OPS = frozenset({"cond", "while_loop", "wrap_with_set_grad_enabled", "wrap_with_autocast"})
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -79,9 +298,12 @@ def allowed_aten() -> frozenset[str]:
     by_name: dict[str, list] = {}
     for schema in torch._C._jit_get_all_schemas():
         if schema.name.startswith("aten::"):
-            by_name.setdefault(schema.name[len("aten::"):], []).append(schema)
-    return frozenset(name for name, schemas in by_name.items()
-                     if name not in DENIED_ATEN and all(_schema_is_pure(s, name) for s in schemas))
+            by_name.setdefault(schema.name[len("aten::") :], []).append(schema)
+    return frozenset(
+        name
+        for name, schemas in by_name.items()
+        if name not in DENIED_ATEN and all(_schema_is_pure(s, name) for s in schemas)
+    )
 
 
 @functools.lru_cache(maxsize=8192)
@@ -94,7 +316,7 @@ def schema_allowed(schema: str) -> bool:
         return False
     if not parsed.name.startswith("aten::"):
         return False
-    name = parsed.name[len("aten::"):]
+    name = parsed.name[len("aten::") :]
     return name not in DENIED_ATEN and _schema_is_pure(parsed, name)
 
 
@@ -109,9 +331,11 @@ def operator_allowed(kind: str) -> bool:
 
 
 def _refuse(kind: str, where: str, path) -> ScanError:
-    return ScanError(f"refused: the model's graph calls {kind!r} ({where[:100]}), which is not a pure tensor "
-                     "operator", path=path,
-                     hint="only computation is run from a model file: no file, process, network or Python operators")
+    return ScanError(
+        f"refused: the model's graph calls {kind!r} ({where[:100]}), which is not a pure tensor operator",
+        path=path,
+        hint="only computation is run from a model file: no file, process, network or Python operators",
+    )
 
 
 def _blocks(block):
@@ -142,9 +366,12 @@ def check_torchscript_graph(module: torch.jit.ScriptModule, path=None) -> int:
     for sub_name, sub in subs:
         hooks = [*sub._c._get_forward_pre_hooks(), *sub._c._get_forward_hooks()]
         if hooks:
-            raise ScanError(f"refused: TorchScript module {sub_name or 'model'!r} has {len(hooks)} scripted forward "
-                            "hook(s), functions that run beside forward", path=path,
-                            hint="export the model without hooks, or save a .pt2 with torch.export.save")
+            raise ScanError(
+                f"refused: TorchScript module {sub_name or 'model'!r} has {len(hooks)} scripted forward "
+                "hook(s), functions that run beside forward",
+                path=path,
+                hint="export the model without hooks, or save a .pt2 with torch.export.save",
+            )
     count = 0
     try:
         graphs = list(_method_graphs(module))
@@ -196,8 +423,15 @@ def check_fx_node(node: torch.fx.Node, path=None) -> None:
         raise _refuse(f"higher_order::{target.name()}", node.name, path)
     if callable(target) and target in SYMBOLIC_FUNCTIONS:
         return
-    if target in (torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_ite,
-                  torch.sym_sqrt):
+    if target in (
+        torch.sym_int,
+        torch.sym_float,
+        torch.sym_max,
+        torch.sym_min,
+        torch.sym_not,
+        torch.sym_ite,
+        torch.sym_sqrt,
+    ):
         return
     raise _refuse(_target_name(target) if not isinstance(target, str) else target, node.name, path)
 
@@ -207,8 +441,11 @@ def check_exported_program(program: torch.export.ExportedProgram, path=None) -> 
     if program.constants:
         for name, value in program.constants.items():
             if not isinstance(value, torch.Tensor):
-                raise ScanError(f"refused: the program holds a non-tensor constant {name[:80]!r}", path=path,
-                                hint="opaque and script objects in an exported program are not scanned")
+                raise ScanError(
+                    f"refused: the program holds a non-tensor constant {name[:80]!r}",
+                    path=path,
+                    hint="opaque and script objects in an exported program are not scanned",
+                )
     count = 0
     for graph_module in program.graph_module.modules():
         if isinstance(graph_module, torch.fx.GraphModule):
@@ -244,16 +481,22 @@ ONNX_DOMAINS = ("", "ai.onnx")
 def check_onnx_proto(proto, path=None) -> None:
     """Refuse custom operator domains and local functions anywhere in an ONNX graph (subgraphs included)."""
     if len(proto.functions):
-        raise ScanError(f"refused: the ONNX model defines {len(proto.functions)} local function(s) "
-                        f"({proto.functions[0].domain}::{proto.functions[0].name})", path=path,
-                        hint="only standard ONNX operators are converted")
+        raise ScanError(
+            f"refused: the ONNX model defines {len(proto.functions)} local function(s) "
+            f"({proto.functions[0].domain}::{proto.functions[0].name})",
+            path=path,
+            hint="only standard ONNX operators are converted",
+        )
 
     def walk(graph):
         for node in graph.node:
             if node.domain not in ONNX_DOMAINS:
-                raise ScanError(f"refused: ONNX node {node.name[:60]!r} uses operator {node.op_type[:60]!r} from the "
-                                f"custom domain {node.domain[:60]!r}", path=path,
-                                hint="only the standard ai.onnx domain is converted")
+                raise ScanError(
+                    f"refused: ONNX node {node.name[:60]!r} uses operator {node.op_type[:60]!r} from the "
+                    f"custom domain {node.domain[:60]!r}",
+                    path=path,
+                    hint="only the standard ai.onnx domain is converted",
+                )
             for attr in node.attribute:
                 if attr.HasField("g"):
                     walk(attr.g)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import ExitCode, ScanError
+from ..core.errors import ExitCode, ScanError
 
 T = TypeVar("T")
 GIB = 1 << 30
@@ -84,8 +84,10 @@ def call_with_timeout(fn: Callable[[], T], seconds: float, what: str) -> T:
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
-        raise ScanError(f"{what} did not finish within {seconds:g} s",
-                        hint="a model that never returns is refused; raise --forward-timeout for a slow one")
+        raise ScanError(
+            f"{what} did not finish within {seconds:g} s",
+            hint="a model that never returns is refused; raise --forward-timeout for a slow one",
+        )
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 
 # `layer1.0.conv.weight`, `0.weight`: segments of letters, digits and `_` (nn.Sequential names by index).
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\Z")
@@ -26,9 +26,12 @@ def is_plain_name(name: object) -> bool:
 
 
 def _refuse(kind: str, name: object, path) -> ScanError:
-    return ScanError(f"refused: the model's {kind} name {str(name)[:80]!r} is not a plain dotted identifier",
-                     path=path, hint="torch would write that name into generated Python code; names from a "
-                     "model file are refused unless they are plain identifiers")
+    return ScanError(
+        f"refused: the model's {kind} name {str(name)[:80]!r} is not a plain dotted identifier",
+        path=path,
+        hint="torch would write that name into generated Python code; names from a "
+        "model file are refused unless they are plain identifiers",
+    )
 
 
 def check_names(names: Iterable[tuple[str, object]], path=None) -> int:

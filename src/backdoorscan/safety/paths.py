@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ScanError
+from ..core.errors import ScanError
 
 
 def inside(target: str | Path, folder: str | Path) -> bool:
@@ -22,5 +22,8 @@ def ensure_outside(target: str | Path | None, *inputs: str | Path | None) -> Non
         return
     for folder in inputs:
         if folder is not None and inside(target, folder):
-            raise ScanError("refusing to write inside the input", path=target,
-                            hint=f"choose a location outside {folder}; inputs are never modified")
+            raise ScanError(
+                "refusing to write inside the input",
+                path=target,
+                hint=f"choose a location outside {folder}; inputs are never modified",
+            )

@@ -11,8 +11,7 @@ import functools
 import pickletools
 
 UNRESOLVED = "?"
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-               "BINUNICODE8"}
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
 _MARK = object()
 
 
@@ -31,11 +30,11 @@ def pickle_globals(data: bytes) -> set[str]:
             if name in ("GLOBAL", "INST"):
                 found.add(str(arg).replace(" ", "."))
             if name in _STRING_OPS:
-                stack.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+                stack.append(arg if isinstance(arg, str) else bytes(arg or b"").decode("latin-1"))
             elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(int(arg)))
+                stack.append(memo.get(int(arg or 0)))
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(arg)] = stack[-1] if stack else None
+                memo[int(arg or 0)] = stack[-1] if stack else None
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1] if stack else None
             elif name == "MARK":

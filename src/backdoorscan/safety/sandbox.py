@@ -26,12 +26,15 @@ REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 READ_ONLY = EXECUTE | READ_FILE | READ_DIR
-WRITE_ALL = (WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | TRUNCATE)
+WRITE_ALL = WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | TRUNCATE
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -91,20 +94,25 @@ def apply(writable: list[str | Path]) -> SandboxResult:
     libc = _libc()
     create, add_rule, restrict = _SYSCALLS[platform.machine()]
     handled = _fs_rights(abi)
-    attr = _RulesetAttr(handled, (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0,
-                        (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0)
+    attr = _RulesetAttr(
+        handled,
+        (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0,
+        (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0,
+    )
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
     ruleset = libc.syscall(create, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
-        return SandboxResult(False, abi, (), False, f"landlock_create_ruleset failed: "
-                                                    f"{os.strerror(ctypes.get_errno())}")
+        return SandboxResult(
+            False, abi, (), False, f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}"
+        )
     folders: list[str] = []
     try:
         rules = [("/", READ_ONLY)]
         rules += [(str(Path(p).resolve()), handled) for p in writable]
         rules += [("/dev/null", READ_FILE | WRITE_FILE)]
-        rules += [(str(p), READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0))
-                  for p in Path("/dev").glob("nvidia*")]  # a GPU's device files
+        rules += [
+            (str(p), READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0)) for p in Path("/dev").glob("nvidia*")
+        ]  # a GPU's device files
         for path, rights in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -112,13 +120,25 @@ def apply(writable: list[str | Path]) -> SandboxResult:
                 continue
             try:
                 is_dir = os.path.isdir(path)
-                allowed = rights & handled if is_dir else rights & handled & (READ_FILE | WRITE_FILE | EXECUTE
-                                                                               | TRUNCATE | IOCTL_DEV)
+                allowed = (
+                    rights & handled
+                    if is_dir
+                    else rights & handled & (READ_FILE | WRITE_FILE | EXECUTE | TRUNCATE | IOCTL_DEV)
+                )
                 rule = _PathBeneathAttr(allowed, fd)
-                if libc.syscall(add_rule, ctypes.c_int(ruleset), ctypes.c_int(_RULE_PATH_BENEATH),
-                                ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
-                    return SandboxResult(False, abi, (), False,
-                                         f"landlock_add_rule({path}) failed: {os.strerror(ctypes.get_errno())}")
+                if (
+                    libc.syscall(
+                        add_rule,
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(_RULE_PATH_BENEATH),
+                        ctypes.byref(rule),
+                        ctypes.c_uint32(0),
+                    )
+                    < 0
+                ):
+                    return SandboxResult(
+                        False, abi, (), False, f"landlock_add_rule({path}) failed: {os.strerror(ctypes.get_errno())}"
+                    )
                 if rights == handled:
                     folders.append(path)
             finally:
@@ -126,8 +146,9 @@ def apply(writable: list[str | Path]) -> SandboxResult:
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             return SandboxResult(False, abi, (), False, "prctl(NO_NEW_PRIVS) failed")
         if libc.syscall(restrict, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-            return SandboxResult(False, abi, (), False,
-                                 f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}")
+            return SandboxResult(
+                False, abi, (), False, f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
+            )
     finally:
         os.close(ruleset)
     return SandboxResult(True, abi, tuple(folders), abi >= 4)

@@ -1,12 +1,19 @@
-"""The scan's detector families beyond USB's one universal trigger per target (issue 25), one module each.
+"""The model scan (`backdoorscan model`): USB (Universal Soldier for Backdoor detection) and the families beyond it.
 
-| module | family | what it inverts |
+| module | stage | holds |
 |---|---|---|
-| `pairs.py` | source-specific and all-to-all | a small blended patch per ordered pair (s -> t), on s's samples |
-| `warp.py` | warping (WaNet) | a smooth universal warp field per target class, applied with `grid_sample` |
-| `families.py` | all | one verdict over USB's universal triggers, the pairs and the warps, with its margin |
+| `pipeline.py` | all | `scan_model`: load -> stage 1 -> Alg. 1 -> Alg. 2 -> other families -> decision |
+| `result.py` | all | `ModelScan` and `ClassResult`, the JSON report they make |
+| `batching.py` | all | how many classes go through the model at once, from the memory at hand |
+| `staging.py` | stage 1 | a cheap Alg. 1 on every class, successive halving: which classes are refined |
+| `refine.py` | Alg. 2 | UAP -> small trigger x mask (CE - SSIM + L1), every class a batch row |
+| `ssim.py` | Alg. 2 | the SSIM term |
+| `decide.py` | decision | anomaly index (MAD), the guards, the threshold for K classes, the margin |
+| `pairs.py` | family | source-specific and all-to-all: a small patch per ordered pair (s -> t) on s's samples |
+| `warp.py` | family | warping (WaNet): a smooth universal warp field per target, applied with `grid_sample` |
+| `families.py` | family | the pairs' and warps' findings and margins, one verdict with USB's |
 
-USB's own stages (Alg. 1 `perturb/uap.py`, Alg. 2 `refine.py`, staging, the decision `decide.py`) still sit at
-the package root; they move here as the pipeline becomes folders (issue 24). A new family is a new module here,
-named in `ScanSettings.covers` and `report/rows.FAMILY_NAMES`, and run by `scan._other_families`.
+Alg. 1 itself (targeted UAPs) is `perturb/uap.py`; the trigger forms and the adaptive cost, shared with the
+Neural Cleanse baseline, are `perturb/triggers.py` and `perturb/cost.py`. A new family of detector is a new module
+here, named in `ScanSettings.covers` and `report/rows.FAMILY_NAMES`, and run by `pipeline._other_families`.
 """

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
+from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
 from .pairs import PairTriggers, candidate_pairs, invert_pairs
 from .warp import Warps, apply_warp, invert_warps
 
@@ -38,8 +38,14 @@ class Finding:
     size: float  # L1 (pixels) of a pair's patch, mean displacement (pixels) of a warp, the class's L1 (universal)
 
     def to_dict(self) -> dict:
-        return {"family": self.family, "target": self.target, "source": self.source, "index": round(self.index, 4),
-                "threshold": round(self.threshold, 4), "size": round(self.size, 4)}
+        return {
+            "family": self.family,
+            "target": self.target,
+            "source": self.source,
+            "index": round(self.index, 4),
+            "threshold": round(self.threshold, 4),
+            "size": round(self.size, 4),
+        }
 
 
 @dataclass
@@ -57,23 +63,43 @@ class FamilyScan:
     images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # file stem -> (C, H, W) in [0, 1]
 
     def to_dict(self) -> dict:
-        out: dict = {"findings": [f.to_dict() for f in self.findings],
-                     "margins": {k: round(v, 4) for k, v in self.margins.items()}}
+        out: dict = {
+            "findings": [f.to_dict() for f in self.findings],
+            "margins": {k: round(v, 4) for k, v in self.margins.items()},
+        }
         if self.pairs is not None and self.pair_index is not None:
             order = np.argsort(-self.pair_index)
-            out["pairs"] = {"threshold": round(float(self.pair_threshold or 0), 4), "measured": len(self.pairs.pairs),
-                            "pairs": [{"source": self.pairs.pairs[i][0], "target": self.pairs.pairs[i][1],
-                                       "l1": round(float(self.pairs.l1[i]), 3),
-                                       "asr": round(float(self.pairs.asr[i]), 4),
-                                       "cross_entropy": round(float(self.pairs.ce[i]), 4),
-                                       "spill": round(float(self.pairs.spill[i]), 4),
-                                       "index": _finite(self.pair_index[i])} for i in order]}
+            out["pairs"] = {
+                "threshold": round(float(self.pair_threshold or 0), 4),
+                "measured": len(self.pairs.pairs),
+                "pairs": [
+                    {
+                        "source": self.pairs.pairs[i][0],
+                        "target": self.pairs.pairs[i][1],
+                        "l1": round(float(self.pairs.l1[i]), 3),
+                        "asr": round(float(self.pairs.asr[i]), 4),
+                        "cross_entropy": round(float(self.pairs.ce[i]), 4),
+                        "spill": round(float(self.pairs.spill[i]), 4),
+                        "index": _finite(self.pair_index[i]),
+                    }
+                    for i in order
+                ],
+            }
         if self.warps is not None and self.warp_index is not None:
-            out["warps"] = {"threshold": round(float(self.warp_threshold or 0), 4),
-                            "classes": [{"class": t, "displacement_px": round(float(d), 4), "asr": round(float(a), 4),
-                                         "index": round(float(i), 4)}
-                                        for t, d, a, i in zip(self.warps.targets, self.warps.displacement,
-                                                              self.warps.asr, self.warp_index, strict=True)]}
+            out["warps"] = {
+                "threshold": round(float(self.warp_threshold or 0), 4),
+                "classes": [
+                    {
+                        "class": t,
+                        "displacement_px": round(float(d), 4),
+                        "asr": round(float(a), 4),
+                        "index": round(float(i), 4),
+                    }
+                    for t, d, a, i in zip(
+                        self.warps.targets, self.warps.displacement, self.warps.asr, self.warp_index, strict=True
+                    )
+                ],
+            }
         return out
 
 
@@ -88,8 +114,16 @@ def spread(sizes: np.ndarray) -> float:
     return max(float(np.median(np.abs(logs - np.median(logs)))) * MAD_TO_SIGMA, 1e-12)
 
 
-def flip_distance(index: np.ndarray, ratio: np.ndarray, asr: np.ndarray, *, threshold: float, asr_min: float,
-                  max_ratio: float, sigma: float) -> np.ndarray:
+def flip_distance(
+    index: np.ndarray,
+    ratio: np.ndarray,
+    asr: np.ndarray,
+    *,
+    threshold: float,
+    asr_min: float,
+    max_ratio: float,
+    sigma: float,
+) -> np.ndarray:
     """Per candidate, how far (in anomaly-index units) it is from being flagged: the larger of its distance to the
     threshold and to the size guard (shrinking a size by a factor f raises its index by -log f / sigma and scales
     its ratio by f); infinite for a candidate whose trigger does not work."""
@@ -99,8 +133,9 @@ def flip_distance(index: np.ndarray, ratio: np.ndarray, asr: np.ndarray, *, thre
     return np.where(np.asarray(asr) >= asr_min, distance, np.inf)
 
 
-def index_pairs(pairs: list[tuple[int, int]], sizes: np.ndarray, works: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def index_pairs(
+    pairs: list[tuple[int, int]], sizes: np.ndarray, works: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Per pair: the anomaly index, the size relative to its source's median pair, and one index unit (log size).
 
     `sizes` is what the inversion minimised (cross-entropy plus the weighted L1). Only pairs whose patch works
@@ -129,9 +164,18 @@ def index_pairs(pairs: list[tuple[int, int]], sizes: np.ndarray, works: np.ndarr
     return index, np.exp(residual), sigma
 
 
-def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, *, settings,
-               universal_targets: list[int], group: int, progress: Callable[[int, int], None] | None,
-               result: FamilyScan) -> None:
+def scan_pairs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    *,
+    settings,
+    universal_targets: list[int],
+    group: int,
+    progress: Callable[[int, int], None] | None,
+    result: FamilyScan,
+) -> None:
     """The pairs family: invert, index, flag, and name a source-specific pair or an all-to-all mapping."""
 
     def logits() -> torch.Tensor:
@@ -142,21 +186,38 @@ def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, *, se
     if len(pairs) < 4:
         return
     per_group = max(1, group * settings.batch_size // settings.pair_samples)
-    found = invert_pairs(model, x, y, pairs, steps=settings.pair_steps, lr=settings.lr,
-                         per_source=settings.pair_samples, cost=settings.pair_cost, group=per_group,
-                         progress=progress)
+    found = invert_pairs(
+        model,
+        x,
+        y,
+        pairs,
+        steps=settings.pair_steps,
+        lr=settings.lr,
+        per_source=settings.pair_samples,
+        cost=settings.pair_cost,
+        group=per_group,
+        progress=progress,
+    )
     works = found.asr >= PAIR_ASR
     # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
     # natural neighbour's (MNIST's 4 -> 9) is nearly as small but leaves the target less certain
     index, ratio, sigma = index_pairs(pairs, found.ce + settings.pair_cost * found.l1, works)
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
-    distance = flip_distance(np.where(works, index, -1e9), ratio, found.asr, threshold=threshold, asr_min=PAIR_ASR,
-                             max_ratio=PAIR_MAX_RATIO, sigma=sigma)
+    distance = flip_distance(
+        np.where(works, index, -1e9),
+        ratio,
+        found.asr,
+        threshold=threshold,
+        asr_min=PAIR_ASR,
+        max_ratio=PAIR_MAX_RATIO,
+        sigma=sigma,
+    )
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     sources = {pairs[i][0] for i in flagged}
     family = "all-to-all" if len(sources) >= 3 else "source-specific"
-    result.findings += [Finding(family, pairs[i][1], pairs[i][0], float(index[i]), threshold, float(found.l1[i]))
-                        for i in flagged]
+    result.findings += [
+        Finding(family, pairs[i][1], pairs[i][0], float(index[i]), threshold, float(found.l1[i])) for i in flagged
+    ]
     for i in flagged:  # the found patch, and a sample of the source stamped with it
         s, t = pairs[i]
         mask, pattern = found.mask[i].cpu(), found.pattern[i].cpu()
@@ -167,26 +228,54 @@ def scan_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, *, se
     result.margins["pairs"] = _margin(distance, flagged)
 
 
-def scan_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], k: int, *, settings,
-               group: int, progress: Callable[[int, int], None] | None, result: FamilyScan) -> None:
+def scan_warps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: list[int],
+    k: int,
+    *,
+    settings,
+    group: int,
+    progress: Callable[[int, int], None] | None,
+    result: FamilyScan,
+) -> None:
     """The warp family: a smooth warp per target; an outlier-small warp that works is a warping backdoor."""
-    found = invert_warps(model, x, y, targets, steps=settings.warp_steps, lr=settings.warp_lr,
-                         per_class=settings.batch_size, cost=settings.warp_cost, grid=settings.warp_grid, group=group,
-                         progress=progress)
+    found = invert_warps(
+        model,
+        x,
+        y,
+        targets,
+        steps=settings.warp_steps,
+        lr=settings.warp_lr,
+        per_class=settings.batch_size,
+        cost=settings.warp_cost,
+        grid=settings.warp_grid,
+        group=group,
+        progress=progress,
+    )
     index = anomaly_index(found.displacement, "log")
     threshold = class_threshold(settings.threshold, k, settings.threshold_classes)
     ratio = size_ratio(found.displacement)
-    distance = flip_distance(index, ratio, found.asr, threshold=threshold, asr_min=settings.asr_min,
-                             max_ratio=settings.max_ratio, sigma=spread(found.displacement))
+    distance = flip_distance(
+        index,
+        ratio,
+        found.asr,
+        threshold=threshold,
+        asr_min=settings.asr_min,
+        max_ratio=settings.max_ratio,
+        sigma=spread(found.displacement),
+    )
     flagged = [i for i in range(len(targets)) if distance[i] < 0]
-    result.findings += [Finding("warp", targets[i], None, float(index[i]), threshold, float(found.displacement[i]))
-                        for i in flagged]
-    fields = found.fields(tuple(x.shape[-2:])).norm(dim=1, keepdim=True).cpu()  # (T, 1, H, W) pixels
+    result.findings += [
+        Finding("warp", targets[i], None, float(index[i]), threshold, float(found.displacement[i])) for i in flagged
+    ]
+    fields = found.fields((x.shape[-2], x.shape[-1])).norm(dim=1, keepdim=True).cpu()  # (T, 1, H, W) pixels
     scale = max(float(fields.max()), 1e-6)
     for i, t in enumerate(targets):  # how far each pixel moves (white: the most of any class), and an example
         sample = x[(y != t).nonzero()[0, 0]]
         result.images[f"warp_field_{t}"] = fields[i] / scale
-        result.images[f"warped_{t}"] = apply_warp(sample[None], found.control[i:i + 1])[0, 0].cpu()
+        result.images[f"warped_{t}"] = apply_warp(sample[None], found.control[i : i + 1])[0, 0].cpu()
     result.warps, result.warp_index, result.warp_threshold = found, index, threshold
     result.margins["warp"] = _margin(distance, flagged)
 

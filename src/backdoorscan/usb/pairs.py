@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..batching import in_class_groups, slice_progress
+from .batching import in_class_groups, slice_progress
 
 PAIRS_ALL_MAX = 10  # up to this many classes every ordered pair is a candidate (90 at 10 classes)
 PAIR_BUDGET = 90  # beyond, this many pairs: the closest by the sources' logits, the stage-1 suspects' first
@@ -50,8 +50,9 @@ class PairTriggers:
     ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
 
 
-def candidate_pairs(k: int, y: torch.Tensor, logits: Callable[[], torch.Tensor],
-                    min_samples: int = 2) -> list[tuple[int, int]]:
+def candidate_pairs(
+    k: int, y: torch.Tensor, logits: Callable[[], torch.Tensor], min_samples: int = 2
+) -> list[tuple[int, int]]:
     """Every ordered pair up to PAIRS_ALL_MAX classes; beyond, PAIR_BUDGET pairs, so the stage costs what it costs
     at 10 classes: each source's nearest target (the highest mean logit over the source's samples) before any
     source's second, the closest first. `logits` gives the samples' logits; it is called only beyond
@@ -83,24 +84,62 @@ def _source_batches(y: torch.Tensor, pairs: list[tuple[int, int]], per_source: i
     return torch.stack(out)
 
 
-def invert_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]], *, steps: int,
-                 lr: float, per_source: int, cost: float, group: int,
-                 progress: Callable[[int, int], None] | None = None) -> PairTriggers:
+def invert_pairs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    *,
+    steps: int,
+    lr: float,
+    per_source: int,
+    cost: float,
+    group: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> PairTriggers:
     """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension; a GPU out of
     memory halves the group, as for classes)."""
     parts = in_class_groups(
-        lambda sl: _invert(model, x, y, pairs[sl], steps=steps, lr=lr, per_source=per_source, cost=cost,
-                           progress=slice_progress(progress, sl, len(pairs))), len(pairs), group)
+        lambda sl: _invert(
+            model,
+            x,
+            y,
+            pairs[sl],
+            steps=steps,
+            lr=lr,
+            per_source=per_source,
+            cost=cost,
+            progress=slice_progress(progress, sl, len(pairs)),
+        ),
+        len(pairs),
+        group,
+    )
     mask = torch.cat([p[0] for p in parts])
     pattern = torch.cat([p[1] for p in parts])
     asr, spill, ce = pair_success(model, x, y, pairs, mask, pattern)
-    return PairTriggers(pairs=list(pairs), mask=mask, pattern=pattern,
-                        l1=mask.flatten(1).sum(1).cpu().numpy(), asr=asr, spill=spill, ce=ce)
+    return PairTriggers(
+        pairs=list(pairs),
+        mask=mask,
+        pattern=pattern,
+        l1=mask.flatten(1).sum(1).cpu().numpy(),
+        asr=asr,
+        spill=spill,
+        ce=ce,
+    )
 
 
-def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]], *, steps: int,
-            lr: float, per_source: int, cost: float,
-            progress: Callable[[int, int], None]) -> tuple[torch.Tensor, torch.Tensor]:
+def _invert(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    *,
+    steps: int,
+    lr: float,
+    per_source: int,
+    cost: float,
+    progress: Callable[[int, int], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_pairs = len(pairs)
     _, c, h, w = x.shape
     rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
@@ -125,8 +164,14 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tupl
 
 
 @torch.no_grad()
-def pair_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]],
-                 mask: torch.Tensor, pattern: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair_success(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: the share of the source's samples sent to the target, of the other classes' (spill), and the
     mean cross-entropy toward the target on the source's samples."""
     asr, spill, ce = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..batching import in_class_groups, slice_progress
+from .batching import in_class_groups, slice_progress
 
 
 @dataclass
@@ -56,8 +56,9 @@ def apply_warp(x: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
         x = x[None].expand(t, *x.shape)
     _, n, c, h, w = x.shape
     flow = upsample(control, (h, w)).permute(0, 2, 3, 1)  # (T, H, W, 2)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij"
+    )
     grid = torch.stack((xs, ys), -1)[None] + flow  # grid_sample wants (x, y)
     grid = grid[:, None].expand(t, n, h, w, 2).reshape(t * n, h, w, 2)
     out = F.grid_sample(x.reshape(t * n, c, h, w), grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -83,21 +84,62 @@ def _other_rows(y: torch.Tensor, targets: list[int], n: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def invert_warps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], *, steps: int, lr: float,
-                 per_class: int, cost: float, grid: int, group: int,
-                 progress: Callable[[int, int], None] | None = None) -> Warps:
+def invert_warps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: list[int],
+    *,
+    steps: int,
+    lr: float,
+    per_class: int,
+    cost: float,
+    grid: int,
+    group: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Warps:
     """A warp per target, `group` targets per batch (a GPU out of memory halves the group, as for classes)."""
-    control = torch.cat(in_class_groups(
-        lambda sl: _invert(model, x, y, targets[sl], steps=steps, lr=lr, per_class=per_class, cost=cost, grid=grid,
-                           progress=slice_progress(progress, sl, len(targets))), len(targets), group))
+    control = torch.cat(
+        in_class_groups(
+            lambda sl: _invert(
+                model,
+                x,
+                y,
+                targets[sl],
+                steps=steps,
+                lr=lr,
+                per_class=per_class,
+                cost=cost,
+                grid=grid,
+                progress=slice_progress(progress, sl, len(targets)),
+            ),
+            len(targets),
+            group,
+        )
+    )
     with torch.no_grad():
-        displacement = pixel_fields(control, x.shape[-2:]).norm(dim=1).flatten(1).mean(1)
-    return Warps(targets=list(targets), control=control, displacement=displacement.cpu().numpy(),
-                 asr=warp_success(model, x, y, targets, control))
+        displacement = pixel_fields(control, (x.shape[-2], x.shape[-1])).norm(dim=1).flatten(1).mean(1)
+    return Warps(
+        targets=list(targets),
+        control=control,
+        displacement=displacement.cpu().numpy(),
+        asr=warp_success(model, x, y, targets, control),
+    )
 
 
-def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], *, steps: int, lr: float,
-            per_class: int, cost: float, grid: int, progress: Callable[[int, int], None]) -> torch.Tensor:
+def _invert(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: list[int],
+    *,
+    steps: int,
+    lr: float,
+    per_class: int,
+    cost: float,
+    grid: int,
+    progress: Callable[[int, int], None],
+) -> torch.Tensor:
     """The control grids (T, 2, grid, grid) of one group of targets."""
     rows = _other_rows(y, targets, per_class).to(x.device)
     wanted = torch.tensor(targets, device=x.device).repeat_interleave(per_class)
@@ -107,7 +149,7 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[in
     for step in range(steps):
         warped = apply_warp(xb, control)
         ce = F.cross_entropy(model(warped.flatten(0, 1)), wanted, reduction="none").view(len(targets), -1).mean(1)
-        size = pixel_fields(control, x.shape[-2:]).pow(2).flatten(1).mean(1)
+        size = pixel_fields(control, (x.shape[-2], x.shape[-1])).pow(2).flatten(1).mean(1)
         loss = (ce + cost * size).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,12 +159,13 @@ def _invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[in
 
 
 @torch.no_grad()
-def warp_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int],
-                 control: torch.Tensor) -> np.ndarray:
+def warp_success(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[int], control: torch.Tensor
+) -> np.ndarray:
     """Per target: the share of samples of other classes that its warp sends to it."""
     out = np.zeros(len(targets))
     for i, t in enumerate(targets):
-        warped = apply_warp(x, control[i:i + 1])[0]
+        warped = apply_warp(x, control[i : i + 1])[0]
         other = y != t
         out[i] = float((model(warped[other]).argmax(1) == t).float().mean()) if other.any() else 0.0
     return out

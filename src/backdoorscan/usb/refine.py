@@ -2,7 +2,7 @@
 
 Loss per class t: CE(f(x'), t) - SSIM(x, x') + ||mask||_1, Adam (lr 0.1, betas (0.5, 0.9)), batches taken from
 the samples in order. Where the UAP failed (success < theta) the paper's fallback is used:
-w0 * CE - SSIM + ||trigger||_1. The two stamping forms are in `triggers.py`; "paper" starts from trigger = v and
+w0 * CE - SSIM + ||trigger||_1. The two stamping forms are in `perturb/triggers.py`; "paper" starts from trigger = v and
 mask = 1, so the first x' is x + v; "blend" starts from mask = |v| and pattern = 1 where v > 0, else 0, which
 approximates x + v.
 
@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .choices import Form, MaskCost, check_choice
-from .cost import CostSchedule
+from ..core.choices import Form, MaskCost, check_choice
+from ..perturb.cost import CostSchedule
+from ..perturb.triggers import Refined, stamp, stamped_success, trigger_size
 from .ssim import ssim
-from .triggers import Refined, stamp, stamped_success, trigger_size
 
 
 def initial(v: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,10 +35,24 @@ def initial(v: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
     return (v > 0).float(), v.abs().clamp(0, 1)
 
 
-def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, v: torch.Tensor,
-           failed: torch.Tensor, *, form: Form, steps: int, lr: float, batch: int, betas: tuple[float, float],
-           w0: float, mask_cost: MaskCost, init_cost: float,
-           progress: Callable[[int, int], None] | None = None) -> Refined:
+def refine(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor,
+    v: torch.Tensor,
+    failed: torch.Tensor,
+    *,
+    form: Form,
+    steps: int,
+    lr: float,
+    batch: int,
+    betas: tuple[float, float],
+    w0: float,
+    mask_cost: MaskCost,
+    init_cost: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> Refined:
     """Alg. 2 for every class in `targets` at once, from the UAPs v (K, C, H, W); the knobs are `ScanSettings`'."""
     check_choice("form", form, Form)
     check_choice("mask cost", mask_cost, MaskCost)
@@ -49,8 +63,9 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Te
     k, n = len(targets), x.shape[0]
     ce_weight = torch.where(failed, torch.full_like(v[:, 0, 0, 0], w0), torch.ones_like(v[:, 0, 0, 0]))
     lo = -1.0 if form == "paper" else 0.0
-    schedule = None if mask_cost == "fixed" else CostSchedule.start(k, init=init_cost, epoch=n // batch,
-                                                                      device=x.device)
+    schedule = (
+        None if mask_cost == "fixed" else CostSchedule.start(k, init=init_cost, epoch=n // batch, device=x.device)
+    )
     if schedule is not None:  # the smallest working trigger so far (the schedule says which are better)
         kept_trigger, kept_mask = trigger.detach().clone(), mask.detach().clone()
     for step in range(steps):

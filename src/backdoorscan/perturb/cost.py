@@ -10,6 +10,7 @@ does not do: the diffuse low mask values it leaves add up over the image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,10 +31,14 @@ class CostSchedule:
         self._up, self._down, self._hits, self._seen, self._steps = zeros, zeros.clone(), zeros.clone(), 0, 0
 
     @classmethod
-    def start(cls, k: int, *, init: float, epoch: int, device: torch.device, **rule: float) -> CostSchedule:
+    def start(cls, k: int, *, init: float, epoch: int, device: torch.device, **rule: Any) -> CostSchedule:
         """A schedule for `k` classes at weight `init`, deciding every `epoch` steps (`rule`: goal, patience, up)."""
-        return cls(cost=torch.full((k,), init, device=device), best=torch.full((k,), float("inf"), device=device),
-                   epoch=max(1, epoch), **rule)
+        return cls(
+            cost=torch.full((k,), init, device=device),
+            best=torch.full((k,), float("inf"), device=device),
+            epoch=max(1, epoch),
+            **rule,
+        )
 
     @torch.no_grad()
     def step(self, hits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -50,7 +55,7 @@ class CostSchedule:
         self._up = torch.where(good, self._up + 1, torch.zeros_like(self._up))
         self._down = torch.where(good, torch.zeros_like(self._down), self._down + 1)
         self.cost = torch.where(self._up >= self.patience, self.cost * self.up, self.cost)
-        self.cost = torch.where(self._down >= self.patience, self.cost / self.up ** 1.5, self.cost)
+        self.cost = torch.where(self._down >= self.patience, self.cost / self.up**1.5, self.cost)
         self._up = torch.where(self._up >= self.patience, torch.zeros_like(self._up), self._up)
         self._down = torch.where(self._down >= self.patience, torch.zeros_like(self._down), self._down)
         self._hits, self._seen = torch.zeros_like(self._hits), 0

@@ -21,8 +21,11 @@ def printable(text: object, keep_newlines: bool = False) -> str:
     """`text` with every control or invisible character written as a visible escape (`\\x1b`, `\\u202e`)."""
     out = []
     for ch in str(text):
-        if (ch == "\n" and keep_newlines) or ch == " " or (ch.isprintable()
-                                                           and unicodedata.category(ch) not in _UNSAFE_CATEGORIES):
+        if (
+            (ch == "\n" and keep_newlines)
+            or ch == " "
+            or (ch.isprintable() and unicodedata.category(ch) not in _UNSAFE_CATEGORIES)
+        ):
             out.append(ch)
         else:
             code = ord(ch)

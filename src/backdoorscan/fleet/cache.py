@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .digest import tree_digest
-from .errors import ScanError
+from .. import __version__
+from ..core.digest import tree_digest
+from ..core.errors import ScanError
 
 ENV = "BACKDOORSCAN_CACHE_DIR"
 
@@ -56,9 +56,14 @@ class ResultCache:
 
     def key(self, entry, run: dict[str, Any]) -> str:
         """The key of one fleet entry scanned with these run options."""
-        parts = {"version": __version__, "model": self._digest(entry.checkpoint), "data": self._digest(entry.data),
-                 "loading": _plain(entry.model), "settings": resolved_settings(entry.settings),
-                 "device": str(run.get("device", "auto"))}
+        parts = {
+            "version": __version__,
+            "model": self._digest(entry.checkpoint),
+            "data": self._digest(entry.data),
+            "loading": _plain(entry.model),
+            "settings": resolved_settings(entry.settings),
+            "device": str(run.get("device", "auto")),
+        }
         labels = entry.model.get("labels")
         if labels:
             parts["labels"] = self._digest(Path(labels))
@@ -66,7 +71,7 @@ class ResultCache:
 
     def get(self, key: str) -> Hit | None:
         """The cached result for a key, or None (absent or damaged)."""
-        from .report.writer import read_tree
+        from ..report.writer import read_tree
 
         where = self.folder / key
         try:
@@ -77,7 +82,7 @@ class ResultCache:
 
     def put(self, key: str, exit_code: int, report: dict[str, Any], files: dict[str, bytes]) -> None:
         """Store a result; a cache that cannot be written is skipped (the scan's result stands)."""
-        from .report.writer import atomic_output_dir, write_tree
+        from ..report.writer import atomic_output_dir, write_tree
 
         where = self.folder / key
         try:
@@ -94,12 +99,15 @@ def resolved_settings(given: dict[str, Any]) -> dict[str, Any]:
     """Every scan setting with its value for this run (defaults included): a changed default changes the key."""
     from dataclasses import asdict
 
-    from .settings import ScanSettings
+    from ..core.settings import ScanSettings
 
     return _plain(asdict(ScanSettings(**given)))
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
     """Options as JSON-able values (paths as strings), for the key."""
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in sorted(values.items()) if v is not None}
+    return {
+        k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+        for k, v in sorted(values.items())
+        if v is not None
+    }

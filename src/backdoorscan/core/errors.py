@@ -38,6 +38,6 @@ INCONCLUSIVE_EXIT = ExitCode.INCONCLUSIVE
 
 
 class Inconclusive(ScanError):
-    """The model loaded but could not be measured (see `evidence.py`); the CLI prints one line and exits 3."""
+    """The model loaded but could not be measured (see `loading/evidence.py`); the CLI prints one line and exits 3."""
 
     exit_code = INCONCLUSIVE_EXIT

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .choices import Form, check_choice
-from .perturb.uap import success_rates
+from ..core.choices import Form, check_choice
+from .evaluate import success_rates
 
 
 def stamp(x: torch.Tensor, trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch.Tensor:
@@ -35,8 +35,15 @@ def trigger_size(trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch
     return size.abs().flatten(1).sum(1)
 
 
-def stamped_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor,
-                    trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch.Tensor:
+def stamped_success(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    targets: torch.Tensor,
+    trigger: torch.Tensor,
+    mask: torch.Tensor,
+    form: Form,
+) -> torch.Tensor:
     """Per class t: share of samples not of class t that the stamped trigger sends to t."""
     return success_rates(model, y, targets, lambda sl: stamp(x, trigger[sl], mask[sl], form), x.shape[0])
 
@@ -54,6 +61,10 @@ class Refined:
     @staticmethod
     def concat(parts: list[Refined]) -> Refined:
         """One result from the results of class groups, in order."""
-        return Refined(trigger=torch.cat([p.trigger for p in parts]), mask=torch.cat([p.mask for p in parts]),
-                       l1=torch.cat([p.l1 for p in parts]), asr=torch.cat([p.asr for p in parts]),
-                       form=parts[0].form)
+        return Refined(
+            trigger=torch.cat([p.trigger for p in parts]),
+            mask=torch.cat([p.mask for p in parts]),
+            l1=torch.cat([p.l1 for p in parts]),
+            asr=torch.cat([p.asr for p in parts]),
+            form=parts[0].form,
+        )

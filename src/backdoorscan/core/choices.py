@@ -12,12 +12,12 @@ Method = Literal["usb", "nc"]  # the model scan: USB (the paper) or Neural Clean
 FilterMethod = Literal["uap", "strip"]  # the screening: Xue et al.'s UAP rule or STRIP (baseline)
 Norm = Literal["l2", "linf"]  # the norm balls UAPs live in
 Solver = Literal["pgd", "deepfool"]  # how the untargeted UAP is computed
-Form = Literal["blend", "paper"]  # how a reversed trigger is stamped (see triggers.py)
-Evidence = Literal["combined", "refined", "uap"]  # the per-class size the decision reads (see decide.py)
+Form = Literal["blend", "paper"]  # how a reversed trigger is stamped (see perturb/triggers.py)
+Evidence = Literal["combined", "refined", "uap"]  # the per-class size the decision reads (see usb/decide.py)
 MaskCost = Literal["adaptive", "fixed"]  # Alg. 2's size penalty: the authors' code's schedule or Eq. (1)'s mean
-Refine = Literal["staged", "all"]  # refine stage-1 suspects and references, or every class (see staging.py)
+Refine = Literal["staged", "all"]  # refine stage-1 suspects and references, or every class (see usb/staging.py)
 Families = Literal["all", "universal+warp", "universal"]  # backdoor families a scan covers (see usb/families.py)
-Scale = Literal["log", "linear"]  # the anomaly index over log L1 or over L1 (see decide.py)
+Scale = Literal["log", "linear"]  # the anomaly index over log L1 or over L1 (see usb/decide.py)
 SandboxMode = Literal["auto", "on", "off"]  # Landlock where the kernel has it / required / never
 
 

@@ -44,27 +44,38 @@ def min_accuracy(num_classes: int) -> float:
     return min(0.95, 1.0 / num_classes + 0.2)
 
 
-def check_predictions(evidence: Evidence, pred: torch.Tensor, y: torch.Tensor | None, labels_from: str,
-                      k: int) -> None:
+def check_predictions(evidence: Evidence, pred: torch.Tensor, y: torch.Tensor | None, labels_from: str, k: int) -> None:
     """Accuracy of the predictions on labelled samples (or, unlabelled, that they are not one class)."""
     if y is not None and labels_from in ("file", "folders"):
         top = int(y.max()) if len(y) else -1
-        evidence.record("labels_within_output", top < k,
-                        f"the data's labels reach class {top}, but the model outputs only {k} classes "
-                        "(wrong data for this model?)", max_label=top, num_classes=k)
+        evidence.record(
+            "labels_within_output",
+            top < k,
+            f"the data's labels reach class {top}, but the model outputs only {k} classes (wrong data for this model?)",
+            max_label=top,
+            num_classes=k,
+        )
         if top < k:
             acc = float((pred.cpu() == y.cpu()).float().mean())
             need = min_accuracy(k)
-            evidence.record("clean_accuracy", acc >= need,
-                            f"clean accuracy on the labelled samples is {acc:.2f}, not above chance "
-                            f"({1 / k:.2f}) by enough (needs {need:.2f}): wrong preprocessing (--mean/--std, "
-                            "--input-size), wrong data, or an untrained model", accuracy=round(acc, 4),
-                            required=round(need, 4))
+            evidence.record(
+                "clean_accuracy",
+                acc >= need,
+                f"clean accuracy on the labelled samples is {acc:.2f}, not above chance "
+                f"({1 / k:.2f}) by enough (needs {need:.2f}): wrong preprocessing (--mean/--std, "
+                "--input-size), wrong data, or an untrained model",
+                accuracy=round(acc, 4),
+                required=round(need, 4),
+            )
     else:
         share = float(torch.bincount(pred.cpu(), minlength=k).max()) / max(len(pred), 1)
-        evidence.record("prediction_spread", k < 3 or share <= 0.5,
-                        f"{share:.0%} of the unlabelled samples get one class: the model (or its preprocessing) "
-                        "does not tell the classes apart", largest_class_share=round(share, 4))
+        evidence.record(
+            "prediction_spread",
+            k < 3 or share <= 0.5,
+            f"{share:.0%} of the unlabelled samples get one class: the model (or its preprocessing) "
+            "does not tell the classes apart",
+            largest_class_share=round(share, 4),
+        )
 
 
 def check_gradients(evidence: Evidence, model: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> None:
@@ -75,15 +86,23 @@ def check_gradients(evidence: Evidence, model: nn.Module, x: torch.Tensor, pred:
             loss = F.cross_entropy(model(xs), pred[:GRADIENT_PROBE].to(x.device))
             (grad,) = torch.autograd.grad(loss, xs)
     except RuntimeError as exc:  # e.g. an output that does not require grad
-        evidence.record("input_gradient", False, f"the model gives no input gradient ({str(exc).splitlines()[0][:80]})"
-                        ": the scan's perturbations cannot be optimised", nonzero_share=0.0)
+        evidence.record(
+            "input_gradient",
+            False,
+            f"the model gives no input gradient ({str(exc).splitlines()[0][:80]})"
+            ": the scan's perturbations cannot be optimised",
+            nonzero_share=0.0,
+        )
         return
     per_sample = grad.flatten(1).abs().amax(1)
     share = float(((per_sample > 0) & torch.isfinite(per_sample)).float().mean())
-    evidence.record("input_gradient", share >= 0.5,
-                    f"the input gradient is zero on {1 - share:.0%} of samples (non-differentiable preprocessing "
-                    "such as rounding inside the model?): the scan's perturbations cannot be optimised",
-                    nonzero_share=round(share, 4))
+    evidence.record(
+        "input_gradient",
+        share >= 0.5,
+        f"the input gradient is zero on {1 - share:.0%} of samples (non-differentiable preprocessing "
+        "such as rounding inside the model?): the scan's perturbations cannot be optimised",
+        nonzero_share=round(share, 4),
+    )
 
 
 GRID_PROBE = 64  # samples for the input-grid check
@@ -93,30 +112,43 @@ GRID_TOLERANCE = 0.05  # largest median relative change of the logits within hal
 def check_grid(evidence: Evidence, model: nn.Module, x: torch.Tensor, seed: int = 0) -> None:
     """The model must answer the same on on-grid samples and on the same samples moved off the 8-bit grid by less
     than half a level; a model that tells them apart can show the scanner another network than the one deployed."""
-    if not getattr(getattr(model, "spec", None), "grid", None):
+    grid = getattr(getattr(model, "spec", None), "grid", None)
+    if not grid:
         return
     xs = x[:GRID_PROBE]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    jitter = ((torch.rand(xs.shape, generator=gen) - 0.5) * (0.9 / model.spec.grid)).to(xs.device)
+    jitter = ((torch.rand(xs.shape, generator=gen) - 0.5) * (0.9 / float(grid))).to(xs.device)
     with torch.no_grad():
         on = model(xs)
         off = model((xs + jitter).clamp(0, 1), on_grid=False)
     change = float(((off - on).flatten(1).norm(dim=1) / on.flatten(1).norm(dim=1).clamp_min(1e-6)).median())
     agree = float((off.argmax(1) == on.argmax(1)).float().mean())
-    evidence.record("input_grid", change <= GRID_TOLERANCE and agree >= 0.9,
-                    f"the model's logits change by {change:.0%} (predictions agree on {agree:.0%}) when the inputs "
-                    "move less than half a pixel level off the 8-bit grid: it tells the scanner's inputs from "
-                    "deployed ones", relative_logit_change=round(change, 6), agreement=round(agree, 4))
+    evidence.record(
+        "input_grid",
+        change <= GRID_TOLERANCE and agree >= 0.9,
+        f"the model's logits change by {change:.0%} (predictions agree on {agree:.0%}) when the inputs "
+        "move less than half a pixel level off the 8-bit grid: it tells the scanner's inputs from "
+        "deployed ones",
+        relative_logit_change=round(change, 6),
+        agreement=round(agree, 4),
+    )
 
 
 def check_search(evidence: Evidence, uap_success: torch.Tensor | None, asr: torch.Tensor, asr_min: float) -> None:
     """After the scan: some targeted UAPs succeeded, and reversed triggers work for most classes."""
     if uap_success is not None:
         best = float(uap_success.max())
-        evidence.record("uap_success", best >= 0.1,
-                        f"no targeted UAP moved more than {best:.0%} of samples to its class: the scan measured "
-                        "nothing", best=round(best, 4))
+        evidence.record(
+            "uap_success",
+            best >= 0.1,
+            f"no targeted UAP moved more than {best:.0%} of samples to its class: the scan measured nothing",
+            best=round(best, 4),
+        )
     working = float((asr >= asr_min).float().mean())
-    evidence.record("trigger_success", working >= 0.5,
-                    f"reversed triggers reach ASR {asr_min:.2f} for only {working:.0%} of classes: the trigger sizes "
-                    "do not measure the classes", share_of_classes=round(working, 4))
+    evidence.record(
+        "trigger_success",
+        working >= 0.5,
+        f"reversed triggers reach ASR {asr_min:.2f} for only {working:.0%} of classes: the trigger sizes "
+        "do not measure the classes",
+        share_of_classes=round(working, 4),
+    )

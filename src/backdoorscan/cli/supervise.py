@@ -12,61 +12,24 @@ returns ends in exit 2 with one line; reports are written atomically, so none is
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
 
-from .choices import SandboxMode, check_choice
-from .errors import ExitCode, ScanError
-from .escape import relay_line
-from .safety import confine as confine_layers
-from .safety import sandbox
-from .safety.limits import Limits, start_watchdog
-
-if TYPE_CHECKING:
-    import torch
+from ..core.choices import SandboxMode, check_choice
+from ..core.errors import ExitCode, ScanError
+from ..core.escape import relay_line
+from ..safety import sandbox
+from ..safety.child import CHILD_ENV, DIED, child_environment, start_child, watching_tree
+from ..safety.limits import Limits
 
 DEFAULT_SANDBOX: SandboxMode = "auto"
-CHILD_ENV = confine_layers.CHILD_ENV
-DIED = "the scanning process died (status {code}); no verdict"
-
-
-def child_environment(writable: list[str] | None, scratch: str) -> dict[str, str]:
-    """The environment of a scanning child: an allowlist of the parent's variables (no tokens or secrets), a
-    private TMPDIR, and the folders it may write when it is to confine itself (None: it runs unconfined)."""
-    env = confine_layers.scrubbed_environment({"PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch})
-    if writable is not None:
-        env[CHILD_ENV] = json.dumps(writable)
-    return env
-
-
-def start_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """A scanning child in a session of its own, with no terminal: stdin closed, stdout and stderr pipes."""
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True, close_fds=True)
-
-
-@contextlib.contextmanager
-def watching_tree():
-    """While a child runs: this process adopts its orphans and hides its own /proc files; afterwards whatever the
-    child left (its session, adopted daemons) is killed. Yields a function that ends the child's tree."""
-    confine_layers.become_subreaper()
-    before = confine_layers.children()
-    started: list[int] = []
-    with confine_layers.undumpable():
-        try:
-            yield started
-        finally:
-            for pid in started:
-                confine_layers.kill_tree(pid, before)
 
 
 def _argv_from_context(ctx) -> list[str]:
@@ -110,8 +73,9 @@ def _writable(dirs: list[Path | None], files: list[Path | None]) -> list[str]:
     return out
 
 
-def run_supervised(ctx, mode: SandboxMode, limits: Limits, dirs: list[Path | None], files: list[Path | None],
-                   console: Console) -> int | None:
+def run_supervised(
+    ctx, mode: SandboxMode, limits: Limits, dirs: list[Path | None], files: list[Path | None], console: Console
+) -> int | None:
     """In the parent: run the command in a sandboxed child and return its exit code. In the child, or when the
     sandbox is off or unavailable under `auto`: return None, and the caller scans in this process after `confine`.
     """
@@ -120,41 +84,12 @@ def run_supervised(ctx, mode: SandboxMode, limits: Limits, dirs: list[Path | Non
         return None
     if sandbox.landlock_abi() < 1:
         if mode == "on":
-            raise ScanError("--sandbox on: Landlock is not available on this system",
-                            hint="use --sandbox auto to scan without it (see docs/security.md)")
+            raise ScanError(
+                "--sandbox on: Landlock is not available on this system",
+                hint="use --sandbox auto to scan without it (see docs/security.md)",
+            )
         return None
     return _spawn(ctx, _writable(dirs, files), limits, console)
-
-
-def confine(mode: SandboxMode, limits: Limits, device: torch.device, threads: int | None = None) -> None:
-    """In the process that scans, before the model is opened: in a sandboxed child, Landlock, hard limits (memory
-    on CPU) and the seccomp filter, each recorded in `confine.LAYERS` (`--sandbox on` refuses a missing one);
-    in-process, a watchdog that ends the scan at the timeout.
-    """
-    layers = confine_layers.LAYERS
-    if os.environ.get(CHILD_ENV) is None:
-        layers.missing["all"] = "the scan runs in this process (--sandbox off, or no Landlock)"
-        start_watchdog(limits.timeout)
-        return
-    result = sandbox.apply(json.loads(os.environ[CHILD_ENV]))
-    _record(layers, "landlock", None if result.enforced else result.reason,
-            f"landlock ABI {result.abi}" + (" (TCP blocked)" if result.network_blocked else ""))
-    memory = None
-    if device.type == "cpu":
-        memory = confine_layers.address_space_bound(limits.memory_bytes(), threads or os.cpu_count() or 1)
-    _record(layers, "limits", confine_layers.hard_limits(memory),
-            "hard limits (no core files" + (f", address space {memory >> 20} MiB)" if memory else ")"))
-    _record(layers, "seccomp", confine_layers.install_seccomp(), "seccomp (no sockets, processes, ptrace, tty input)")
-    if mode == "on" and layers.missing:
-        raise ScanError(f"--sandbox on: {layers.describe()}",
-                        hint="use --sandbox auto to scan with the layers this kernel has (see docs/security.md)")
-
-
-def _record(layers: confine_layers.Layers, name: str, problem: str | None, label: str) -> None:
-    if problem is None:
-        layers.applied.append(label)
-    else:
-        layers.missing[name] = problem
 
 
 def _spawn(ctx, writable: list[str], limits: Limits, console: Console) -> int:
@@ -169,8 +104,10 @@ def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: 
     with watching_tree() as started:
         proc = start_child(argv, env)
         started.append(proc.pid)
-        relays = [threading.Thread(target=_relay, args=(pipe, sink), daemon=True)
-                  for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+        relays = [
+            threading.Thread(target=_relay, args=(pipe, sink), daemon=True)
+            for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+        ]
         for relay in relays:
             relay.start()
         try:
@@ -180,8 +117,13 @@ def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: 
             proc.wait()
             for relay in relays:
                 relay.join(5)
-            console.print(Text.assemble(("error: ", "bold red"), f"the scan ran past --timeout {limits.timeout:g} s "
-                                        "and was stopped; no report was written"), highlight=False)
+            console.print(
+                Text.assemble(
+                    ("error: ", "bold red"),
+                    f"the scan ran past --timeout {limits.timeout:g} s and was stopped; no report was written",
+                ),
+                highlight=False,
+            )
             return ExitCode.ERROR
         except KeyboardInterrupt:
             proc.kill()

@@ -35,8 +35,11 @@ def in_class_groups(fn: Callable[[slice], T], num: int, group: int | None = None
     return results
 
 
-def slice_progress(progress: Callable[[int, int], None] | None, sl: slice, num: int,
-                   ) -> Callable[[int, int], None]:
+def slice_progress(
+    progress: Callable[[int, int], None] | None,
+    sl: slice,
+    num: int,
+) -> Callable[[int, int], None]:
     """Progress of one slice's steps as a share of the whole phase (num items), in item-steps: one rising count
     to its end whatever the group size, also after an out-of-memory halving."""
 

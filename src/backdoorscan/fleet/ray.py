@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Any
 
-from .errors import ScanError
-from .fleet import Done, Outcome, Runner, run_child
+from ..core.errors import ScanError
+from .run import Done, Outcome, Runner, run_child
 
 EXTRA = "ray"
 
@@ -23,8 +23,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise ScanError("--ray needs Ray, which is not installed",
-                        hint=f"pip install 'backdoorscan[{EXTRA}]'") from exc
+        raise ScanError("--ray needs Ray, which is not installed", hint=f"pip install 'backdoorscan[{EXTRA}]'") from exc
     return ray
 
 
@@ -33,20 +32,29 @@ def ray_runner(address: str, sandbox: str, timeout: float, threads: int | None) 
     ray = _ray()
     try:
         if address == "local":
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR, configure_logging=False)
+            ray.init(
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                configure_logging=False,
+            )
         else:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
     except Exception as exc:
-        raise ScanError(f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:140] if str(exc) else ''})",
-                        hint="start one with `ray start --head`, or use --ray local") from exc
+        raise ScanError(
+            f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:140] if str(exc) else ''})",
+            hint="start one with `ray start --head`, or use --ray local",
+        ) from exc
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, threads or 1)
     task = ray.remote(num_cpus=cpus, num_gpus=1 if gpus else 0, max_retries=0)(run_child)
-    where = (f"Ray {'local instance' if address == 'local' else address}: {int(resources.get('CPU', 0))} CPUs, "
-             f"{gpus} GPUs; one task per model with {'1 GPU' if gpus else f'{cpus} CPU'}")
+    where = (
+        f"Ray {'local instance' if address == 'local' else address}: {int(resources.get('CPU', 0))} CPUs, "
+        f"{gpus} GPUs; one task per model with {'1 GPU' if gpus else f'{cpus} CPU'}"
+    )
 
     def run(jobs: list[list[str]], done: Done) -> None:
         try:

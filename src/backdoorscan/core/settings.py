@@ -37,7 +37,7 @@ class CommonSettings:
     def __post_init__(self) -> None:
         for name, tp in get_type_hints(type(self)).items():
             _check_type(name, getattr(self, name), tp)
-        for name, literal in _literals(type(self)).items():
+        for name, literal in _literals(type(self)).items():  # type: ignore[arg-type]
             check_choice(name.replace("_", " "), getattr(self, name), literal)
         self._check_ranges()
 
@@ -63,32 +63,56 @@ class ScanSettings(CommonSettings):
     batch_size: int = setting(16, "Samples per refinement step and class.")
     form: Form = setting("blend", "Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")
     w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
-    mask_cost: MaskCost = setting("fixed", "Alg. 2's size penalty: fixed (Eq. (1): the mask's mean L1) or "
-                                           "adaptive (the USB authors' code: a per-class L1 weight raised while the "
-                                           "trigger works, the smallest working trigger kept).")
+    mask_cost: MaskCost = setting(
+        "fixed",
+        "Alg. 2's size penalty: fixed (Eq. (1): the mask's mean L1) or "
+        "adaptive (the USB authors' code: a per-class L1 weight raised while the "
+        "trigger works, the smallest working trigger kept).",
+    )
     init_cost: float = setting(1e-3)  # the starting L1 weight of Neural Cleanse and of --mask-cost adaptive
-    evidence: Evidence = setting("combined", "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
-                                             "(combined: mean anomaly index). Neural Cleanse: its L1.")
-    threshold: float = setting(2.0, "Anomaly index above which a class is flagged, in a model of at most "
-                                    "--threshold-classes classes (raised for more; see docs/method.md).")
-    threshold_classes: int = setting(10, "Classes up to which --threshold holds as given; beyond, it is raised so "
-                                         "that a clean model is as likely to cross it (0: never raised).")
-    target_share: float = setting(0.5, "Flagged classes named as targets: those whose margin over the threshold "
-                                       "is at least this share of the largest (0: every flagged class).")
+    evidence: Evidence = setting(
+        "combined",
+        "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
+        "(combined: mean anomaly index). Neural Cleanse: its L1.",
+    )
+    threshold: float = setting(
+        2.0,
+        "Anomaly index above which a class is flagged, in a model of at most "
+        "--threshold-classes classes (raised for more; see docs/method.md).",
+    )
+    threshold_classes: int = setting(
+        10,
+        "Classes up to which --threshold holds as given; beyond, it is raised so "
+        "that a clean model is as likely to cross it (0: never raised).",
+    )
+    target_share: float = setting(
+        0.5,
+        "Flagged classes named as targets: those whose margin over the threshold "
+        "is at least this share of the largest (0: every flagged class).",
+    )
     scale: Scale = setting("log", "Anomaly index over log L1 (log) or L1 (linear, as in the papers).")
     asr_min: float = setting(0.5, "Share of clean samples a flagged class's trigger must move.")
-    max_ratio: float = setting(0.5, "Largest size / median size a flagged class may have (combined: geometric "
-                                    "mean of the two stages').")
-    refine: Refine = setting("staged", "Classes refined by Alg. 1 + 2: staged (stage-1 suspects and reference "
-                                       "classes; every class when there are few) or all (the paper's full scan).")
+    max_ratio: float = setting(
+        0.5, "Largest size / median size a flagged class may have (combined: geometric mean of the two stages')."
+    )
+    refine: Refine = setting(
+        "staged",
+        "Classes refined by Alg. 1 + 2: staged (stage-1 suspects and reference "
+        "classes; every class when there are few) or all (the paper's full scan).",
+    )
     suspects: int = setting(6, "Staged scan: classes with the smallest stage-1 UAPs, refined as suspects.")
-    references: int = setting(10, "Staged scan: further classes refined, at evenly spaced stage-1 ranks, to "
-                                  "estimate the median and MAD.")
-    class_group: int | None = setting(None, "Classes per batch (default: as many as the memory budget holds; "
-                                            "halved on GPU out-of-memory).")
-    families: Families = setting("all", "Backdoor families the scan covers: all (USB's universal triggers, "
-                                        "source-specific and all-to-all pairs, warps), universal+warp, or universal "
-                                        "(USB as published).")
+    references: int = setting(
+        10, "Staged scan: further classes refined, at evenly spaced stage-1 ranks, to estimate the median and MAD."
+    )
+    class_group: int | None = setting(
+        None, "Classes per batch (default: as many as the memory budget holds; halved on GPU out-of-memory)."
+    )
+    families: Families = setting(
+        "all",
+        "Backdoor families the scan covers: all (USB's universal triggers, "
+        "source-specific and all-to-all pairs, warps), universal+warp, or universal "
+        "(USB as published).",
+    )
     pair_steps: int = setting(100, "Pairs stage: Adam steps of each (source, target) patch inversion.")
     pair_samples: int = setting(12)  # pairs stage: clean samples of the source per pair
     pair_cost: float = setting(0.01)  # pairs stage: weight of the mask's L1 (pixels) against the cross-entropy
@@ -116,8 +140,18 @@ class ScanSettings(CommonSettings):
 
     def _check_ranges(self) -> None:
         super()._check_ranges()
-        _at_least_one(self, "steps", "batch_size", "max_passes", "suspects", "references", "pair_steps",
-                      "pair_samples", "warp_steps", "warp_grid")
+        _at_least_one(
+            self,
+            "steps",
+            "batch_size",
+            "max_passes",
+            "suspects",
+            "references",
+            "pair_steps",
+            "pair_samples",
+            "warp_steps",
+            "warp_grid",
+        )
         if self.threshold_classes < 0 or not 0 <= self.target_share <= 1:
             raise ScanError("threshold classes must not be negative and target share must be in [0, 1]")
         if self.class_group is not None and self.class_group < 1:
@@ -133,18 +167,23 @@ class FilterSettings(CommonSettings):
     """Knobs of the screening; defaults follow Xue et al. where they give one."""
 
     method: FilterMethod = setting("uap", "uap (Xue et al.) or strip (baseline).")
-    epsilon: float | None = setting(None, "L-inf radius of the UAP; default: the smallest that reaches the "
-                                          "fooling rate.")
+    epsilon: float | None = setting(
+        None, "L-inf radius of the UAP; default: the smallest that reaches the fooling rate."
+    )
     fooling_rate: float = setting(0.9, "Share of clean predictions the UAP must change.")
     solver: Solver = setting("pgd", "UAP solver: pgd (stochastic, batched) or deepfool (the UAP algorithm).")
     max_passes: int = setting(10, "Passes over the clean samples at most.")
     batch_size: int = setting(256, "Images per screening batch.")
     strip_frr: float = setting(0.1, "STRIP: false rejection rate on clean samples.")
     strip_blends: int = setting(32)  # STRIP: clean images blended with each screened one
-    class_survival: float = setting(0.2, "A class whose clean samples survive the UAP more often than this is "
-                                          "dominant: screened also with its own UAP and a margin (1: never).")
-    margin_share: float = setting(0.1, "Share of a dominant class's clean samples above the survival margin that "
-                                       "counts as a trigger.")
+    class_survival: float = setting(
+        0.2,
+        "A class whose clean samples survive the UAP more often than this is "
+        "dominant: screened also with its own UAP and a margin (1: never).",
+    )
+    margin_share: float = setting(
+        0.1, "Share of a dominant class's clean samples above the survival margin that counts as a trigger."
+    )
     concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
 
     def _check_ranges(self) -> None:
@@ -176,9 +215,15 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
         for item in value:
             _check_type(name, item, args[0])
         return
-    ok = (isinstance(value, int) and not isinstance(value, bool) if tp is int
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float
-          else isinstance(value, tp) if isinstance(tp, type) else True)
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool)
+        if tp is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is float
+        else isinstance(value, tp)
+        if isinstance(tp, type)
+        else True
+    )
     if not ok:
         raise ScanError(f"{label} must be {getattr(tp, '__name__', tp)}, not {type(value).__name__} {value!r}"[:160])
 

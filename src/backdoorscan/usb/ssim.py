@@ -17,7 +17,7 @@ def _band(n: int, g: torch.Tensor) -> torch.Tensor:
     k = g.numel()
     rows = torch.zeros(n - k + 1, n, device=g.device, dtype=g.dtype)
     for i in range(n - k + 1):
-        rows[i, i:i + k] = g
+        rows[i, i : i + k] = g
     return rows
 
 

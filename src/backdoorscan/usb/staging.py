@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..core.settings import ScanSettings
+from ..perturb import norm_of, targeted_uaps
 from .batching import in_class_groups
-from .perturb import norm_of, targeted_uaps
-from .settings import ScanSettings
 
 ROUNDS = (4, 32)  # samples each surviving class's stage-1 UAP has seen after each round
 KEEP_SHARE = 10  # 1 / KEEP_SHARE of the classes go on to the next round ...
@@ -39,8 +39,8 @@ class Staging:
     roles: list[str]  # per refined class: "all", "suspect" or "reference"
     weights: list[float]  # per refined class: how many classes it stands for in the median and MAD
     num_classes: int
-    screen_norms: list[float] | None = None  # (K,) stage-1 UAP norm per class
-    screen_samples: list[int] | None = None  # (K,) samples each class's stage-1 UAP saw
+    stage1_norms: list[float] | None = None  # (K,) stage-1 UAP norm per class
+    stage1_samples: list[int] | None = None  # (K,) samples each class's stage-1 UAP saw
     order: list[int] | None = None  # stage-1 ranking, most suspect first
     why: str = ""
 
@@ -50,32 +50,56 @@ class Staging:
 
     def to_dict(self) -> dict:
         """The report's `staging` object."""
-        out = {"mode": self.mode, "why": self.why, "refined": self.refined, "roles": self.roles,
-               "weights": [round(w, 4) for w in self.weights]}
+        out: dict[str, object] = {
+            "mode": self.mode,
+            "why": self.why,
+            "refined": self.refined,
+            "roles": self.roles,
+            "weights": [round(w, 4) for w in self.weights],
+        }
         if self.order is not None:
-            out["stage1"] = {"rounds": list(ROUNDS), "order": self.order,
-                             "uap_norms": [round(v, 4) for v in self.screen_norms or []],
-                             "samples": self.screen_samples}
+            out["stage1"] = {
+                "rounds": list(ROUNDS),
+                "order": self.order,
+                "uap_norms": [round(v, 4) for v in self.stage1_norms or []],
+                "samples": self.stage1_samples,
+            }
         return out
 
 
-def plan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, settings: ScanSettings, group: int,
-         progress: Callable[[int, int], None] | None = None) -> Staging:
+def choose_classes(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    settings: ScanSettings,
+    group: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Staging:
     """Stage 1 (when the settings and K call for it) and the classes stage 2 refines."""
     if settings.refine == "all":
         return _everything(k, "--refine all: the paper's full scan")
     if k <= settings.suspects + settings.references:
-        return _everything(k, f"{k} classes <= {settings.suspects} suspects + {settings.references} references: "
-                              "every class refined")
-    norms, seen = screen(model, x, y, k, settings, group, progress)
+        return _everything(
+            k, f"{k} classes <= {settings.suspects} suspects + {settings.references} references: every class refined"
+        )
+    norms, seen = stage_one(model, x, y, k, settings, group, progress)
     order = ranking(norms, seen)
     refined, roles, weights = select(order, settings.suspects, settings.references, settings.seed)
     weight = weights[-1]
-    return Staging(mode="staged", refined=refined, roles=roles, weights=weights, num_classes=k,
-                   screen_norms=[float(v) for v in norms], screen_samples=[int(s) for s in seen], order=order,
-                   why=f"stage 1 ranked all {k} classes by a targeted UAP on {ROUNDS[-1]} samples at most; refined "
-                       f"the {settings.suspects} smallest as suspects and {settings.references} references at evenly "
-                       f"spaced ranks, each standing for {weight:.1f} classes in the median and MAD")
+    return Staging(
+        mode="staged",
+        refined=refined,
+        roles=roles,
+        weights=weights,
+        num_classes=k,
+        stage1_norms=[float(v) for v in norms],
+        stage1_samples=[int(s) for s in seen],
+        order=order,
+        why=f"stage 1 ranked all {k} classes by a targeted UAP on {ROUNDS[-1]} samples at most; refined "
+        f"the {settings.suspects} smallest as suspects and {settings.references} references at evenly "
+        f"spaced ranks, each standing for {weight:.1f} classes in the median and MAD",
+    )
 
 
 def ranking(norms: np.ndarray, seen: np.ndarray) -> list[int]:
@@ -91,15 +115,25 @@ def select(order: list[int], suspects: int, references: int, seed: int) -> tuple
     step = len(rest) / references
     chosen = [rest[int((j + start) * step)] for j in range(references)]
     weight = len(rest) / references
-    return (top + chosen, ["suspect"] * len(top) + ["reference"] * len(chosen),
-            [1.0] * len(top) + [weight] * len(chosen))
+    return (
+        top + chosen,
+        ["suspect"] * len(top) + ["reference"] * len(chosen),
+        [1.0] * len(top) + [weight] * len(chosen),
+    )
 
 
-def screen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, settings: ScanSettings, group: int,
-           progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stage_one(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    settings: ScanSettings,
+    group: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Stage 1: per class, the norm of its targeted UAP after one Alg. 1 pass, and how many samples it saw."""
     gen = torch.Generator().manual_seed(settings.seed)
-    pick = torch.randperm(x.shape[0], generator=gen)[:ROUNDS[-1]].to(x.device)
+    pick = torch.randperm(x.shape[0], generator=gen)[: ROUNDS[-1]].to(x.device)
     v = torch.zeros(k, *x.shape[1:], device=x.device)
     norms = np.full(k, np.inf)
     seen = np.zeros(k, dtype=int)
@@ -114,11 +148,26 @@ def screen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, settings:
 
         def run(sl: slice, xs: torch.Tensor = xs, ys: torch.Tensor = ys, alive: torch.Tensor = alive):
             size, base = (sl.stop - sl.start) * len(xs), counter[0]
-            ticks = None if progress is None else (  # per sample, so that the ETA comes early on big models
-                lambda done, of: progress(base + size * done // max(of, 1), total))
-            u = targeted_uaps(model, xs, ys, alive[sl], p=settings.norm, delta=settings.delta, theta=1.0,
-                              max_passes=1, overshoot=settings.overshoot, max_iter=settings.deepfool_iter,
-                              v0=v[alive[sl]], progress=ticks)
+            ticks = (
+                None
+                if progress is None
+                # per sample, so that the ETA comes early on big models
+                else (lambda done, of: progress(base + size * done // max(of, 1), total))
+            )
+            u = targeted_uaps(
+                model,
+                xs,
+                ys,
+                alive[sl],
+                p=settings.norm,
+                delta=settings.delta,
+                theta=1.0,
+                max_passes=1,
+                overshoot=settings.overshoot,
+                max_iter=settings.deepfool_iter,
+                v0=v[alive[sl]],
+                progress=ticks,
+            )
             counter[0] += size
             if progress is not None:
                 progress(counter[0], total)

@@ -6,7 +6,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from .choices import Evidence, Scale, check_choice
+from ..core.choices import Evidence, Scale, check_choice
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -40,17 +40,22 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale, weights: Weight
     a target 10x below the median; linear is Neural Cleanse's and USB's original index.
     """
     check_choice("scale", scale, Scale)
-    norms = np.asarray(norms, dtype=np.float64)
+    values = np.asarray(norms, dtype=np.float64)
     if scale == "log":
-        norms = np.log(np.maximum(norms, 1e-12))
-    median = weighted_median(norms, weights)
-    mad = weighted_median(np.abs(norms - median), weights) * MAD_TO_SIGMA
+        values = np.log(np.maximum(values, 1e-12))
+    median = weighted_median(values, weights)
+    mad = weighted_median(np.abs(values - median), weights) * MAD_TO_SIGMA
     mad = max(mad, 1e-12 * max(abs(median), 1.0))
-    return (median - norms) / mad
+    return np.asarray((median - values) / mad)
 
 
-def class_evidence(l1: np.ndarray | list[float], uap_norms: np.ndarray | list[float] | None, evidence: Evidence,
-                   scale: Scale, weights: Weights = None) -> tuple[np.ndarray, np.ndarray]:
+def class_evidence(
+    l1: np.ndarray | list[float],
+    uap_norms: np.ndarray | list[float] | None,
+    evidence: Evidence,
+    scale: Scale,
+    weights: Weights = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly index and size ratio per class, from the refined triggers' L1, Alg. 1's UAP norms, or both.
 
     "combined" averages the two stages' anomaly indices (each against its own spread over the classes) and takes
@@ -73,15 +78,29 @@ def size_ratio(norms: np.ndarray | list[float], weights: Weights = None) -> np.n
     return norms / max(weighted_median(norms, weights), 1e-12)
 
 
-def flag_classes(norms: np.ndarray | list[float], asr: np.ndarray | list[float], *, threshold: float,
-                 asr_min: float, max_ratio: float, scale: Scale) -> tuple[np.ndarray, np.ndarray]:
+def flag_classes(
+    norms: np.ndarray | list[float],
+    asr: np.ndarray | list[float],
+    *,
+    threshold: float,
+    asr_min: float,
+    max_ratio: float,
+    scale: Scale,
+) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly index per class and which classes are flagged, from one per-class size (see `flag`)."""
     index = anomaly_index(norms, scale)
     return index, flag(index, size_ratio(norms), asr, threshold=threshold, asr_min=asr_min, max_ratio=max_ratio)
 
 
-def flag(index: np.ndarray, ratio: np.ndarray, asr: np.ndarray | list[float], *, threshold: float, asr_min: float,
-         max_ratio: float) -> np.ndarray:
+def flag(
+    index: np.ndarray,
+    ratio: np.ndarray,
+    asr: np.ndarray | list[float],
+    *,
+    threshold: float,
+    asr_min: float,
+    max_ratio: float,
+) -> np.ndarray:
     """Which classes are flagged: index above `threshold`, and past the guards (see `guards`)."""
     return (np.asarray(index) > threshold) & guards(ratio, asr, asr_min=asr_min, max_ratio=max_ratio)
 
