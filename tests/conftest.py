@@ -76,6 +76,7 @@ SLOW_MODULES = frozenset(
         "test_hostile",
         "test_mechanisms",
         "test_staged",
+        "test_gate",
     }
 )
 SLOW_TESTS = frozenset(
@@ -85,7 +86,13 @@ SLOW_TESTS = frozenset(
     }
 )
 FAST_IN_SLOW_MODULES = frozenset(
-    {  # pure functions inside otherwise slow modules
+    {
+        "test_class_folders_named_after_the_labels_are_mapped_by_name",
+        "test_bad_output_paths_are_refused_before_the_model_is_loaded",
+        "test_the_step_summary_is_appended_to_and_other_files_keep_a_normal_mode",
+        "test_sarif_points_at_files_relative_to_the_checkout_with_stable_fingerprints",
+        "test_threads_follow_the_cpus_the_process_may_use",
+        "test_settings_that_make_no_sense_are_refused",  # pure functions inside otherwise slow modules
         "test_log_progress_states_an_eta_at_most_every_interval",
         "test_shape_expression_grammar",
         "test_pickle_reader_sees_through_stack_tricks",

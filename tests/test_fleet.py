@@ -91,7 +91,9 @@ def test_sarif_is_valid_2_1_0_with_one_result_per_suspect_model(first_run):
     assert results[0]["properties"]["targetClasses"] == [4]
     assert results[0]["properties"]["anomalyIndex"]["4"] > 2
     assert results[0]["properties"]["report"].endswith("badnets.pt2")
-    assert results[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].endswith("badnets.pt2")
+    where = results[0]["locations"][0]["physicalLocation"]["artifactLocation"]
+    assert where["uri"].endswith("badnets.pt2") and ".." not in where["uri"].split("/")
+    assert set(results[0]["partialFingerprints"]) >= {"backdoorscanModel/v1", "modelSha256"}
     with pytest.raises(jsonschema.ValidationError):  # the schema is strict enough to catch a broken log
         jsonschema.validate({**log, "version": "2.0.0"}, json.loads(SCHEMA.read_text()))
 
@@ -111,6 +113,14 @@ def test_an_unchanged_model_comes_from_the_cache_and_a_changed_one_does_not(firs
     assert again_code == code and again[-1]["summary"]["cached"] == 2
     assert [r["classes"] for r in again[:-1]] == [r["classes"] for r in lines[:-1]]  # the same reports
     assert (tmp_path / "reports/badnets.pt2/report.json").exists()  # reports written from the cache too
+    # The same bytes elsewhere (another checkout): a hit, reported at the paths given now.
+    moved = shutil.copytree(models, tmp_path / "elsewhere")
+    _, there, _ = _fleet(
+        moved / "badnets.pt2", "--data", MNIST_TEST, "--out", tmp_path / "r2", "--cache-dir", out / "cache"
+    )
+    assert there[-1]["summary"]["cached"] == 1 and there[0]["model"]["path"] == str(moved / "badnets.pt2")
+    saved = json.loads((tmp_path / "r2/badnets.pt2/report.json").read_text())
+    assert saved["model"]["path"] == str(moved / "badnets.pt2") and saved["data"]["path"] == str(MNIST_TEST)
     # Other settings, or --no-cache, scan again.
     _, changed, _ = _fleet(
         models / "clean.pt2",
@@ -212,5 +222,5 @@ def test_the_github_action_is_valid_and_uses_real_options():
     assert done.returncode == 0, done.stdout + done.stderr
     text = (ROOT / "action.yml").read_text()
     help_text = " ".join(CliRunner().invoke(app, ["model", "--help"], terminal_width=200).output.split())
-    for flag in set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--quiet"}:
+    for flag in set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--quiet", "--extra-index-url"}:  # pip's
         assert flag in help_text, flag  # every option the action passes exists

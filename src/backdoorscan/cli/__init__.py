@@ -27,7 +27,7 @@ from ..core.errors import ExitCode, Inconclusive, ScanError
 from ..core.settings import FilterSettings, ScanSettings
 from ..safety.confine import CHILD_ENV
 from ..safety.limits import Limits
-from ..safety.paths import ensure_outside
+from ..safety.paths import check_outputs
 from . import options as opt
 from .supervise import run_supervised
 from .views import error_line, out
@@ -99,10 +99,17 @@ def _scan_here(
         return code, None, limits
     device = resolve_device(run["device"])
     confine_self(run["sandbox"], limits, device, run["threads"])
-    if run["threads"] is not None:
-        import torch
+    import torch
 
+    if run["threads"] is not None:
         torch.set_num_threads(max(1, run["threads"]))
+    elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # torch's default: every core of the host
+        from ..core.device import usable_cpus
+
+        threads, why = usable_cpus()
+        torch.set_num_threads(threads)
+        if not run["quiet"] and not run["as_json"]:
+            error_line("threads", f"{threads} ({why}; --threads to choose)", "dim")
     return None, device, limits
 
 
@@ -110,15 +117,23 @@ def _emit(
     result: Any, run: dict[str, Any], markdown: Path | None, to_markdown: Callable[[Any], str], show: Callable[[], None]
 ) -> int:
     """Write the Markdown summary, print JSON or the human view, and return the result's exit code."""
-    from ..report.writer import write_text_atomic
+    from ..report.writer import write_markdown
 
     if markdown is not None:
-        write_text_atomic(markdown, to_markdown(result))
-    if run["as_json"]:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        show()
+        write_markdown(markdown, to_markdown(result))
+    _reader_may_leave(lambda: print(json.dumps(result.to_dict(), indent=2)) if run["as_json"] else show())
     return result.exit_code
+
+
+def _reader_may_leave(write: Callable[[], object]) -> None:
+    """Print; a reader that stops early (`| head`) ends the output, not the verdict: no traceback, same exit code."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        os.close(devnull)
 
 
 def _version(value: bool) -> None:
@@ -166,7 +181,10 @@ def model(
     ] = None,
     cache_dir: Annotated[
         Path | None,
-        typer.Option(help="Fleet result cache (default: ~/.cache/backdoorscan or $BACKDOORSCAN_CACHE_DIR)."),
+        typer.Option(
+            help="Result cache (fleets use ~/.cache/backdoorscan or $BACKDOORSCAN_CACHE_DIR by default); given, "
+            "even one model is scanned as a fleet of one, its report under --out/NAME."
+        ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Scan every model of a fleet again.")] = False,
     ray: Annotated[
@@ -186,7 +204,7 @@ def model(
         from ..fleet.plan import is_fleet
 
         settings_values, model_values = opt.take(ScanSettings, options), opt.take(opt.model_options, options)
-        if is_fleet(paths, manifest) or ray is not None:
+        if is_fleet(paths, manifest) or ray is not None or cache_dir is not None:  # --cache-dir: a fleet of one
             return _fleet(
                 paths,
                 data,
@@ -228,8 +246,7 @@ def _single(
         raise ScanError("--data is needed: the clean samples to scan the model with")
     settings = ScanSettings(**settings_values)
     source = opt.model_source(checkpoint, model_values)
-    for target in (out_dir, markdown, sarif):
-        ensure_outside(target, data)
+    check_outputs([markdown, sarif], [out_dir], [data])
     code, device, limits = _scan_here(ctx, run, [out_dir], [markdown, sarif])
     if code is not None:
         return code
@@ -273,20 +290,21 @@ def _fleet(
     from ..fleet.plan import CHILD_RUN_KEYS, plan_fleet
     from ..fleet.run import scan_fleet
     from ..report.markdown import fleet_markdown
-    from ..report.writer import write_text_atomic
+    from ..report.writer import write_markdown
     from .views import fleet_progress, print_fleet
 
     given = {k: v for k, v in opt.model_values(model_values).items() if v not in (None, False)}
     chosen = {k: v for k, v in settings_values.items() if v != getattr(ScanSettings, k, None)}
     entries = plan_fleet(paths, data, given, chosen, manifest)
-    for target in (out_dir, markdown, sarif):
-        ensure_outside(target, *{e.data for e in entries})
+    check_outputs([markdown, sarif], [out_dir], list({e.data for e in entries}))
     runner, where = None, "local"  # scan_fleet's default: one child after another on this machine
     if ray is not None:
         from ..fleet.ray import ray_runner
 
         runner, where = ray_runner(ray, run["sandbox"], float(run["timeout"]), run["threads"])
     cache = None if no_cache else ResultCache(cache_dir)
+    if cache is not None:
+        cache.timeout = run["timeout"]  # the parent's hashing is bounded too
     with fleet_progress(len(entries), not run["quiet"] and not run["as_json"]) as on_item:
         result = scan_fleet(
             entries,
@@ -302,13 +320,17 @@ def _fleet(
 
         write_sarif(result, sarif)
     if markdown is not None:
-        write_text_atomic(markdown, fleet_markdown(result))
-    if run["as_json"]:
-        for item in result.items:
-            print(json.dumps(item.line()))
-        print(json.dumps(result.summary()))
-    else:
-        print_fleet(result)
+        write_markdown(markdown, fleet_markdown(result))
+
+    def show() -> None:
+        if run["as_json"]:
+            for item in result.items:
+                print(json.dumps(item.line()))
+            print(json.dumps(result.summary()))
+        else:
+            print_fleet(result)
+
+    _reader_may_leave(show)
     return result.exit_code
 
 
@@ -342,8 +364,7 @@ def filter_dataset_cmd(
 
         settings = FilterSettings(**opt.take(FilterSettings, options))
         source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
-        for target in (copy_to, out_dir, markdown, save_uap):
-            ensure_outside(target, inputs, clean)
+        check_outputs([markdown, save_uap], [out_dir, copy_to], [inputs, clean])
         code, device, limits = _scan_here(ctx, run, [out_dir, copy_to], [markdown, save_uap])
         if code is not None:
             return code

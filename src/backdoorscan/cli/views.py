@@ -128,33 +128,14 @@ def print_scan(scan: ModelScan, out_dir: Path | None) -> None:
         return
     name = Path(scan.model.get("path") or "model").name
     table = Table(title=escape(printable(f"{scan.settings.method.upper()} scan of {name}")))
+    from ..report.rows import class_columns, class_rows
+
     staged = scan.staging is not None and scan.staging.mode == "staged"
-    for col in (
-        "class",
-        *(("refined as", "stage-1 rank") if staged else ()),
-        "UAP success",
-        "UAP norm",
-        "L1 of v'",
-        "size / median",
-        "anomaly index",
-        "ASR",
-        "flagged",
-    ):
+    for col in class_columns(scan):
         table.add_column(col, justify="right")
-    for c in scan.classes:
-        style = "bold red" if c.flagged else None
-        table.add_row(
-            escape(printable(f"{c.cls}" + (f" {c.name}" if c.name else ""))),
-            *((c.role, str(c.stage1_rank)) if staged else ()),
-            "n/a" if c.uap_success is None else f"{c.uap_success:.2f}",
-            f"{c.uap_norm:.2f}",
-            f"{c.l1_norm:.2f}",
-            f"{c.size_ratio:.2f}",
-            f"{c.anomaly_index:.2f}",
-            f"{c.asr:.2f}",
-            c.flag_word,
-            style=style,
-        )
+    for c, cells in class_rows(scan):
+        label = escape(printable(f"{c.cls}" + (f" {c.name}" if c.name else "")))
+        table.add_row(label, *cells, style="bold red" if c.flagged else None)
     out.print(table)
     if staged and scan.staging is not None:
         out.print(
@@ -200,6 +181,10 @@ def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
         out.print(plain_text(covered_line(scan)), highlight=False)
         for line in finding_lines(scan):
             out.print(plain_text(line, style="red"), highlight=False)
+    from ..report.rows import note_lines
+
+    for line in note_lines(scan):
+        out.print(plain_text(f"note: {line}", style="yellow"), highlight=False)
     if scan.verdict == "backdoor":
         names = {c.cls: c.name for c in scan.classes}
         shown = ", ".join(f"{t} ({names[t]})" if names.get(t) else str(t) for t in scan.target_classes)
@@ -262,7 +247,8 @@ def fleet_progress(total: int, enabled: bool) -> Iterator[Callable | None]:
 
 def print_fleet(result) -> None:
     """The fleet's summary table: model, verdict, target classes, seconds, cached, and why a model has no verdict."""
-    table = Table(title=f"backdoorscan: {len(result.items)} models ({result.runner})")
+    count = len(result.items)
+    table = Table(title=f"backdoorscan: {count} model{'' if count == 1 else 's'} ({result.runner})")
     for col in ("model", "verdict", "target classes", "seconds", "cached", "report"):
         table.add_column(col)
     styles = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow", "error": "bold yellow"}

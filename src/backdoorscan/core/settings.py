@@ -158,8 +158,12 @@ class ScanSettings(CommonSettings):
             raise ScanError("class group must be at least 1")
         if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:
             raise ScanError("theta must be in (0, 1] and asr min in [0, 1]")
-        if self.max_ratio <= 0 or self.delta <= 0 or self.lr <= 0:
-            raise ScanError("max ratio, delta and lr must be positive")
+        if self.max_ratio <= 0 or self.delta <= 0 or self.lr <= 0 or self.warp_lr <= 0:
+            raise ScanError("max ratio, delta, lr and warp lr must be positive")
+        if not self.threshold > 0:  # an anomaly index above 0 is merely smaller than the median: every model
+            raise ScanError(f"threshold must be positive (the anomaly index, in MADs), not {self.threshold:g}")
+        if self.pair_cost < 0 or self.warp_cost < 0 or self.init_cost < 0:
+            raise ScanError("pair cost, warp cost and init cost must not be negative")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..core.digest import tree_digest
+from ..core.digest import files_digest, sha256_file
 from ..core.errors import ScanError
 
 ENV = "BACKDOORSCAN_CACHE_DIR"
@@ -47,12 +48,18 @@ class ResultCache:
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else default_dir()
         self._digests: dict[str, str] = {}  # one hash per path and run: a fleet shares its samples
+        self.timeout: float | None = None  # seconds the parent may spend hashing (the fleet's --timeout)
+        self._started = time.monotonic()
 
     def _digest(self, path: Path) -> str:
         key = str(Path(path).resolve())
         if key not in self._digests:
-            self._digests[key] = tree_digest(path)
+            self._digests[key] = loader_digest(Path(path), self.deadline())
         return self._digests[key]
+
+    def deadline(self) -> float | None:
+        """When the parent must stop hashing (its share of `--timeout`), as time.monotonic."""
+        return None if self.timeout is None else self._started + self.timeout
 
     def key(self, entry, run: dict[str, Any]) -> str:
         """The key of one fleet entry scanned with these run options."""
@@ -60,7 +67,7 @@ class ResultCache:
             "version": __version__,
             "model": self._digest(entry.checkpoint),
             "data": self._digest(entry.data),
-            "loading": _plain(entry.model),
+            "loading": _plain({k: v for k, v in entry.model.items() if k != "labels"}),  # labels: by content
             "settings": resolved_settings(entry.settings),
             "device": str(run.get("device", "auto")),
         }
@@ -76,7 +83,9 @@ class ResultCache:
         where = self.folder / key
         try:
             result = json.loads((where / "result.json").read_text())
-            return Hit(int(result["exit_code"]), result["report"], read_tree(where / "files"))
+            hit = Hit(int(result["exit_code"]), result["report"], read_tree(where / "files"))
+            os.utime(where)  # used now: pruning by age (the Action's 30 days) keeps what is still in use
+            return hit
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -111,3 +120,22 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
         for k, v in sorted(values.items())
         if v is not None
     }
+
+
+def loader_digest(path: Path, deadline: float | None = None) -> str:
+    """sha256 of what the loader will read, nothing else: a hub folder's config, preprocessing and weights; an image
+    folder's images; a file itself. Links that leave a folder and files that are not regular are refused, so the
+    parent never hashes `/proc` or a device."""
+    from ..loading.samples import IMAGE_EXTENSIONS
+    from ..safety.files import inside_folder
+
+    if not path.is_dir():
+        if not path.is_file():
+            raise ScanError("refused: not a regular file", path=path)
+        return sha256_file(path, deadline)
+    from ..loading.hub import folder_digest, is_hub_folder, read_hub_folder
+
+    if is_hub_folder(path):
+        return folder_digest(read_hub_folder(path), deadline)
+    files = [inside_folder(p, path) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return files_digest(path.resolve(), files, deadline)

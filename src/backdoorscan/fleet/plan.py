@@ -153,14 +153,13 @@ def read_manifest(path: Path, data: Path | None, model: dict[str, Any], settings
     arch = "resnet18"
     mean = [0.485, 0.456, 0.406]
     """
+    from ..safety.files import read_text_bounded
+
     path = Path(path)
-    if not path.is_file():
-        raise ScanError("manifest not found", path=path)
-    if path.stat().st_size > MANIFEST_LIMIT:
-        raise ScanError("refused: a manifest larger than 1 MiB", path=path)
+    text = read_text_bounded(path, MANIFEST_LIMIT, "manifest")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ScanError(f"not valid TOML ({str(exc)[:100]})", path=path) from exc
     models = doc.pop("model", None)
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):

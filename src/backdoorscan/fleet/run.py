@@ -215,7 +215,8 @@ def scan_fleet(
                 continue
             hit = cache.get(keys[i])
             if hit is not None:
-                items[i] = _finish(entry, hit.exit_code, hit.report, hit.files, 0.0, out, cached=True)
+                report, files = _here(entry, hit.report, hit.files)
+                items[i] = _finish(entry, hit.exit_code, report, files, 0.0, out, cached=True)
                 continue
         todo.append(i)
     if on_item is not None:
@@ -237,6 +238,24 @@ def scan_fleet(
     return FleetResult(items=[i for i in items if i is not None], seconds=time.perf_counter() - t0, runner=runner_name)
 
 
+def _here(entry: FleetEntry, report: dict, files: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
+    """A cached report as this run would have written it: the model and data at the paths given now (the same
+    content may have been scanned from another folder or checkout)."""
+    report = {**report}
+    if isinstance(report.get("model"), dict):
+        report["model"] = {**report["model"], "path": str(entry.checkpoint)}
+    if isinstance(report.get("data"), dict):
+        report["data"] = {**report["data"], "path": str(entry.data)}
+    if "report.json" in files:
+        try:
+            stored = json.loads(files["report.json"])
+            stored["model"], stored["data"] = report.get("model"), report.get("data")
+            files = {**files, "report.json": (json.dumps(stored, indent=2) + "\n").encode()}
+        except (ValueError, TypeError):
+            pass
+    return report, files
+
+
 def _item(entry: FleetEntry, outcome: Outcome, out: Path | None) -> FleetItem:
     """A child's outcome as a fleet item: its report written under `out`, or the one line that says why not."""
     report = None
@@ -248,6 +267,8 @@ def _item(entry: FleetEntry, outcome: Outcome, out: Path | None) -> FleetItem:
     if report is None:
         lines = [line for line in outcome.stderr.strip().splitlines() if line.strip()]
         why = lines[-1] if lines else f"exit {outcome.exit_code} without a report"
+        for label in ("error: ", "inconclusive: "):  # the child's own label: the fleet adds its own
+            why = why.removeprefix(label)
         code = ExitCode.ERROR if outcome.exit_code in (ExitCode.CLEAN, ExitCode.BACKDOOR) else outcome.exit_code
         return FleetItem(
             entry.name, str(entry.checkpoint), int(code), outcome.seconds, error=" ".join(why.split())[:400]

@@ -22,6 +22,7 @@ class Evidence:
 
     checks: dict[str, dict] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the data limited the scan, short of making it inconclusive
 
     @property
     def ok(self) -> bool:
@@ -42,6 +43,36 @@ class Evidence:
 def min_accuracy(num_classes: int) -> float:
     """Clean accuracy a usable model must reach: chance plus 20 points (0.3 for 10 classes)."""
     return min(0.95, 1.0 / num_classes + 0.2)
+
+
+MIN_CLASSES = 3  # classes the clean samples must cover: a scan compares classes (MAD over their trigger sizes)
+
+
+def check_coverage(evidence: Evidence, classes: torch.Tensor, labels_from: str, k: int) -> None:
+    """The samples' classes (their labels, else the model's predictions) must span several of the model's: with one
+    or two, every other class's trigger is measured on the same few images and the comparison means nothing."""
+    covered = int(torch.unique(classes.cpu()).numel()) if len(classes) else 0
+    need = min(k, MIN_CLASSES)
+    by = "labels" if labels_from in ("file", "folders") else "predicted classes"
+    evidence.record(
+        "class_coverage",
+        covered >= need,
+        f"the clean samples cover {covered} of the model's {k} classes (by their {by}); a scan compares classes "
+        f"and needs samples of at least {need}: give clean samples of every class",
+        covered=covered,
+        required=need,
+        num_classes=k,
+    )
+    if need <= covered < k:
+        evidence.notes.append(
+            f"the clean samples cover {covered} of {k} classes: pairs from the {k - covered} missing source "
+            "classes were not measured"
+        )
+    if labels_from == "predictions":
+        evidence.notes.append(
+            "the clean samples are unlabelled: their classes are the model's own predictions, so a backdoor's "
+            "effect on them goes unseen; labelled samples (class folders or y in an .npz) give a firmer verdict"
+        )
 
 
 def check_predictions(evidence: Evidence, pred: torch.Tensor, y: torch.Tensor | None, labels_from: str, k: int) -> None:

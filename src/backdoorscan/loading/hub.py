@@ -77,16 +77,18 @@ def is_hub_folder(path: Path) -> bool:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a hub folder, bounded in size, with NaN and infinities refused."""
+    from ..safety.files import inside_folder, read_text_bounded
+
     if not path.is_file():
         raise ScanError("file not found", path=path)
-    if path.stat().st_size > JSON_LIMIT:
-        raise ScanError(f"refused: larger than {JSON_LIMIT >> 20} MiB, too large for a config", path=path)
+    inside_folder(path, path.parent)
+    text = read_text_bounded(path, JSON_LIMIT, "JSON file")
 
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        value = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constant)
+        value = json.loads(text, parse_constant=no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ScanError(f"not valid JSON ({str(exc)[:100]})", path=path) from exc
     if not isinstance(value, dict):
@@ -109,7 +111,17 @@ def read_hub_folder(path: Path) -> HubFolder:
 
 
 def _weights(path: Path) -> list[Path]:
-    """The weight files, preferring safetensors; shards listed in an index must be plain names in the folder."""
+    """The weight files, preferring safetensors; shards listed in an index must be plain names in the folder; no
+    weight file may be a link out of the folder."""
+    from ..safety.files import inside_folder
+
+    files = _weight_files(path)
+    for file in files:
+        inside_folder(file, path)
+    return files
+
+
+def _weight_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
@@ -458,11 +470,11 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: HubF
         )
 
 
-def folder_digest(folder: HubFolder) -> str:
+def folder_digest(folder: HubFolder, deadline: float | None = None) -> str:
     """sha256 over the folder's config, preprocessing and weight files (names and contents), in a fixed order."""
     from ..core.digest import files_digest
 
     files = [folder.path / "config.json", *folder.weights]
     if (folder.path / "preprocessor_config.json").is_file():
         files.append(folder.path / "preprocessor_config.json")
-    return files_digest(folder.path, files)
+    return files_digest(folder.path, files, deadline)

@@ -29,15 +29,10 @@ def file_slug(name: str, limit: int = 40) -> str:
 
 def read_labels(path: Path) -> tuple[str, ...]:
     """`--labels FILE`: one name per line, or a JSON list, or a JSON object {"0": name, ...} naming every class."""
+    from ..safety.files import read_text_bounded
+
     path = Path(path)
-    if not path.is_file():
-        raise ScanError("labels file not found", path=path)
-    if path.stat().st_size > LABELS_LIMIT:
-        raise ScanError(f"refused: a labels file larger than {LABELS_LIMIT >> 20} MiB", path=path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ScanError("the labels file is not UTF-8 text", path=path) from exc
+    text = read_text_bounded(path, LABELS_LIMIT, "labels file")
     stripped = text.lstrip()
     if stripped[:1] in ("[", "{"):
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,9 @@ class SampleSet(Batch):
     labels_from: str = "none"  # "file", "folders" or "predictions"
     class_names: list[str] | None = None
     resized_from: tuple[int, int] | None = None  # the images' size when it differed from the model's (bilinear)
+    requested: int = 0  # samples asked for (--samples)
+    available: int = 0  # images in the source
+    skipped: list[str] = field(default_factory=list)  # files of the draw that could not be read
 
     @property
     def resize_note(self) -> str | None:
@@ -54,8 +57,23 @@ def to_model_format(images: np.ndarray | torch.Tensor, shape: tuple[int, int, in
         x = x.unsqueeze(-1)
     if x.ndim != 4:
         raise ScanError(f"images must be (N, H, W) or (N, H, W, C), got shape {tuple(x.shape)}")
+    if x.shape[-1] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):
+        raise ScanError(
+            f"images of shape {tuple(x.shape)} look channels-first (N, C, H, W)",
+            hint="store them channels-last, (N, H, W, C), e.g. x.transpose(0, 2, 3, 1)",
+        )
     x = x.permute(0, 3, 1, 2)
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    else:
+        x = x.float()
+        low, high = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+        if low < -1e-3 or high > 1 + 1e-3:  # 0-255 floats would be clipped to white without a word
+            raise ScanError(
+                f"float images must lie in [0, 1]; these span [{low:g}, {high:g}]",
+                hint="store uint8 (0-255) or divide float images by 255",
+            )
+        x = x.clamp(0, 1)
     c, h, w = shape
     if x.shape[1] == 4:
         x = x[:, :3]
@@ -103,6 +121,12 @@ class NpzSource:
             raise ScanError(f"cannot read the .npz ({exc})", path=path, hint="check the file") from exc
         if len(self.shape) not in (3, 4) or self.shape[0] == 0:
             raise ScanError(f"'x' has shape {self.shape}; expected (N, H, W) or (N, H, W, C) with N > 0", path=path)
+        if len(self.shape) == 4 and self.shape[3] not in (1, 3, 4) and self.shape[1] in (1, 3, 4):
+            raise ScanError(
+                f"'x' has shape {self.shape}: channels-first (N, C, H, W); the .npz layout is (N, H, W, C)",
+                path=path,
+                hint="store x.transpose(0, 2, 3, 1)",
+            )
         if self.y is not None and len(self.y) != self.shape[0]:
             raise ScanError(f"'y' has {len(self.y)} labels for {self.shape[0]} images", path=path)
 
@@ -228,7 +252,11 @@ def iter_images(
     if isinstance(source, NpzSource):
         for idx, block in source.blocks(chunk, rows):
             y = torch.from_numpy(source.y[idx]) if source.y is not None else None
-            yield Batch(to_model_format(block, shape), y, [str(i) for i in idx])
+            try:
+                x = to_model_format(block, shape)
+            except ScanError as exc:
+                raise ScanError(exc.message, path=source.path, hint=exc.hint) from exc
+            yield Batch(x, y, [str(i) for i in idx])
         return
     order = range(len(source)) if rows is None else sorted(int(r) for r in rows)
     images: list[np.ndarray] = []
@@ -295,7 +323,8 @@ def load_samples(
         rows, labels_from = balanced_rows(source.y, n, rng), ("file" if isinstance(source, NpzSource) else "folders")
     else:
         rows, labels_from = np.sort(rng.permutation(total)[: min(total, max(n * 4, n))]), "predictions"
-    batches = list(iter_images(source, shape, rows=rows))
+    skipped: list[str] = []
+    batches = list(iter_images(source, shape, rows=rows, skipped=skipped))
     if not batches:
         raise ScanError("no readable images", path=path, hint="check that the files are images")
     x = torch.cat([b.x for b in batches])
@@ -310,5 +339,41 @@ def load_samples(
     size = source.image_size()
     resized = size if size is not None and tuple(size) != tuple(shape[1:]) else None
     return SampleSet(
-        x=x, y=y, ids=ids, source=Path(path), labels_from=labels_from, class_names=source.classes, resized_from=resized
+        x=x,
+        y=y,
+        ids=ids,
+        source=Path(path),
+        labels_from=labels_from,
+        class_names=source.classes,
+        resized_from=resized,
+        requested=n,
+        available=total,
+        skipped=skipped,
     )
+
+
+def label_key(name: str) -> str:
+    """A class name as folders and label lists both spell it: case, spaces, '_' and '-' ignored."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+def map_folders_by_name(samples: SampleSet, labels: list[str]) -> str | None:
+    """Class folders named after the model's labels (`eight/`, `zero/`) take those labels' indices, not their
+    alphabetical rank. Returns a note when the folders are names that do not match the labels (None otherwise)."""
+    names = samples.class_names
+    if samples.labels_from != "folders" or names is None or samples.y is None or all(n.isdigit() for n in names):
+        return None
+    index = {label_key(label): i for i, label in enumerate(labels)}
+    if len(index) != len(labels):
+        return None  # labels that collide once normalised: no safe mapping by name
+    wanted = [index.get(label_key(n)) for n in names]
+    missing = [n for n, w in zip(names, wanted, strict=True) if w is None]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        return (
+            f"{len(missing)} class folder(s) ({shown}) match none of the model's label names; "
+            "folders were mapped to classes in alphabetical order"
+        )
+    lookup = torch.tensor([int(w) for w in wanted if w is not None], dtype=torch.int64)
+    samples.y = lookup[samples.y]
+    return None

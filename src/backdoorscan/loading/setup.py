@@ -17,11 +17,11 @@ from ..core.device import DEFAULT_DEVICE, resolve_device
 from ..core.errors import ScanError
 from ..perturb.evaluate import predict
 from ..safety.limits import Limits, call_with_timeout
-from .evidence import Evidence, check_gradients, check_grid, check_predictions
+from .evidence import Evidence, check_coverage, check_gradients, check_grid, check_predictions
 from .labels import clean_label
 from .models import LoadedModel, load_model
 from .preprocess import InputSpec, PixelModel, make_spec, probe_outputs
-from .samples import SampleSet, Source, load_samples, open_source
+from .samples import SampleSet, Source, load_samples, map_folders_by_name, open_source
 from .source import ModelSource
 
 
@@ -114,13 +114,30 @@ def prepare(
         return Prepared(model, loaded, None, None, dev, k, evidence, overrides=overrides)
     sample_set = load_samples(images, spec.shape, n=samples, seed=seed, predict=lambda x: predict(model, x.to(dev)))
     sample_set.x = sample_set.x.to(dev)
+    names = _labels(source, loaded, sample_set, k)
+    if source.labels is not None or (loaded is not None and loaded.hub is not None and loaded.hub.labels):
+        note = map_folders_by_name(sample_set, names or [])  # the model's own names: class folders map by them
+        if note is not None:
+            evidence.notes.append(note)
     pred = predict(model, sample_set.x)
     check_predictions(evidence, pred, sample_set.y, sample_set.labels_from, k)
+    check_coverage(evidence, sample_set.y if sample_set.y is not None else pred, sample_set.labels_from, k)
+    _sample_notes(evidence, sample_set)
     check_gradients(evidence, model, sample_set.x, pred)
     check_grid(evidence, model, sample_set.x, seed)
-    return Prepared(
-        model, loaded, sample_set, pred, dev, k, evidence, _labels(source, loaded, sample_set, k), overrides
-    )
+    return Prepared(model, loaded, sample_set, pred, dev, k, evidence, names, overrides)
+
+
+def _sample_notes(evidence: Evidence, samples: SampleSet) -> None:
+    """What the data held back: fewer samples than asked, files that could not be read."""
+    got = int(samples.x.shape[0])
+    if got < samples.requested:
+        evidence.notes.append(f"{got} clean samples used of the {samples.requested} asked (--samples)")
+    if samples.skipped:
+        evidence.notes.append(
+            f"{len(samples.skipped)} file(s) in the clean data could not be read and were left out "
+            f"(first: {samples.skipped[0]})"
+        )
 
 
 def _folder_preprocessing(

@@ -42,39 +42,23 @@ def scan_markdown(scan) -> str:
         # these lines are the tool's own words and numbers: nothing from the file, so no escaping to clutter them
         lines += [covered_line(scan)[0].upper() + covered_line(scan)[1:] + ".", ""]
         lines += [f"- {line}" for line in finding_lines(scan)] + ([""] if finding_lines(scan) else [])
+    from .rows import note_lines
+
+    if note_lines(scan):  # the data's limits: paths from the user's data appear in them, so escaped
+        lines += ["Notes on the data:", ""] + [f"- {md_text(line)}" for line in note_lines(scan)] + [""]
     staged = scan.staging is not None and scan.staging.mode == "staged"
     if staged:
         lines += [f"Staged scan: {scan.staging.why}. The other classes were ranked by stage 1 only.", ""]
     if scan.threshold_note:
         lines += [scan.threshold_note[0].upper() + scan.threshold_note[1:] + ".", ""]
-    extra = ("refined as", "stage-1 rank") if staged else ()
-    header = (
-        "class",
-        *extra,
-        "UAP success",
-        "UAP norm",
-        "L1 of reversed trigger",
-        "size / median",
-        "anomaly index",
-        "ASR",
-        "flagged",
-    )
+    from .rows import class_columns, class_rows
+
+    header = class_columns(scan)
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + ":---:|"]
-    for c in scan.classes:
-        success = "n/a" if c.uap_success is None else f"{c.uap_success:.2f}"
+    for c, cells in class_rows(scan):
         name = f"{c.cls} ({md_text(c.name)})" if c.name else str(c.cls)
-        cells = [
-            name,
-            *((c.role, str(c.stage1_rank)) if staged else ()),
-            success,
-            f"{c.uap_norm:.2f}",
-            f"{c.l1_norm:.2f}",
-            f"{c.size_ratio:.2f}",
-            f"{c.anomaly_index:.2f}",
-            f"{c.asr:.2f}",
-            f"**{c.flag_word}**" if c.target else c.flag_word,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        flag = f"**{cells[-1]}**" if c.target else cells[-1]
+        lines.append("| " + " | ".join([name, *cells[:-1], flag]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +91,8 @@ def fleet_markdown(result) -> str:
     """The whole fleet in one Markdown table (a CI job summary)."""
     s = result.summary()["summary"]
     head = (
-        f"### backdoorscan: {s['models']} models\n\n**{s['backdoor']} suspect**, {s['clean']} clean, "
+        f"### backdoorscan: {s['models']} model{'' if s['models'] == 1 else 's'}\n\n"
+        f"**{s['backdoor']} suspect**, {s['clean']} clean, "
         f"{s['inconclusive']} inconclusive, {s['error']} not scanned ({s['cached']} from the cache); "
         f"exit code {s['exit_code']}.\n"
     )

@@ -3,6 +3,8 @@ covers."""
 
 from __future__ import annotations
 
+from typing import Any
+
 FAMILY_NAMES = {
     "universal": "universal triggers (USB)",
     "pairs": "source-specific and all-to-all pairs",
@@ -10,9 +12,21 @@ FAMILY_NAMES = {
 }
 
 
+NOT_COVERED = "triggers a model recognises with non-differentiable logic (docs/method.md, Limits)"
+
+
 def covered_line(scan) -> str:
-    """Which backdoor families the verdict speaks for."""
-    return "families covered: " + ", ".join(FAMILY_NAMES[f] for f in scan.settings.covers)
+    """Which backdoor families the verdict speaks for, and what trigger inversion cannot see."""
+    return (
+        "families covered: "
+        + ", ".join(FAMILY_NAMES[f] for f in scan.settings.covers)
+        + f"; not covered: {NOT_COVERED}"
+    )
+
+
+def note_lines(scan) -> list[str]:
+    """How the data limited the scan (unlabelled samples, classes missing, files unread, fewer samples)."""
+    return list(scan.evidence.notes)
 
 
 def finding_lines(scan) -> list[str]:
@@ -36,3 +50,44 @@ def finding_lines(scan) -> list[str]:
                 f"warp: target {f.target} (mean displacement {f.size:.2f} px, index {f.index:.2f} > {f.threshold:.2f})"
             )
     return lines
+
+
+def class_columns(scan) -> list[str]:
+    """The per-class table's columns (terminal and Markdown)."""
+    staged = scan.staging is not None and scan.staging.mode == "staged"
+    return [
+        "class",
+        *(["refined as", "stage-1 rank"] if staged else []),
+        "UAP success",
+        "UAP norm",
+        "L1 of reversed trigger",
+        "size / median",
+        "anomaly index",
+        "ASR",
+        "flagged",
+    ]
+
+
+def class_rows(scan) -> list[tuple[Any, list[str]]]:
+    """(the class's result, its cells after the class cell) per refined class; Neural Cleanse has no Alg. 1, so its
+    UAP columns read n/a rather than zeros. The class cell is left to each renderer (names come from the file)."""
+    staged = scan.staging is not None and scan.staging.mode == "staged"
+    no_uap = scan.settings.method != "usb"
+    rows = []
+    for c in scan.classes:
+        rows.append(
+            (
+                c,
+                [
+                    *([c.role, str(c.stage1_rank)] if staged else []),
+                    "n/a" if c.uap_success is None else f"{c.uap_success:.2f}",
+                    "n/a" if no_uap else f"{c.uap_norm:.2f}",
+                    f"{c.l1_norm:.2f}",
+                    f"{c.size_ratio:.2f}",
+                    f"{c.anomaly_index:.2f}",
+                    f"{c.asr:.2f}",
+                    c.flag_word,
+                ],
+            )
+        )
+    return rows

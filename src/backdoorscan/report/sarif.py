@@ -8,7 +8,9 @@ never reads silence as clean. Clean models give no result.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +49,49 @@ RULES = [
 ]
 
 
-def _uri(path: str) -> str:
-    """A relative path stays relative (code scanning resolves it against the repository); others become file URIs."""
-    p = Path(path)
-    return p.as_posix() if not p.is_absolute() else p.as_uri()
+def source_root() -> Path:
+    """What `%SRCROOT%` stands for: the checkout (`$GITHUB_WORKSPACE` in a GitHub job), else the current folder."""
+    return Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
+
+
+def _model_file(path: Path) -> Path:
+    """The file that is the model: a hub folder is named by its weights file, which code scanning can show."""
+    if path.is_dir():
+        from ..loading.hub import WEIGHT_FILES
+
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def _location(path: str, root: Path) -> dict[str, Any]:
+    """A model's location relative to the source root (normalised, symbolic links resolved), or a file URI for a
+    model outside it."""
+    resolved = _model_file(Path(path)).resolve()
+    try:
+        artifact = {"uri": resolved.relative_to(root).as_posix(), "uriBaseId": "%SRCROOT%"}
+    except ValueError:
+        artifact = {"uri": resolved.as_uri()}
+    return {"physicalLocation": {"artifactLocation": artifact}}
+
+
+def _fingerprint(rule: str, location: dict[str, Any], sha: str | None) -> dict[str, str]:
+    """Stable across runs and machines: the rule, where the model is and what it is (its sha256 when known), so
+    that code scanning tracks one alert per model and closes it when the model changes."""
+    uri = location["physicalLocation"]["artifactLocation"]["uri"]
+    digest = hashlib.sha256(f"{rule}\0{uri}\0{sha or ''}".encode()).hexdigest()
+    return {"backdoorscanModel/v1": digest, **({"modelSha256": sha} if sha else {})}
 
 
 def fleet_sarif(result) -> dict[str, Any]:
     """The SARIF log of a `FleetResult`."""
     results = []
+    root = source_root()
     for item in result.items:
-        location = [{"physicalLocation": {"artifactLocation": {"uri": _uri(item.path)}}}]
+        where = _location(item.path, root)
+        location = [where]
+        sha = str((item.report or {}).get("model", {}).get("sha256") or "") or None
         if item.verdict == "backdoor":
             report = item.report
             names = {c["class"]: c.get("name") for c in report.get("classes", [])}
@@ -70,7 +104,7 @@ def fleet_sarif(result) -> dict[str, Any]:
                     "level": "error",
                     "message": {"text": f"Backdoor suspected in {Path(item.path).name}: target class(es) {targets}."},
                     "locations": location,
-                    "partialFingerprints": {"modelSha256": str(report.get("model", {}).get("sha256") or "")},
+                    "partialFingerprints": _fingerprint("BDS001", where, sha),
                     "properties": {
                         "targetClasses": item.targets,
                         "anomalyIndex": {str(t): index.get(t) for t in item.targets},
@@ -89,6 +123,7 @@ def fleet_sarif(result) -> dict[str, Any]:
                     "level": "warning",
                     "message": {"text": f"{Path(item.path).name} was not scanned to a verdict: {why}"},
                     "locations": location,
+                    "partialFingerprints": _fingerprint("BDS002", where, sha),
                     "properties": {"exitCode": item.exit_code, "report": item.report_dir},
                 }
             )
@@ -105,6 +140,7 @@ def fleet_sarif(result) -> dict[str, Any]:
                         "rules": RULES,
                     }
                 },
+                "originalUriBaseIds": {"%SRCROOT%": {"uri": root.as_uri() + "/"}},
                 "invocations": [{"executionSuccessful": result.exit_code in VERDICTS, "exitCode": result.exit_code}],
                 "results": results,
                 "properties": {"models": len(result.items), "cached": sum(i.cached for i in result.items)},

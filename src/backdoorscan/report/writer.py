@@ -17,18 +17,41 @@ from .images import to_image, trigger_grid, visible_perturbation
 from .markdown import scan_markdown
 
 
+def _file_mode(path: Path) -> int:
+    """An existing file's mode, else what a plain `open` would give (0666 less the umask), not mkstemp's 0600."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text through a temporary file in the same folder and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """A Markdown summary: appended when it is the job's `$GITHUB_STEP_SUMMARY` (GitHub collects each step's
+    additions, and earlier steps' summaries stay), else written atomically."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and Path(summary).resolve() == Path(path).resolve():
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(("\n" if fh.tell() else "") + text)
+        return
+    write_text_atomic(Path(path), text)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ a confined child.
 | `graph.py` | operator allowlists for TorchScript, exported programs and ONNX graphs, per overload |
 | `names.py` | names from a file are data: node, parameter and buffer names checked or renamed |
 | `limits.py` | `Limits` (memory, time, forward timeout), the watchdog, byte sizes |
-| `paths.py` | outputs never inside the inputs |
+| `paths.py` | outputs checked before a scan: never inside the inputs, writable |
+| `files.py` | reads bounded by bytes read (not `st_size`), regular files only, no link out of a model folder |
 | `child.py` | the scanning child: its environment, session and process tree; the layers it applies |
 | `confine.py` | namespaces, hard limits, seccomp, subreaper, the environment allowlist |
 | `sandbox.py` | Landlock: the child writes only its output folders |

@@ -100,6 +100,7 @@ class ModelScan:
             "margin": None if self.margin is None else round(self.margin, 4),
             "threshold": None if self.threshold is None else round(self.threshold, 4),
             "reasons": self.reasons,
+            "notes": self.evidence.notes,
             "evidence": self.evidence.checks,
             "model": self.model,
             "data": self.data,
