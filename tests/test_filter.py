@@ -92,6 +92,8 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
             "--json",
             "--device",
             "cpu",
+            "--samples",
+            "150",  # plumbing: a smaller clean draw than the default's 300
         ],
     )
     assert res.exit_code == 1, res.output
@@ -126,7 +128,7 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
     for stored in (uap_file, tmp_path / "out/uap.safetensors"):
         res = runner.invoke(
             app,
-            ["filter-dataset", str(BADNETS), "--uap", str(stored), "--input", str(one), "--json", "--device", "cpu"],
+            ["filter-dataset", str(BADNETS), "--uap", str(stored), "--input", str(one), "--json", "--sandbox", "off"],
         )
         assert res.exit_code == 1 and json.loads(res.stdout)["flagged"] == 1
     res = runner.invoke(
@@ -139,13 +141,15 @@ def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
             "--input",
             str(src / "batch_a/deep/img_0.png"),
             "--json",
-            "--device",
-            "cpu",
+            "--sandbox",
+            "off",  # the reuse of a UAP file is what this checks; the sandboxed path ran above
         ],
     )
     assert res.exit_code in (0, 1) and json.loads(res.stdout)["total"] == 1
     # ... and a UAP is refused for another model.
-    res = runner.invoke(app, ["filter-dataset", str(CLEAN), "--uap", str(uap_file), "--input", str(one)])
+    res = runner.invoke(
+        app, ["filter-dataset", str(CLEAN), "--uap", str(uap_file), "--input", str(one), "--sandbox", "off"]
+    )
     assert res.exit_code == 2 and "another model" in res.output
 
 

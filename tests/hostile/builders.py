@@ -387,14 +387,23 @@ attempt("shared_memory_64g", shared_memory)
 def write_outside():
     open(CANARY, "w").write("x")
 attempt("write_outside", write_outside)
-open(os.path.join(OUT, "probe.json"), "w").write(json.dumps(r))
+def write_output_folder():  # the --out folder: the parent writes it from the child's private copy, checked
+    open(os.path.join(OUT, "evil.sh"), "w").write("x")
+attempt("write_output_folder", write_output_folder)
+def write_beside_markdown():  # the folder of --markdown "$GITHUB_STEP_SUMMARY" holds GITHUB_ENV
+    open(os.path.join(MD_DIR, "GITHUB_ENV"), "a").write("BASH_ENV=/tmp/evil\n")
+attempt("write_beside_markdown", write_beside_markdown)
+print("PROBE " + json.dumps(r), flush=True)
 """
 
 
-def sandbox_probe(dst: Path, out: Path, canary: Path, unix_path: Path) -> Path:
+def sandbox_probe(dst: Path, out: Path, canary: Path, unix_path: Path, md_dir: Path) -> Path:
     """A full-module pickle (scanned only with --unsafe-allow-pickle) whose load tries each way out of the sandbox
-    and writes what happened to `out/probe.json`."""
-    code = f"OUT = {str(out)!r}\nCANARY = {str(canary)!r}\nUNIX_PATH = {str(unix_path)!r}\n" + SANDBOX_PROBE
+    and prints what happened on one line (`PROBE {json}`): it can write nowhere the test could read."""
+    code = (
+        f"OUT = {str(out)!r}\nCANARY = {str(canary)!r}\nUNIX_PATH = {str(unix_path)!r}\nMD_DIR = {str(md_dir)!r}\n"
+        + SANDBOX_PROBE
+    )
     torch.save(Probe(code), dst)
     return dst
 

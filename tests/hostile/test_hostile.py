@@ -255,6 +255,7 @@ def test_filter_without_clean_data_reports_an_applicable_reason(tmp_path):
     torch.manual_seed(0)
     model = b.Rounded(mnist_cnn().eval())
     ready = prepare(ModelSource(model), MNIST_TEST, samples=1, seed=0, device="cpu")
-    assert set(ready.evidence.failures) == {"clean_accuracy", "input_gradient"}  # accuracy does not apply here
+    # accuracy and class coverage (one sample) do not apply here
+    assert set(ready.evidence.failures) == {"clean_accuracy", "class_coverage", "input_gradient"}
     with pytest.raises(Inconclusive, match="input gradient is zero"):
         filter_dataset(model, None, MNIST_TEST, uap_file=tmp_path / "stored.safetensors", device="cpu")

@@ -98,7 +98,10 @@ def test_sandbox_probe_finds_every_way_out_closed(tmp_path, canary, monkeypatch)
     listener.bind(str(unix_path))
     listener.listen(1)
     monkeypatch.setenv("CI_TOKEN_FOR_TEST", "SECRET_SENTINEL")
-    evil = b.sandbox_probe(tmp_path / "probe.pt", out, canary, unix_path)
+    ci = tmp_path / "ci"  # as on a GitHub runner: the step summary beside GITHUB_ENV
+    ci.mkdir()
+    (ci / "GITHUB_ENV").write_text("")
+    evil = b.sandbox_probe(tmp_path / "probe.pt", out, canary, unix_path, ci)
     result = CliRunner().invoke(
         app,
         [
@@ -109,6 +112,8 @@ def test_sandbox_probe_finds_every_way_out_closed(tmp_path, canary, monkeypatch)
             "--unsafe-allow-pickle",
             "--out",
             str(out),
+            "--markdown",
+            str(ci / "summary.md"),
             "--sandbox",
             "on",
             "--max-memory",
@@ -120,10 +125,13 @@ def test_sandbox_probe_finds_every_way_out_closed(tmp_path, canary, monkeypatch)
     if "--sandbox on:" in result.output:
         pytest.skip(f"this kernel lacks a layer: {result.output.strip()}")
     assert result.exit_code in (2, 3), result.output
-    probe = json.loads((out / "probe.json").read_text())
+    line = next(line for line in result.output.splitlines() if line.startswith("PROBE "))
+    probe = json.loads(line.removeprefix("PROBE "))
     opened = {name: how for name, how in probe.items() if how == "succeeded" or how is True}
     assert not opened, f"ways out of the sandbox: {opened}"
     assert probe["tiocsti"].endswith(" 1"), probe  # EPERM from the filter, not ENOTTY from the device
+    assert {"write_output_folder", "write_beside_markdown"} <= set(probe)
+    assert (ci / "GITHUB_ENV").read_text() == "" and not (out / "evil.sh").exists()
     time.sleep(2.5)  # the daemon's delay: had it started, it would have written the canary by now
     assert not canary.exists()
 

@@ -29,7 +29,7 @@ from ..safety.confine import CHILD_ENV
 from ..safety.limits import Limits
 from ..safety.paths import check_outputs
 from . import options as opt
-from .supervise import run_supervised
+from .supervise import output_path, run_supervised
 from .views import error_line, out
 
 app = typer.Typer(
@@ -85,7 +85,11 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
 
 
 def _scan_here(
-    ctx: typer.Context, run: dict[str, Any], dirs: list[Path | None], files: list[Path | None]
+    ctx: typer.Context,
+    run: dict[str, Any],
+    dirs: list[Path | None],
+    files: list[Path | None],
+    copies: Path | None = None,
 ) -> tuple[int | None, Any, Limits]:
     """Supervise a sandboxed child (its exit code), or get this process ready to scan (None, the device); and the
     limits the run options set."""
@@ -94,7 +98,7 @@ def _scan_here(
     from .views import err
 
     limits = opt.limits(run)
-    code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err)
+    code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err, copies)
     if code is not None:
         return code, None, limits
     device = resolve_device(run["device"])
@@ -246,7 +250,7 @@ def _single(
         raise ScanError("--data is needed: the clean samples to scan the model with")
     settings = ScanSettings(**settings_values)
     source = opt.model_source(checkpoint, model_values)
-    check_outputs([markdown, sarif], [out_dir], [data])
+    check_outputs([markdown, sarif], [out_dir], [data], writable=os.environ.get(CHILD_ENV) is None)
     code, device, limits = _scan_here(ctx, run, [out_dir], [markdown, sarif])
     if code is not None:
         return code
@@ -254,7 +258,7 @@ def _single(
         scan = scan_model(source, data, settings=settings, device=device, progress=progress, limits=limits)
     scan.sandbox = LAYERS.to_dict()
     if out_dir is not None:
-        write_scan_report(scan, out_dir)
+        write_scan_report(scan, output_path(out_dir))
     if sarif is not None:
         from ..fleet.run import FleetItem, FleetResult
         from ..report.sarif import write_sarif
@@ -267,8 +271,8 @@ def _single(
             report=scan.to_dict(),
             report_dir=None if out_dir is None else str(out_dir),
         )
-        write_sarif(FleetResult([item]), sarif)
-    return _emit(scan, run, markdown, scan_markdown, lambda: print_scan(scan, out_dir))
+        write_sarif(FleetResult([item]), output_path(sarif))
+    return _emit(scan, run, output_path(markdown), scan_markdown, lambda: print_scan(scan, out_dir))
 
 
 def _fleet(
@@ -364,8 +368,10 @@ def filter_dataset_cmd(
 
         settings = FilterSettings(**opt.take(FilterSettings, options))
         source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
-        check_outputs([markdown, save_uap], [out_dir, copy_to], [inputs, clean])
-        code, device, limits = _scan_here(ctx, run, [out_dir, copy_to], [markdown, save_uap])
+        check_outputs(
+            [markdown, save_uap], [out_dir, copy_to], [inputs, clean], writable=os.environ.get(CHILD_ENV) is None
+        )
+        code, device, limits = _scan_here(ctx, run, [out_dir], [markdown, save_uap], copies=copy_to)
         if code is not None:
             return code
         with progress_bars(not run["quiet"]) as progress:
@@ -375,15 +381,15 @@ def filter_dataset_cmd(
                 inputs,
                 settings=settings,
                 uap_file=uap,
-                save_uap_to=save_uap,
-                copy_to=copy_to,
+                save_uap_to=output_path(save_uap),
+                copy_to=output_path(copy_to),
                 device=device,
                 progress=progress,
                 limits=limits,
             )
         if out_dir is not None:
-            write_filter_report(result, out_dir)
-        return _emit(result, run, markdown, filter_markdown, lambda: print_filter(result))
+            write_filter_report(result, output_path(out_dir))
+        return _emit(result, run, output_path(markdown), filter_markdown, lambda: print_filter(result))
 
     _run(run["debug"], body)
 

@@ -12,12 +12,15 @@ returns ends in exit 2 with one line; reports are written atomically, so none is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from rich.console import Console
 from rich.text import Text
@@ -61,20 +64,105 @@ def _relay(stream, sink) -> None:
         sink.flush()
 
 
-def _writable(dirs: list[Path | None], files: list[Path | None]) -> list[str]:
-    """Create the output folders (and the parents of output files) so that the sandbox can name them."""
-    out = []
-    for folder in [d for d in dirs if d is not None] + [f.parent for f in files if f is not None]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ScanError(f"cannot create the output folder ({exc.strerror})", path=folder) from exc
-        out.append(str(folder.resolve()))
-    return out
+OUTPUTS_ENV = "BACKDOORSCAN_OUTPUTS"  # in a sandboxed child: where each output is written instead (JSON)
+
+
+@dataclass
+class Outputs:
+    """The command's outputs and, for a sandboxed child, the private stand-ins it writes instead.
+
+    The child may write only its private folder: no output option makes a folder of the user's (or a CI runner's
+    `$GITHUB_ENV`) writable to it. The parent reads back what the child wrote, bounded and checked
+    (`safety.files.read_tree_bounded`: regular files, plain names, capped), and writes the real outputs itself.
+    """
+
+    folders: list[Path]  # --out, --copy-to (the last, when `copies`)
+    files: list[Path]  # --markdown, --sarif, --save-uap
+    copies: Path | None = None  # --copy-to: the screened images sorted into kept/ and flagged/
+    stand_in: dict[str, str] = field(default_factory=dict)  # real path -> private path
+
+    @staticmethod
+    def of(dirs: list[Path | None], files: list[Path | None], copies: Path | None = None) -> Outputs:
+        folders = [d for d in dirs if d is not None] + ([copies] if copies is not None else [])
+        return Outputs(folders, [f for f in files if f is not None], copies)
+
+    def assign(self, private: Path) -> None:
+        """A private stand-in for every output, below `private`."""
+        for i, path in enumerate([*self.folders, *self.files]):
+            self.stand_in[str(path)] = str(private / f"{i}-{path.name or 'out'}")
+
+    def deliver(self) -> None:
+        """Write the real outputs from what the child left in its stand-ins (absent: nothing is written)."""
+        from ..report.writer import atomic_output_dir, write_markdown, write_tree
+        from ..safety.files import OUTPUT_LIMIT, read_bounded, read_tree_bounded
+
+        for folder in self.folders:
+            private = Path(self.stand_in[str(folder)])
+            if private.is_dir():
+                files = read_tree_bounded(private)
+                _check_names(files, copies=folder == self.copies, folder=folder)
+                last = next((n for n in ("report.json", "manifest.json") if n in files), "")
+                with atomic_output_dir(folder, last) as stage:
+                    write_tree(stage, files)
+        for file in self.files:
+            private = Path(self.stand_in[str(file)])
+            if os.path.lexists(private):
+                data = read_bounded(private, OUTPUT_LIMIT, "output file", nofollow=True)
+                if file.suffix.lower() == ".md":
+                    write_markdown(file, data.decode("utf-8", errors="replace"))
+                else:
+                    _write_bytes_atomic(file, data)
+
+
+REPORT_SUFFIXES = (".json", ".md", ".png", ".csv", ".safetensors")  # what a report folder holds
+COPY_SUFFIXES = (".npz", ".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif")
+
+
+def _check_names(files: dict[str, bytes], copies: bool, folder: Path) -> None:
+    """Only what the command writes: a report folder's flat report files; --copy-to's kept/ and flagged/ images (or
+    kept.npz and flagged.npz). Anything else the child left (a script, a hidden file) refuses the whole output."""
+    for name in files:
+        parts = name.split("/")
+        if copies:
+            ok = parts[0] in ("kept", "flagged") or name in ("kept.npz", "flagged.npz")
+            ok = ok and name.lower().endswith(COPY_SUFFIXES)
+        else:
+            ok = len(parts) == 1 and name.lower().endswith(REPORT_SUFFIXES)
+        if not ok:
+            raise ScanError(f"refused: the scanning process left an unexpected file {name[:80]!r}", path=folder)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@overload
+def output_path(path: Path) -> Path: ...
+
+
+@overload
+def output_path(path: None) -> None: ...
+
+
+def output_path(path: Path | None) -> Path | None:
+    """Where this process writes an output: itself, or in a sandboxed child its private stand-in."""
+    if path is None:
+        return None
+    stand_in = json.loads(os.environ.get(OUTPUTS_ENV) or "{}")
+    return Path(stand_in.get(str(path), path))
 
 
 def run_supervised(
-    ctx, mode: SandboxMode, limits: Limits, dirs: list[Path | None], files: list[Path | None], console: Console
+    ctx,
+    mode: SandboxMode,
+    limits: Limits,
+    dirs: list[Path | None],
+    files: list[Path | None],
+    console: Console,
+    copies: Path | None = None,
 ) -> int | None:
     """In the parent: run the command in a sandboxed child and return its exit code. In the child, or when the
     sandbox is off or unavailable under `auto`: return None, and the caller scans in this process after `confine`.
@@ -89,18 +177,29 @@ def run_supervised(
                 hint="use --sandbox auto to scan without it (see docs/security.md)",
             )
         return None
-    return _spawn(ctx, _writable(dirs, files), limits, console)
+    return _spawn(ctx, Outputs.of(dirs, files, copies), limits, console)
 
 
-def _spawn(ctx, writable: list[str], limits: Limits, console: Console) -> int:
-    """Run the command in a child with a private temporary folder (torch's loaders need one); remove it after."""
+def _spawn(ctx, outputs: Outputs, limits: Limits, console: Console) -> int:
+    """Run the command in a child whose only writable folder is a private one (its temporary files and its
+    outputs' stand-ins), then write the outputs from what it left there; remove the folder after."""
     with tempfile.TemporaryDirectory(prefix="backdoorscan-") as scratch:
-        return _supervise(ctx, [*writable, scratch], scratch, limits, console)
+        outputs.assign(Path(scratch) / "outputs")
+        (Path(scratch) / "outputs").mkdir()
+        code = _supervise(ctx, [scratch], scratch, outputs, limits, console)
+        if code in (ExitCode.CLEAN, ExitCode.BACKDOOR, ExitCode.INCONCLUSIVE):
+            try:
+                outputs.deliver()
+            except ScanError as exc:
+                console.print(Text.assemble(("error: ", "bold red"), exc.one_line()), highlight=False)
+                return ExitCode.ERROR
+        return code
 
 
-def _supervise(ctx, writable: list[str], scratch: str, limits: Limits, console: Console) -> int:
+def _supervise(ctx, writable: list[str], scratch: str, outputs: Outputs, limits: Limits, console: Console) -> int:
     argv = [sys.executable, "-m", "backdoorscan", *_argv_from_context(ctx)]
     env = child_environment(writable, scratch)
+    env[OUTPUTS_ENV] = json.dumps(outputs.stand_in)
     with watching_tree() as started:
         proc = start_child(argv, env)
         started.append(proc.pid)

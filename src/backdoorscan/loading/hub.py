@@ -96,9 +96,54 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+_INFORMATIONAL = frozenset({"_name_or_path"})  # where the model was saved from: never read by a loader
+_NAMES = frozenset({"id2label", "label2id", "label_names"})  # class names: data shown escaped, never opened
+_DEPTH = 32  # nesting a config may have
+
+
+def _looks_like_path(value: str) -> bool:
+    return (
+        value.startswith(("/", "\\", "~", "file:"))
+        or "://" in value
+        or ".." in value.replace("\\", "/").split("/")
+        or (len(value) > 1 and value[1] == ":" and value[0].isalpha())  # C:
+    )
+
+
+def check_no_paths(value: Any, where: Path, key: str = "", depth: int = 0) -> None:
+    """Refuse a config that names a file, folder or URL anywhere (a loader could follow it: timm_wrapper passes
+    `model_args.checkpoint_path` to timm); `_name_or_path` is only informational."""
+    if depth > _DEPTH:
+        raise ScanError("refused: the config is nested too deeply", path=where)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if str(k) not in _INFORMATIONAL and not (depth == 0 and str(k) in _NAMES):
+                check_no_paths(v, where, f"{key}.{k}" if key else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_no_paths(v, where, f"{key}[{i}]", depth + 1)
+    elif isinstance(value, str) and _looks_like_path(value):
+        raise ScanError(f"refused: {clean_label(key, 60)} names a path or URL ({clean_label(value, 60)!r})", path=where)
+
+
+def plain_model_args(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """`model_args` as a builder may take them: plain values under keys that name no file, checkpoint or URL."""
+    args = config.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise ScanError("model_args is not an object", path=where)
+    for key, value in args.items():
+        if _FORBIDDEN_ARG.search(str(key)) or not isinstance(value, (int, float, str, bool)):
+            raise ScanError(
+                f"refused: model_args.{clean_label(key, 40)} is not a plain architecture setting", path=where
+            )
+    return {str(k): v for k, v in args.items()}
+
+
 def read_hub_folder(path: Path) -> HubFolder:
     """Tell a transformers folder from a timm folder and read what each declares (no extra needed yet)."""
     config = read_json(path / "config.json")
+    check_no_paths(config, path / "config.json")
+    plain_model_args(config, path / "config.json")  # timm folders and transformers' timm_wrapper pass them on
     if "model_type" in config:
         return _read_transformers(path, config)
     if isinstance(config.get("architecture"), str):
@@ -426,14 +471,7 @@ def _build_timm(folder: HubFolder, state: Callable[[], dict[str, torch.Tensor]])
             path=folder.path / "config.json",
             hint="upgrade timm if the model is newer than it",
         )
-    kwargs = {}
-    for key, value in (folder.config.get("model_args") or {}).items():
-        if _FORBIDDEN_ARG.search(str(key)) or not isinstance(value, (int, float, str, bool)):
-            raise ScanError(
-                f"refused: model_args.{clean_label(key, 40)} is not a plain architecture setting",
-                path=folder.path / "config.json",
-            )
-        kwargs[str(key)] = value
+    kwargs = plain_model_args(folder.config, folder.path / "config.json")
     kwargs["num_classes"] = folder.num_classes
     try:
         module = timm.create_model(folder.architecture, pretrained=False, **kwargs)

@@ -17,7 +17,14 @@ from ..core.device import DEFAULT_DEVICE, resolve_device
 from ..core.errors import ScanError
 from ..perturb.evaluate import predict
 from ..safety.limits import Limits, call_with_timeout
-from .evidence import Evidence, check_coverage, check_gradients, check_grid, check_predictions
+from .evidence import (
+    Evidence,
+    check_batch_sizes,
+    check_coverage,
+    check_gradients,
+    check_grid,
+    check_predictions,
+)
 from .labels import clean_label
 from .models import LoadedModel, load_model
 from .preprocess import InputSpec, PixelModel, make_spec, probe_outputs
@@ -80,7 +87,7 @@ def prepare(
     limits = limits or Limits()
     dev = resolve_device(device)
     if isinstance(source.checkpoint, nn.Module):
-        loaded, module, declared = None, source.checkpoint.eval().to(dev), None
+        loaded, module, declared = None, _eval(source.checkpoint).to(dev), None
         for param in module.parameters():
             param.requires_grad_(False)
     else:
@@ -125,7 +132,19 @@ def prepare(
     _sample_notes(evidence, sample_set)
     check_gradients(evidence, model, sample_set.x, pred)
     check_grid(evidence, model, sample_set.x, seed)
+    check_batch_sizes(evidence, model, sample_set.x)
     return Prepared(model, loaded, sample_set, pred, dev, k, evidence, names, overrides)
+
+
+def _eval(module: nn.Module) -> nn.Module:
+    """A module in eval mode; one from `torch.export` (refusing `.eval()`) is already in the mode it was exported in,
+    so a module holding one is put in eval mode part by part."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        for part in module.modules():
+            part.training = False  # the flag only: `train()` is what an exported module refuses
+        return module
 
 
 def _sample_notes(evidence: Evidence, samples: SampleSet) -> None:

@@ -79,17 +79,20 @@ def atomic_output_dir(out: Path, last: str) -> Iterator[Path]:
 
 
 def read_tree(folder: Path) -> dict[str, bytes]:
-    """A folder's regular files (relative name -> bytes): no symlinks, nothing hidden (staging leftovers)."""
-    folder = Path(folder)
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink() and not p.relative_to(folder).as_posix().startswith(".")
-    }
+    """A folder's regular files (relative name -> bytes), bounded (`safety.files.read_tree_bounded`): a child's
+    report folder or a cache entry, never trusted for its size, links or names."""
+    from ..safety.files import read_tree_bounded
+
+    return read_tree_bounded(Path(folder))
 
 
 def write_tree(folder: Path, files: dict[str, bytes]) -> None:
-    """Write `read_tree`'s files below a folder."""
+    """Write `read_tree`'s files below a folder; a name that would leave it (absolute, `..`) is refused."""
+    from ..safety.files import plain_relative
+
+    for rel in files:
+        if not plain_relative(rel):
+            raise ScanError(f"refused: a report file named {rel[:80]!r}", path=folder)
     for rel, data in files.items():
         (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
         (Path(folder) / rel).write_bytes(data)

@@ -10,11 +10,12 @@ from pathlib import Path
 from ..core.errors import ScanError
 
 
-def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """At most `limit` bytes of a regular file; a file with more is refused, whatever `st_size` says."""
+def read_bounded(path: Path, limit: int, what: str, nofollow: bool = False) -> bytes:
+    """At most `limit` bytes of a regular file; a file with more is refused, whatever `st_size` says. `nofollow`:
+    a link is refused rather than followed."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if nofollow else 0))
     except FileNotFoundError as exc:
         raise ScanError(f"{what} not found", path=path) from exc
     except OSError as exc:
@@ -58,3 +59,41 @@ def inside_folder(path: Path, folder: Path) -> Path:
 
 def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB" if n >= 1 << 10 else f"{n} bytes"
+
+
+OUTPUT_LIMIT = 256 << 20  # bytes a scanning child may hand back as report files (reports are a few MB)
+OUTPUT_FILES = 20_000  # files it may hand back
+
+
+def plain_relative(name: str) -> bool:
+    """A relative name below a folder: no absolute path, no `..`, no empty or hidden component."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p and p not in (".", "..") for p in parts)
+
+
+def read_tree_bounded(folder: Path, limit: int = OUTPUT_LIMIT, max_files: int = OUTPUT_FILES) -> dict[str, bytes]:
+    """A folder written by a scanning child, read by the parent: regular files only (a link or a device anywhere
+    is refused), names plain, at most `limit` bytes in all (bytes read, not sizes reported) and `max_files` files.
+    Hidden names (staging leftovers) are skipped."""
+    folder = Path(folder)
+    out: dict[str, bytes] = {}
+    total = 0
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name.startswith("."):
+                    continue
+                rel = Path(entry.path).relative_to(folder).as_posix()
+                if entry.is_symlink():
+                    raise ScanError(f"refused: the scanning process left a link in its output ({rel})", path=folder)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                    continue
+                if len(out) >= max_files:
+                    raise ScanError(f"refused: the scanning process left more than {max_files} files", path=folder)
+                data = read_bounded(Path(entry.path), limit - total, "report file", nofollow=True)
+                total += len(data)
+                out[rel] = data
+    return dict(sorted(out.items()))

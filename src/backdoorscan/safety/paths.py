@@ -53,10 +53,15 @@ def ensure_writable(target: str | Path | None, *, folder: bool = False) -> None:
         raise ScanError(f"cannot create the output {kind}: {parent} is not writable", path=path)
 
 
-def check_outputs(files: list[Path | None], folders: list[Path | None], inputs: list[Path | None]) -> None:
-    """Every output, before the model is loaded: outside the inputs and writable."""
+def check_outputs(
+    files: list[Path | None], folders: list[Path | None], inputs: list[Path | None], writable: bool = True
+) -> None:
+    """Every output, before the model is loaded: outside the inputs and (`writable`: where this process writes the
+    outputs itself, not a sandboxed child) writable."""
     for target in [*files, *folders]:
         ensure_outside(target, *inputs)
+    if not writable:
+        return
     for target in files:
         ensure_writable(target)
     for target in folders:
