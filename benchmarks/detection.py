@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backdoorlab.data import NUM_CLASSES
 from backdoorscan import ModelSource, ScanSettings, scan_model
 from backdoorscan.core.choices import Evidence, Form, MaskCost, Refine, Scale, choices
 from backdoorscan.core.device import resolve_device
@@ -108,7 +109,11 @@ def main() -> None:
                 rows.append(done[(model["name"], method)])
                 continue
             t = time.perf_counter()
-            source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"))
+            source = ModelSource(
+                zoo / model["file"],
+                arch=model.get("arch_ref"),
+                num_classes=NUM_CLASSES.get(meta["dataset"]) if model.get("arch_ref") else None,
+            )
             settings = ScanSettings(method=method, form=args.form, refine=args.refine, mask_cost=args.mask_cost)
             scan = scan_model(source, data, settings=settings, device=dev)
             target = model["attack"]["target"] if model["attack"] else None

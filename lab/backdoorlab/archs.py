@@ -131,6 +131,33 @@ def cifar_small_bn_norm(num_classes: int = 10) -> nn.Module:
     return Normalised(cifar_small_bn(num_classes), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 
 
+def bn_cnn4(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Four 3x3 conv layers with batch norm, two max-pools, two linear layers, for 32x32 inputs: the shape of the
+    small-data models trained elsewhere that passed as clean with 3x3 patches (issue 26)."""
+
+    def block(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(in_channels, 32),
+        *block(32, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        *block(64, 64),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def bn_cnn4_mnist_norm(num_classes: int = 10) -> nn.Module:
+    """bn_cnn4 with MNIST's mean and std applied to every RGB channel inside: a mismatched normalisation, as in
+    the model trained elsewhere."""
+    return Normalised(bn_cnn4(num_classes), (0.1307,) * 3, (0.3081,) * 3)
+
+
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "mnist_cnn": mnist_cnn,
     "mnist_cnn_bn": mnist_cnn_bn,
@@ -140,4 +167,6 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": cifar_resnet18,
     "mnist_cnn_norm": mnist_cnn_norm,
     "cifar_small_bn_norm": cifar_small_bn_norm,
+    "bn_cnn4": bn_cnn4,
+    "bn_cnn4_mnist_norm": bn_cnn4_mnist_norm,
 }

@@ -7,6 +7,7 @@ live in ../shared/data (see data/PROVENANCE.md); their absence is said clearly, 
 from __future__ import annotations
 
 import io
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from backdoorscan.loading import to_model_format
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 DATA = ROOT / "data"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("BACKDOORLAB_SHARED") or ROOT.parent / "shared" / "data")  # a copy, on a lent GPU
 BUNDLED_MNIST = {"train": DATA / "mnist/train_8000.npz", "test": DATA / "mnist/test_2000.npz"}
 BUNDLED_GTSRB = {"train": DATA / "gtsrb/train_14.npz", "test": DATA / "gtsrb/test_6.npz"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -106,11 +107,13 @@ def gtsrb(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 DATASETS = {"mnist": mnist, "cifar10": cifar10, "gtsrb": gtsrb}
-NUM_CLASSES = {"mnist": 10, "cifar10": 10, "gtsrb": 43}
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "gtsrb": 43, "cifar10_bn": 10, "gtsrb_bn": 43}
+ALIASES = {"cifar10_bn": "cifar10", "gtsrb_bn": "gtsrb"}  # recipe spaces on another space's data
 
 
 def dataset(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """`mnist`, `cifar10` or `gtsrb`, train or test, as [0, 1] (N, C, H, W) tensors and where they came from."""
+    name = ALIASES.get(name, name)
     if name not in DATASETS:
         raise SystemExit(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}")
     return DATASETS[name](split)

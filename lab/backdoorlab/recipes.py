@@ -29,6 +29,28 @@ SPACES = {
     },
     # 43 traffic-sign classes, 1,720 training images: many epochs; no flips (signs are not mirror-symmetric);
     # no safetensors (a weights file needs the architecture, whose default head has 10 classes)
+    # Issue 26: batch-norm CNNs trained elsewhere on small data with mismatched normalisation inside, long
+    # training, 2-3 px patches at 1-10 % poisoning; safetensors + architecture among the formats.
+    "cifar10_bn": {
+        "data": "cifar10",
+        "archs": ("bn_cnn4_mnist_norm", "bn_cnn4_mnist_norm", "bn_cnn4"),
+        "formats": ("pt2", "safetensors", "onnx"),
+        "train_sizes": (15000,),  # about 1,500 a class
+        "epochs": (20, 30),
+        "augment": ("none", "crop+flip"),
+        "kinds": ("badnets",),
+        "sizes": (2, 3),
+    },
+    "gtsrb_bn": {
+        "data": "gtsrb",
+        "archs": ("bn_cnn4_mnist_norm", "bn_cnn4_mnist_norm", "bn_cnn4"),
+        "formats": ("pt2", "safetensors", "onnx"),
+        "train_sizes": (1720,),  # 40 a class
+        "epochs": (30, 40),
+        "augment": ("crop", "none"),
+        "kinds": ("badnets",),
+        "sizes": (2, 3),
+    },
     "gtsrb": {
         "archs": ("cifar_small_bn", "cifar_small_bn_norm"),
         "formats": ("pt2", "onnx"),
@@ -79,7 +101,7 @@ def draw_recipes(dataset: str, n: int, seed: int = 7) -> list[Recipe]:
     out = []
     for i in range(n):
         optimiser = str(rng.choice(["sgd", "adam"]))
-        kind = None if i % 3 == 0 else str(rng.choice(["badnets", "badnets", "blend"]))
+        kind = None if i % 3 == 0 else str(rng.choice(space.get("kinds", ["badnets", "badnets", "blend"])))
         recipe = Recipe(
             name=f"{dataset}_{i:03d}",
             dataset=dataset,
@@ -96,7 +118,7 @@ def draw_recipes(dataset: str, n: int, seed: int = 7) -> list[Recipe]:
             aside=i % 4 == 3,
         )
         if kind == "badnets":
-            recipe.size = int(rng.integers(2, 6))
+            recipe.size = int(rng.choice(space.get("sizes", (2, 3, 4, 5))))
             recipe.position = str(rng.choice(["random", "corner", "centre"]))
             recipe.pattern = str(rng.choice(["solid", "random", "checkerboard"]))
             recipe.poison_rate = float(rng.choice([0.01, 0.03, 0.05, 0.1]))

@@ -248,7 +248,6 @@ def test_converted_onnx_graph_uses_the_same_allowlist():
 
 def test_filter_without_clean_data_reports_an_applicable_reason(tmp_path):
     from backdoorlab.archs import mnist_cnn
-    from backdoorscan.core.errors import Inconclusive
     from backdoorscan.loading import ModelSource, prepare
     from backdoorscan.screen.pipeline import filter_dataset
 
@@ -257,5 +256,7 @@ def test_filter_without_clean_data_reports_an_applicable_reason(tmp_path):
     ready = prepare(ModelSource(model), MNIST_TEST, samples=1, seed=0, device="cpu")
     # accuracy and class coverage (one sample) do not apply here
     assert set(ready.evidence.failures) == {"clean_accuracy", "class_coverage", "input_gradient"}
-    with pytest.raises(Inconclusive, match="input gradient is zero"):
-        filter_dataset(model, None, MNIST_TEST, uap_file=tmp_path / "stored.safetensors", device="cpu")
+    result = filter_dataset(model, None, MNIST_TEST, uap_file=tmp_path / "stored.safetensors", device="cpu")
+    assert result.verdict == "inconclusive" and result.exit_code == 3 and result.items == []
+    assert len(result.reasons) == 1 and "input gradient is zero" in result.reasons[0]  # only what applies
+    assert result.to_dict()["verdict"] == "inconclusive"

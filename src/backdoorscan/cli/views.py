@@ -204,7 +204,12 @@ def _floats(values: list[float] | None) -> str:
 
 
 def print_filter(result: FilterResult) -> None:
-    """The per-class table and the counts of a screening."""
+    """The per-class table and the counts of a screening (or why it is inconclusive)."""
+    if result.verdict == "inconclusive":
+        out.print(Text("verdict: INCONCLUSIVE (the screen could not measure this model)", style="bold yellow"))
+        for reason in result.reasons:
+            out.print(plain_text(f"  - {reason}"), highlight=False)
+        return
     table = Table(title=escape(printable(f"screening of {result.input}")))
     for col in ("predicted class", "images", "flagged", "expected without a trigger"):
         table.add_column(col, justify="right")

@@ -51,10 +51,20 @@ def targeted_uaps(
     v0: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> TargetedUAPs:
-    """USB Alg. 1 for every class in `targets` at once; y are the samples' labels (true or predicted).
+    """USB Alg. 1 (Xu, Ersoy, Picek, *Universal Soldier*, arXiv:2302.00747) for every class in `targets` at once.
 
-    The knobs are `ScanSettings`' (norm, delta, theta, max_passes, overshoot, deepfool_iter, stall); `v0` continues
-    UAPs already grown on other samples (the staged scan's rounds) instead of starting from zero.
+    | argument | meaning | `ScanSettings` |
+    |---|---|---|
+    | `x`, `y` | clean samples (N, C, H, W) in [0, 1] and their labels (true or predicted) | `samples` |
+    | `targets` | the classes to grow a targeted UAP for (the batch dimension) | |
+    | `p`, `delta` | the norm and radius of the ball each UAP is projected onto | `norm`, `delta` |
+    | `theta` | targeted success rate at which a class stops | `theta` |
+    | `max_passes`, `stall` | passes over x at most; stop a class whose rate rose less than `stall` in a pass | same |
+    | `overshoot`, `max_iter` | DeepFool's step scale (1 + overshoot) and iterations per sample | `deepfool_iter` |
+    | `v0` | UAPs already grown on other samples (the staged scan's rounds) to continue from | |
+    | `progress` | `(done, total)` sample steps | |
+
+    Returns the UAPs (K, C, H, W), their targeted success on x and the passes taken.
     """
     k = len(targets)
     v = torch.zeros(k, *x.shape[1:], device=x.device) if v0 is None else v0.clone()
@@ -113,7 +123,17 @@ def untargeted_uap(
     solver "deepfool" is the UAP algorithm the paper cites: sample by sample, a DeepFool step (L2, as in the
     UAP reference code) for each sample not yet fooled, then projection. solver "pgd" ascends a clipped margin
     loss over mini-batches with signed steps of epsilon / 10 (the stochastic UAP of Shafahi et al., 2020).
-    The v with the best fooling rate over the passes is returned. The knobs are `FilterSettings`'.
+    The v with the best fooling rate over the passes is returned.
+
+    | argument | meaning | `FilterSettings` |
+    |---|---|---|
+    | `x` | clean samples (N, C, H, W) in [0, 1] | `samples` |
+    | `epsilon`, `p` | radius and norm of the ball v is projected onto (L-inf in the paper) | `epsilon` |
+    | `target_rate` | fooling rate at which the search stops | `fooling_rate` |
+    | `max_passes` | passes over x at most | `max_passes` |
+    | `overshoot`, `max_iter` | DeepFool's step scale and iterations (solver "deepfool") | `deepfool_iter` |
+    | `solver`, `batch` | "deepfool" or "pgd"; the pgd mini-batch | `solver` |
+    | `progress` | `(done, total)` sample steps | |
     """
     check_choice("solver", solver, Solver)
     labels = predict(model, x)

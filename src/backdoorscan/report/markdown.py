@@ -63,7 +63,13 @@ def scan_markdown(scan) -> str:
 
 
 def filter_markdown(result) -> str:
-    """Counts and the per-class summary of a dataset screening."""
+    """Counts and the per-class summary of a dataset screening (or why it is inconclusive)."""
+    if result.verdict == "inconclusive":
+        reasons = "\n".join(f"- {md_text(reason)}" for reason in result.reasons)
+        return (
+            f"### backdoorscan filter: {md_code(result.input, in_table=False)}\n\n"
+            f"**Inconclusive**: the screen could not measure this model.\n\n{reasons}\n"
+        )
     lines = [
         f"### backdoorscan filter: {md_code(result.input, in_table=False)}",
         "",

@@ -24,10 +24,11 @@ import torch.nn as nn
 
 from ..baselines.strip import strip_entropy, strip_threshold
 from ..core.device import DEFAULT_DEVICE
-from ..core.errors import Inconclusive, ScanError
+from ..core.errors import ExitCode, ScanError
 from ..core.seeding import seeded
 from ..core.settings import FilterSettings
 from ..loading import ModelSource, Source, iter_images, open_source, prepare
+from ..loading.evidence import Evidence
 from ..loading.samples import FolderSource
 from ..perturb import untargeted_uap
 from ..perturb.uap import UntargetedUAP
@@ -71,16 +72,33 @@ class FilterResult:
     threshold: float | None = None
     skipped: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    evidence: Evidence = field(default_factory=Evidence)  # the checks behind "inconclusive", as for a model scan
+
+    @property
+    def verdict(self) -> str:
+        """ "inconclusive" (the screen could not measure the model: see `reasons`), "flagged" or "clean"."""
+        return "inconclusive" if self.evidence.failures else "flagged" if self.flagged else "clean"
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the screen is inconclusive (empty otherwise)."""
+        return self.evidence.reasons
 
     @property
     def exit_code(self) -> int:
-        """0 when nothing is flagged, 1 otherwise."""
-        return 1 if self.flagged else 0
+        """0 when nothing is flagged, 1 otherwise, 3 when inconclusive (as `ModelScan.exit_code`)."""
+        if self.verdict == "inconclusive":
+            return int(ExitCode.INCONCLUSIVE)
+        return int(ExitCode.BACKDOOR if self.flagged else ExitCode.CLEAN)
 
     def to_dict(self, items: bool = True) -> dict:
         """The JSON form (schema `backdoorscan.filter/1`)."""
         out = {
             "schema": "backdoorscan.filter/1",
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "notes": self.evidence.notes,
+            "evidence": self.evidence.checks,
             "input": self.input,
             "method": self.method,
             "total": self.total,
@@ -172,8 +190,9 @@ def filter_dataset(
     """UapRule every image of `inputs`; flagged images are those whose prediction the UAP does not change.
 
     `model` is a checkpoint path, a module, or a `ModelSource`. Nothing is written inside `inputs` (copies and
-    UAP files there are refused). Raises `Inconclusive` when the model cannot be measured (see `loading/evidence.py`) or
-    no UAP reaches half the fooling-rate target: then survival says nothing about triggers.
+    UAP files there are refused). The result is **inconclusive** (exit code 3, `reasons`), as a model scan's is,
+    when the model cannot be measured (see `loading/evidence.py`) or no UAP reaches half the fooling-rate target:
+    then survival says nothing about triggers.
     """
     settings = settings or FilterSettings()
     with seeded(settings.seed):
@@ -235,10 +254,15 @@ def _filter_dataset(
     )
     # Without clean samples (a stored UAP), only the checks that need no labelled clean data apply.
     applicable = {"single_logits_output", "input_gradient"} if clean is None else set(ready.evidence.checks)
-    failed = [reason for name, reason in ready.evidence.failures.items() if name in applicable]
-    if failed or ready.samples is None:
-        raise Inconclusive(f"inconclusive: {failed[0] if failed else 'no clean samples'}", path=source.path)
+    evidence = Evidence(
+        checks={n: c for n, c in ready.evidence.checks.items() if n in applicable},
+        failures={n: r for n, r in ready.evidence.failures.items() if n in applicable},
+        notes=list(ready.evidence.notes) if clean is not None else [],
+    )
     sha = ready.loaded.sha256 if ready.loaded is not None else None
+    info = {"path": str(ready.loaded.path) if ready.loaded else None, "sha256": sha, "num_classes": ready.num_classes}
+    if not evidence.ok or ready.samples is None:
+        return _inconclusive(inputs, settings, info, evidence, t0)
     timings = {"load": time.perf_counter() - t0}
     t = time.perf_counter()
     if settings.method == "uap":
@@ -252,8 +276,11 @@ def _filter_dataset(
             ready.spec.shape,
             ready.device,
             progress,
+            evidence,
         )
-        if save_uap_to is not None and rule.uap is not None:
+        if rule.uap is None:
+            return _inconclusive(inputs, settings, info, evidence, t0)
+        if save_uap_to is not None:
             save_uap(
                 Path(save_uap_to),
                 UapFile(
@@ -314,6 +341,26 @@ def _filter_dataset(
     )
 
 
+def _inconclusive(
+    inputs: str | Path, settings: FilterSettings, model: dict, evidence: Evidence, t0: float
+) -> FilterResult:
+    """The screen stopped before judging any input: what was measured, and why not further."""
+    return FilterResult(
+        input=str(inputs),
+        method=settings.method,
+        total=0,
+        flagged=0,
+        epsilon=None,
+        fooling_rate=None,
+        items=[],
+        per_class=[],
+        suspected_target=None,
+        model=model,
+        evidence=evidence,
+        timings={"total": round(time.perf_counter() - t0, 3)},
+    )
+
+
 def _uap_rule(
     net: nn.Module,
     x: torch.Tensor,
@@ -324,6 +371,7 @@ def _uap_rule(
     shape: tuple[int, int, int],
     dev: torch.device,
     progress: Progress | None,
+    evidence: Evidence,
 ) -> _Rule:
     """The UAP rule: read from a stored UAP file (checked against this model), or computed and calibrated on x."""
     if uap_file is not None:
@@ -344,11 +392,16 @@ def _uap_rule(
         if settings.epsilon is None
         else _uap(net, x, settings, settings.epsilon, step)
     )
-    if uap.fooling_rate < 0.5 * settings.fooling_rate:
-        raise Inconclusive(
-            f"inconclusive: the UAP changes only {uap.fooling_rate:.0%} of clean predictions "
-            f"(target {settings.fooling_rate:.0%}): survival would not tell triggers apart"
-        )
+    evidence.record(
+        "uap_fooling_rate",
+        uap.fooling_rate >= 0.5 * settings.fooling_rate,
+        f"the UAP changes only {uap.fooling_rate:.0%} of clean predictions (target {settings.fooling_rate:.0%}): "
+        "survival would not tell triggers apart",
+        fooling_rate=round(uap.fooling_rate, 4),
+        epsilon=round(uap.epsilon, 4),
+    )
+    if not evidence.ok:
+        return _Rule(None, uap.epsilon, uap.fooling_rate)
     rule = calibrate(net, x, uap.v, k, settings, uap.epsilon)
     return _Rule(rule, uap.epsilon, uap.fooling_rate, clean_survival(net, x, rule, k))
 

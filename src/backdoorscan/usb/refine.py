@@ -53,7 +53,21 @@ def refine(
     init_cost: float,
     progress: Callable[[int, int], None] | None = None,
 ) -> Refined:
-    """Alg. 2 for every class in `targets` at once, from the UAPs v (K, C, H, W); the knobs are `ScanSettings`'."""
+    """USB Alg. 2 for every class in `targets` at once: each UAP becomes a small trigger x mask by minimising
+    CE(f(stamp(x)), t) - SSIM(x, stamp(x)) + cost * L1(mask), with Adam.
+
+    | argument | meaning | `ScanSettings` |
+    |---|---|---|
+    | `x`, `y` | clean samples in [0, 1] and their labels | `samples` |
+    | `targets`, `v` | the classes (batch dimension) and their Alg. 1 UAPs (K, C, H, W), the starting triggers | |
+    | `failed` | classes whose UAP missed theta: their cross-entropy is weighted by `w0` | `theta`, `w0` |
+    | `form` | "blend" (Neural Cleanse's, the authors' code) or "paper" ((x + trigger) * mask) | `form` |
+    | `steps`, `lr`, `betas`, `batch` | Adam's schedule: steps of one mini-batch each | same |
+    | `mask_cost`, `init_cost` | the L1 weight: fixed, or Neural Cleanse's adaptive schedule from `init_cost` | same |
+    | `progress` | `(done, total)` steps | |
+
+    Returns per class the trigger, mask, L1 size and attack success rate on x (`perturb/triggers.Refined`).
+    """
     check_choice("form", form, Form)
     check_choice("mask cost", mask_cost, MaskCost)
     trigger, mask = initial(v, form)
