@@ -206,3 +206,27 @@ def test_cost_schedule_climbs_while_the_trigger_works_and_keeps_the_smallest_tha
     assert s.best.tolist() == [30.0, 60.0]  # class 1's smaller trigger never worked: not kept
     assert torch.allclose(s.cost, torch.tensor([1.5e-3, 1e-3 / 1.5**1.5]))  # up after 2 good, down after 2 bad
     assert not s.never.any()
+
+
+def test_alg1_progress_counts_the_passes_it_takes_not_the_maximum(small_model, digits):
+    """The bar's total grows pass by pass, so an ETA never counts passes that will not run."""
+    from backdoorscan.perturb.uap import targeted_uaps
+
+    x, y = digits[0][:12], digits[1][:12]
+    calls: list[tuple[int, int]] = []
+    found = targeted_uaps(
+        small_model,
+        x,
+        y,
+        torch.tensor([0, 1]),
+        p="l2",
+        delta=10.0,
+        theta=0.5,
+        max_passes=10,
+        overshoot=0.02,
+        max_iter=5,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    assert found.passes < 10  # a wide ball: done long before the maximum
+    assert calls[-1] == (found.passes * 12, found.passes * 12)
+    assert max(t for _, t in calls) == found.passes * 12 and all(d <= t for d, t in calls)

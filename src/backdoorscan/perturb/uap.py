@@ -81,8 +81,8 @@ def targeted_uaps(
             if moved.any():
                 sel = idx[moved]
                 v[sel] = project(v[sel] + r[moved], delta, p)
-            if progress is not None:
-                progress((passes - 1) * x.shape[0] + i + 1, max_passes * x.shape[0])
+            if progress is not None:  # the total grows pass by pass: an ETA for `max_passes` would mostly be wrong
+                progress((passes - 1) * x.shape[0] + i + 1, passes * x.shape[0])
         success = targeted_success(model, x, y, v, targets)
         stalled = (success - last < stall) if passes >= 2 else torch.zeros_like(done)
         done = done | (success >= theta) | stalled
@@ -90,7 +90,7 @@ def targeted_uaps(
         if done.all():
             break
     if progress is not None:
-        progress(max_passes * x.shape[0], max_passes * x.shape[0])
+        progress(passes * x.shape[0], passes * x.shape[0])
     return TargetedUAPs(v=v, success=success, passes=passes)
 
 
