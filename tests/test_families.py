@@ -147,3 +147,28 @@ def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
     assert {f.family for f in result.findings} == {family}
     if family == "all-to-all":
         assert len(found) >= 3
+
+
+def test_a_mapping_is_found_from_disjoint_pairs_no_single_one_of_which_clears_the_threshold():
+    """All-to-all y -> y + 1: four pairs at index 2.4-2.6, each under the 90-candidate threshold (2.80), pooled by
+    the matching; a natural neighbour structure sharing one target (4 -> 9, 7 -> 9, 8 -> 9) is not a mapping."""
+    import numpy as np
+
+    from backdoorscan.usb import mapping
+
+    pairs = [(s, t) for s in range(10) for t in range(10) if s != t]
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 0.5, len(pairs))
+    where = {p: i for i, p in enumerate(pairs)}
+    planted = base.copy()
+    for s, value in zip((1, 3, 5, 7), (2.6, 2.5, 2.45, 2.4), strict=True):
+        planted[where[(s, (s + 1) % 10)]] = value
+    threshold = mapping.threshold(tuple(pairs))
+    assert 1.8 < threshold < 2.5  # the null's 98 % quantile of the 4th disjoint pair
+    stat, chosen = mapping.statistic(pairs, planted)
+    assert stat >= threshold and {pairs[i] for i in chosen} == {(1, 2), (3, 4), (5, 6), (7, 8)}
+    shared = base.copy()
+    for s in (4, 7, 8, 3):
+        shared[where[(s, 9)]] = 3.0  # all into 9: one pair of the matching at most
+    assert mapping.statistic(pairs, shared)[0] < threshold
+    assert mapping.statistic(pairs, planted, excluded_targets=(2, 4, 6, 8))[0] < threshold  # universal targets

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import mapping
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
 from .pairs import PairTriggers, candidate_pairs, invert_pairs
 from .warp import Warps, apply_warp, invert_warps
@@ -55,6 +56,7 @@ class FamilyScan:
     pairs: PairTriggers | None = None
     pair_index: np.ndarray | None = None
     pair_threshold: float | None = None
+    mapping: dict | None = None  # the all-to-all test: its matching pairs, statistic and threshold
     warps: Warps | None = None
     warp_index: np.ndarray | None = None
     warp_threshold: float | None = None
@@ -69,6 +71,13 @@ class FamilyScan:
         }
         if self.pairs is not None and self.pair_index is not None:
             order = np.argsort(-self.pair_index)
+            if self.mapping is not None:
+                out["mapping"] = {
+                    "pairs": self.mapping["pairs"],
+                    "statistic": _finite(self.mapping["statistic"]),
+                    "threshold": round(float(self.mapping["threshold"]), 4),
+                    "disjoint_pairs_needed": mapping.MAPPING_PAIRS,
+                }
             out["pairs"] = {
                 "threshold": round(float(self.pair_threshold or 0), 4),
                 "measured": len(self.pairs.pairs),
@@ -213,6 +222,13 @@ def scan_pairs(
         sigma=sigma,
     )
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
+    # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
+    excluded = tuple(sorted(universal_targets))
+    stat, chosen = mapping.statistic(pairs, np.where(works, index, -np.inf), excluded)
+    map_threshold = mapping.threshold(tuple(pairs))
+    if stat >= map_threshold:
+        flagged = sorted(set(flagged) | set(chosen))
+        distance[chosen] = np.minimum(distance[chosen], map_threshold - stat)
     sources = {pairs[i][0] for i in flagged}
     family = "all-to-all" if len(sources) >= 3 else "source-specific"
     result.findings += [
@@ -225,7 +241,9 @@ def scan_pairs(
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
         result.images[f"pair_stamped_{s}_to_{t}"] = ((1 - mask) * sample + mask * pattern).clamp(0, 1)
     result.pairs, result.pair_index, result.pair_threshold = found, index, threshold
-    result.margins["pairs"] = _margin(distance, flagged)
+    result.mapping = {"pairs": [list(pairs[i]) for i in chosen], "statistic": stat, "threshold": map_threshold}
+    margin = _margin(distance, flagged)
+    result.margins["pairs"] = margin if flagged else min(margin, map_threshold - stat)  # the mapping test counts
 
 
 def scan_warps(
