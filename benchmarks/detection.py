@@ -21,7 +21,7 @@ import torch
 
 from backdoorlab.data import NUM_CLASSES
 from backdoorscan import ModelSource, ScanSettings, scan_model
-from backdoorscan.core.choices import Evidence, Form, MaskCost, Refine, Scale, choices
+from backdoorscan.core.choices import Form, MaskCost, Refine, Scale, SizeEvidence, choices
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument(
         "--evidence",
         default=ScanSettings.evidence,
-        choices=choices(Evidence),
+        choices=choices(SizeEvidence),
         help="with --rescore: the per-class size to decide on (decide.class_evidence)",
     )
     args = parser.parse_args()

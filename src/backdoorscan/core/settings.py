@@ -11,7 +11,19 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .choices import Evidence, Families, FilterMethod, Form, MaskCost, Method, Norm, Refine, Scale, Solver, check_choice
+from .choices import (
+    Families,
+    FilterMethod,
+    Form,
+    MaskCost,
+    Method,
+    Norm,
+    Refine,
+    Scale,
+    SizeEvidence,
+    Solver,
+    check_choice,
+)
 from .errors import ScanError
 
 
@@ -70,7 +82,7 @@ class ScanSettings(CommonSettings):
         "trigger works, the smallest working trigger kept).",
     )
     init_cost: float = setting(1e-3)  # the starting L1 weight of Neural Cleanse and of --mask-cost adaptive
-    evidence: Evidence = setting(
+    evidence: SizeEvidence = setting(
         "combined",
         "Decide on the refined triggers' L1, Alg. 1's UAP norms, or both "
         "(combined: mean anomaly index). Neural Cleanse: its L1.",
@@ -129,7 +141,7 @@ class ScanSettings(CommonSettings):
         return ("universal", "warp") if self.families == "universal+warp" else ("universal", "pairs", "warp")
 
     @property
-    def decided_on(self) -> Evidence:
+    def decided_on(self) -> SizeEvidence:
         """The per-class size this scan decides on (Neural Cleanse has no UAP stage: its refined L1)."""
         return self.evidence if self.method == "usb" else "refined"
 

@@ -6,7 +6,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..core.choices import Evidence, Scale, check_choice
+from ..core.choices import Scale, SizeEvidence, check_choice
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -52,7 +52,7 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale, weights: Weight
 def class_evidence(
     l1: np.ndarray | list[float],
     uap_norms: np.ndarray | list[float] | None,
-    evidence: Evidence,
+    evidence: SizeEvidence,
     scale: Scale,
     weights: Weights = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +63,7 @@ def class_evidence(
     image) still stands out in its UAP, and a naturally easy class whose UAP is only a little small needs a small
     refined trigger too. Without UAP norms (Neural Cleanse) it is the refined L1's.
     """
-    check_choice("evidence", evidence, Evidence)
+    check_choice("evidence", evidence, SizeEvidence)
     if evidence == "refined" or uap_norms is None:
         return anomaly_index(l1, scale, weights), size_ratio(l1, weights)
     if evidence == "uap":
