@@ -130,3 +130,19 @@ def test_a_model_backdoored_only_at_batch_size_one_is_not_clean():
     scan = scan_model(model, MNIST_TEST, settings=ScanSettings(steps=5, max_passes=1, samples=60), device="cpu")
     assert scan.verdict == "inconclusive" and scan.exit_code == 3
     assert not scan.evidence.checks["batch_size"]["ok"] and "one image at a time" in scan.reasons[0]
+
+
+def test_the_fleet_parents_hashing_stops_at_the_timeout(tmp_path):
+    from backdoorscan.fleet.cache import ResultCache
+    from backdoorscan.fleet.plan import FleetEntry
+
+    big = tmp_path / "model.pt2"
+    with open(big, "wb") as fh:
+        fh.write(os.urandom(4 << 20))
+    cache = ResultCache(tmp_path / "cache")
+    cache.timeout = 0.0  # already past: the parent's share of --timeout is spent
+    with pytest.raises(ScanError, match="ran past --timeout"):
+        cache.key(FleetEntry("m", big, MNIST_TEST), {"device": "cpu"})
+    cache = ResultCache(tmp_path / "cache")
+    cache.timeout = 600.0
+    assert len(cache.key(FleetEntry("m", big, MNIST_TEST), {"device": "cpu"})) == 64
