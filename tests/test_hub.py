@@ -236,13 +236,26 @@ def test_labels_flag_names_classes_and_must_match(tmp_path):
             "20",
             "--device",
             "cpu",
+            *IN_PROCESS,
         ],
     )
     assert [c["name"] for c in json.loads(result.stdout)["classes"]] == [f"digit {i}" for i in range(10)]
     (tmp_path / "few.txt").write_text("a\nb\nc\n")
     result = CliRunner().invoke(
         app,
-        ["model", str(BADNETS), "--data", str(MNIST_TEST), "--labels", str(tmp_path / "few.txt"), "--device", "cpu"],
+        [
+            "model",
+            str(BADNETS),
+            "--data",
+            str(MNIST_TEST),
+            "--labels",
+            str(tmp_path / "few.txt"),
+            "--device",
+            "cpu",
+            "--samples",
+            "20",
+            *IN_PROCESS,
+        ],
     )
     assert result.exit_code == 2 and "names 3 classes but the model has 10" in result.output
 

@@ -146,7 +146,7 @@ def test_every_family_runs_on_a_clean_model_at_reduced_size():
 
 
 def test_same_seed_same_report():
-    settings = ScanSettings(steps=40, samples=60, max_passes=1, seed=5, pair_steps=10, warp_steps=10)
+    settings = ScanSettings(steps=20, samples=40, max_passes=1, seed=5, pair_steps=5, pair_samples=4, warp_steps=5)
     a = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu").to_dict()
     b = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu").to_dict()
     a.pop("timings"), b.pop("timings")
