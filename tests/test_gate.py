@@ -196,3 +196,38 @@ def test_the_nc_table_shows_no_uap_and_the_fleet_counts_read_well():
     one = FleetResult([FleetItem("a", "a.pt2", 0, 1.0, report={"verdict": "clean"})])
     assert "1 model\n" in fleet_markdown(one) and "1 models" not in fleet_markdown(one)
     assert torch.get_num_threads() >= 1
+
+
+def test_a_sandboxed_scan_appends_to_a_step_summary_named_as_runners_name_it(tmp_path, monkeypatch):
+    """A runner's `$GITHUB_STEP_SUMMARY` has no `.md` suffix; the parent, not the child, knows it is the summary."""
+    summary = tmp_path / "step_summary_0f1e"
+    summary.write_text("## an earlier step\n")
+    os.chmod(summary, 0o644)
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            str(BADNETS),
+            "--data",
+            str(MNIST_TEST),
+            "--markdown",
+            str(summary),
+            "--quiet",
+            "--samples",
+            "40",
+            "--steps",
+            "5",
+            "--max-passes",
+            "1",
+            "--families",
+            "universal",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+    )
+    assert result.exit_code in (0, 1, 3), result.output
+    text = summary.read_text()
+    assert text.startswith("## an earlier step\n\n### backdoorscan") and stat.S_IMODE(summary.stat().st_mode) == 0o644

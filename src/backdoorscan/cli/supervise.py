@@ -93,7 +93,7 @@ class Outputs:
 
     def deliver(self) -> None:
         """Write the real outputs from what the child left in its stand-ins (absent: nothing is written)."""
-        from ..report.writer import atomic_output_dir, write_markdown, write_tree
+        from ..report.writer import atomic_output_dir, is_step_summary, write_bytes_atomic, write_markdown, write_tree
         from ..safety.files import OUTPUT_LIMIT, read_bounded, read_tree_bounded
 
         for folder in self.folders:
@@ -108,10 +108,10 @@ class Outputs:
             private = Path(self.stand_in[str(file)])
             if os.path.lexists(private):
                 data = read_bounded(private, OUTPUT_LIMIT, "output file", nofollow=True)
-                if file.suffix.lower() == ".md":
+                if is_step_summary(file):  # the parent's environment names it; the child's does not
                     write_markdown(file, data.decode("utf-8", errors="replace"))
                 else:
-                    _write_bytes_atomic(file, data)
+                    write_bytes_atomic(file, data)
 
 
 REPORT_SUFFIXES = (".json", ".md", ".png", ".csv", ".safetensors")  # what a report folder holds
@@ -130,13 +130,6 @@ def _check_names(files: dict[str, bytes], copies: bool, folder: Path) -> None:
             ok = len(parts) == 1 and name.lower().endswith(REPORT_SUFFIXES)
         if not ok:
             raise ScanError(f"refused: the scanning process left an unexpected file {name[:80]!r}", path=folder)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @overload

@@ -29,12 +29,17 @@ def _file_mode(path: Path) -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text through a temporary file in the same folder and an atomic rename."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes through a temporary file in the same folder and an atomic rename (the file's mode kept)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -43,11 +48,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def is_step_summary(path: Path) -> bool:
+    """Whether `path` is the job's `$GITHUB_STEP_SUMMARY` (whatever its name: a runner's has no suffix)."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    return summary is not None and summary != "" and Path(summary).resolve() == Path(path).resolve()
+
+
 def write_markdown(path: Path, text: str) -> None:
     """A Markdown summary: appended when it is the job's `$GITHUB_STEP_SUMMARY` (GitHub collects each step's
     additions, and earlier steps' summaries stay), else written atomically."""
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary and Path(summary).resolve() == Path(path).resolve():
+    if is_step_summary(path):
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(("\n" if fh.tell() else "") + text)
         return
