@@ -28,6 +28,7 @@ from rich.text import Text
 from ..core.choices import SandboxMode, check_choice
 from ..core.errors import ExitCode, ScanError
 from ..core.escape import relay_line
+from ..loading.samples import IMAGE_EXTENSIONS
 from ..safety import sandbox
 from ..safety.child import CHILD_ENV, DIED, child_environment, start_child, watching_tree
 from ..safety.limits import Limits
@@ -115,7 +116,7 @@ class Outputs:
 
 
 REPORT_SUFFIXES = (".json", ".md", ".png", ".csv", ".safetensors")  # what a report folder holds
-COPY_SUFFIXES = (".npz", ".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif")
+COPY_SUFFIXES = (".npz", *sorted(IMAGE_EXTENSIONS))  # what --copy-to holds: the screened images, or two .npz
 
 
 def _check_names(files: dict[str, bytes], copies: bool, folder: Path) -> None:

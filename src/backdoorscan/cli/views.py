@@ -190,9 +190,7 @@ def print_verdict(scan: ModelScan, out_dir: Path | None) -> None:
         shown = ", ".join(f"{t} ({names[t]})" if names.get(t) else str(t) for t in scan.target_classes)
         out.print(plain_text(f"verdict: BACKDOOR suspected, target class(es) {shown}{margin}", style="bold red"))
     elif scan.verdict == "inconclusive":
-        out.print(Text("verdict: INCONCLUSIVE (the scan could not measure this model)", style="bold yellow"))
-        for reason in scan.reasons:
-            out.print(plain_text(f"  - {reason}"), highlight=False)
+        _print_inconclusive("scan", scan.reasons)
     else:
         out.print(plain_text(f"verdict: clean (no backdoor found){margin}", style="bold green"))
     if out_dir is not None:
@@ -203,12 +201,17 @@ def _floats(values: list[float] | None) -> str:
     return "none" if not values else ",".join(f"{v:.4g}" for v in values)
 
 
+def _print_inconclusive(what: str, reasons: list[str]) -> None:
+    """The inconclusive verdict of a scan or a screen, one line per reason (from the file: printed plain)."""
+    out.print(Text(f"verdict: INCONCLUSIVE (the {what} could not measure this model)", style="bold yellow"))
+    for reason in reasons:
+        out.print(plain_text(f"  - {reason}"), highlight=False)
+
+
 def print_filter(result: FilterResult) -> None:
     """The per-class table and the counts of a screening (or why it is inconclusive)."""
     if result.verdict == "inconclusive":
-        out.print(Text("verdict: INCONCLUSIVE (the screen could not measure this model)", style="bold yellow"))
-        for reason in result.reasons:
-            out.print(plain_text(f"  - {reason}"), highlight=False)
+        _print_inconclusive("screen", result.reasons)
         return
     table = Table(title=escape(printable(f"screening of {result.input}")))
     for col in ("predicted class", "images", "flagged", "expected without a trigger"):

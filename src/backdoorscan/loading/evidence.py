@@ -136,6 +136,12 @@ def check_gradients(evidence: Evidence, model: nn.Module, x: torch.Tensor, pred:
     )
 
 
+def _answers_differ(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """Two sets of logits for the same samples: the median relative change, and how often the predictions agree."""
+    change = (other - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1).clamp_min(1e-6)
+    return float(change.median()), float((other.argmax(1) == reference.argmax(1)).float().mean())
+
+
 GRID_PROBE = 64  # samples for the input-grid check
 GRID_TOLERANCE = 0.05  # largest median relative change of the logits within half a pixel level
 
@@ -152,8 +158,7 @@ def check_grid(evidence: Evidence, model: nn.Module, x: torch.Tensor, seed: int 
     with torch.no_grad():
         on = model(xs)
         off = model((xs + jitter).clamp(0, 1), on_grid=False)
-    change = float(((off - on).flatten(1).norm(dim=1) / on.flatten(1).norm(dim=1).clamp_min(1e-6)).median())
-    agree = float((off.argmax(1) == on.argmax(1)).float().mean())
+    change, agree = _answers_differ(on, off)
     evidence.record(
         "input_grid",
         change <= GRID_TOLERANCE and agree >= 0.9,
@@ -199,10 +204,7 @@ def check_batch_sizes(evidence: Evidence, model: nn.Module, x: torch.Tensor) -> 
     with torch.no_grad():
         batched = model(xs)
         single = torch.cat([model(xs[i : i + 1]) for i in range(len(xs))])
-    change = float(
-        ((single - batched).flatten(1).norm(dim=1) / batched.flatten(1).norm(dim=1).clamp_min(1e-6)).median()
-    )
-    agree = float((single.argmax(1) == batched.argmax(1)).float().mean())
+    change, agree = _answers_differ(batched, single)
     evidence.record(
         "batch_size",
         change <= BATCH_TOLERANCE and agree == 1.0,

@@ -21,8 +21,7 @@ def scan_markdown(scan) -> str:
         if scan.verdict == "backdoor"
         else "**No backdoor found**"
         if scan.verdict == "clean"
-        else "**Inconclusive**: the scan could not measure this model.\n\n"
-        + "\n".join(f"- {md_text(reason)}" for reason in scan.reasons)
+        else _inconclusive("scan", scan.reasons)
     )
     lines = [
         f"### backdoorscan: {md_code(model, in_table=False)}",
@@ -62,14 +61,18 @@ def scan_markdown(scan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _inconclusive(what: str, reasons: list[str]) -> str:
+    """The inconclusive verdict of a scan or a screen, and its reasons (from the file: escaped)."""
+    return f"**Inconclusive**: the {what} could not measure this model.\n\n" + "\n".join(
+        f"- {md_text(reason)}" for reason in reasons
+    )
+
+
 def filter_markdown(result) -> str:
     """Counts and the per-class summary of a dataset screening (or why it is inconclusive)."""
     if result.verdict == "inconclusive":
-        reasons = "\n".join(f"- {md_text(reason)}" for reason in result.reasons)
-        return (
-            f"### backdoorscan filter: {md_code(result.input, in_table=False)}\n\n"
-            f"**Inconclusive**: the screen could not measure this model.\n\n{reasons}\n"
-        )
+        head = f"### backdoorscan filter: {md_code(result.input, in_table=False)}"
+        return f"{head}\n\n{_inconclusive('screen', result.reasons)}\n"
     lines = [
         f"### backdoorscan filter: {md_code(result.input, in_table=False)}",
         "",

@@ -48,9 +48,10 @@ def read_text_bounded(path: Path, limit: int, what: str) -> str:
 def inside_folder(path: Path, folder: Path) -> Path:
     """`path` (a member of a model folder) resolved; refused when it is a link that leaves the folder, or not a
     regular file."""
-    root = Path(folder).resolve()
+    from .paths import inside
+
     resolved = Path(path).resolve()
-    if resolved != root and root not in resolved.parents:
+    if not inside(resolved, folder):
         raise ScanError(f"refused: {Path(path).name} is a link that leaves the model folder", path=path)
     if not resolved.is_file():
         raise ScanError(f"refused: {Path(path).name} is not a regular file", path=path)
