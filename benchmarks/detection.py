@@ -151,6 +151,8 @@ def main() -> None:
                     "aside": bool(model.get("aside")),
                     "format": model.get("format"),
                     "arch": model.get("arch"),
+                    "timings": scan.timings,
+                    "findings": [] if scan.families is None else [f.to_dict() for f in scan.families.findings],
                 }
             )
             rows[-1]["stage"] = stage(rows[-1])
