@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pair-steps", type=int, default=ScanSettings.pair_steps)
+    parser.add_argument("--models", help="comma-separated model names (default: every model of the zoo)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo, out = Path(args.zoo), Path(args.out)
@@ -41,7 +42,8 @@ def main() -> None:
     dev = resolve_device(args.device)
     tables = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
     settings = ScanSettings(pair_steps=args.pair_steps)
-    for model in [m for m in models if m.get("file") or m.get("path")]:
+    wanted = None if args.models is None else set(args.models.split(","))
+    for model in [m for m in models if (m.get("file") or m.get("path")) and (wanted is None or m["name"] in wanted)]:
         if model["name"] in tables["models"]:
             continue
         t = time.perf_counter()

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import mapping
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
-from .pairs import PairTriggers, candidate_pairs, invert_pairs
+from .pairs import PAIRS_REPORTED, PairTriggers, candidate_pairs, invert_pairs, measure_spill
 from .warp import Warps, apply_warp, invert_warps
 
 PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
@@ -88,7 +88,7 @@ class FamilyScan:
                         "l1": round(float(self.pairs.l1[i]), 3),
                         "asr": round(float(self.pairs.asr[i]), 4),
                         "cross_entropy": round(float(self.pairs.ce[i]), 4),
-                        "spill": round(float(self.pairs.spill[i]), 4),
+                        "spill": _finite(self.pairs.spill[i]),
                         "index": _finite(self.pair_index[i]),
                     }
                     for i in order
@@ -173,6 +173,65 @@ def index_pairs(
     return index, np.exp(residual), sigma
 
 
+@dataclass
+class PairDecision:
+    """What the pairs family decided from the measured figures (pure: benchmarks re-decide stored tables)."""
+
+    index: np.ndarray  # (P,) anomaly index; -inf where the patch does not work
+    threshold: float  # for this many candidates
+    distance: np.ndarray  # (P,) anomaly-index units from being flagged (negative: flagged)
+    flagged: list[int]  # positions flagged one by one or as part of a mapping
+    chosen: list[int]  # the mapping test's matching (its first MAPPING_PAIRS pairs)
+    statistic: float  # the mapping test's statistic
+    map_threshold: float
+    margin: float  # the family's distance from a flip, the mapping test's included
+
+
+def decide_pairs(
+    pairs: list[tuple[int, int]],
+    l1: np.ndarray,
+    ce: np.ndarray,
+    asr: np.ndarray,
+    *,
+    settings,
+    universal_targets: list[int],
+) -> PairDecision:
+    """Index the pairs by the inversion's objective, flag outliers past the guards (not to a universal target),
+    and pool disjoint pairs into the mapping test."""
+    works = np.asarray(asr) >= PAIR_ASR
+    # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
+    # natural neighbour's (MNIST's 4 -> 9) is nearly as small but leaves the target less certain
+    index, ratio, sigma = index_pairs(pairs, np.asarray(ce) + settings.pair_cost * np.asarray(l1), works)
+    threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
+    distance = flip_distance(
+        np.where(works, index, -1e9),
+        ratio,
+        asr,
+        threshold=threshold,
+        asr_min=PAIR_ASR,
+        max_ratio=PAIR_MAX_RATIO,
+        sigma=sigma,
+    )
+    flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
+    # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
+    stat, chosen = mapping.statistic(pairs, np.where(works, index, -np.inf), tuple(sorted(universal_targets)))
+    map_threshold = mapping.threshold(tuple(pairs))
+    if stat >= map_threshold:
+        flagged = sorted(set(flagged) | set(chosen))
+        distance[chosen] = np.minimum(distance[chosen], map_threshold - stat)
+    margin = _margin(distance, flagged)
+    return PairDecision(
+        index=index,
+        threshold=threshold,
+        distance=distance,
+        flagged=flagged,
+        chosen=chosen,
+        statistic=stat,
+        map_threshold=map_threshold,
+        margin=margin if flagged else min(margin, map_threshold - stat),  # the mapping test counts
+    )
+
+
 def scan_pairs(
     model: nn.Module,
     x: torch.Tensor,
@@ -207,32 +266,17 @@ def scan_pairs(
         group=per_group,
         progress=progress,
     )
-    works = found.asr >= PAIR_ASR
-    # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
-    # natural neighbour's (MNIST's 4 -> 9) is nearly as small but leaves the target less certain
-    index, ratio, sigma = index_pairs(pairs, found.ce + settings.pair_cost * found.l1, works)
-    threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
-    distance = flip_distance(
-        np.where(works, index, -1e9),
-        ratio,
-        found.asr,
-        threshold=threshold,
-        asr_min=PAIR_ASR,
-        max_ratio=PAIR_MAX_RATIO,
-        sigma=sigma,
+    decision = decide_pairs(
+        pairs, found.l1, found.ce, found.asr, settings=settings, universal_targets=universal_targets
     )
-    flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
-    # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
-    excluded = tuple(sorted(universal_targets))
-    stat, chosen = mapping.statistic(pairs, np.where(works, index, -np.inf), excluded)
-    map_threshold = mapping.threshold(tuple(pairs))
-    if stat >= map_threshold:
-        flagged = sorted(set(flagged) | set(chosen))
-        distance[chosen] = np.minimum(distance[chosen], map_threshold - stat)
+    index, flagged, chosen = decision.index, decision.flagged, decision.chosen
+    top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
+    measure_spill(model, x, y, found, sorted(set(flagged) | set(chosen) | set(top)))
     sources = {pairs[i][0] for i in flagged}
     family = "all-to-all" if len(sources) >= 3 else "source-specific"
     result.findings += [
-        Finding(family, pairs[i][1], pairs[i][0], float(index[i]), threshold, float(found.l1[i])) for i in flagged
+        Finding(family, pairs[i][1], pairs[i][0], float(index[i]), decision.threshold, float(found.l1[i]))
+        for i in flagged
     ]
     for i in flagged:  # the found patch, and a sample of the source stamped with it
         s, t = pairs[i]
@@ -240,10 +284,13 @@ def scan_pairs(
         sample = x[(y == s).nonzero()[0, 0]].cpu()
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
         result.images[f"pair_stamped_{s}_to_{t}"] = ((1 - mask) * sample + mask * pattern).clamp(0, 1)
-    result.pairs, result.pair_index, result.pair_threshold = found, index, threshold
-    result.mapping = {"pairs": [list(pairs[i]) for i in chosen], "statistic": stat, "threshold": map_threshold}
-    margin = _margin(distance, flagged)
-    result.margins["pairs"] = margin if flagged else min(margin, map_threshold - stat)  # the mapping test counts
+    result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
+    result.mapping = {
+        "pairs": [list(pairs[i]) for i in chosen],
+        "statistic": decision.statistic,
+        "threshold": decision.map_threshold,
+    }
+    result.margins["pairs"] = decision.margin
 
 
 def scan_warps(

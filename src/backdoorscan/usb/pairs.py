@@ -18,7 +18,7 @@ The pair's size for the decision is the inversion's own objective (cross-entropy
 A source-specific backdoor shows as one pair whose patch is an outlier small against all pairs; all-to-all as
 one outlier pair per source, forming a mapping; a universal backdoor as outlier pairs sharing one target (USB's
 own finding). `spill` is the share of the *other* classes' samples the pair's patch also sends to the target: low
-for a source-specific trigger, high for a universal one.
+for a source-specific trigger, high for a universal one; it is measured for the pairs a report names only.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .batching import in_class_groups, slice_progress
 
 PAIRS_ALL_MAX = 10  # up to this many classes every ordered pair is a candidate (90 at 10 classes)
 PAIR_BUDGET = 90  # beyond, this many pairs: the closest by the sources' logits, the stage-1 suspects' first
+PAIRS_REPORTED = 10  # spill is measured for the flagged and mapping pairs and this many of the highest index
 
 
 @dataclass
@@ -46,7 +47,7 @@ class PairTriggers:
     pattern: torch.Tensor  # (P, C, H, W) in [0, 1]
     l1: np.ndarray  # (P,) mask L1 in pixels
     asr: np.ndarray  # (P,) share of the source's samples sent to the target
-    spill: np.ndarray  # (P,) share of other classes' samples (not source, not target) sent to the target
+    spill: np.ndarray  # (P,) share of other classes' samples sent to the target; NaN where not measured
     ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
 
 
@@ -116,14 +117,14 @@ def invert_pairs(
     )
     mask = torch.cat([p[0] for p in parts])
     pattern = torch.cat([p[1] for p in parts])
-    asr, spill, ce = pair_success(model, x, y, pairs, mask, pattern)
+    asr, ce = pair_success(model, x, y, pairs, mask, pattern)
     return PairTriggers(
         pairs=list(pairs),
         mask=mask,
         pattern=pattern,
         l1=mask.flatten(1).sum(1).cpu().numpy(),
         asr=asr,
-        spill=spill,
+        spill=np.full(len(pairs), np.nan),
         ce=ce,
     )
 
@@ -171,17 +172,27 @@ def pair_success(
     pairs: list[tuple[int, int]],
     mask: torch.Tensor,
     pattern: torch.Tensor,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pair: the share of the source's samples sent to the target, of the other classes' (spill), and the
-    mean cross-entropy toward the target on the source's samples."""
-    asr, spill, ce = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, on its source's samples only: the share sent to the target and the mean cross-entropy toward it."""
+    asr, ce = np.zeros(len(pairs)), np.zeros(len(pairs))
     for i, (s, t) in enumerate(pairs):
-        stamped = ((1 - mask[i]) * x + mask[i] * pattern[i]).clamp(0, 1)
-        logits = model(stamped)
-        hit = logits.argmax(1) == t
-        src, other = y == s, (y != s) & (y != t)
-        asr[i] = float(hit[src].float().mean()) if src.any() else 0.0
-        spill[i] = float(hit[other].float().mean()) if other.any() else 0.0
-        if src.any():
-            ce[i] = float(F.cross_entropy(logits[src], torch.full_like(y[src], t)))
-    return asr, spill, ce
+        src = x[y == s]
+        if not len(src):
+            continue
+        logits = model(((1 - mask[i]) * src + mask[i] * pattern[i]).clamp(0, 1))
+        asr[i] = float((logits.argmax(1) == t).float().mean())
+        ce[i] = float(F.cross_entropy(logits, torch.full((len(src),), t, device=x.device)))
+    return asr, ce
+
+
+@torch.no_grad()
+def measure_spill(model: nn.Module, x: torch.Tensor, y: torch.Tensor, found: PairTriggers, which: list[int]) -> None:
+    """Fill `found.spill` for the pairs in `which` (the ones a report names): the share of the other classes'
+    samples (neither source nor target) the pair's patch sends to its target. Other pairs keep NaN: measuring
+    every pair would cost a forward pass over all samples per pair, for a figure no decision uses."""
+    for i in which:
+        s, t = found.pairs[i]
+        other = x[(y != s) & (y != t)]
+        if len(other):
+            stamped = ((1 - found.mask[i]) * other + found.mask[i] * found.pattern[i]).clamp(0, 1)
+            found.spill[i] = float((model(stamped).argmax(1) == t).float().mean())
