@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from backdoorscan import ScanSettings, scan_model
+
+from zoo_families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/mnist/test_2000.npz"
@@ -30,7 +33,7 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
     findings = [] if fam is None else fam.findings
     universal = [c.cls for c in scan.classes if c.flagged]
     kind = entry["family"]
-    if kind in ("clean", "clean_pgd"):
+    if kind.startswith("clean"):
         fired = [f"universal {universal}"] if universal else []
         fired += [f"{f.family} {f.source}->{f.target}" for f in findings]
         return not fired, "flagged by " + "; ".join(fired) if fired else ""
@@ -74,14 +77,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="I/N: scan models I, I+N, ... (side-by-side processes)")
     parser.add_argument("--table", action="store_true", help="only print the table of what the shards wrote")
+    parser.add_argument("--name", default="detection", help="results go to ZOO/NAME-IofN.json and ZOO/NAME.json")
+    parser.add_argument("--models", help="a regular expression the model names must match (default: all)")
     args = parser.parse_args()
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
     zoo_dir = Path(args.zoo)
     zoo = json.loads((zoo_dir / "zoo.json").read_text())
-    out_path = zoo_dir / f"detection-{shard}of{shards}.json"
+    out_path = zoo_dir / f"{args.name}-{shard}of{shards}.json"
+    wanted = re.compile(args.models or ".")
     rows = json.loads(out_path.read_text()) if out_path.exists() else {}
-    for n, (name, entry) in enumerate(zoo.items()):
+    chosen = [(name, entry) for name, entry in zoo.items() if wanted.search(name)]
+    for n, (name, entry) in enumerate(chosen):
         if name in rows or n % shards != shard or args.table:
             continue
         t = time.perf_counter()
@@ -106,19 +113,20 @@ def main() -> None:
         out_path.write_text(json.dumps(rows, indent=1))
         print(f"{name}: {scan.verdict} exact={ok} usb_alone={usb_alone} {lost} ({rows[name]['seconds']} s)", flush=True)
     rows = {}
-    for part_file in sorted(zoo_dir.glob("detection-*of*.json")):
+    for part_file in sorted(zoo_dir.glob(f"{args.name}-*of*.json")):
         rows.update(json.loads(part_file.read_text()))
-    (zoo_dir / "detection.json").write_text(json.dumps(rows, indent=1))
-    print("\n| family | part | models | exact (new scan) | USB alone flagged | clean verdicts |")
-    print("|---|---|---:|---:|---:|---:|")
-    for family in ("source_specific", "all_to_all", "wanet", "clean", "clean_pgd"):
+    (zoo_dir / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    print("\n| family | part | models | exact (new scan) | flagged at all | USB alone flagged | clean verdicts |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for family in FAMILIES:
         for aside in (False, True):
             part = [r for r in rows.values() if r["family"] == family and r["aside"] == aside]
             if not part:
                 continue
             print(
                 f"| {family} | {'aside' if aside else 'main'} | {len(part)} | {sum(r['exact'] for r in part)} | "
-                f"{sum(bool(r['usb_alone_flagged']) for r in part)} | {sum(r['verdict'] == 'clean' for r in part)} |"
+                f"{sum(r['verdict'] == 'backdoor' for r in part)} | {sum(bool(r['usb_alone_flagged']) for r in part)} "
+                f"| {sum(r['verdict'] == 'clean' for r in part)} |"
             )
 
 

@@ -1,5 +1,6 @@
-"""A zoo of backdoors that are not one universal patch (issue 25): source-specific, all-to-all, WaNet, clean and
-adversarially trained (PGD) clean controls, from random recipes; every fourth model set aside before tuning.
+"""A zoo of backdoors that are not one universal patch (issue 25): source-specific, all-to-all, WaNet, and clean
+controls (plain, adversarially trained with PGD, trained like the WaNet models), from random recipes; every fourth
+model set aside before tuning.
 
     .venv/bin/python benchmarks/zoo_families.py --out bench-out/zoo-families --per-family 6
 
@@ -24,7 +25,9 @@ from backdoorlab.archs import mnist_cnn, mnist_cnn_bn
 from backdoorlab.data import mnist
 from backdoorlab.families import AllToAll, SourceSpecific, WaNet, inert_rate
 
-FAMILIES = ("source_specific", "all_to_all", "wanet", "clean", "clean_pgd")
+# clean_adam: clean controls trained as the WaNet models are (batch-norm CNN, Adam, 6-8 epochs), so that a finding
+# on a WaNet model can be told from one the training recipe alone produces (added after the first scan)
+FAMILIES = ("source_specific", "all_to_all", "wanet", "clean", "clean_pgd", "clean_adam")
 
 
 def recipe(family: str, i: int, seed: int) -> dict:
@@ -61,6 +64,8 @@ def recipe(family: str, i: int, seed: int) -> dict:
             poison_rate=0.1,
             warp_seed=int(rng.integers(2**31)),
         )
+    elif family == "clean_adam":
+        base.update(arch="mnist_cnn_bn", optimiser="adam", lr=0.01, epochs=int(rng.choice([6, 8])))
     elif family == "clean_pgd":
         base.update(augment=f"pgd:{float(rng.choice([0.1, 0.2]))}", epochs=3)
     return base

@@ -147,6 +147,10 @@ def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
     assert {f.family for f in result.findings} == {family}
     if family == "all-to-all":
         assert len(found) >= 3
+    # spill (a figure no decision uses) is measured for the pairs the report names, and only those
+    table = result.to_dict()["pairs"]["pairs"]
+    measured = {(p["source"], p["target"]) for p in table if p["spill"] is not None}
+    assert found <= measured and len(measured) <= len(found) + 10
 
 
 def test_a_mapping_is_found_from_disjoint_pairs_no_single_one_of_which_clears_the_threshold():
