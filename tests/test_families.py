@@ -10,7 +10,7 @@ import torch
 
 from backdoorscan.core.settings import ScanSettings
 from backdoorscan.usb.decide import class_threshold
-from backdoorscan.usb.families import FamilyScan, flip_distance, index_pairs, scan_pairs, scan_warps
+from backdoorscan.usb.families import FamilyScan, decide_pairs, flip_distance, index_pairs, scan_pairs, scan_warps
 from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs
 from backdoorscan.usb.warp import apply_warp
 
@@ -71,6 +71,21 @@ def test_the_clean_margin_counts_the_size_guard():
     assert np.isinf(
         flip_distance(index, ratio, np.zeros(3), threshold=2.0, asr_min=0.5, max_ratio=0.5, sigma=0.4)
     ).all()
+
+
+def test_the_pairs_decision_names_a_planted_pair_and_leaves_a_universal_target_to_usb():
+    """decide_pairs on hand-made figures (the scan's own decision; benchmarks re-decide stored tables with it)."""
+    pairs, l1 = _matrix_pairs({(3, 8): 6.0, (5, 2): 6.0})
+    works = np.ones(len(pairs))
+    ce = np.full(len(pairs), 0.05)
+    settings = ScanSettings()
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
+    assert {pairs[i] for i in decision.flagged} == {(3, 8), (5, 2)} and decision.margin > 0
+    assert decision.statistic < decision.map_threshold  # two pairs are not a mapping
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[2])
+    assert {pairs[i] for i in decision.flagged} == {(3, 8)}  # 5 -> 2 is USB's finding (target 2), not a pair's
+    clean = decide_pairs(pairs, *_matrix_pairs({})[1:], ce, works, settings=settings, universal_targets=[])
+    assert clean.flagged == [] and 0 < clean.margin < np.inf
 
 
 def test_candidate_pairs_are_bounded_for_many_classes():
