@@ -4,6 +4,12 @@ of a zoo, so that the pairs' decision can be studied and re-decided offline with
     .venv/bin/python benchmarks/pair_tables.py --zoo bench-out/zoo-families --out docs/results/families_pairs.json
 
 Runs only the setup and the pairs stage (not USB's two stages); resumable: models already in OUT are kept.
+
+    .venv/bin/python benchmarks/pair_tables.py --redecide docs/results/families_pairs.json
+
+decides every stored table again with the scan's own decision (`usb.families.decide_pairs`), rewrites its indices
+and findings, and prints per model what was flagged, how far the planted pairs and the others are from flagging,
+and the mapping test's statistic.
 """
 
 from __future__ import annotations
@@ -13,27 +19,72 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backdoorscan import ModelSource, ScanSettings
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.usb.families import FamilyScan, scan_pairs
+from backdoorscan.usb.families import FamilyScan, decide_pairs, scan_pairs
 from backdoorscan.usb.pipeline import class_group
 
 from common import BUNDLED_TEST, clean_samples, device_name
 
 
+def planted(attack: dict | None) -> set[tuple[int, int]]:
+    """The (source, target) pairs an attack recorded in a families zoo plants."""
+    if not attack:
+        return set()
+    if attack.get("kind") == "source_specific":
+        return {(attack["source"], attack["target"])}
+    if attack.get("kind") == "all_to_all":
+        return {(y, (y + attack.get("shift", 1)) % attack.get("num_classes", 10)) for y in range(10)}
+    return set()
+
+
+def redecide(path: Path) -> None:
+    """Decide each stored table again with the current code; rewrite the file and print one line per model."""
+    tables = json.loads(path.read_text())
+    settings = ScanSettings()
+    print("| model | flagged | planted pair's distance | best other's distance | mapping statistic / threshold |")
+    print("|---|---|---:|---:|---:|")
+    for name, entry in tables["models"].items():
+        rows = {(p["source"], p["target"]): p for p in entry["pairs"]["pairs"]}
+        pairs = sorted(rows)  # the scan's candidate order at 10 classes: source-major
+        l1, ce, asr = (np.array([rows[p][key] for p in pairs]) for key in ("l1", "cross_entropy", "asr"))
+        decision = decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[])
+        for p, value in zip(pairs, decision.index, strict=True):
+            rows[p]["index"] = round(float(value), 4) if np.isfinite(value) else None
+        entry["pairs"]["pairs"] = sorted(rows.values(), key=lambda r: -(r["index"] if r["index"] is not None else -1e9))
+        entry["flagged"] = [list(pairs[i]) for i in decision.flagged]
+        entry["mapping"] = {"statistic": round(decision.statistic, 4), "threshold": round(decision.map_threshold, 4)}
+        want = planted(entry.get("attack"))
+        mine = [decision.distance[i] for i, p in enumerate(pairs) if p in want]
+        other = min(decision.distance[i] for i, p in enumerate(pairs) if p not in want)
+        print(
+            f"| {name} | {', '.join(f'{s}->{t}' for s, t in entry['flagged']) or '-'} | "
+            f"{f'{min(mine):.2f}' if mine else ''} | {other:.2f} | "
+            f"{decision.statistic:.2f} / {decision.map_threshold:.2f} |"
+        )
+    write_text_atomic(path, json.dumps(tables, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--redecide", help="a stored tables file: decide it again, rewrite it, print the table")
+    parser.add_argument("--zoo")
+    parser.add_argument("--out")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pair-steps", type=int, default=ScanSettings.pair_steps)
     parser.add_argument("--models", help="comma-separated model names (default: every model of the zoo)")
     args = parser.parse_args()
+    if args.redecide:
+        redecide(Path(args.redecide))
+        return
+    if not (args.zoo and args.out):
+        parser.error("--zoo and --out are needed to measure tables")
     torch.set_num_threads(args.threads)
     zoo, out = Path(args.zoo), Path(args.out)
     meta = json.loads((zoo / "zoo.json").read_text())
