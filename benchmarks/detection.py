@@ -153,6 +153,7 @@ def main() -> None:
                     "arch": model.get("arch"),
                     "timings": scan.timings,
                     "findings": [] if scan.families is None else [f.to_dict() for f in scan.families.findings],
+                    "family_margins": {} if scan.families is None else scan.families.to_dict()["margins"],
                 }
             )
             rows[-1]["stage"] = stage(rows[-1])
