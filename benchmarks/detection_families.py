@@ -37,6 +37,8 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
         fired = [f"universal {universal}"] if universal else []
         fired += [f"{f.family} {f.source}->{f.target}" for f in findings]
         return not fired, "flagged by " + "; ".join(fired) if fired else ""
+    if fam is None:  # Neural Cleanse, or --families universal: one universal trigger per target only
+        return False, f"universal triggers only: flagged {universal}" if universal else "universal triggers only"
     if kind == "wanet":
         hit = any(f.family == "warp" and f.target == entry["target"] for f in findings)
         if hit:
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only print the table of what the shards wrote")
     parser.add_argument("--name", default="detection", help="results go to ZOO/NAME-IofN.json and ZOO/NAME.json")
     parser.add_argument("--models", help="a regular expression the model names must match (default: all)")
+    parser.add_argument("--method", default=ScanSettings.method, help="usb (every family) or nc (Neural Cleanse)")
     args = parser.parse_args()
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
@@ -92,7 +95,7 @@ def main() -> None:
         if name in rows or n % shards != shard or args.table:
             continue
         t = time.perf_counter()
-        scan = scan_model(zoo_dir / entry["path"], DATA, settings=ScanSettings(), device="cpu")
+        scan = scan_model(zoo_dir / entry["path"], DATA, settings=ScanSettings(method=args.method), device="cpu")
         ok, lost = exact(entry, scan)
         usb_alone = [c.cls for c in scan.classes if c.flagged]
         rows[name] = {
