@@ -37,7 +37,7 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
         fired = [f"universal {universal}"] if universal else []
         fired += [f"{f.family} {f.source}->{f.target}" for f in findings]
         return not fired, "flagged by " + "; ".join(fired) if fired else ""
-    if fam is None:  # Neural Cleanse, or --families universal: one universal trigger per target only
+    if fam is None or (fam.warps if kind == "wanet" else fam.pairs) is None:  # Neural Cleanse, --families universal
         return False, f"universal triggers only: flagged {universal}" if universal else "universal triggers only"
     if kind == "wanet":
         hit = any(f.family == "warp" and f.target == entry["target"] for f in findings)
