@@ -87,6 +87,10 @@ def test_the_pairs_decision_names_a_planted_pair_and_leaves_a_universal_target_t
     assert {pairs[i] for i in decision.flagged} == {(3, 8)}  # 5 -> 2 is USB's finding (target 2), not a pair's
     clean = decide_pairs(pairs, *_matrix_pairs({})[1:], ce, works, settings=settings, universal_targets=[])
     assert clean.flagged == [] and 0 < clean.margin < np.inf
+    # a source with fewer clean samples than the patch was fitted on is measured, but its pairs cannot flag
+    few = np.array([s != 3 for s, _ in pairs])
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], decisive=few)
+    assert {pairs[i] for i in decision.flagged} == {(5, 2)} and np.isinf(decision.distance[pairs.index((3, 8))])
 
 
 def test_candidate_pairs_are_bounded_for_many_classes():
@@ -200,3 +204,17 @@ def test_a_mapping_is_found_from_disjoint_pairs_no_single_one_of_which_clears_th
         shared[where[(s, 9)]] = 3.0  # all into 9: one pair of the matching at most
     assert mapping.statistic(pairs, shared)[0] < threshold
     assert mapping.statistic(pairs, planted, excluded_targets=(2, 4, 6, 8))[0] < threshold  # universal targets
+
+
+def test_pairs_of_sources_with_too_few_samples_cannot_flag_and_the_scan_says_so():
+    """43 classes at 300 samples leave about 7 a class: a patch fitted on 12 would be fitted and judged on the same
+    few images repeated, so those pairs are measured but never flag, and the report's notes say so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    x, y = torch.rand(20, 1, 4, 4), torch.tensor([0] * 8 + [1] * 8 + [2] * 2 + [3] * 2)
+    result = FamilyScan()
+    settings = ScanSettings(pair_steps=2, pair_samples=5)
+    scan_pairs(model, x, y, 4, settings=settings, universal_targets=[], group=4, progress=None, result=result)
+    assert len(result.notes) == 1 and result.notes[0].startswith("2 of 4 source classes had fewer than 5")
+    assert "--samples 20" in result.notes[0]
+    assert all(f.source in (0, 1) for f in result.findings)

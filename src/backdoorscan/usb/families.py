@@ -62,6 +62,7 @@ class FamilyScan:
     warp_threshold: float | None = None
     findings: list[Finding] = field(default_factory=list)
     margins: dict[str, float] = field(default_factory=dict)  # per family: distance of its verdict from a flip
+    notes: list[str] = field(default_factory=list)  # how the samples limited a family (joined to the scan's notes)
     images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # file stem -> (C, H, W) in [0, 1]
 
     def to_dict(self) -> dict:
@@ -195,10 +196,13 @@ def decide_pairs(
     *,
     settings,
     universal_targets: list[int],
+    decisive: np.ndarray | None = None,
 ) -> PairDecision:
     """Index the pairs by the inversion's objective, flag outliers past the guards (not to a universal target),
-    and pool disjoint pairs into the mapping test."""
+    and pool disjoint pairs into the mapping test. Only `decisive` pairs (default: all) may flag or enter the
+    mapping test; the others are measured and indexed but stand at an infinite distance from flagging."""
     works = np.asarray(asr) >= PAIR_ASR
+    decisive = np.ones(len(pairs), dtype=bool) if decisive is None else np.asarray(decisive, dtype=bool)
     # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
     # natural neighbour's (MNIST's 4 -> 9) is nearly as small but leaves the target less certain
     index, ratio, sigma = index_pairs(pairs, np.asarray(ce) + settings.pair_cost * np.asarray(l1), works)
@@ -212,9 +216,11 @@ def decide_pairs(
         max_ratio=PAIR_MAX_RATIO,
         sigma=sigma,
     )
+    distance = np.where(decisive, distance, np.inf)
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
-    stat, chosen = mapping.statistic(pairs, np.where(works, index, -np.inf), tuple(sorted(universal_targets)))
+    pooled = np.where(works & decisive, index, -np.inf)
+    stat, chosen = mapping.statistic(pairs, pooled, tuple(sorted(universal_targets)))
     map_threshold = mapping.threshold(tuple(pairs))
     if stat >= map_threshold:
         flagged = sorted(set(flagged) | set(chosen))
@@ -266,9 +272,26 @@ def scan_pairs(
         group=per_group,
         progress=progress,
     )
+    # a pair is evidence only when its source has as many clean samples as its patch was fitted on: with fewer,
+    # the patch is fitted and judged on the same few images repeated (43 classes at 300 samples: about 7 each)
+    counts = torch.bincount(y.cpu(), minlength=k)
+    decisive = np.array([int(counts[s]) >= settings.pair_samples for s, _ in pairs])
     decision = decide_pairs(
-        pairs, found.l1, found.ce, found.asr, settings=settings, universal_targets=universal_targets
+        pairs,
+        found.l1,
+        found.ce,
+        found.asr,
+        settings=settings,
+        universal_targets=universal_targets,
+        decisive=decisive,
     )
+    short = sorted({s for (s, _), ok in zip(pairs, decisive, strict=True) if not ok})
+    if short:
+        result.notes.append(
+            f"{len(short)} of {len({s for s, _ in pairs})} source classes had fewer than {settings.pair_samples} "
+            "clean samples: their pairs were measured but cannot flag a source-specific or all-to-all backdoor; "
+            f"give at least {settings.pair_samples} samples a class (--samples {settings.pair_samples * k})"
+        )
     index, flagged, chosen = decision.index, decision.flagged, decision.chosen
     top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
     measure_spill(model, x, y, found, sorted(set(flagged) | set(chosen) | set(top)))

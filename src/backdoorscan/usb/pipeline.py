@@ -130,6 +130,7 @@ def _scan_model(
     families = FamilyScan()
     if ready.evidence.ok:  # the search's own evidence (check_search) can still end the scan here
         families = _other_families(run, staging.refined, universal.targets)
+        ready.evidence.notes.extend(families.notes)
     families.margins["universal"] = universal.margin
     fired = universal.fired or bool(families.findings)
     found = [f.target for f in families.findings if f.target not in universal.targets]
