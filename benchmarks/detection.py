@@ -154,6 +154,8 @@ def main() -> None:
                     "timings": scan.timings,
                     "findings": [] if scan.families is None else [f.to_dict() for f in scan.families.findings],
                     "family_margins": {} if scan.families is None else scan.families.to_dict()["margins"],
+                    # every measured pair and warp, so that a later decision rule can be applied to stored scans
+                    "families": None if scan.families is None else scan.families.to_dict(),
                 }
             )
             rows[-1]["stage"] = stage(rows[-1])

@@ -110,6 +110,8 @@ def main() -> None:
             "usb_alone_flagged": usb_alone,
             "margin": scan.margin,
             "findings": [f.to_dict() for f in (scan.families.findings if scan.families else [])],
+            # every measured pair and warp: later decision rules are applied to stored scans, not new ones
+            "families": scan.families.to_dict() if scan.families else None,
             "timings": scan.timings,
             "seconds": round(time.perf_counter() - t, 1),
         }
