@@ -21,6 +21,7 @@ import torch
 
 from backdoorscan import ScanSettings, scan_model
 
+from pair_tables import planted
 from zoo_families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,12 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
             f"{fam.warps.asr[i]:.2f}, index {fam.warp_index[i]:.2f} (threshold {fam.warp_threshold:.2f})"
         )
     pairs = {(f.source, f.target) for f in findings if f.source is not None}
+    mapping = planted(entry["attack"])
     if kind == "source_specific":
-        want = (entry["source"], entry["target"])
+        (want,) = mapping
         if want in pairs:
             return True, ""
         return False, _pair_loss(fam, want)
-    mapping = {(y, (y + entry["shift"]) % 10) for y in range(10)}
     on_map = [f for f in findings if f.family == "all-to-all" and (f.source, f.target) in mapping]
     off_map = [f for f in findings if f.source is not None and (f.source, f.target) not in mapping]
     if len(on_map) >= 3 and not off_map:

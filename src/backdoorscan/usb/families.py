@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import mapping
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
-from .pairs import PAIRS_REPORTED, PairTriggers, candidate_pairs, invert_pairs, measure_spill
+from .pairs import PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
 from .warp import Warps, apply_warp, invert_warps
 
 PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
@@ -306,7 +306,7 @@ def scan_pairs(
         mask, pattern = found.mask[i].cpu(), found.pattern[i].cpu()
         sample = x[(y == s).nonzero()[0, 0]].cpu()
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
-        result.images[f"pair_stamped_{s}_to_{t}"] = ((1 - mask) * sample + mask * pattern).clamp(0, 1)
+        result.images[f"pair_stamped_{s}_to_{t}"] = blend(sample, mask, pattern)
     result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
     result.mapping = {
         "pairs": [list(pairs[i]) for i in chosen],

@@ -51,6 +51,11 @@ class PairTriggers:
     ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
 
 
+def blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Neural Cleanse's blend, x' = (1 - mask) * x + mask * pattern, broadcast and clipped to [0, 1]."""
+    return ((1 - mask) * x + mask * pattern).clamp(0, 1)
+
+
 def candidate_pairs(
     k: int, y: torch.Tensor, logits: Callable[[], torch.Tensor], min_samples: int = 2
 ) -> list[tuple[int, int]]:
@@ -153,7 +158,7 @@ def _invert(
     for step in range(steps):
         mask = (torch.tanh(mask_p) + 1) / 2
         pattern = (torch.tanh(pattern_p) + 1) / 2
-        stamped = (1 - mask[:, None]) * xb + (mask * pattern)[:, None]
+        stamped = blend(xb, mask[:, None], pattern[:, None])
         ce = F.cross_entropy(model(stamped.flatten(0, 1)), targets, reduction="none").view(n_pairs, -1).mean(1)
         loss = (ce + cost * mask.flatten(1).sum(1)).sum()
         opt.zero_grad(set_to_none=True)
@@ -179,7 +184,7 @@ def pair_success(
         src = x[y == s]
         if not len(src):
             continue
-        logits = model(((1 - mask[i]) * src + mask[i] * pattern[i]).clamp(0, 1))
+        logits = model(blend(src, mask[i], pattern[i]))
         asr[i] = float((logits.argmax(1) == t).float().mean())
         ce[i] = float(F.cross_entropy(logits, torch.full((len(src),), t, device=x.device)))
     return asr, ce
@@ -194,5 +199,5 @@ def measure_spill(model: nn.Module, x: torch.Tensor, y: torch.Tensor, found: Pai
         s, t = found.pairs[i]
         other = x[(y != s) & (y != t)]
         if len(other):
-            stamped = ((1 - found.mask[i]) * other + found.mask[i] * found.pattern[i]).clamp(0, 1)
+            stamped = blend(other, found.mask[i], found.pattern[i])
             found.spill[i] = float((model(stamped).argmax(1) == t).float().mean())
