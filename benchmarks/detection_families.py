@@ -17,9 +17,11 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backdoorscan import ScanSettings, scan_model
+from backdoorscan.usb.families import decide_pairs
 
 from pair_tables import planted
 from zoo_families import FAMILIES
@@ -28,40 +30,77 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/mnist/test_2000.npz"
 
 
+def hit(entry: dict, universal: list[int], findings: list[tuple[str, int | None, int]]) -> bool:
+    """Whether findings ((family, source, target)) and universal targets are exactly what the entry planted:
+    nothing for a clean model, the pair, three or more pairs all on the mapping, or a warp on the target."""
+    kind = entry["family"]
+    if kind.startswith("clean"):
+        return not universal and not findings
+    if kind == "wanet":
+        return any(f == "warp" and t == entry["target"] for f, _, t in findings)
+    want = planted(entry["attack"])
+    pairs = {(s, t) for _, s, t in findings if s is not None}
+    if kind == "source_specific":
+        return want <= pairs
+    on_map = [(s, t) for f, s, t in findings if f == "all-to-all" and (s, t) in want]
+    return len(on_map) >= 3 and pairs <= want
+
+
 def exact(entry: dict, scan) -> tuple[bool, str]:
     """Whether the scan found the planted backdoor (or, for a clean model, nothing), and where it was lost."""
     fam = scan.families
     findings = [] if fam is None else fam.findings
     universal = [c.cls for c in scan.classes if c.flagged]
     kind = entry["family"]
+    if hit(entry, universal, [(f.family, f.source, f.target) for f in findings]):
+        return True, ""
     if kind.startswith("clean"):
         fired = [f"universal {universal}"] if universal else []
         fired += [f"{f.family} {f.source}->{f.target}" for f in findings]
-        return not fired, "flagged by " + "; ".join(fired) if fired else ""
+        return False, "flagged by " + "; ".join(fired)
     if fam is None or (fam.warps if kind == "wanet" else fam.pairs) is None:  # Neural Cleanse, --families universal
         return False, f"universal triggers only: flagged {universal}" if universal else "universal triggers only"
     if kind == "wanet":
-        hit = any(f.family == "warp" and f.target == entry["target"] for f in findings)
-        if hit:
-            return True, ""
         i = fam.warps.targets.index(entry["target"])
         return False, (
             f"warp stage: target displacement {fam.warps.displacement[i]:.2f} px, ASR "
             f"{fam.warps.asr[i]:.2f}, index {fam.warp_index[i]:.2f} (threshold {fam.warp_threshold:.2f})"
         )
-    pairs = {(f.source, f.target) for f in findings if f.source is not None}
     mapping = planted(entry["attack"])
     if kind == "source_specific":
         (want,) = mapping
-        if want in pairs:
-            return True, ""
         return False, _pair_loss(fam, want)
     on_map = [f for f in findings if f.family == "all-to-all" and (f.source, f.target) in mapping]
     off_map = [f for f in findings if f.source is not None and (f.source, f.target) not in mapping]
-    if len(on_map) >= 3 and not off_map:
-        return True, ""
     best = sorted(_pair_loss(fam, p) for p in mapping)[:2]
     return False, f"{len(on_map)} mapping pairs flagged, {len(off_map)} others; e.g. " + " | ".join(best)
+
+
+def redecide(entry: dict, row: dict) -> dict:
+    """A stored row decided again with the current pairs decision (`usb.families.decide_pairs`) from its stored
+    pair table; the universal and warp stages' findings are kept as they were."""
+    table = {(p["source"], p["target"]): p for p in row["families"]["pairs"]["pairs"]}
+    pairs = sorted(table)  # the scan's candidate order at 10 classes: source-major
+    l1, ce, asr = (np.array([table[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
+    spill = np.array([np.nan if table[p]["spill"] is None else table[p]["spill"] for p in pairs])
+    universal = row["usb_alone_flagged"]
+    decision = decide_pairs(pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=universal, spill=spill)
+    family = "all-to-all" if len({pairs[i][0] for i in decision.flagged}) >= 3 else "source-specific"
+    findings = [f for f in row["findings"] if f["source"] is None]  # universal and warp findings
+    findings += [
+        {"family": family, "source": pairs[i][0], "target": pairs[i][1], "index": round(float(decision.index[i]), 4)}
+        for i in decision.flagged
+    ]
+    found = [(f["family"], f["source"], f["target"]) for f in findings]
+    ok = hit(entry, universal, found)
+    return {
+        **row,
+        "verdict": "backdoor" if universal or findings else "clean",
+        "exact": ok,
+        "lost": "" if ok else row["lost"] or "redecided, found: " + ", ".join(f"{f} {s}->{t}" for f, s, t in found),
+        "findings": findings,
+        "pairs_margin": decision.margin,
+    }
 
 
 def _pair_loss(fam, pair: tuple[int, int]) -> str:
@@ -83,7 +122,20 @@ def main() -> None:
     parser.add_argument("--name", default="detection", help="results go to ZOO/NAME-IofN.json and ZOO/NAME.json")
     parser.add_argument("--models", help="a regular expression the model names must match (default: all)")
     parser.add_argument("--method", default=ScanSettings.method, help="usb (every family) or nc (Neural Cleanse)")
+    parser.add_argument(
+        "--redecide",
+        help="a stored NAME.json: decide its pairs again from the stored tables (no scan), write NAME-redecided.json",
+    )
     args = parser.parse_args()
+    if args.redecide:
+        stored = Path(args.redecide)
+        zoo = json.loads((stored.parent / "zoo.json").read_text())
+        rows = {name: redecide(zoo[name], row) for name, row in json.loads(stored.read_text()).items()}
+        stored.with_name(stored.stem + "-redecided.json").write_text(json.dumps(rows, indent=1))
+        for name, row in rows.items():
+            print(f"{name}: {row['verdict']} exact={row['exact']} {row['lost']}")
+        table(rows)
+        return
     shard, shards = (int(v) for v in args.shard.split("/"))
     torch.set_num_threads(args.threads)
     zoo_dir = Path(args.zoo)
@@ -122,6 +174,11 @@ def main() -> None:
     for part_file in sorted(zoo_dir.glob(f"{args.name}-*of*.json")):
         rows.update(json.loads(part_file.read_text()))
     (zoo_dir / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    table(rows)
+
+
+def table(rows: dict) -> None:
+    """The per-family table of docs/results.md."""
     print("\n| family | part | models | exact (new scan) | flagged at all | USB alone flagged | clean verdicts |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for family in FAMILIES:

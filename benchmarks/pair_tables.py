@@ -53,7 +53,8 @@ def redecide(path: Path) -> None:
         rows = {(p["source"], p["target"]): p for p in entry["pairs"]["pairs"]}
         pairs = sorted(rows)  # the scan's candidate order at 10 classes: source-major
         l1, ce, asr = (np.array([rows[p][key] for p in pairs]) for key in ("l1", "cross_entropy", "asr"))
-        decision = decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[])
+        spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
+        decision = decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[], spill=spill)
         for p, value in zip(pairs, decision.index, strict=True):
             rows[p]["index"] = round(float(value), 4) if np.isfinite(value) else None
         entry["pairs"]["pairs"] = sorted(rows.values(), key=lambda r: -(r["index"] if r["index"] is not None else -1e9))

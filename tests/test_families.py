@@ -10,7 +10,16 @@ import torch
 
 from backdoorscan.core.settings import ScanSettings
 from backdoorscan.usb.decide import class_threshold
-from backdoorscan.usb.families import FamilyScan, decide_pairs, flip_distance, index_pairs, scan_pairs, scan_warps
+from backdoorscan.usb.families import (
+    PAIR_SPILL_MAX,
+    FamilyScan,
+    decide_pairs,
+    flip_distance,
+    index_pairs,
+    scan_pairs,
+    scan_warps,
+    spill_distance,
+)
 from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs
 from backdoorscan.usb.warp import apply_warp
 
@@ -91,6 +100,23 @@ def test_the_pairs_decision_names_a_planted_pair_and_leaves_a_universal_target_t
     few = np.array([s != 3 for s, _ in pairs])
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], decisive=few)
     assert {pairs[i] for i in decision.flagged} == {(5, 2)} and np.isinf(decision.distance[pairs.index((3, 8))])
+
+
+def test_a_pair_whose_patch_moves_other_classes_to_its_target_does_not_flag_on_its_own():
+    """A source-specific trigger is inert elsewhere; a natural feature of the target (a clean model's 8 -> 2 at
+    index 4.4, spill 0.42) moves other classes too: held back by spill, and counted in the clean margin."""
+    pairs, l1 = _matrix_pairs({(3, 8): 6.0, (5, 2): 6.0})
+    works, ce, settings = np.ones(len(pairs)), np.full(len(pairs), 0.05), ScanSettings()
+    spill = np.full(len(pairs), np.nan)  # not measured: no constraint
+    spill[pairs.index((3, 8))], spill[pairs.index((5, 2))] = 0.03, 0.42
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], spill=spill)
+    assert {pairs[i] for i in decision.flagged} == {(3, 8)}
+    assert 0 < decision.distance[pairs.index((5, 2))] <= 1  # the spill criterion's distance, at most one unit
+    assert 0 < decision.margin <= 1  # (3, 8)'s own spill is within a unit of the limit
+    spill[pairs.index((3, 8))] = 0.5
+    clean = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], spill=spill)
+    assert clean.flagged == [] and 0 < clean.margin <= (0.42 - PAIR_SPILL_MAX) / (1 - PAIR_SPILL_MAX) + 1e-9
+    assert list(spill_distance(np.array([np.nan, 0.0, PAIR_SPILL_MAX, 1.0]))) == [-np.inf, -1.0, 0.0, 1.0]
 
 
 def test_candidate_pairs_are_bounded_for_many_classes():

@@ -25,6 +25,11 @@ from .warp import Warps, apply_warp, invert_warps
 
 PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
 PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
+# and, to flag on its own, send at most this share of the other classes' samples to its target: a source-specific
+# trigger is inert elsewhere (a trigger that moves every class is USB's to find), where a natural feature of the
+# target (a stroke that makes an 8 a 2) moves other classes too. Planted pairs of the families zoo: 0.00-0.13;
+# the outlier natural pairs that flagged a clean model and two WaNet models: 0.42-0.45.
+PAIR_SPILL_MAX = 0.25
 
 
 @dataclass
@@ -143,6 +148,15 @@ def flip_distance(
     return np.where(np.asarray(asr) >= asr_min, distance, np.inf)
 
 
+def spill_distance(spill: np.ndarray) -> np.ndarray:
+    """The spill criterion as a distance from flagging, in [-1, 1] (NaN, not measured: -inf, no constraint): the
+    share of the room below PAIR_SPILL_MAX that is left (negative), or of the room above it that is used. Spill has
+    no anomaly-index units, so this is a convention; it keeps a pair that spill alone holds back, or alone lets
+    through, within one unit of flipping in the margin, never far from it."""
+    room = np.where(spill > PAIR_SPILL_MAX, 1 - PAIR_SPILL_MAX, PAIR_SPILL_MAX)
+    return np.where(np.isnan(spill), -np.inf, (spill - PAIR_SPILL_MAX) / room)
+
+
 def index_pairs(
     pairs: list[tuple[int, int]], sizes: np.ndarray, works: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -197,10 +211,14 @@ def decide_pairs(
     settings,
     universal_targets: list[int],
     decisive: np.ndarray | None = None,
+    spill: np.ndarray | None = None,
 ) -> PairDecision:
     """Index the pairs by the inversion's objective, flag outliers past the guards (not to a universal target),
     and pool disjoint pairs into the mapping test. Only `decisive` pairs (default: all) may flag or enter the
-    mapping test; the others are measured and indexed but stand at an infinite distance from flagging."""
+    mapping test; the others are measured and indexed but stand at an infinite distance from flagging. A pair
+    whose measured `spill` (NaN: not measured) exceeds PAIR_SPILL_MAX does not flag on its own; its distance
+    counts the spill criterion too (`spill_distance`). The mapping test does not read spill: a mapping's patch
+    sends other classes to their own targets, not to this pair's."""
     works = np.asarray(asr) >= PAIR_ASR
     decisive = np.ones(len(pairs), dtype=bool) if decisive is None else np.asarray(decisive, dtype=bool)
     # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
@@ -217,6 +235,8 @@ def decide_pairs(
         sigma=sigma,
     )
     distance = np.where(decisive, distance, np.inf)
+    if spill is not None:
+        distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
     pooled = np.where(works & decisive, index, -np.inf)
@@ -294,7 +314,19 @@ def scan_pairs(
         )
     index, flagged, chosen = decision.index, decision.flagged, decision.chosen
     top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
+    # spill for every pair that would flag (and those a report names), then the decision with the spill criterion
     measure_spill(model, x, y, found, sorted(set(flagged) | set(chosen) | set(top)))
+    decision = decide_pairs(
+        pairs,
+        found.l1,
+        found.ce,
+        found.asr,
+        settings=settings,
+        universal_targets=universal_targets,
+        decisive=decisive,
+        spill=found.spill,
+    )
+    flagged = decision.flagged
     sources = {pairs[i][0] for i in flagged}
     family = "all-to-all" if len(sources) >= 3 else "source-specific"
     result.findings += [
