@@ -11,6 +11,7 @@ import torch
 from backdoorscan.core.settings import ScanSettings
 from backdoorscan.usb.decide import class_threshold
 from backdoorscan.usb.families import (
+    PAIR_ASR,
     PAIR_SPILL_MAX,
     FamilyScan,
     decide_pairs,
@@ -117,6 +118,21 @@ def test_a_pair_whose_patch_moves_other_classes_to_its_target_does_not_flag_on_i
     clean = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], spill=spill)
     assert clean.flagged == [] and 0 < clean.margin <= (0.42 - PAIR_SPILL_MAX) / (1 - PAIR_SPILL_MAX) + 1e-9
     assert list(spill_distance(np.array([np.nan, 0.0, PAIR_SPILL_MAX, 1.0]))) == [-np.inf, -1.0, 0.0, 1.0]
+
+
+def test_a_patch_that_moves_exactly_nine_tenths_of_its_source_works():
+    """27 of 30 is PAIR_ASR: counted exactly, not as float32's 0.8999999 (which lost such pairs, and made stored
+    tables, rounded, decide differently from the scan)."""
+    from backdoorscan.usb.pairs import pair_success
+
+    class Votes(torch.nn.Module):  # class 1 for the first 27 of 30 samples, class 0 for the rest
+        def forward(self, x):
+            first = (x.flatten(1)[:, 0] < 0.89).float()
+            return torch.stack([1 - first, first], 1)
+
+    x = (torch.arange(30.0) / 30).view(30, 1, 1, 1)  # pixel values in [0, 1]: 27 of them under 0.89
+    asr, _ = pair_success(Votes(), x, torch.zeros(30, dtype=torch.long), [(0, 1)], torch.zeros(1, 1, 1, 1), x[:1])
+    assert asr[0] == 27 / 30 and asr[0] >= PAIR_ASR
 
 
 def test_candidate_pairs_are_bounded_for_many_classes():

@@ -185,7 +185,7 @@ def pair_success(
         if not len(src):
             continue
         logits = model(blend(src, mask[i], pattern[i]))
-        asr[i] = float((logits.argmax(1) == t).float().mean())
+        asr[i] = int((logits.argmax(1) == t).sum()) / len(src)  # exact: 27 of 30 is PAIR_ASR, not 0.8999999
         ce[i] = float(F.cross_entropy(logits, torch.full((len(src),), t, device=x.device)))
     return asr, ce
 
@@ -200,4 +200,4 @@ def measure_spill(model: nn.Module, x: torch.Tensor, y: torch.Tensor, found: Pai
         other = x[(y != s) & (y != t)]
         if len(other):
             stamped = blend(other, found.mask[i], found.pattern[i])
-            found.spill[i] = float((model(stamped).argmax(1) == t).float().mean())
+            found.spill[i] = int((model(stamped).argmax(1) == t).sum()) / len(other)
