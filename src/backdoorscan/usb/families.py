@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -296,7 +297,8 @@ def scan_pairs(
     # the patch is fitted and judged on the same few images repeated (43 classes at 300 samples: about 7 each)
     counts = torch.bincount(y.cpu(), minlength=k)
     decisive = np.array([int(counts[s]) >= settings.pair_samples for s, _ in pairs])
-    decision = decide_pairs(
+    decide = partial(
+        decide_pairs,
         pairs,
         found.l1,
         found.ce,
@@ -305,6 +307,7 @@ def scan_pairs(
         universal_targets=universal_targets,
         decisive=decisive,
     )
+    decision = decide()
     short = sorted({s for (s, _), ok in zip(pairs, decisive, strict=True) if not ok})
     if short:
         result.notes.append(
@@ -316,16 +319,7 @@ def scan_pairs(
     top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
     # spill for every pair that would flag (and those a report names), then the decision with the spill criterion
     measure_spill(model, x, y, found, sorted(set(flagged) | set(chosen) | set(top)))
-    decision = decide_pairs(
-        pairs,
-        found.l1,
-        found.ce,
-        found.asr,
-        settings=settings,
-        universal_targets=universal_targets,
-        decisive=decisive,
-        spill=found.spill,
-    )
+    decision = decide(spill=found.spill)
     flagged = decision.flagged
     sources = {pairs[i][0] for i in flagged}
     family = "all-to-all" if len(sources) >= 3 else "source-specific"
