@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast test-detection lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling bench-onnx clean
+.PHONY: setup demo test test-fast test-detection lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-families bench-scaling bench-onnx clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ lint: $(STAMP)
 
 # Benchmarks read ../shared/data when present and say so when it is absent (CIFAR-10 needs it).
 # On 2 CPU cores: bench-mnist ~35 min, bench-cifar10 ~90 min (docs/results.md has the figures they print).
-bench: bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-scaling bench-onnx
+bench: bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-families bench-scaling bench-onnx
 
 bench-mnist: $(STAMP)
 	$(BIN)/python benchmarks/zoo.py --dataset mnist --out bench-out/zoo --per-group 5
@@ -77,6 +77,13 @@ bench-gtsrb: $(STAMP)  # 43 classes: staged USB and NC, full scans for the compa
 	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-gtsrb --methods usb,nc --name staged
 	$(BIN)/python benchmarks/detection.py --zoo bench-out/zoo-varied-gtsrb --methods usb --refine all --name full
 	$(BIN)/python benchmarks/detection.py --staged-from bench-out/zoo-varied-gtsrb/full.json
+
+# Issue 25's families zoo (source-specific, all-to-all, WaNet, three kinds of clean control; MNIST): 16 models a
+# family, every fourth aside; rebuilds resume. On one CPU thread ~1 min to train and ~1.5 min to scan a model.
+bench-families: $(STAMP)
+	$(BIN)/python benchmarks/zoo_families.py --out bench-out/zoo-families --per-family 16
+	$(BIN)/python benchmarks/detection_families.py --zoo bench-out/zoo-families
+	$(BIN)/python benchmarks/filtering_families.py --zoo bench-out/zoo-families
 
 bench-scaling: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py --classes 10,43,100,1000 --sides 32,64 --eta

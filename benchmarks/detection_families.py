@@ -7,6 +7,11 @@ Writes ZOO/detection-IofN.json per shard and ZOO/detection.json (all shards, one
 per-family table of docs/results.md. Exact means:
 source-specific, the planted (source, target) pair among the findings; all-to-all, three or more flagged pairs,
 all on the planted mapping; WaNet, a warp finding on the planted target; clean models, no finding at all.
+
+    .venv/bin/python benchmarks/detection_families.py --redecide bench-out/zoo-families/heldout2.json
+
+decides stored rows again (each keeps its full pair table) with the current pairs decision, without scanning:
+the universal and warp findings are kept; writes NAME-redecided.json beside the file and prints the table.
 """
 
 from __future__ import annotations
