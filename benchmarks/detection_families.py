@@ -22,13 +22,12 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from backdoorscan import ScanSettings, scan_model
-from backdoorscan.usb.families import decide_pairs
+from backdoorscan.usb.families import pair_family
 
-from pair_tables import planted
+from pair_tables import decide_table, planted
 from zoo_families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +83,10 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
 def redecide(entry: dict, row: dict) -> dict:
     """A stored row decided again with the current pairs decision (`usb.families.decide_pairs`) from its stored
     pair table; the universal and warp stages' findings are kept as they were."""
-    table = {(p["source"], p["target"]): p for p in row["families"]["pairs"]["pairs"]}
-    pairs = sorted(table)  # the scan's candidate order at 10 classes: source-major
-    l1, ce, asr = (np.array([table[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
-    spill = np.array([np.nan if table[p]["spill"] is None else table[p]["spill"] for p in pairs])
     universal = row["usb_alone_flagged"]
-    decision = decide_pairs(pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=universal, spill=spill)
-    family = "all-to-all" if len({pairs[i][0] for i in decision.flagged}) >= 3 else "source-specific"
+    stored = {(p["source"], p["target"]): p for p in row["families"]["pairs"]["pairs"]}
+    pairs, decision = decide_table(stored, universal_targets=universal)
+    family = pair_family(pairs, decision.flagged)
     findings = [f for f in row["findings"] if f["source"] is None]  # universal and warp findings
     findings += [
         {"family": family, "source": pairs[i][0], "target": pairs[i][1], "index": round(float(decision.index[i]), 4)}

@@ -26,7 +26,7 @@ from backdoorscan import ModelSource, ScanSettings
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.usb.families import FamilyScan, decide_pairs, scan_pairs
+from backdoorscan.usb.families import FamilyScan, PairDecision, decide_pairs, scan_pairs
 from backdoorscan.usb.pipeline import class_group
 
 from common import BUNDLED_TEST, clean_samples, device_name
@@ -43,18 +43,28 @@ def planted(attack: dict | None) -> set[tuple[int, int]]:
     return set()
 
 
+def decide_table(
+    rows: dict[tuple[int, int], dict], universal_targets: list[int]
+) -> tuple[list[tuple[int, int]], PairDecision]:
+    """A stored pair table ((source, target) -> its row) decided by the scan's own `decide_pairs`; unmeasured
+    spill (None) stays unmeasured (NaN). Pairs in the scan's candidate order at 10 classes: source-major."""
+    pairs = sorted(rows)
+    l1, ce, asr = (np.array([rows[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
+    spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
+    decision = decide_pairs(
+        pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=universal_targets, spill=spill
+    )
+    return pairs, decision
+
+
 def redecide(path: Path) -> None:
     """Decide each stored table again with the current code; rewrite the file and print one line per model."""
     tables = json.loads(path.read_text())
-    settings = ScanSettings()
     print("| model | flagged | planted pair's distance | best other's distance | mapping statistic / threshold |")
     print("|---|---|---:|---:|---:|")
     for name, entry in tables["models"].items():
         rows = {(p["source"], p["target"]): p for p in entry["pairs"]["pairs"]}
-        pairs = sorted(rows)  # the scan's candidate order at 10 classes: source-major
-        l1, ce, asr = (np.array([rows[p][key] for p in pairs]) for key in ("l1", "cross_entropy", "asr"))
-        spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
-        decision = decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[], spill=spill)
+        pairs, decision = decide_table(rows, universal_targets=[])
         for p, value in zip(pairs, decision.index, strict=True):
             rows[p]["index"] = round(float(value), 4) if np.isfinite(value) else None
         entry["pairs"]["pairs"] = sorted(rows.values(), key=lambda r: -(r["index"] if r["index"] is not None else -1e9))

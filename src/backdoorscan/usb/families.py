@@ -29,7 +29,7 @@ PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median workin
 # and, to flag on its own, send at most this share of the other classes' samples to its target: a source-specific
 # trigger is inert elsewhere (a trigger that moves every class is USB's to find), where a natural feature of the
 # target (a stroke that makes an 8 a 2) moves other classes too. Planted pairs of the families zoo: 0.00-0.13;
-# the outlier natural pairs that flagged a clean model and two WaNet models: 0.42-0.45.
+# the outlier natural pairs that flagged a clean model and named an extra pair on a WaNet model: 0.42 and 0.45.
 PAIR_SPILL_MAX = 0.25
 
 
@@ -259,6 +259,11 @@ def decide_pairs(
     )
 
 
+def pair_family(pairs: list[tuple[int, int]], flagged: list[int]) -> str:
+    """What flagged pairs are reported as: an all-to-all mapping when they come from three or more sources."""
+    return "all-to-all" if len({pairs[i][0] for i in flagged}) >= 3 else "source-specific"
+
+
 def scan_pairs(
     model: nn.Module,
     x: torch.Tensor,
@@ -321,8 +326,7 @@ def scan_pairs(
     measure_spill(model, x, y, found, sorted(set(flagged) | set(chosen) | set(top)))
     decision = decide(spill=found.spill)
     flagged = decision.flagged
-    sources = {pairs[i][0] for i in flagged}
-    family = "all-to-all" if len(sources) >= 3 else "source-specific"
+    family = pair_family(pairs, flagged)
     result.findings += [
         Finding(family, pairs[i][1], pairs[i][0], float(index[i]), decision.threshold, float(found.l1[i]))
         for i in flagged
