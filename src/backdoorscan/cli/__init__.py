@@ -10,10 +10,13 @@ process only supervises it and relays its output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -25,7 +28,7 @@ import typer
 from .. import __version__
 from ..core.errors import ExitCode, Inconclusive, ScanError
 from ..core.settings import FilterSettings, ScanSettings
-from ..safety.confine import CHILD_ENV
+from ..safety.confine import CHILD_ENV, die_with_parent
 from ..safety.limits import Limits
 from ..safety.paths import check_outputs
 from . import options as opt
@@ -49,11 +52,36 @@ def _quiet(debug: bool) -> None:
         warnings.simplefilter("ignore")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a cancelled CI job, a closed terminal), handled as Ctrl-C is: the child's process tree is
+    killed, its scratch folder removed, and no report written."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """While a command runs in the main thread: SIGTERM and SIGHUP raise `Terminated`; the old handlers after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _run(debug: bool, body: Callable[[], int]) -> None:
     """Run a command body; ScanError -> one line and exit 2 (Inconclusive: exit 3), any other failure -> exit 2."""
+    die_with_parent()  # a scanning child: never outlive the supervisor
     try:
-        _quiet(debug)
-        code = body()
+        with _signals_interrupt():
+            _quiet(debug)
+            code = body()
     except Inconclusive as exc:
         if debug:
             traceback.print_exc()
@@ -64,8 +92,9 @@ def _run(debug: bool, body: Callable[[], int]) -> None:
             traceback.print_exc()
         error_line("error", exc.one_line())
         code = ExitCode.ERROR
-    except KeyboardInterrupt:
-        error_line("interrupted", "no report was written")
+    except KeyboardInterrupt as exc:
+        stopped = f"stopped by {exc.args[0]}; " if isinstance(exc, Terminated) else ""
+        error_line("interrupted", f"{stopped}no report was written")
         code = ExitCode.ERROR
     except Exception as exc:  # a bug or an unexpected input: still a CI-safe exit code
         if debug:

@@ -29,7 +29,9 @@ DIED = "the scanning process died (status {code}); no verdict"
 def child_environment(writable: list[str] | None, scratch: str) -> dict[str, str]:
     """The environment of a scanning child: an allowlist of the parent's variables (no tokens or secrets), a
     private TMPDIR, and the folders it may write when it is to confine itself (None: it runs unconfined)."""
-    env = confine_layers.scrubbed_environment({"PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch})
+    env = confine_layers.scrubbed_environment(
+        {"PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": scratch, confine_layers.PARENT_ENV: str(os.getpid())}
+    )
     if writable is not None:
         env[CHILD_ENV] = json.dumps(writable)
     return env

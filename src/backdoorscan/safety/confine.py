@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 _LIBC = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: no `find_library`, which runs programs
 
 CHILD_ENV = "BACKDOORSCAN_SANDBOX_CHILD"  # set in a sandboxed child: the folders it may write (JSON)
+PARENT_ENV = "BACKDOORSCAN_PARENT"  # set in every scanning child: its supervisor's process id
 
 # Variables a scanning child keeps; everything else (tokens, CI secrets, cloud credentials) is dropped.
 ENV_KEEP = frozenset(
@@ -61,7 +62,7 @@ ENV_KEEP_PREFIXES = ("LC_", "BACKDOORSCAN_", "TORCH_", "CUBLAS_", "CUDNN_")
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWIPC = 0x10000000, 0x40000000, 0x08000000
 CLONE_THREAD = 0x00010000
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE = 38, 22, 36, 4
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, PR_SET_PDEATHSIG = 38, 22, 36, 4, 1
 SECCOMP_MODE_FILTER = 2
 RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 EPERM, EACCES, ENOSYS = 1, 13, 38
@@ -296,6 +297,19 @@ def hard_limits(memory: int | None) -> str | None:
 def address_space_bound(memory: int, threads: int) -> int:
     """The address-space limit for a CPU scan bounded at `memory` bytes: the bound, torch's libraries and stacks."""
     return memory + (4 << 30) + threads * (80 << 20)
+
+
+def die_with_parent() -> None:
+    """In a scanning child, first thing: the kernel kills this process (SIGKILL) when its supervisor dies, even by
+    SIGKILL, so a cancelled CI job never leaves a scan of a hostile model running unsupervised; a supervisor that
+    died before this line leaves the child exiting at once (exit 2)."""
+    expected = os.environ.get(PARENT_ENV)
+    if expected is None:
+        return
+    if platform.system() == "Linux":
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if str(os.getppid()) != expected:
+        os._exit(2)
 
 
 # The parent side.
