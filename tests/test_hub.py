@@ -271,3 +271,28 @@ def test_a_pickle_as_hub_weights_never_runs(timm_folder, tmp_path):
         load_model(hostile, device="cpu")
     code, _, text = _scan(hostile, *IN_PROCESS)
     assert code == 2 and len(text.strip().splitlines()) == 1 and not canary.exists()
+
+
+def test_hub_folders_load_with_the_network_cut(vit_folder, timm_folder, monkeypatch):
+    """Nothing is downloaded at run time: with every way to a network refused (and recorded), both hub folders
+    load as they do online, and no connection, name lookup or socket was even attempted."""
+    import socket
+
+    tried: list[str] = []
+
+    def refuse(what: str):
+        def call(*args, **kwargs):
+            tried.append(what)
+            raise OSError(f"network cut by the test ({what})")
+
+        return call
+
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect_ex"))
+    for folder in (vit_folder, timm_folder):
+        loaded = load_model(folder, device="cpu")
+        with torch.no_grad():
+            assert loaded.module(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert tried == []
