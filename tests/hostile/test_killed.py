@@ -69,7 +69,7 @@ def _start_scan(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     pytest.fail(f"no scanning child started: {proc.communicate()[0].decode()[-500:]}")
 
 
-def _gone(pid: int, within: float = 15.0) -> bool:
+def _gone(pid: int, within: float = 60.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if not _alive(pid):
