@@ -67,7 +67,8 @@ def _signals_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    wanted = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]  # no SIGHUP on Windows
+    old = {sig: signal.signal(sig, _terminate) for sig in wanted}
     try:
         yield
     finally:
