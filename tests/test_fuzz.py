@@ -15,6 +15,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -210,3 +212,71 @@ def test_labels_reader_on_random_bytes(tmp_path_factory, data):
     except ScanError:
         return
     assert len(names) >= 2 and all(n.isprintable() for n in names)
+
+
+NPZ_DTYPES = ["uint8", "int8", "uint16", "int64", "float16", "float32", "float64", "bool", "complex64", "<U3"]
+
+
+@st.composite
+def npz_members(draw):
+    """The arrays of a user's `--data` .npz, drawn wide: odd dtypes and shapes, labels of any kind, wrong names."""
+    members: dict[str, np.ndarray] = {}
+    if draw(st.integers(0, 9)):  # usually an x
+        shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=5)))
+        dtype = draw(st.sampled_from(NPZ_DTYPES))
+        values = np.asarray(draw(st.lists(st.floats(-300, 300), min_size=1, max_size=4)))
+        members["x"] = np.resize(values, shape).astype(dtype)
+    if draw(st.booleans()):
+        n = draw(st.integers(0, 8))
+        kind = draw(st.sampled_from(["int64", "int8", "float64", "<U2", "bool", "2d"]))
+        raw = np.asarray(draw(st.lists(st.integers(-3, 12), min_size=n, max_size=n)), dtype=np.int64)
+        members["y"] = raw.reshape(-1, 1).repeat(2, 1) if kind == "2d" else raw.astype(kind)
+        if kind == "float64" and n and draw(st.booleans()):
+            members["y"][0] = np.nan
+    if draw(st.booleans()):
+        members["classes"] = np.array(draw(st.lists(st.text(max_size=3), max_size=4)), dtype="<U3")
+    return members
+
+
+def _lie_about_rows(path: Path, factor: int) -> None:
+    """Rewrite x.npy's header to declare `factor` times the rows it holds (a truncated or forged file)."""
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    raw = members.get("x.npy")
+    if raw is None:
+        return
+    head_len = int.from_bytes(raw[8:10], "little")
+    header = raw[10 : 10 + head_len].decode("latin1")
+    start = header.find("'shape': (") + len("'shape': (")
+    end = header.find(",", start) if header.find(",", start) != -1 else header.find(")", start)
+    if start < len("'shape': (") or not header[start:end].strip().isdigit():
+        return
+    forged = header[:start] + str(int(header[start:end]) * factor) + header[end:]
+    forged = forged.rstrip().ljust(head_len - 1) + "\n"
+    if len(forged) != head_len:
+        return
+    members["x.npy"] = raw[:10] + forged.encode("latin1") + raw[10 + head_len :]
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+@given(npz_members(), st.sampled_from([1, 1, 3, 10**9]), st.sampled_from([(1, 8, 8), (3, 4, 4)]))
+def test_samples_reader_on_odd_npz(tmp_path_factory, members, lie, shape):
+    """A `--data` .npz loads as images in [0, 1] with labels that are class indices, or is refused with a
+    ScanError; never another exception, never an allocation sized by a header that lies."""
+    from backdoorscan.loading.samples import load_samples
+
+    path = tmp_path_factory.mktemp("npz") / "data.npz"
+    np.savez(path, **members)
+    if lie != 1:
+        _lie_about_rows(path, lie)
+    try:
+        samples = load_samples(path, shape, n=6, seed=0)
+    except ScanError:
+        return
+    assert samples.x.dtype == torch.float32 and samples.x.shape[1:] == shape
+    assert torch.isfinite(samples.x).all() and samples.x.min() >= 0 and samples.x.max() <= 1
+    if samples.y is not None:
+        assert samples.y.dtype == torch.int64 and len(samples.y) == len(samples.x)
+        assert int(samples.y.min()) >= 0

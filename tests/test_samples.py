@@ -79,3 +79,34 @@ def test_samples_of_another_size_are_resized_and_the_report_says_so(tmp_path):
     # the round trip 28 -> 32 -> 28 keeps the digits: close to the same rows read at their own size
     original = to_model_format(d["x"][[int(i) for i in resized.ids]], (1, 28, 28))
     assert (resized.x - original).abs().mean() < 0.05
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose header then declares another size (a decompression bomb's first bytes)."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+def test_odd_images_in_a_data_folder_are_read_or_skipped_and_listed(tmp_path):
+    """Modes nobody planned for (16-bit, CMYK, RGBA 1x1) are read; a file declaring 900 million pixels (Pillow's
+    decompression-bomb error) and a truncated one are skipped and named, and the scan goes on with the rest."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "a/gray.png")
+    Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)).save(tmp_path / "a/sixteen.png")
+    (tmp_path / "a/bomb.png").write_bytes(_png_declaring(30000, 30000))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).convert("CMYK").save(tmp_path / "b/cmyk.jpg")
+    Image.fromarray(np.zeros((1, 1, 4), np.uint8)).save(tmp_path / "b/rgba.png")
+    (tmp_path / "b/truncated.png").write_bytes(_png_declaring(8, 8)[:30])
+    samples = load_samples(tmp_path, (1, 8, 8), n=10, seed=0)
+    assert sorted(samples.skipped) == ["a/bomb.png", "b/truncated.png"]
+    assert len(samples.x) == 4 and samples.y.tolist() == [0, 0, 1, 1]
+    assert torch.isfinite(samples.x).all() and samples.x.min() >= 0 and samples.x.max() <= 1

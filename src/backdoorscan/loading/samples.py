@@ -109,6 +109,7 @@ class NpzSource:
                     )
                 with zf.open("x.npy") as fh:
                     self.shape, _, self.dtype = _read_header(fh)
+                    held = zf.getinfo("x.npy").file_size - fh.tell()  # bytes after the header
                 self.y, self.classes = None, None
                 if "classes.npy" in names:
                     with zf.open("classes.npy") as fh:
@@ -116,16 +117,31 @@ class NpzSource:
                     self.classes = [str(c) for c in names_arr] if names_arr.dtype.kind == "U" else None
                 if "y.npy" in names:
                     with zf.open("y.npy") as fh:
-                        self.y = np.lib.format.read_array(fh, allow_pickle=False).astype(np.int64)
+                        self.y = _class_indices(np.lib.format.read_array(fh, allow_pickle=False), path)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise ScanError(f"cannot read the .npz ({exc})", path=path, hint="check the file") from exc
-        if len(self.shape) not in (3, 4) or self.shape[0] == 0:
-            raise ScanError(f"'x' has shape {self.shape}; expected (N, H, W) or (N, H, W, C) with N > 0", path=path)
+        if self.dtype.kind not in "buif" or self.dtype.fields is not None:
+            raise ScanError(
+                f"'x' has dtype {self.dtype}; expected uint8 images (or floats in [0, 1])",
+                path=path,
+                hint="store x as uint8 (N, H, W, C)",
+            )
+        if len(self.shape) not in (3, 4) or min(self.shape) == 0:
+            raise ScanError(
+                f"'x' has shape {self.shape}; expected (N, H, W) or (N, H, W, C), every size above 0", path=path
+            )
         if len(self.shape) == 4 and self.shape[3] not in (1, 3, 4) and self.shape[1] in (1, 3, 4):
             raise ScanError(
                 f"'x' has shape {self.shape}: channels-first (N, C, H, W); the .npz layout is (N, H, W, C)",
                 path=path,
                 hint="store x.transpose(0, 2, 3, 1)",
+            )
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if self.shape[0] * row_bytes > held:  # before anything is sized by the header's count
+            raise ScanError(
+                f"'x' declares {self.shape[0]} images but the file holds {held // row_bytes}",
+                path=path,
+                hint="the file is truncated or its header is wrong: write it again with numpy.savez",
             )
         if self.y is not None and len(self.y) != self.shape[0]:
             raise ScanError(f"'y' has {len(self.y)} labels for {self.shape[0]} images", path=path)
@@ -160,6 +176,17 @@ class NpzSource:
                         continue
                     block, idx = block[keep], idx[keep]
                 yield idx, block
+
+
+def _class_indices(y: np.ndarray, path: Path) -> np.ndarray:
+    """An .npz's labels as int64 class indices: one non-negative whole number a row, or a ScanError."""
+    if y.ndim != 1 or y.dtype.kind not in "buif":
+        raise ScanError(f"'y' has shape {y.shape} and dtype {y.dtype}; expected one class index a row", path=path)
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise ScanError("'y' holds values that are not whole numbers; expected class indices", path=path)
+    if len(y) and y.min() < 0:
+        raise ScanError(f"'y' holds a negative label ({y.min():g}); expected class indices 0, 1, ...", path=path)
+    return y.astype(np.int64)
 
 
 def _read_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -215,14 +242,15 @@ class FolderSource:
         return None
 
     def read(self, index: int) -> np.ndarray | None:
-        """One image as uint8 (H, W, C), or None when the file cannot be decoded."""
+        """One image as uint8 (H, W, C), or None when the file cannot be decoded or declares more pixels than
+        Pillow's decompression-bomb limit (one such file is skipped and listed, not the end of the scan)."""
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(self.files[index]) as opened:
                 im = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened
                 return np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, -1)
-        except (UnidentifiedImageError, OSError, ValueError):
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
             return None
 
 
