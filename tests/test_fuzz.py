@@ -280,3 +280,48 @@ def test_samples_reader_on_odd_npz(tmp_path_factory, members, lie, shape):
     if samples.y is not None:
         assert samples.y.dtype == torch.int64 and len(samples.y) == len(samples.x)
         assert int(samples.y.min()) >= 0
+
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 10**12), st.floats(allow_nan=False), st.text(max_size=6)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+HUB_KEYS = ["model_type", "architecture", "id2label", "num_labels", "num_classes", "num_channels", "model_args"]
+HUB_KEYS += ["pretrained_cfg", "label_names", "architectures"]
+PRE_KEYS = ["size", "crop_size", "do_center_crop", "image_mean", "image_std", "rescale_factor", "do_rescale"]
+PRE_KEYS += ["do_normalize", "resample"]
+
+
+@given(
+    st.dictionaries(st.sampled_from(HUB_KEYS), json_values, max_size=6),
+    st.sampled_from(["ViT", "vit", None]),
+    st.dictionaries(st.sampled_from(PRE_KEYS), json_values, max_size=6),
+)
+def test_hub_configs_are_read_or_refused(tmp_path_factory, config, model_type, pre):
+    """A hub folder's config.json and preprocessor_config.json, with values of any JSON type: read into a folder
+    description whose figures are usable (class count, channels, sizes, positive std), or refused with a
+    ScanError; never another exception."""
+    import json
+
+    from backdoorscan.loading.hub import read_hub_folder
+
+    folder = tmp_path_factory.mktemp("hub")
+    if model_type is not None:
+        config = {**config, "model_type": model_type}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    (folder / "model.safetensors").write_bytes(b"\x00" * 8)
+    try:
+        hub = read_hub_folder(folder)
+    except ScanError:
+        return
+    assert isinstance(hub.num_classes, int) and 2 <= hub.num_classes <= 100_000
+    assert type(hub.channels) is int and hub.channels in (1, 3)
+    assert hub.input_size is None or all(type(s) is int and 1 <= s <= 4096 for s in hub.input_size)
+    assert hub.std is None or (len(hub.std) == hub.channels and min(hub.std) > 0)
+    assert hub.labels is None or len(hub.labels) == hub.num_classes
+    hub.to_dict()

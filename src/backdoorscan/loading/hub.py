@@ -96,6 +96,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+MAX_CLASSES = 100_000  # a declared class count beyond this (ImageNet-22k has 21,843) is refused
 _INFORMATIONAL = frozenset({"_name_or_path"})  # where the model was saved from: never read by a loader
 _NAMES = frozenset({"id2label", "label2id", "label_names"})  # class names: data shown escaped, never opened
 _DEPTH = 32  # nesting a config may have
@@ -220,6 +221,20 @@ def _floats(value: Any, name: str, where: Path, channels: int) -> tuple[float, .
     return values
 
 
+def _classes(value: Any, name: str, where: Path) -> int:
+    """A declared class count: a whole number from 2 to MAX_CLASSES (a head of 10**9 classes is not built)."""
+    if type(value) is not int or not 2 <= value <= MAX_CLASSES:
+        raise ScanError(f"{name} {clean_label(value, 20)} is not a class count from 2 to {MAX_CLASSES:,}", path=where)
+    return value
+
+
+def _channels(value: Any, name: str, where: Path) -> int:
+    """Input channels: the integer 1 or 3 (not 1.0 or true)."""
+    if type(value) is not int or value not in (1, 3):
+        raise ScanError(f"{name} {clean_label(value, 20)} is not 1 or 3", path=where)
+    return value
+
+
 def _side(value: Any, where: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
         raise ScanError(f"an input side of {clean_label(value, 20)!r} is not a size in pixels", path=where)
@@ -239,11 +254,8 @@ def _read_transformers(path: Path, config: dict[str, Any]) -> HubFolder:
         raise ScanError("model_type is not a string", path=path / "config.json")
     labels_map = config.get("id2label")
     k = len(labels_map) if isinstance(labels_map, dict) and labels_map else config.get("num_labels", 2)
-    if not isinstance(k, int) or k < 2:
-        raise ScanError("the config declares fewer than 2 classes", path=path / "config.json")
-    channels = config.get("num_channels", 3)
-    if channels not in (1, 3):
-        raise ScanError(f"num_channels {clean_label(channels, 20)} is not 1 or 3", path=path / "config.json")
+    k = _classes(k, "num_labels", path / "config.json")
+    channels = _channels(config.get("num_channels", 3), "num_channels", path / "config.json")
     archs = config.get("architectures")
     arch = clean_label(archs[0]) if isinstance(archs, list) and archs else model_type
     folder = HubFolder(
@@ -316,14 +328,11 @@ def _read_timm(path: Path, config: dict[str, Any]) -> HubFolder:
     where = path / "config.json"
     cfg = config.get("pretrained_cfg")
     k = config.get("num_classes", cfg.get("num_classes") if isinstance(cfg, dict) else None)
-    if not isinstance(k, int) or k < 2:
-        raise ScanError("the config declares no num_classes of at least 2", path=where)
+    k = _classes(k, "num_classes", where)
     args = config.get("model_args") or {}
     if not isinstance(args, dict):
         raise ScanError("model_args is not an object", path=where)
-    channels = args.get("in_chans", 3)
-    if channels not in (1, 3):
-        raise ScanError(f"in_chans {clean_label(channels, 20)} is not 1 or 3", path=where)
+    channels = _channels(args.get("in_chans", 3), "in_chans", where)
     names = config.get("label_names")
     labels = [clean_label(v) for v in names] if isinstance(names, list) and len(names) == k else None
     folder = HubFolder(
