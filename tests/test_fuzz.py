@@ -325,3 +325,47 @@ def test_hub_configs_are_read_or_refused(tmp_path_factory, config, model_type, p
     assert hub.std is None or (len(hub.std) == hub.channels and min(hub.std) > 0)
     assert hub.labels is None or len(hub.labels) == hub.num_classes
     hub.to_dict()
+
+
+PT2_TEXT_MEMBERS = [
+    "mnist_clean/models/model.json",
+    "mnist_clean/data/weights/model_weights_config.json",
+    "mnist_clean/data/constants/model_constants_config.json",
+    "mnist_clean/archive_format",
+    "mnist_clean/archive_version",
+    "mnist_clean/byteorder",
+]
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_PT2_EXAMPLES", "12")))
+@given(
+    st.sampled_from(PT2_TEXT_MEMBERS),
+    st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_mutated_pt2_metadata_loads_or_is_refused(tmp_path_factory, member, edits, truncate):
+    """A real `.pt2` whose graph, weight-table or version records have bytes changed or are cut short: torch's
+    loader behind the inspection either loads a module or the file is refused with a ScanError (or is
+    inconclusive); never a crash with another exception."""
+    from backdoorscan.core.errors import Inconclusive
+    from backdoorscan.loading import load_model
+
+    from .conftest import CLEAN
+
+    with zipfile.ZipFile(CLEAN) as zf:
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    data = bytearray(members[member])
+    for where, value in edits:
+        if data:
+            data[int(where * len(data))] = value
+    members[member] = bytes(data[: len(data) // 2] if truncate else data)
+    path = tmp_path_factory.mktemp("pt2") / "mutated.pt2"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, payload in members.items():
+            zf.writestr(name, payload)
+    try:
+        loaded = load_model(path, device="cpu")
+    except (ScanError, Inconclusive):
+        return
+    with torch.no_grad():
+        loaded.module(torch.rand(2, 1, 28, 28))
