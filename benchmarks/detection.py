@@ -160,10 +160,14 @@ def main() -> None:
             )
             rows[-1]["stage"] = stage(rows[-1])
             print(json.dumps(rows[-1]), flush=True)
-            write_text_atomic(
-                out, json.dumps({"device": device_name(dev), "form": args.form, "rows": rows}, indent=2) + "\n"
-            )
+            save(out, rows, dev, args.form)
+    save(out, rows, dev, args.form)  # rows resumed after the last scan are kept too
     report(rows, device_name(dev))
+
+
+def save(out: Path, rows: list[dict], dev: torch.device, form: str) -> None:
+    """The rows so far, atomically (a killed run resumes from them)."""
+    write_text_atomic(out, json.dumps({"device": device_name(dev), "form": form, "rows": rows}, indent=2) + "\n")
 
 
 def stage1_order(
