@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..core.choices import SandboxMode
@@ -51,9 +52,9 @@ def start_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def watching_tree():
+def watching_tree() -> Iterator[list[int]]:
     """While a child runs: this process adopts its orphans and hides its own /proc files; afterwards whatever the
-    child left (its session, adopted daemons) is killed. Yields a function that ends the child's tree."""
+    child left (its session, adopted daemons) is killed. Yields the list the caller adds its child's pid to."""
     confine_layers.become_subreaper()
     before = confine_layers.children()
     started: list[int] = []
