@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from backdoorscan.safety.confine import children
 from backdoorscan.safety.sandbox import landlock_abi
 
 from ..conftest import CLEAN, MNIST_TEST
@@ -21,21 +22,6 @@ pytestmark = [
     pytest.mark.sandbox,
     pytest.mark.skipif(landlock_abi() < 1, reason="the scan runs in a child only where Landlock is available"),
 ]
-
-
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_bytes()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if int(fields[1]) == pid and fields[0] != b"Z":
-                found.append(int(entry.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -60,10 +46,10 @@ def _start_scan(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        children = _children(proc.pid)
-        if children:
+        started = children(proc.pid)
+        if started:
             time.sleep(1.0)  # the child is past its start-up, into the scan
-            return proc, children[0]
+            return proc, min(started)
         time.sleep(0.1)
     proc.kill()
     pytest.fail(f"no scanning child started: {proc.communicate()[0].decode()[-500:]}")

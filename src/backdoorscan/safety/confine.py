@@ -320,9 +320,9 @@ def become_subreaper() -> bool:
     return platform.system() == "Linux" and _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def children() -> set[int]:
-    """Process ids whose parent is this process (from /proc)."""
-    me, found = os.getpid(), set()
+def children(parent: int | None = None) -> set[int]:
+    """Process ids whose parent is `parent` (default: this process), from /proc."""
+    me, found = os.getpid() if parent is None else parent, set()
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
