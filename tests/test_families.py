@@ -12,8 +12,10 @@ from backdoorscan.core.settings import ScanSettings
 from backdoorscan.usb.decide import class_threshold
 from backdoorscan.usb.families import (
     PAIR_ASR,
+    PAIR_CE_MAX,
     PAIR_SPILL_MAX,
     FamilyScan,
+    confidence_distance,
     decide_pairs,
     flip_distance,
     index_pairs,
@@ -260,3 +262,21 @@ def test_pairs_of_sources_with_too_few_samples_cannot_flag_and_the_scan_says_so(
     assert len(result.notes) == 1 and result.notes[0].startswith("2 of 4 source classes had fewer than 5")
     assert "--samples 20" in result.notes[0]
     assert all(f.source in (0, 1) for f in result.findings)
+
+
+def test_a_small_pair_that_leaves_its_target_in_doubt_does_not_flag_on_its_own():
+    """A robust model's natural neighbour (an adversarially trained 9 -> 4) can be as few pixels as a planted
+    patch, but leaves the target uncertain (cross-entropy 0.21-0.28, planted 0.01-0.09): held back by
+    PAIR_CE_MAX, and counted in the clean margin within one unit."""
+    pairs, l1 = _matrix_pairs({(3, 8): 6.0, (9, 4): 6.0})
+    works, settings = np.ones(len(pairs)), ScanSettings()
+    ce = np.full(len(pairs), 0.05)
+    ce[pairs.index((9, 4))] = 0.25
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
+    assert {pairs[i] for i in decision.flagged} == {(3, 8)} == {pairs[i] for i in decision.alone}
+    assert 0 < decision.distance[pairs.index((9, 4))] <= 1
+    assert decision.index[pairs.index((9, 4))] > decision.threshold  # the size alone would have flagged it
+    ce[pairs.index((3, 8))] = 0.3
+    clean = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
+    assert clean.flagged == [] and 0 < clean.margin <= 1
+    assert list(confidence_distance(np.array([0.0, PAIR_CE_MAX, 2 * PAIR_CE_MAX]))) == [-1.0, 0.0, 0.5]

@@ -31,6 +31,10 @@ PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median workin
 # target (a stroke that makes an 8 a 2) moves other classes too. Planted pairs of the families zoo: 0.00-0.13;
 # the outlier natural pairs that flagged a clean model and named an extra pair on a WaNet model: 0.42 and 0.45.
 PAIR_SPILL_MAX = 0.25
+# and drive its source's samples to the target with a cross-entropy of at most this: a planted patch makes the
+# target certain (families zoo: 0.01-0.09 after the 100 steps), where a natural neighbour that a robust model
+# lets through at the same small size (an adversarially trained model's 9 -> 4) leaves it in doubt (0.21-0.28)
+PAIR_CE_MAX = 0.15
 
 
 @dataclass
@@ -62,6 +66,7 @@ class FamilyScan:
     pairs: PairTriggers | None = None
     pair_index: np.ndarray | None = None
     pair_threshold: float | None = None
+    pair_mapping_index: np.ndarray | None = None  # the objective's index, which the mapping test pools
     mapping: dict | None = None  # the all-to-all test: its matching pairs, statistic and threshold
     warps: Warps | None = None
     warp_index: np.ndarray | None = None
@@ -97,6 +102,11 @@ class FamilyScan:
                         "cross_entropy": round(float(self.pairs.ce[i]), 4),
                         "spill": _finite(self.pairs.spill[i]),
                         "index": _finite(self.pair_index[i]),
+                        **(
+                            {"mapping_index": _finite(self.pair_mapping_index[i])}
+                            if self.pair_mapping_index is not None
+                            else {}
+                        ),
                     }
                     for i in order
                 ],
@@ -193,14 +203,24 @@ def index_pairs(
 class PairDecision:
     """What the pairs family decided from the measured figures (pure: benchmarks re-decide stored tables)."""
 
-    index: np.ndarray  # (P,) anomaly index; -inf where the patch does not work
+    index: np.ndarray  # (P,) anomaly index of the patch's size (L1); -inf where the patch does not work
     threshold: float  # for this many candidates
     distance: np.ndarray  # (P,) anomaly-index units from being flagged (negative: flagged)
     flagged: list[int]  # positions flagged one by one or as part of a mapping
+    alone: list[int]  # positions flagged one by one
     chosen: list[int]  # the mapping test's matching (its first MAPPING_PAIRS pairs)
     statistic: float  # the mapping test's statistic
     map_threshold: float
     margin: float  # the family's distance from a flip, the mapping test's included
+    mapping_index: np.ndarray  # (P,) anomaly index of the inversion's objective, which the mapping test pools
+
+
+def confidence_distance(ce: np.ndarray) -> np.ndarray:
+    """The cross-entropy criterion as a distance from flagging, in (-1, 1): the share of the room below
+    PAIR_CE_MAX that is left (negative), or how much of the pair's cross-entropy is over the limit (positive). A
+    convention, as for spill: it keeps a pair this criterion alone holds back within one unit of flipping."""
+    ce = np.asarray(ce, dtype=np.float64)
+    return (ce - PAIR_CE_MAX) / np.maximum(ce, PAIR_CE_MAX)
 
 
 def decide_pairs(
@@ -214,17 +234,21 @@ def decide_pairs(
     decisive: np.ndarray | None = None,
     spill: np.ndarray | None = None,
 ) -> PairDecision:
-    """Index the pairs by the inversion's objective, flag outliers past the guards (not to a universal target),
-    and pool disjoint pairs into the mapping test. Only `decisive` pairs (default: all) may flag or enter the
-    mapping test; the others are measured and indexed but stand at an infinite distance from flagging. A pair
-    whose measured `spill` (NaN: not measured) exceeds PAIR_SPILL_MAX does not flag on its own; its distance
-    counts the spill criterion too (`spill_distance`). The mapping test does not read spill: a mapping's patch
-    sends other classes to their own targets, not to this pair's."""
+    """Flag pairs one by one and as a mapping, not to a universal target. Only `decisive` pairs (default: all)
+    may flag or enter the mapping test; the others are measured and indexed but stand at an infinite distance.
+
+    One by one, a pair flags when its patch's L1 is an outlier (index past the threshold, under the size guard),
+    its cross-entropy is at most PAIR_CE_MAX, and its measured `spill` (NaN: not measured) at most
+    PAIR_SPILL_MAX; its distance counts every one of these criteria. The mapping test pools disjoint pairs by the
+    inversion's objective (cross-entropy plus the weighted L1) instead: an all-to-all patch shared by every
+    source is fitted less tightly to each, and the objective keeps what its pairs have in common (families zoo,
+    tuning part and batches 2-4: the objective found 10 of 12 mappings, L1 alone 7). The mapping test does not
+    read spill: a mapping's patch sends other classes to their own targets, not to this pair's."""
     works = np.asarray(asr) >= PAIR_ASR
     decisive = np.ones(len(pairs), dtype=bool) if decisive is None else np.asarray(decisive, dtype=bool)
-    # the inversion's own objective: a planted patch is small *and* drives the cross-entropy near zero, where a
-    # natural neighbour's (MNIST's 4 -> 9) is nearly as small but leaves the target less certain
-    index, ratio, sigma = index_pairs(pairs, np.asarray(ce) + settings.pair_cost * np.asarray(l1), works)
+    # a planted patch is a few pixels: its L1 is the sharpest size (the objective, whose cross-entropy term is
+    # as large as a planted patch's L1 term, compressed planted pairs to 0.4-0.5 of their source's median)
+    index, ratio, sigma = index_pairs(pairs, np.asarray(l1, dtype=np.float64), works)
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
     distance = flip_distance(
         np.where(works, index, -1e9),
@@ -235,12 +259,15 @@ def decide_pairs(
         max_ratio=PAIR_MAX_RATIO,
         sigma=sigma,
     )
+    distance = np.maximum(distance, confidence_distance(ce))
     distance = np.where(decisive, distance, np.inf)
     if spill is not None:
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
-    flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
+    alone = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
+    flagged = list(alone)
     # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
-    pooled = np.where(works & decisive, index, -np.inf)
+    map_index, _, _ = index_pairs(pairs, np.asarray(ce) + settings.pair_cost * np.asarray(l1), works)
+    pooled = np.where(works & decisive, map_index, -np.inf)
     stat, chosen = mapping.statistic(pairs, pooled, tuple(sorted(universal_targets)))
     map_threshold = mapping.threshold(tuple(pairs))
     if stat >= map_threshold:
@@ -252,10 +279,12 @@ def decide_pairs(
         threshold=threshold,
         distance=distance,
         flagged=flagged,
+        alone=alone,
         chosen=chosen,
         statistic=stat,
         map_threshold=map_threshold,
         margin=margin if flagged else min(margin, map_threshold - stat),  # the mapping test counts
+        mapping_index=map_index,
     )
 
 
@@ -327,10 +356,12 @@ def scan_pairs(
     decision = decide(spill=found.spill)
     flagged = decision.flagged
     family = pair_family(pairs, flagged)
-    result.findings += [
-        Finding(family, pairs[i][1], pairs[i][0], float(index[i]), decision.threshold, float(found.l1[i]))
-        for i in flagged
-    ]
+    for i in flagged:  # a mapping's pair is reported by the index the mapping test pooled, against its threshold
+        alone = i in decision.alone
+        which, limit = (index, decision.threshold) if alone else (decision.mapping_index, decision.map_threshold)
+        result.findings.append(
+            Finding(family, pairs[i][1], pairs[i][0], float(which[i]), float(limit), float(found.l1[i]))
+        )
     for i in flagged:  # the found patch, and a sample of the source stamped with it
         s, t = pairs[i]
         mask, pattern = found.mask[i].cpu(), found.pattern[i].cpu()
@@ -338,6 +369,7 @@ def scan_pairs(
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
         result.images[f"pair_stamped_{s}_to_{t}"] = blend(sample, mask, pattern)
     result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
+    result.pair_mapping_index = decision.mapping_index
     result.mapping = {
         "pairs": [list(pairs[i]) for i in chosen],
         "statistic": decision.statistic,
