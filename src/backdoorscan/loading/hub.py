@@ -253,8 +253,9 @@ def _read_transformers(path: Path, config: dict[str, Any]) -> HubFolder:
     if not isinstance(model_type, str):
         raise ScanError("model_type is not a string", path=path / "config.json")
     labels_map = config.get("id2label")
-    k = len(labels_map) if isinstance(labels_map, dict) and labels_map else config.get("num_labels", 2)
-    k = _classes(k, "num_labels", path / "config.json")
+    by_labels = isinstance(labels_map, dict) and bool(labels_map)
+    k = len(labels_map) if by_labels else config.get("num_labels", 2)
+    k = _classes(k, "id2label's label count" if by_labels else "num_labels", path / "config.json")
     channels = _channels(config.get("num_channels", 3), "num_channels", path / "config.json")
     archs = config.get("architectures")
     arch = clean_label(archs[0]) if isinstance(archs, list) and archs else model_type
