@@ -250,18 +250,25 @@ def test_a_mapping_is_found_from_disjoint_pairs_no_single_one_of_which_clears_th
     assert mapping.statistic(pairs, planted, excluded_targets=(2, 4, 6, 8))[0] < threshold  # universal targets
 
 
-def test_pairs_of_sources_with_too_few_samples_cannot_flag_and_the_scan_says_so():
+def test_pairs_of_sources_with_too_few_samples_are_not_measured_and_the_scan_says_so():
     """43 classes at 300 samples leave about 7 a class: a patch fitted on 12 would be fitted and judged on the same
-    few images repeated, so those pairs are measured but never flag, and the report's notes say so."""
+    few images repeated, so those sources' pairs are not measured, and the report's notes say so; with too few
+    sources left, the pairs family is not measured at all and the verdict does not claim to cover it."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
-    x, y = torch.rand(20, 1, 4, 4), torch.tensor([0] * 8 + [1] * 8 + [2] * 2 + [3] * 2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
+    x = torch.rand(25, 1, 4, 4)
+    y = torch.tensor([0] * 6 + [1] * 6 + [2] * 6 + [3] * 5 + [4] * 2)
     result = FamilyScan()
-    settings = ScanSettings(pair_steps=2, pair_samples=5)
-    scan_pairs(model, x, y, 4, settings=settings, universal_targets=[], group=4, progress=None, result=result)
-    assert len(result.notes) == 1 and result.notes[0].startswith("2 of 4 source classes had fewer than 5")
-    assert "--samples 20" in result.notes[0]
-    assert all(f.source in (0, 1) for f in result.findings)
+    settings = ScanSettings(pair_steps=2, pair_samples=6)
+    scan_pairs(model, x, y, 5, settings=settings, universal_targets=[], group=4, progress=None, result=result)
+    assert len(result.notes) == 1 and result.notes[0].startswith("2 of 5 source classes had fewer than 6")
+    assert "--samples 30" in result.notes[0] and not result.not_measured
+    assert result.pairs is not None and {s for s, _ in result.pairs.pairs} == {0, 1, 2}  # 3 sources x 4 targets
+    few = FamilyScan()
+    short = ScanSettings(pair_steps=2, pair_samples=7)
+    scan_pairs(model, x, y, 5, settings=short, universal_targets=[], group=4, progress=None, result=few)
+    assert few.pairs is None and "pairs" in few.not_measured and few.notes == [few.not_measured["pairs"]]
+    assert few.to_dict()["not_measured"] == few.not_measured
 
 
 def test_a_small_pair_that_leaves_its_target_in_doubt_does_not_flag_on_its_own():

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.cli import app
+from backdoorscan.core.jsonout import dumps
 from backdoorscan.perturb.triggers import stamp
 from backdoorscan.usb.refine import refine
 
@@ -84,8 +85,13 @@ def test_log_progress_states_an_eta_at_most_every_interval(capsys):
 
 def test_json_report_carries_the_documented_fields(badnets_cli):
     result, out, md = badnets_cli
-    report = json.loads(result.stdout)
+
+    def not_json(constant: str):
+        raise AssertionError(f"{constant} is not standard JSON")
+
+    report = json.loads(result.stdout, parse_constant=not_json)  # strict, as jq and CI parsers read it
     assert report["schema"] == "backdoorscan.model-scan/1"
+    assert report["families"]["covered"] == ["universal"] and "pairs" not in report["families"]  # USB as published
     assert {"verdict", "target_classes", "classes", "model", "settings", "timings", "device"} <= set(report)
     assert len(report["classes"]) == 10
     for c in report["classes"]:
@@ -139,8 +145,14 @@ def test_every_family_runs_on_a_clean_model_at_reduced_size():
     with a margin from each."""
     settings = ScanSettings(steps=60, samples=60, max_passes=2, pair_steps=30, pair_samples=6, warp_steps=20)
     scan = scan_model(CLEAN, MNIST_TEST, settings=settings, device="cpu")
-    assert scan.verdict == "clean" and scan.exit_code == 0 and scan.settings.covers == ("universal", "pairs", "warp")
-    assert scan.families.findings == [] and len(scan.families.pairs.pairs) == 90
+    assert scan.verdict == "clean" and scan.exit_code == 0 and scan.covered == ["universal", "pairs", "warp"]
+    measured = {s for s, _ in scan.families.pairs.pairs}  # the sources with 6 samples, to every other class
+    assert scan.families.findings == [] and len(scan.families.pairs.pairs) == 9 * len(measured) >= 36
+    text = dumps(scan.to_dict())
+    assert "Infinity" not in text and "NaN" not in text  # standard JSON, whatever the margins
+    report = json.loads(text)
+    assert report["families"]["covered"] == ["universal", "pairs", "warp"] and not report["families"]["not_measured"]
+    assert {"index", "mapping_index", "spill", "cross_entropy"} <= set(report["families"]["pairs"]["pairs"][0])
     assert len(scan.families.warps.targets) == 10 and len(scan.families.warp_index) == 10
     assert scan.margin > 0 and set(scan.families.margins) == {"universal", "pairs", "warp"}
 

@@ -11,7 +11,6 @@ process only supervises it and relays its output.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ import typer
 
 from .. import __version__
 from ..core.errors import ExitCode, Inconclusive, ScanError
+from ..core.jsonout import dumps
 from ..core.settings import FilterSettings, ScanSettings
 from ..safety.confine import CHILD_ENV, die_with_parent
 from ..safety.limits import Limits
@@ -155,7 +155,7 @@ def _emit(
 
     if markdown is not None:
         write_markdown(markdown, to_markdown(result))
-    _reader_may_leave(lambda: print(json.dumps(result.to_dict(), indent=2)) if run["as_json"] else show())
+    _reader_may_leave(lambda: print(dumps(result.to_dict())) if run["as_json"] else show())
     return result.exit_code
 
 
@@ -359,8 +359,8 @@ def _fleet(
     def show() -> None:
         if run["as_json"]:
             for item in result.items:
-                print(json.dumps(item.line()))
-            print(json.dumps(result.summary()))
+                print(dumps(item.line(), indent=None))
+            print(dumps(result.summary(), indent=None))
         else:
             print_fleet(result)
 

@@ -2,7 +2,7 @@
 
 A terminal obeys control characters (ESC sequences erase lines and recolour them), Markdown turns names into
 links, HTML and comments, and a CI runner takes `::command::` lines and `##[command]` anywhere as workflow
-commands. Each sink has one function here; JSON and SARIF are written by `json.dumps`, which escapes on its own.
+commands. Each sink has one function here; JSON and SARIF are written by `jsonout.dumps`, which escapes on its own.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ExitCode, ScanError
+from ..core.jsonout import dumps
 from .plan import CHILD_RUN_KEYS, FLEET_CHILD_ENV, FleetEntry
 
 
@@ -250,7 +251,7 @@ def _here(entry: FleetEntry, report: dict, files: dict[str, bytes]) -> tuple[dic
         try:
             stored = json.loads(files["report.json"])
             stored["model"], stored["data"] = report.get("model"), report.get("data")
-            files = {**files, "report.json": (json.dumps(stored, indent=2) + "\n").encode()}
+            files = {**files, "report.json": (dumps(stored) + "\n").encode()}
         except (ValueError, TypeError):
             pass
     return report, files

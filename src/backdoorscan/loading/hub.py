@@ -254,7 +254,7 @@ def _read_transformers(path: Path, config: dict[str, Any]) -> HubFolder:
         raise ScanError("model_type is not a string", path=path / "config.json")
     labels_map = config.get("id2label")
     by_labels = isinstance(labels_map, dict) and bool(labels_map)
-    k = len(labels_map) if by_labels else config.get("num_labels", 2)
+    k = len(labels_map) if isinstance(labels_map, dict) and by_labels else config.get("num_labels", 2)
     k = _classes(k, "id2label's label count" if by_labels else "num_labels", path / "config.json")
     channels = _channels(config.get("num_channels", 3), "num_channels", path / "config.json")
     archs = config.get("architectures")

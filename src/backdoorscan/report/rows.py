@@ -17,10 +17,12 @@ NOT_COVERED = "triggers a model recognises with non-differentiable logic (docs/m
 
 def covered_line(scan) -> str:
     """Which backdoor families the verdict speaks for, and what trigger inversion cannot see."""
+    missing = scan.families.not_measured if scan.families is not None else {}
+    unmeasured = [FAMILY_NAMES[f] + " (not measured: too few clean samples a class)" for f in missing]
     return (
         "families covered: "
-        + ", ".join(FAMILY_NAMES[f] for f in scan.settings.covers)
-        + f"; not covered: {NOT_COVERED}"
+        + (", ".join(FAMILY_NAMES[f] for f in scan.covered) or "none")
+        + f"; not covered: {', '.join([*unmeasured, NOT_COVERED])}"
     )
 
 

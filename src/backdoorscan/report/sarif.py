@@ -9,13 +9,13 @@ never reads silence as clean. Clean models give no result.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..core.errors import ExitCode
+from ..core.jsonout import dumps
 
 VERDICTS = (ExitCode.CLEAN, ExitCode.BACKDOOR)  # the scan ran and decided
 
@@ -153,4 +153,4 @@ def write_sarif(result, path: Path) -> None:
     """Write the SARIF log atomically."""
     from .writer import write_text_atomic
 
-    write_text_atomic(Path(path), json.dumps(fleet_sarif(result), indent=2) + "\n")
+    write_text_atomic(Path(path), dumps(fleet_sarif(result)) + "\n")

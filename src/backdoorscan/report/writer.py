@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import ScanError
+from ..core.jsonout import dumps
 from ..loading.labels import file_slug
 from ..safety.paths import ensure_outside
 from .images import to_image, trigger_grid, visible_perturbation
@@ -127,7 +127,7 @@ def write_scan_report(scan, out: Path) -> Path:
         if tiles:  # an inconclusive scan that stopped before its search has no triggers
             trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
         (stage / "report.md").write_text(scan_markdown(scan))
-        (stage / "report.json").write_text(json.dumps(scan.to_dict(), indent=2) + "\n")
+        (stage / "report.json").write_text(dumps(scan.to_dict()) + "\n")
     return out / "report.json"
 
 
@@ -173,5 +173,5 @@ def write_filter_report(result, out: Path) -> Path:
                     survival=result.survival,
                 ),
             )
-        (stage / "manifest.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        (stage / "manifest.json").write_text(dumps(result.to_dict()) + "\n")
     return out / "manifest.json"

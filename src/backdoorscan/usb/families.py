@@ -74,12 +74,14 @@ class FamilyScan:
     findings: list[Finding] = field(default_factory=list)
     margins: dict[str, float] = field(default_factory=dict)  # per family: distance of its verdict from a flip
     notes: list[str] = field(default_factory=list)  # how the samples limited a family (joined to the scan's notes)
+    not_measured: dict[str, str] = field(default_factory=dict)  # family -> why the samples did not let it measure
     images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # file stem -> (C, H, W) in [0, 1]
 
     def to_dict(self) -> dict:
         out: dict = {
             "findings": [f.to_dict() for f in self.findings],
             "margins": {k: round(v, 4) for k, v in self.margins.items()},
+            "not_measured": dict(self.not_measured),
         }
         if self.pairs is not None and self.pair_index is not None:
             order = np.argsort(-self.pair_index)
@@ -311,9 +313,28 @@ def scan_pairs(
         with torch.no_grad():
             return model(x)
 
-    pairs = candidate_pairs(k, y, logits)
+    # a pair is evidence only when its source has as many clean samples as its patch is fitted on: with fewer,
+    # the patch is fitted and judged on the same few images repeated (43 classes at 300 samples: about 7 each, and
+    # a clean GTSRB model was flagged that way). Such sources are not measured at all (up to 0.6.1 they were, at
+    # the whole stage's cost, for figures that could not flag), and the scan says the family did not cover them.
+    pairs = candidate_pairs(k, y, logits, min_samples=settings.pair_samples)
+    counts = torch.bincount(y.cpu(), minlength=k)
+    present = [c for c in range(k) if int(counts[c])]
+    short = [c for c in present if int(counts[c]) < settings.pair_samples]
+    enough = f"give at least {settings.pair_samples} samples a class (--samples {settings.pair_samples * k})"
     if len(pairs) < 4:
+        result.not_measured["pairs"] = (
+            f"too few source classes had {settings.pair_samples} clean samples ({len(short)} of {len(present)} had "
+            f"fewer): source-specific and all-to-all backdoors were not measured; {enough}"
+        )
+        result.notes.append(result.not_measured["pairs"])
         return
+    if short:
+        result.notes.append(
+            f"{len(short)} of {len(present)} source classes had fewer than {settings.pair_samples} clean samples: "
+            f"their pairs were not measured, so a source-specific or all-to-all backdoor from them is not "
+            f"covered; {enough}"
+        )
     per_group = max(1, group * settings.batch_size // settings.pair_samples)
     found = invert_pairs(
         model,
@@ -327,28 +348,10 @@ def scan_pairs(
         group=per_group,
         progress=progress,
     )
-    # a pair is evidence only when its source has as many clean samples as its patch was fitted on: with fewer,
-    # the patch is fitted and judged on the same few images repeated (43 classes at 300 samples: about 7 each)
-    counts = torch.bincount(y.cpu(), minlength=k)
-    decisive = np.array([int(counts[s]) >= settings.pair_samples for s, _ in pairs])
     decide = partial(
-        decide_pairs,
-        pairs,
-        found.l1,
-        found.ce,
-        found.asr,
-        settings=settings,
-        universal_targets=universal_targets,
-        decisive=decisive,
+        decide_pairs, pairs, found.l1, found.ce, found.asr, settings=settings, universal_targets=universal_targets
     )
     decision = decide()
-    short = sorted({s for (s, _), ok in zip(pairs, decisive, strict=True) if not ok})
-    if short:
-        result.notes.append(
-            f"{len(short)} of {len({s for s, _ in pairs})} source classes had fewer than {settings.pair_samples} "
-            "clean samples: their pairs were measured but cannot flag a source-specific or all-to-all backdoor; "
-            f"give at least {settings.pair_samples} samples a class (--samples {settings.pair_samples * k})"
-        )
     index, flagged, chosen = decision.index, decision.flagged, decision.chosen
     top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
     # spill for every pair that would flag (and those a report names), then the decision with the spill criterion

@@ -52,5 +52,7 @@ def threshold(pairs: tuple[tuple[int, int], ...]) -> float:
     (seeded: the same candidates give the same threshold)."""
     rng = np.random.default_rng(0)
     plist = list(pairs)
-    values = [statistic(plist, rng.standard_normal(len(plist)))[0] for _ in range(NULL_TRIALS)]
-    return float(np.quantile(np.asarray(values), 1 - MAPPING_FALSE_ALARM))
+    values = np.asarray([statistic(plist, rng.standard_normal(len(plist)))[0] for _ in range(NULL_TRIALS)])
+    if not np.isfinite(values).all():  # the candidates hold no MAPPING_PAIRS disjoint pairs: no mapping to test
+        return float("inf")
+    return float(np.quantile(values, 1 - MAPPING_FALSE_ALARM))

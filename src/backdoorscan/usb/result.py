@@ -68,6 +68,12 @@ class ModelScan:
     sandbox: dict | None = None  # the confinement layers the scanning process held (safety/confine.py)
 
     @property
+    def covered(self) -> list[str]:
+        """The families the verdict speaks for: those asked for that the samples let the scan measure."""
+        missing = self.families.not_measured if self.families is not None else {}
+        return [f for f in self.settings.covers if f not in missing]
+
+    @property
     def reasons(self) -> list[str]:
         """Why the verdict is inconclusive (empty otherwise)."""
         return self.evidence.reasons
@@ -119,7 +125,7 @@ class ModelScan:
             "staging": None if self.staging is None else self.staging.to_dict(),
             "timings": self.timings,
             "families": {
-                "covered": list(self.settings.covers),
+                "covered": self.covered,
                 **(self.families.to_dict() if self.families is not None else {}),
             },
             "sandbox": self.sandbox,
