@@ -287,3 +287,17 @@ def test_a_small_pair_that_leaves_its_target_in_doubt_does_not_flag_on_its_own()
     clean = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
     assert clean.flagged == [] and 0 < clean.margin <= 1
     assert list(confidence_distance(np.array([0.0, PAIR_CE_MAX, 2 * PAIR_CE_MAX]))) == [-1.0, 0.0, 0.5]
+
+
+def test_a_certain_patch_from_a_source_whose_pairs_are_all_small_flags_by_the_objective():
+    """A thin source (MNIST's 1) turns into many classes with small patches, so a planted pair's L1 is not an
+    outlier in its row; its inversion is certain where its neighbours' are not, which the objective (cross-entropy
+    plus 0.01 x L1) measures. Either measure may flag a pair on its own."""
+    pairs, l1 = _matrix_pairs({**{(1, t): 15.0 for t in range(10) if t != 1}, (1, 7): 8.0})
+    works, settings = np.ones(len(pairs)), ScanSettings()
+    ce = np.full(len(pairs), 0.1)
+    ce[pairs.index((1, 7))] = 0.002
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
+    i = pairs.index((1, 7))
+    assert {pairs[j] for j in decision.alone} == {(1, 7)} and not decision.by_l1[i]
+    assert decision.index[i] < decision.threshold < decision.objective_index[i]  # L1 alone would miss it

@@ -66,7 +66,7 @@ class FamilyScan:
     pairs: PairTriggers | None = None
     pair_index: np.ndarray | None = None
     pair_threshold: float | None = None
-    pair_mapping_index: np.ndarray | None = None  # the objective's index, which the mapping test pools
+    pair_objective_index: np.ndarray | None = None  # the objective's index (its own flags, the mapping test)
     mapping: dict | None = None  # the all-to-all test: its matching pairs, statistic and threshold
     warps: Warps | None = None
     warp_index: np.ndarray | None = None
@@ -105,8 +105,8 @@ class FamilyScan:
                         "spill": _finite(self.pairs.spill[i]),
                         "index": _finite(self.pair_index[i]),
                         **(
-                            {"mapping_index": _finite(self.pair_mapping_index[i])}
-                            if self.pair_mapping_index is not None
+                            {"objective_index": _finite(self.pair_objective_index[i])}
+                            if self.pair_objective_index is not None
                             else {}
                         ),
                     }
@@ -214,7 +214,8 @@ class PairDecision:
     statistic: float  # the mapping test's statistic
     map_threshold: float
     margin: float  # the family's distance from a flip, the mapping test's included
-    mapping_index: np.ndarray  # (P,) anomaly index of the inversion's objective, which the mapping test pools
+    objective_index: np.ndarray  # (P,) anomaly index of the inversion's objective (the mapping test pools it)
+    by_l1: np.ndarray  # (P,) whether the L1 measure, not the objective, is the nearer to flagging the pair
 
 
 def confidence_distance(ce: np.ndarray) -> np.ndarray:
@@ -239,37 +240,44 @@ def decide_pairs(
     """Flag pairs one by one and as a mapping, not to a universal target. Only `decisive` pairs (default: all)
     may flag or enter the mapping test; the others are measured and indexed but stand at an infinite distance.
 
-    One by one, a pair flags when its patch's L1 is an outlier (index past the threshold, under the size guard),
-    its cross-entropy is at most PAIR_CE_MAX, and its measured `spill` (NaN: not measured) at most
-    PAIR_SPILL_MAX; its distance counts every one of these criteria. The mapping test pools disjoint pairs by the
-    inversion's objective (cross-entropy plus the weighted L1) instead: an all-to-all patch shared by every
-    source is fitted less tightly to each, and the objective keeps what its pairs have in common (families zoo,
-    tuning part and batches 2-4: the objective found 10 of 12 mappings, L1 alone 7). The mapping test does not
-    read spill: a mapping's patch sends other classes to their own targets, not to this pair's."""
+    One by one, a pair flags when its size is an outlier (index past the threshold, under the size guard) by
+    either of two measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX, or the inversion's
+    objective (cross-entropy plus the weighted L1); and its measured `spill` (NaN: not measured) is at most
+    PAIR_SPILL_MAX. Its distance is the nearer of the two measures', each counting all of its criteria. The
+    mapping test pools disjoint pairs by the objective: an all-to-all patch shared by every source is fitted less
+    tightly to each, and the objective keeps what its pairs have in common (families zoo, tuning part and
+    batches 2-4: the objective found 10 of 12 mappings, L1 alone 7). The mapping test does not read spill: a
+    mapping's patch sends other classes to their own targets, not to this pair's."""
     works = np.asarray(asr) >= PAIR_ASR
     decisive = np.ones(len(pairs), dtype=bool) if decisive is None else np.asarray(decisive, dtype=bool)
-    # a planted patch is a few pixels: its L1 is the sharpest size (the objective, whose cross-entropy term is
-    # as large as a planted patch's L1 term, compressed planted pairs to 0.4-0.5 of their source's median)
-    index, ratio, sigma = index_pairs(pairs, np.asarray(l1, dtype=np.float64), works)
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
-    distance = flip_distance(
-        np.where(works, index, -1e9),
-        ratio,
-        asr,
-        threshold=threshold,
-        asr_min=PAIR_ASR,
-        max_ratio=PAIR_MAX_RATIO,
-        sigma=sigma,
-    )
-    distance = np.maximum(distance, confidence_distance(ce))
-    distance = np.where(decisive, distance, np.inf)
+
+    def distance_by(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index, ratio, sigma = index_pairs(pairs, sizes, works)
+        distance = flip_distance(
+            np.where(works, index, -1e9),
+            ratio,
+            asr,
+            threshold=threshold,
+            asr_min=PAIR_ASR,
+            max_ratio=PAIR_MAX_RATIO,
+            sigma=sigma,
+        )
+        return index, distance
+
+    # a planted patch is a few pixels: its L1 is the sharper size when the inversion has not driven its
+    # cross-entropy to zero (the objective then put planted pairs at 0.4-0.5 of their source's median); the
+    # objective is the sharper when the source's other pairs are small too (a thin digit's), and the patch certain
+    index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
+    by_l1 = np.maximum(by_l1, confidence_distance(ce))
+    objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
+    distance = np.where(decisive, np.minimum(by_l1, by_objective), np.inf)
     if spill is not None:
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
     alone = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     flagged = list(alone)
     # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
-    map_index, _, _ = index_pairs(pairs, np.asarray(ce) + settings.pair_cost * np.asarray(l1), works)
-    pooled = np.where(works & decisive, map_index, -np.inf)
+    pooled = np.where(works & decisive, objective_index, -np.inf)
     stat, chosen = mapping.statistic(pairs, pooled, tuple(sorted(universal_targets)))
     map_threshold = mapping.threshold(tuple(pairs))
     if stat >= map_threshold:
@@ -286,7 +294,8 @@ def decide_pairs(
         statistic=stat,
         map_threshold=map_threshold,
         margin=margin if flagged else min(margin, map_threshold - stat),  # the mapping test counts
-        mapping_index=map_index,
+        objective_index=objective_index,
+        by_l1=by_l1 <= by_objective,
     )
 
 
@@ -360,8 +369,10 @@ def scan_pairs(
     flagged = decision.flagged
     family = pair_family(pairs, flagged)
     for i in flagged:  # a mapping's pair is reported by the index the mapping test pooled, against its threshold
-        alone = i in decision.alone
-        which, limit = (index, decision.threshold) if alone else (decision.mapping_index, decision.map_threshold)
+        if i not in decision.alone:  # flagged as part of a mapping
+            which, limit = decision.objective_index, decision.map_threshold
+        else:
+            which, limit = (index if decision.by_l1[i] else decision.objective_index), decision.threshold
         result.findings.append(
             Finding(family, pairs[i][1], pairs[i][0], float(which[i]), float(limit), float(found.l1[i]))
         )
@@ -372,7 +383,7 @@ def scan_pairs(
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
         result.images[f"pair_stamped_{s}_to_{t}"] = blend(sample, mask, pattern)
     result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
-    result.pair_mapping_index = decision.mapping_index
+    result.pair_objective_index = decision.objective_index
     result.mapping = {
         "pairs": [list(pairs[i]) for i in chosen],
         "statistic": decision.statistic,
