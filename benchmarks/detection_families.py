@@ -110,7 +110,9 @@ def _pair_loss(fam, pair: tuple[int, int]) -> str:
     i = fam.pairs.pairs.index(pair)
     return (
         f"pairs stage: {pair} L1 {fam.pairs.l1[i]:.1f}, ASR {fam.pairs.asr[i]:.2f}, CE {fam.pairs.ce[i]:.3f}, "
-        f"index {fam.pair_index[i]:.2f} (threshold {fam.pair_threshold:.2f})"
+        f"index {fam.pair_index[i]:.2f} by L1"
+        + (f", {fam.pair_objective_index[i]:.2f} by objective" if fam.pair_objective_index is not None else "")
+        + f" (threshold {fam.pair_threshold:.2f})"
     )
 
 
