@@ -215,7 +215,9 @@ def test_a_2x2_badnets_model_trained_here_is_flagged(digits):
 def test_progress_spans_all_class_groups():
     """With classes in groups, each phase reports one rising count to its end, so the bar's ETA means something."""
     seen: dict[str, list[tuple[int, int]]] = {}
-    settings = ScanSettings(steps=20, samples=40, max_passes=1, class_group=4, pair_steps=5, warp_steps=5)
+    settings = ScanSettings(
+        steps=20, samples=40, max_passes=1, class_group=4, pair_steps=5, pair_samples=3, warp_steps=5
+    )
     scan_model(
         BADNETS,
         MNIST_TEST,
