@@ -32,6 +32,15 @@ def _alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
 
 
+def _is_scan(pid: int) -> bool:
+    """Whether the process runs `python -m backdoorscan` (the supervisor's scanning child)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"-m" in argv and b"backdoorscan" in argv
+
+
 def _start_scan(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     """A default scan under its supervisor; returns the supervisor and its scanning child once the child runs."""
     scratch = tmp_path / "tmp"
@@ -46,7 +55,9 @@ def _start_scan(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        started = children(proc.pid)
+        # the scanning child, not a helper a library may start while the supervisor still imports (before its
+        # signal handlers are in place: a SIGTERM then ends it with -15, and there is no child to clean up)
+        started = [pid for pid in children(proc.pid) if _is_scan(pid)]
         if started:
             time.sleep(1.0)  # the child is past its start-up, into the scan
             return proc, min(started)
