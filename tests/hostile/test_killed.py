@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoorscan.safety.confine import children
+from backdoorscan.safety.confine import CHILD_ENV, children
 from backdoorscan.safety.sandbox import landlock_abi
 
 from ..conftest import CLEAN, MNIST_TEST
@@ -33,12 +33,14 @@ def _alive(pid: int) -> bool:
 
 
 def _is_scan(pid: int) -> bool:
-    """Whether the process runs `python -m backdoorscan` (the supervisor's scanning child)."""
+    """Whether the process is the supervisor's scanning child: started with the child's environment (a helper a
+    library runs during imports, such as `ldconfig -p` from `ctypes.util.find_library`, is not, even in the
+    instant between its fork and its exec, when it still shows the supervisor's command line)."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"-m" in argv and b"backdoorscan" in argv
+    return any(entry.startswith(CHILD_ENV.encode() + b"=") for entry in environ)
 
 
 def _start_scan(tmp_path: Path) -> tuple[subprocess.Popen, int]:
