@@ -253,9 +253,10 @@ def _read_transformers(path: Path, config: dict[str, Any]) -> HubFolder:
     if not isinstance(model_type, str):
         raise ScanError("model_type is not a string", path=path / "config.json")
     labels_map = config.get("id2label")
-    by_labels = isinstance(labels_map, dict) and bool(labels_map)
-    k = len(labels_map) if isinstance(labels_map, dict) and by_labels else config.get("num_labels", 2)
-    k = _classes(k, "id2label's label count" if by_labels else "num_labels", path / "config.json")
+    if isinstance(labels_map, dict) and labels_map:
+        k = _classes(len(labels_map), "id2label's label count", path / "config.json")
+    else:
+        k = _classes(config.get("num_labels", 2), "num_labels", path / "config.json")
     channels = _channels(config.get("num_channels", 3), "num_channels", path / "config.json")
     archs = config.get("architectures")
     arch = clean_label(archs[0]) if isinstance(archs, list) and archs else model_type

@@ -17,8 +17,11 @@ NOT_COVERED = "triggers a model recognises with non-differentiable logic (docs/m
 
 def covered_line(scan) -> str:
     """Which backdoor families the verdict speaks for, and what trigger inversion cannot see."""
-    missing = scan.families.not_measured if scan.families is not None else {}
-    unmeasured = [FAMILY_NAMES[f] + " (not measured: too few clean samples a class)" for f in missing]
+    unmeasured = [
+        FAMILY_NAMES[f] + " (not measured: too few clean samples a class)"
+        for f in scan.settings.covers
+        if f not in scan.covered
+    ]
     return (
         "families covered: "
         + (", ".join(FAMILY_NAMES[f] for f in scan.covered) or "none")

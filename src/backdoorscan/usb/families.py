@@ -234,11 +234,9 @@ def decide_pairs(
     *,
     settings,
     universal_targets: list[int],
-    decisive: np.ndarray | None = None,
     spill: np.ndarray | None = None,
 ) -> PairDecision:
-    """Flag pairs one by one and as a mapping, not to a universal target. Only `decisive` pairs (default: all)
-    may flag or enter the mapping test; the others are measured and indexed but stand at an infinite distance.
+    """Flag pairs one by one and as a mapping, not to a universal target.
 
     One by one, a pair flags when its size is an outlier (index past the threshold, under the size guard) by
     either of two measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX, or the inversion's
@@ -249,7 +247,6 @@ def decide_pairs(
     batches 2-4: the objective found 10 of 12 mappings, L1 alone 7). The mapping test does not read spill: a
     mapping's patch sends other classes to their own targets, not to this pair's."""
     works = np.asarray(asr) >= PAIR_ASR
-    decisive = np.ones(len(pairs), dtype=bool) if decisive is None else np.asarray(decisive, dtype=bool)
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
 
     def distance_by(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -271,13 +268,13 @@ def decide_pairs(
     index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
     by_l1 = np.maximum(by_l1, confidence_distance(ce))
     objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
-    distance = np.where(decisive, np.minimum(by_l1, by_objective), np.inf)
+    distance = np.minimum(by_l1, by_objective)
     if spill is not None:
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
     alone = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     flagged = list(alone)
     # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
-    pooled = np.where(works & decisive, objective_index, -np.inf)
+    pooled = np.where(works, objective_index, -np.inf)
     stat, chosen = mapping.statistic(pairs, pooled, tuple(sorted(universal_targets)))
     map_threshold = mapping.threshold(tuple(pairs))
     if stat >= map_threshold:
