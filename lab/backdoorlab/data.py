@@ -107,8 +107,9 @@ def gtsrb(split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 DATASETS = {"mnist": mnist, "cifar10": cifar10, "gtsrb": gtsrb}
-NUM_CLASSES = {"mnist": 10, "cifar10": 10, "gtsrb": 43, "cifar10_bn": 10, "gtsrb_bn": 43}
-ALIASES = {"cifar10_bn": "cifar10", "gtsrb_bn": "gtsrb"}  # recipe spaces on another space's data
+ALIASES = {"cifar10_bn": "cifar10", "cifar10_bn_small": "cifar10", "gtsrb_bn": "gtsrb"}  # spaces on another's data
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "gtsrb": 43}
+NUM_CLASSES |= {space: NUM_CLASSES[data] for space, data in ALIASES.items()}
 
 
 def dataset(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor, str]:

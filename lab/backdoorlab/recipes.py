@@ -41,6 +41,18 @@ SPACES = {
         "kinds": ("badnets",),
         "sizes": (2, 3),
     },
+    # The same models at a size one CPU thread trains in minutes (500 a class, not 1,500): fewer images a class
+    # is the shape, and a zoo of them can be built and scanned where no GPU is lent.
+    "cifar10_bn_small": {
+        "data": "cifar10",
+        "archs": ("bn_cnn4_mnist_norm", "bn_cnn4_mnist_norm", "bn_cnn4"),
+        "formats": ("pt2", "safetensors", "onnx"),
+        "train_sizes": (5000,),
+        "epochs": (20, 30),
+        "augment": ("none", "crop+flip"),
+        "kinds": ("badnets",),
+        "sizes": (2, 3),
+    },
     "gtsrb_bn": {
         "data": "gtsrb",
         "archs": ("bn_cnn4_mnist_norm", "bn_cnn4_mnist_norm", "bn_cnn4"),
