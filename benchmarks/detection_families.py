@@ -22,10 +22,14 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backdoorscan import ScanSettings, scan_model
-from backdoorscan.usb.families import pair_family
+from backdoorscan.core.seeding import seeded
+from backdoorscan.loading import ModelSource, prepare
+from backdoorscan.usb.alltoall import decide_shared, invert_shared
+from backdoorscan.usb.families import PAIR_ASR, pair_family
 
 from pair_tables import decide_table, planted
 from zoo_families import FAMILIES
@@ -80,9 +84,10 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
     return False, f"{len(on_map)} mapping pairs flagged, {len(off_map)} others; e.g. " + " | ".join(best)
 
 
-def redecide(entry: dict, row: dict) -> dict:
+def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
     """A stored row decided again with the current pairs decision (`usb.families.decide_pairs`) from its stored
-    pair table; the universal and warp stages' findings are kept as they were."""
+    pair table; the universal and warp stages' findings are kept as they were. With `zoo`, the shared patch
+    (`usb.alltoall`, new in 0.8.0) is inverted on the model itself and decided against the stored pairs' sizes."""
     universal = row["usb_alone_flagged"]
     stored = {(p["source"], p["target"]): p for p in row["families"]["pairs"]["pairs"]}
     pairs, decision = decide_table(stored, universal_targets=universal)
@@ -92,6 +97,16 @@ def redecide(entry: dict, row: dict) -> dict:
         {"family": family, "source": pairs[i][0], "target": pairs[i][1], "index": round(float(decision.index[i]), 4)}
         for i in decision.flagged
     ]
+    shared = None
+    if zoo is not None:
+        shared = shared_patch(zoo / entry["path"], pairs, [p["l1"] for p in stored.values() if p["asr"] >= PAIR_ASR])
+        named = {(f["source"], f["target"]) for f in findings}
+        if shared["flagged"]:
+            findings += [
+                {"family": "all-to-all", "source": s, "target": t, "index": shared["index"]}
+                for s, t in shared["mapping"]
+                if (s, t) not in named
+            ]
     found = [(f["family"], f["source"], f["target"]) for f in findings]
     ok = hit(entry, universal, found)
     return {
@@ -101,6 +116,37 @@ def redecide(entry: dict, row: dict) -> dict:
         "lost": "" if ok else row["lost"] or "redecided, found: " + ", ".join(f"{f} {s}->{t}" for f, s, t in found),
         "findings": findings,
         "pairs_margin": decision.margin,
+        **({"shared_patch": shared} if shared is not None else {}),
+    }
+
+
+def shared_patch(path: Path, pairs: list[tuple[int, int]], pair_l1: list[float]) -> dict:
+    """The shared-patch test on a zoo model, as the default scan runs it (same samples, predictions, settings)."""
+    settings = ScanSettings()
+    ready = prepare(ModelSource.of(path), DATA, samples=settings.samples, seed=settings.seed, device="cpu")
+    sources = sorted({s for s, _ in pairs})
+    with seeded(settings.seed):
+        patch = invert_shared(
+            ready.model,
+            ready.samples.x,
+            ready.predictions,
+            sources,
+            steps=settings.pair_steps,
+            lr=settings.lr,
+            cost=settings.pair_cost,
+            per_source=settings.pair_samples,
+        )
+    verdict = decide_shared(
+        patch.l1, patch.moved, patch.targets, patch.shares, sources=len(sources), pair_l1=np.asarray(pair_l1)
+    )
+    return {
+        "l1": round(patch.l1, 3),
+        "ratio": round(verdict.ratio, 4),
+        "moved": round(patch.moved, 4),
+        "mapping": [list(p) for p in verdict.mapped],
+        "distance": round(verdict.distance, 4),
+        "index": round(verdict.index, 4),
+        "flagged": verdict.flagged,
     }
 
 
@@ -129,11 +175,16 @@ def main() -> None:
         "--redecide",
         help="a stored NAME.json: decide its pairs again from the stored tables (no scan), write NAME-redecided.json",
     )
+    parser.add_argument(
+        "--shared", action="store_true", help="with --redecide: run the shared-patch test on each model too"
+    )
     args = parser.parse_args()
     if args.redecide:
         stored = Path(args.redecide)
         zoo = json.loads((stored.parent / "zoo.json").read_text())
-        rows = {name: redecide(zoo[name], row) for name, row in json.loads(stored.read_text()).items()}
+        torch.set_num_threads(args.threads)
+        where = stored.parent if args.shared else None
+        rows = {name: redecide(zoo[name], row, where) for name, row in json.loads(stored.read_text()).items()}
         stored.with_name(stored.stem + "-redecided.json").write_text(json.dumps(rows, indent=1))
         for name, row in rows.items():
             print(f"{name}: {row['verdict']} exact={row['exact']} {row['lost']}")

@@ -60,8 +60,8 @@ def decide_table(
 def redecide(path: Path) -> None:
     """Decide each stored table again with the current code; rewrite the file and print one line per model."""
     tables = json.loads(path.read_text())
-    print("| model | flagged | planted pair's distance | best other's distance | mapping statistic / threshold |")
-    print("|---|---|---:|---:|---:|")
+    print("| model | flagged | planted pair's distance | best other's distance |")
+    print("|---|---|---:|---:|")
     for name, entry in tables["models"].items():
         rows = {(p["source"], p["target"]): p for p in entry["pairs"]["pairs"]}
         pairs, decision = decide_table(rows, universal_targets=[])
@@ -69,14 +69,12 @@ def redecide(path: Path) -> None:
             rows[p]["index"] = round(float(value), 4) if np.isfinite(value) else None
         entry["pairs"]["pairs"] = sorted(rows.values(), key=lambda r: -(r["index"] if r["index"] is not None else -1e9))
         entry["flagged"] = [list(pairs[i]) for i in decision.flagged]
-        entry["mapping"] = {"statistic": round(decision.statistic, 4), "threshold": round(decision.map_threshold, 4)}
         want = planted(entry.get("attack"))
         mine = [decision.distance[i] for i, p in enumerate(pairs) if p in want]
         other = min(decision.distance[i] for i, p in enumerate(pairs) if p not in want)
         print(
             f"| {name} | {', '.join(f'{s}->{t}' for s, t in entry['flagged']) or '-'} | "
-            f"{f'{min(mine):.2f}' if mine else ''} | {other:.2f} | "
-            f"{decision.statistic:.2f} / {decision.map_threshold:.2f} |"
+            f"{f'{min(mine):.2f}' if mine else ''} | {other:.2f} |"
         )
     write_text_atomic(path, json.dumps(tables, indent=1) + "\n")
 

@@ -94,7 +94,6 @@ def test_the_pairs_decision_names_a_planted_pair_and_leaves_a_universal_target_t
     settings = ScanSettings()
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
     assert {pairs[i] for i in decision.flagged} == {(3, 8), (5, 2)} and decision.margin > 0
-    assert decision.statistic < decision.map_threshold  # two pairs are not a mapping
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[2])
     assert {pairs[i] for i in decision.flagged} == {(3, 8)}  # 5 -> 2 is USB's finding (target 2), not a pair's
     clean = decide_pairs(pairs, *_matrix_pairs({})[1:], ce, works, settings=settings, universal_targets=[])
@@ -205,6 +204,12 @@ def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
     assert {f.family for f in result.findings} == {family}
     if family == "all-to-all":
         assert len(found) >= 3
+    # the shared patch (alltoall.py): the whole mapping from one inversion on the all-to-all model, nothing on the
+    # source-specific one, whose patch moves one class only
+    shared = result.shared_decision
+    assert shared.flagged == (family == "all-to-all"), result.to_dict()["shared_patch"]
+    if family == "all-to-all":
+        assert set(shared.mapped) <= expected and len(shared.mapped) >= 8 and shared.ratio < 0.7
     # spill (a figure no decision uses) is measured for the pairs the report names, and only those
     table = result.to_dict()["pairs"]["pairs"]
     measured = {(p["source"], p["target"]) for p in table if p["spill"] is not None}
@@ -221,29 +226,30 @@ def test_a_3x3_corner_source_specific_patch_is_the_known_limit():
     assert (3, 8) in {(f.source, f.target) for f in _pairs_of(SOURCE_3TO8).findings}
 
 
-def test_a_mapping_is_found_from_disjoint_pairs_no_single_one_of_which_clears_the_threshold():
-    """All-to-all y -> y + 1: four pairs at index 2.4-2.6, each under the 90-candidate threshold (2.80), pooled by
-    the matching; a natural neighbour structure sharing one target (4 -> 9, 7 -> 9, 8 -> 9) is not a mapping."""
-    import numpy as np
+def test_a_shared_patch_flags_a_mapping_only_when_small_broad_and_working():
+    """The shared-patch test (alltoall.py) on the figures of the families zoo: an all-to-all model's patch (0.5x
+    the median pair, ten sources to ten targets) flags; a clean model's (2.4x, collapsing onto 8 and 2) does not,
+    nor a small patch that maps too few sources, nor one that moves too few samples; the distance counts each."""
+    from backdoorscan.usb.alltoall import decide_shared
 
-    from backdoorscan.usb import mapping
-
-    pairs = [(s, t) for s in range(10) for t in range(10) if s != t]
-    rng = np.random.default_rng(1)
-    base = rng.normal(0, 0.5, len(pairs))
-    where = {p: i for i, p in enumerate(pairs)}
-    planted = base.copy()
-    for s, value in zip((1, 3, 5, 7), (2.6, 2.5, 2.45, 2.4), strict=True):
-        planted[where[(s, (s + 1) % 10)]] = value
-    threshold = mapping.threshold(tuple(pairs))
-    assert 1.8 < threshold < 2.5  # the null's 98 % quantile of the 4th disjoint pair
-    stat, chosen = mapping.statistic(pairs, planted)
-    assert stat >= threshold and {pairs[i] for i in chosen} == {(1, 2), (3, 4), (5, 6), (7, 8)}
-    shared = base.copy()
-    for s in (4, 7, 8, 3):
-        shared[where[(s, 9)]] = 3.0  # all into 9: one pair of the matching at most
-    assert mapping.statistic(pairs, shared)[0] < threshold
-    assert mapping.statistic(pairs, planted, excluded_targets=(2, 4, 6, 8))[0] < threshold  # universal targets
+    rng = np.random.default_rng(0)
+    pair_l1 = np.exp(rng.normal(np.log(24), 0.3, 90))
+    shift = {s: (s + 3) % 10 for s in range(10)}
+    full = {s: 0.92 for s in range(10)}
+    hit = decide_shared(11.6, 0.97, shift, full, sources=10, pair_l1=pair_l1)
+    assert hit.flagged and sorted(hit.mapped) == sorted(shift.items()) and 0.4 < hit.ratio < 0.6
+    collapse = {s: (8 if s % 2 else 2) for s in range(10)}
+    clean = decide_shared(70.3, 0.93, collapse, full, sources=10, pair_l1=pair_l1)
+    assert not clean.flagged and len(clean.mapped) == 2 and clean.distance >= 0.6
+    narrow = decide_shared(
+        11.6, 0.97, shift, {s: 0.92 if s < 4 else 0.3 for s in range(10)}, sources=10, pair_l1=pair_l1
+    )
+    assert not narrow.flagged and len(narrow.mapped) == 4 and narrow.needed == 5 and narrow.distance == 0.2
+    weak = decide_shared(11.6, 0.7, shift, full, sources=10, pair_l1=pair_l1)
+    assert not weak.flagged and 0 < weak.distance < 0.2  # the moved share alone holds it back: a small margin
+    big = decide_shared(40.0, 0.97, shift, full, sources=10, pair_l1=pair_l1)
+    assert not big.flagged and big.distance == pytest.approx(big.threshold - big.index)
+    assert not decide_shared(11.6, 0.97, shift, full, sources=10, pair_l1=pair_l1[:3]).flagged  # no reference
 
 
 def test_pairs_of_sources_with_too_few_samples_are_not_measured_and_the_scan_says_so():
@@ -276,7 +282,7 @@ def test_a_small_pair_that_leaves_its_target_in_doubt_does_not_flag_on_its_own()
     ce = np.full(len(pairs), 0.05)
     ce[pairs.index((9, 4))] = 0.25
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
-    assert {pairs[i] for i in decision.flagged} == {(3, 8)} == {pairs[i] for i in decision.alone}
+    assert {pairs[i] for i in decision.flagged} == {(3, 8)}
     assert 0 < decision.distance[pairs.index((9, 4))] <= 1
     assert decision.index[pairs.index((9, 4))] > decision.threshold  # the size alone would have flagged it
     ce[pairs.index((3, 8))] = 0.3
@@ -295,5 +301,5 @@ def test_a_certain_patch_from_a_source_whose_pairs_are_all_small_flags_by_the_ob
     ce[pairs.index((1, 7))] = 0.002
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
     i = pairs.index((1, 7))
-    assert {pairs[j] for j in decision.alone} == {(1, 7)} and not decision.by_l1[i]
+    assert {pairs[j] for j in decision.flagged} == {(1, 7)} and not decision.by_l1[i]
     assert decision.index[i] < decision.threshold < decision.objective_index[i]  # L1 alone would miss it

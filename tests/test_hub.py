@@ -23,6 +23,7 @@ from .conftest import MNIST_TEST
 
 HOSTILE = "zero|<b>x</b>[a](http://e)\x1b[31m"  # a class name that tries table breaks, HTML, links, escapes
 FAST = ["--samples", "100", "--steps", "100", "--device", "cpu", "--families", "universal"]
+PLUMBING = ["--max-passes", "1", "--steps", "2", "--samples", "20"]  # a test of the loading plumbing: a token scan
 IN_PROCESS = ["--sandbox", "off"]  # refusals and overrides need no sandboxed child (the scans by path use one)
 
 
@@ -70,7 +71,7 @@ def timm_folder(tmp_path_factory, digits_4000):
 
 
 def _scan(*args: str) -> tuple[int, dict | None, str]:
-    result = CliRunner().invoke(app, ["model", *map(str, args), "--data", str(MNIST_TEST), *FAST])
+    result = CliRunner().invoke(app, ["model", "--data", str(MNIST_TEST), *FAST, *map(str, args)])  # args win
     try:
         return result.exit_code, json.loads(result.stdout), result.stderr
     except ValueError:
@@ -113,12 +114,7 @@ def test_flags_override_the_folder_and_the_override_is_reported(timm_folder):
         "0.4",
         "--std",
         "0.5",
-        "--max-passes",
-        "1",
-        "--steps",
-        "2",
-        "--samples",
-        "20",
+        *PLUMBING,
         *IN_PROCESS,
     )
     assert code in (0, 1) and report["input"]["mean"] == [0.4]
@@ -140,12 +136,7 @@ def test_missing_or_wrong_preprocessing_is_a_clear_exit_2(vit_folder, tmp_path):
         "0.5",
         "--std",
         "0.5",
-        "--max-passes",
-        "1",
-        "--steps",
-        "2",
-        "--samples",
-        "20",
+        *PLUMBING,
         *IN_PROCESS,
     )
     assert code in (0, 1) and report["input"]["mean"] == [0.5]

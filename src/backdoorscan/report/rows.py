@@ -43,7 +43,7 @@ def finding_lines(scan) -> list[str]:
     mapping = [f for f in fam.findings if f.family == "all-to-all"]
     if mapping:
         pairs = ", ".join(f"{f.source}->{f.target}" for f in sorted(mapping, key=lambda f: f.source))
-        lines.append(f"all-to-all mapping: {pairs} (pair patches an outlier small against all pairs)")
+        lines.append(f"all-to-all mapping: {pairs} (one patch, small against the pair patches, moves each class)")
     for f in fam.findings:
         if f.family == "source-specific":
             lines.append(

@@ -10,7 +10,7 @@
 | `ssim.py` | Alg. 2 | the SSIM term |
 | `decide.py` | decision | anomaly index (MAD), the guards, the threshold for K classes, the margin |
 | `pairs.py` | family | source-specific and all-to-all: a small patch per ordered pair (s -> t) on s's samples |
-| `mapping.py` | family | the all-to-all test: disjoint outlier-small pairs pooled against a null |
+| `alltoall.py` | family | all-to-all: one shared patch moving every class, each to its own target |
 | `warp.py` | family | warping (WaNet): a smooth universal warp field per target, applied with `grid_sample` |
 | `families.py` | family | the pairs' and warps' findings and margins, one verdict with USB's |
 

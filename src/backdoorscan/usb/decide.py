@@ -154,3 +154,9 @@ def decision_margin(index: np.ndarray, flagged: np.ndarray, candidates: np.ndarr
         return float(np.min(index[np.asarray(flagged)]) - threshold)
     pool = index[np.asarray(candidates)]
     return float(threshold - max(float(np.max(pool)) if pool.size else 0.0, 0.0))
+
+
+def spread(sizes: np.ndarray) -> float:
+    """The robust spread (1.4826 MAD) of log sizes: one anomaly-index unit, in log-size units."""
+    logs = np.log(np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12))
+    return max(float(np.median(np.abs(logs - np.median(logs)))) * MAD_TO_SIGMA, 1e-12)

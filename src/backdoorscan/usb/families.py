@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import mapping
-from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio
+from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SharedDecision, SharedPatch, decide_shared, invert_shared
+from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio, spread
 from .pairs import PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
 from .warp import Warps, apply_warp, invert_warps
 
@@ -66,8 +66,9 @@ class FamilyScan:
     pairs: PairTriggers | None = None
     pair_index: np.ndarray | None = None
     pair_threshold: float | None = None
-    pair_objective_index: np.ndarray | None = None  # the objective's index (its own flags, the mapping test)
-    mapping: dict | None = None  # the all-to-all test: its matching pairs, statistic and threshold
+    pair_objective_index: np.ndarray | None = None  # the index of the inversion's objective (its own flags)
+    shared: SharedPatch | None = None  # the all-to-all test by one shared patch (alltoall.py)
+    shared_decision: SharedDecision | None = None
     warps: Warps | None = None
     warp_index: np.ndarray | None = None
     warp_threshold: float | None = None
@@ -85,13 +86,6 @@ class FamilyScan:
         }
         if self.pairs is not None and self.pair_index is not None:
             order = np.argsort(-self.pair_index)
-            if self.mapping is not None:
-                out["mapping"] = {
-                    "pairs": self.mapping["pairs"],
-                    "statistic": _finite(self.mapping["statistic"]),
-                    "threshold": round(float(self.mapping["threshold"]), 4),
-                    "disjoint_pairs_needed": mapping.MAPPING_PAIRS,
-                }
             out["pairs"] = {
                 "threshold": round(float(self.pair_threshold or 0), 4),
                 "measured": len(self.pairs.pairs),
@@ -112,6 +106,23 @@ class FamilyScan:
                     }
                     for i in order
                 ],
+            }
+        if self.shared is not None and self.shared_decision is not None:
+            d, sh = self.shared_decision, self.shared
+            out["shared_patch"] = {
+                "l1": round(sh.l1, 3),
+                "reference_l1": _finite(d.reference),
+                "ratio": _finite(d.ratio),
+                "max_ratio": SHARED_MAX_RATIO,
+                "moved": round(sh.moved, 4),
+                "min_moved": SHARED_MOVED,
+                "sources": [
+                    {"source": src, "target": sh.targets[src], "share": round(sh.shares[src], 4)}
+                    for src in sorted(sh.shares)
+                ],
+                "mapping": [list(p) for p in d.mapped],
+                "sources_needed": d.needed,
+                "flagged": d.flagged,
             }
         if self.warps is not None and self.warp_index is not None:
             out["warps"] = {
@@ -134,12 +145,6 @@ class FamilyScan:
 def _finite(value: float) -> float | None:
     """A figure for JSON: rounded, None where it is not finite (a pair whose patch never worked)."""
     return round(float(value), 4) if np.isfinite(value) else None
-
-
-def spread(sizes: np.ndarray) -> float:
-    """The robust spread (1.4826 MAD) of log sizes: one anomaly-index unit, in log-size units."""
-    logs = np.log(np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12))
-    return max(float(np.median(np.abs(logs - np.median(logs)))) * MAD_TO_SIGMA, 1e-12)
 
 
 def flip_distance(
@@ -208,13 +213,9 @@ class PairDecision:
     index: np.ndarray  # (P,) anomaly index of the patch's size (L1); -inf where the patch does not work
     threshold: float  # for this many candidates
     distance: np.ndarray  # (P,) anomaly-index units from being flagged (negative: flagged)
-    flagged: list[int]  # positions flagged one by one or as part of a mapping
-    alone: list[int]  # positions flagged one by one
-    chosen: list[int]  # the mapping test's matching (its first MAPPING_PAIRS pairs)
-    statistic: float  # the mapping test's statistic
-    map_threshold: float
-    margin: float  # the family's distance from a flip, the mapping test's included
-    objective_index: np.ndarray  # (P,) anomaly index of the inversion's objective (the mapping test pools it)
+    flagged: list[int]  # positions flagged
+    margin: float  # the pairs' distance from a flip (the shared patch's is added by scan_pairs)
+    objective_index: np.ndarray  # (P,) anomaly index of the inversion's objective
     by_l1: np.ndarray  # (P,) whether the L1 measure, not the objective, is the nearer to flagging the pair
 
 
@@ -236,16 +237,14 @@ def decide_pairs(
     universal_targets: list[int],
     spill: np.ndarray | None = None,
 ) -> PairDecision:
-    """Flag pairs one by one and as a mapping, not to a universal target.
+    """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
-    One by one, a pair flags when its size is an outlier (index past the threshold, under the size guard) by
+    A pair flags when its size is an outlier (index past the threshold, under the size guard) by
     either of two measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX, or the inversion's
     objective (cross-entropy plus the weighted L1); and its measured `spill` (NaN: not measured) is at most
-    PAIR_SPILL_MAX. Its distance is the nearer of the two measures', each counting all of its criteria. The
-    mapping test pools disjoint pairs by the objective: an all-to-all patch shared by every source is fitted less
-    tightly to each, and the objective keeps what its pairs have in common (families zoo, tuning part and
-    batches 2-4: the objective found 10 of 12 mappings, L1 alone 7). The mapping test does not read spill: a
-    mapping's patch sends other classes to their own targets, not to this pair's."""
+    PAIR_SPILL_MAX. Its distance is the nearer of the two measures', each counting all of its criteria. (Up to
+    0.7 a mapping test pooled disjoint pairs here; the shared patch finds every mapping that did, and more, and
+    did not flag the adversarially trained clean model the pooled test did: docs/results.md.)"""
     works = np.asarray(asr) >= PAIR_ASR
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
 
@@ -271,26 +270,13 @@ def decide_pairs(
     distance = np.minimum(by_l1, by_objective)
     if spill is not None:
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
-    alone = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
-    flagged = list(alone)
-    # an all-to-all mapping: disjoint pairs pooled (usb/mapping.py), besides pairs flagged one by one
-    pooled = np.where(works, objective_index, -np.inf)
-    stat, chosen = mapping.statistic(pairs, pooled, tuple(sorted(universal_targets)))
-    map_threshold = mapping.threshold(tuple(pairs))
-    if stat >= map_threshold:
-        flagged = sorted(set(flagged) | set(chosen))
-        distance[chosen] = np.minimum(distance[chosen], map_threshold - stat)
-    margin = _margin(distance, flagged)
+    flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     return PairDecision(
         index=index,
         threshold=threshold,
         distance=distance,
         flagged=flagged,
-        alone=alone,
-        chosen=chosen,
-        statistic=stat,
-        map_threshold=map_threshold,
-        margin=margin if flagged else min(margin, map_threshold - stat),  # the mapping test counts
+        margin=_margin(distance, flagged),
         objective_index=objective_index,
         by_l1=by_l1 <= by_objective,
     )
@@ -358,18 +344,15 @@ def scan_pairs(
         decide_pairs, pairs, found.l1, found.ce, found.asr, settings=settings, universal_targets=universal_targets
     )
     decision = decide()
-    index, flagged, chosen = decision.index, decision.flagged, decision.chosen
+    index, flagged = decision.index, decision.flagged
     top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
     # spill for every pair that would flag (and those a report names), then the decision with the spill criterion
-    measure_spill(model, x, y, found, sorted(set(flagged) | set(chosen) | set(top)))
+    measure_spill(model, x, y, found, sorted(set(flagged) | set(top)))
     decision = decide(spill=found.spill)
     flagged = decision.flagged
     family = pair_family(pairs, flagged)
-    for i in flagged:  # a mapping's pair is reported by the index the mapping test pooled, against its threshold
-        if i not in decision.alone:  # flagged as part of a mapping
-            which, limit = decision.objective_index, decision.map_threshold
-        else:
-            which, limit = (index if decision.by_l1[i] else decision.objective_index), decision.threshold
+    for i in flagged:  # reported by the measure nearer to flagging it
+        which, limit = (index if decision.by_l1[i] else decision.objective_index), decision.threshold
         result.findings.append(
             Finding(family, pairs[i][1], pairs[i][0], float(which[i]), float(limit), float(found.l1[i]))
         )
@@ -379,14 +362,62 @@ def scan_pairs(
         sample = x[(y == s).nonzero()[0, 0]].cpu()
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
         result.images[f"pair_stamped_{s}_to_{t}"] = blend(sample, mask, pattern)
+    margin = decision.margin
+    shared, verdict = _shared_patch(model, x, y, pairs, found, settings=settings, result=result)
+    if verdict.flagged:  # the margin of the most robust finding; else of the nearest to flagging
+        margin = max(margin, -verdict.distance) if flagged else -verdict.distance
+    elif not flagged:
+        margin = min(margin, verdict.distance)
     result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
     result.pair_objective_index = decision.objective_index
-    result.mapping = {
-        "pairs": [list(pairs[i]) for i in chosen],
-        "statistic": decision.statistic,
-        "threshold": decision.map_threshold,
-    }
-    result.margins["pairs"] = decision.margin
+    result.shared, result.shared_decision = shared, verdict
+    result.margins["pairs"] = margin
+
+
+def _shared_patch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    found: PairTriggers,
+    *,
+    settings,
+    result: FamilyScan,
+) -> tuple[SharedPatch, SharedDecision]:
+    """The all-to-all test by one shared patch (alltoall.py) on the pairs' sources, against the pairs' sizes; a
+    mapping it flags is reported pair by pair (those the pairs already named are not repeated)."""
+    sources = sorted({s for s, _ in pairs})
+    shared = invert_shared(
+        model,
+        x,
+        y,
+        sources,
+        steps=settings.pair_steps,
+        lr=settings.lr,
+        cost=settings.pair_cost,
+        per_source=settings.pair_samples,
+    )
+    verdict = decide_shared(
+        shared.l1,
+        shared.moved,
+        shared.targets,
+        shared.shares,
+        sources=len(sources),
+        pair_l1=found.l1[found.asr >= PAIR_ASR],
+    )
+    if verdict.flagged:
+        named = {(f.source, f.target) for f in result.findings}
+        where = {p: i for i, p in enumerate(pairs)}  # the report names these pairs: their spill is measured too
+        measure_spill(model, x, y, found, [where[p] for p in verdict.mapped if p in where and p not in named])
+        for s, t in verdict.mapped:
+            if (s, t) not in named:
+                result.findings.append(Finding("all-to-all", t, s, verdict.index, verdict.threshold, shared.l1))
+        mask, pattern = shared.mask.cpu(), shared.pattern.cpu()
+        result.images["all_to_all_patch"] = (mask * pattern).clamp(0, 1)
+        for s, t in verdict.mapped[:PAIRS_REPORTED]:
+            sample = x[(y == s).nonzero()[0, 0]].cpu()
+            result.images[f"all_to_all_stamped_{s}_to_{t}"] = blend(sample, mask, pattern)
+    return shared, verdict
 
 
 def scan_warps(

@@ -21,8 +21,8 @@ from ..perturb import norm_of, targeted_uaps
 from ..perturb.triggers import Refined, stamp
 from ..safety.limits import Limits, available_memory
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
-from .decide import class_evidence, class_threshold, flag, name_targets
-from .families import FamilyScan, flip_distance, scan_pairs, scan_warps, spread
+from .decide import class_evidence, class_threshold, flag, name_targets, spread
+from .families import FamilyScan, flip_distance, scan_pairs, scan_warps
 from .refine import refine
 from .result import ClassResult, ModelScan
 from .staging import Staging, choose_classes
