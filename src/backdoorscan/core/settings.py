@@ -122,7 +122,7 @@ class ScanSettings(CommonSettings):
     families: Families = setting(
         "all",
         "Backdoor families the scan covers: all (USB's universal triggers, "
-        "source-specific and all-to-all pairs, warps), universal+warp, or universal "
+        "source-specific pairs, all-to-all mappings, warps), universal+warp, or universal "
         "(USB as published).",
     )
     pair_steps: int = setting(100, "Pairs stage: Adam steps of each (source, target) patch inversion.")

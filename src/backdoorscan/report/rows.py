@@ -7,7 +7,7 @@ from typing import Any
 
 FAMILY_NAMES = {
     "universal": "universal triggers (USB)",
-    "pairs": "source-specific and all-to-all pairs",
+    "pairs": "source-specific pairs and all-to-all mappings",
     "warp": "warps (WaNet)",
 }
 
