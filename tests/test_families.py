@@ -238,6 +238,7 @@ def test_a_shared_patch_flags_a_mapping_only_when_small_broad_and_working():
     full = {s: 0.92 for s in range(10)}
     hit = decide_shared(11.6, 0.97, shift, full, sources=10, pair_l1=pair_l1)
     assert hit.flagged and sorted(hit.mapped) == sorted(shift.items()) and 0.4 < hit.ratio < 0.6
+    assert hit.distance == pytest.approx(-0.85)  # the moved share's room (0.97 of 0.8-1.0) is the nearest limit
     collapse = {s: (8 if s % 2 else 2) for s in range(10)}
     clean = decide_shared(70.3, 0.93, collapse, full, sources=10, pair_l1=pair_l1)
     assert not clean.flagged and len(clean.mapped) == 2 and clean.distance >= 0.6

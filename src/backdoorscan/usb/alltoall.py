@@ -145,9 +145,13 @@ def decide_shared(
     ratio = max(l1, 1e-12) / reference
     index = float(-np.log(ratio) / sigma)
     threshold = float(-np.log(SHARED_MAX_RATIO) / sigma)
-    distance = max(
-        threshold - index,
-        (needed - len(mapped)) / needed,
-        (SHARED_MOVED - moved) / max(SHARED_MOVED, moved),
-    )
+    distance = max(threshold - index, _room(len(mapped), needed, sources), _room(moved, SHARED_MOVED, 1.0))
     return SharedDecision(mapped, needed, reference, ratio, float(distance), index, threshold)
+
+
+def _room(value: float, limit: float, top: float) -> float:
+    """A "more is flagged" criterion as a distance in [-1, 1], as spill's: the share of the room above `limit` (up
+    to `top`) that `value` uses (negative), or of the room below it that it lacks (positive)."""
+    if value >= limit:
+        return -(value - limit) / max(top - limit, 1e-12)
+    return (limit - value) / max(limit, 1e-12)
