@@ -99,7 +99,8 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
     ]
     shared = None
     if zoo is not None:
-        shared = shared_patch(zoo / entry["path"], pairs, [p["l1"] for p in stored.values() if p["asr"] >= PAIR_ASR])
+        pair_l1 = [p["l1"] for p in stored.values() if p["asr"] >= PAIR_ASR]
+        shared = shared_patch(ModelSource.of(zoo / entry["path"]), DATA, pairs, pair_l1)
         named = {(f["source"], f["target"]) for f in findings}
         if shared["flagged"]:
             findings += [
@@ -120,10 +121,10 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
     }
 
 
-def shared_patch(path: Path, pairs: list[tuple[int, int]], pair_l1: list[float]) -> dict:
+def shared_patch(source: ModelSource, data: Path, pairs: list[tuple[int, int]], pair_l1: list[float]) -> dict:
     """The shared-patch test on a zoo model, as the default scan runs it (same samples, predictions, settings)."""
     settings = ScanSettings()
-    ready = prepare(ModelSource.of(path), DATA, samples=settings.samples, seed=settings.seed, device="cpu")
+    ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device="cpu")
     sources = sorted({s for s, _ in pairs})
     with seeded(settings.seed):
         patch = invert_shared(
