@@ -28,7 +28,7 @@ import torch
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.core.seeding import seeded
 from backdoorscan.loading import ModelSource, prepare
-from backdoorscan.usb.alltoall import decide_shared, invert_shared
+from backdoorscan.usb.alltoall import shared_test
 from backdoorscan.usb.families import PAIR_ASR, pair_family
 
 from pair_tables import decide_table, planted
@@ -127,19 +127,9 @@ def shared_patch(source: ModelSource, data: Path, pairs: list[tuple[int, int]], 
     ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device="cpu")
     sources = sorted({s for s, _ in pairs})
     with seeded(settings.seed):
-        patch = invert_shared(
-            ready.model,
-            ready.samples.x,
-            ready.predictions,
-            sources,
-            steps=settings.pair_steps,
-            lr=settings.lr,
-            cost=settings.pair_cost,
-            per_source=settings.pair_samples,
+        patch, verdict = shared_test(
+            ready.model, ready.samples.x, ready.predictions, sources, np.asarray(pair_l1), settings=settings
         )
-    verdict = decide_shared(
-        patch.l1, patch.moved, patch.targets, patch.shares, sources=len(sources), pair_l1=np.asarray(pair_l1)
-    )
     return {
         "l1": round(patch.l1, 3),
         "ratio": round(verdict.ratio, 4),

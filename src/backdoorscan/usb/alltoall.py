@@ -115,6 +115,26 @@ def invert_shared(
     )
 
 
+def shared_test(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sources: list[int], pair_l1: np.ndarray, *, settings
+) -> tuple[SharedPatch, SharedDecision]:
+    """Invert the shared patch with the pairs stage's settings (`ScanSettings`) and decide it against `pair_l1`."""
+    patch = invert_shared(
+        model,
+        x,
+        y,
+        sources,
+        steps=settings.pair_steps,
+        lr=settings.lr,
+        cost=settings.pair_cost,
+        per_source=settings.pair_samples,
+    )
+    verdict = decide_shared(
+        patch.l1, patch.moved, patch.targets, patch.shares, sources=len(sources), pair_l1=np.asarray(pair_l1)
+    )
+    return patch, verdict
+
+
 def decide_shared(
     l1: float,
     moved: float,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SharedDecision, SharedPatch, decide_shared, invert_shared
+from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SharedDecision, SharedPatch, shared_test
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio, spread
 from .pairs import PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
 from .warp import Warps, apply_warp, invert_warps
@@ -387,24 +387,7 @@ def _shared_patch(
     """The all-to-all test by one shared patch (alltoall.py) on the pairs' sources, against the pairs' sizes; a
     mapping it flags is reported pair by pair (those the pairs already named are not repeated)."""
     sources = sorted({s for s, _ in pairs})
-    shared = invert_shared(
-        model,
-        x,
-        y,
-        sources,
-        steps=settings.pair_steps,
-        lr=settings.lr,
-        cost=settings.pair_cost,
-        per_source=settings.pair_samples,
-    )
-    verdict = decide_shared(
-        shared.l1,
-        shared.moved,
-        shared.targets,
-        shared.shares,
-        sources=len(sources),
-        pair_l1=found.l1[found.asr >= PAIR_ASR],
-    )
+    shared, verdict = shared_test(model, x, y, sources, found.l1[found.asr >= PAIR_ASR], settings=settings)
     if verdict.flagged:
         named = {(f.source, f.target) for f in result.findings}
         where = {p: i for i, p in enumerate(pairs)}  # the report names these pairs: their spill is measured too
