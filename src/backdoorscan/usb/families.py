@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SharedDecision, SharedPatch, shared_test
+from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SHARED_TOOK, SharedDecision, SharedPatch, shared_test
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio, spread
 from .pairs import PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
 from .warp import Warps, apply_warp, invert_warps
@@ -388,6 +388,12 @@ def _shared_patch(
     mapping it flags is reported pair by pair (those the pairs already named are not repeated)."""
     sources = sorted({s for s, _ in pairs})
     shared, verdict = shared_test(model, x, y, sources, found.l1[found.asr >= PAIR_ASR], settings=settings)
+    if shared.moved < SHARED_TOOK:
+        result.notes.append(
+            f"the all-to-all test's shared patch moved {shared.moved:.0%} of the samples off their labels (L1 "
+            f"{shared.l1:.1f} px): its inversion did not take hold on this model, so an all-to-all backdoor is "
+            "covered only by the pairs flagged one by one"
+        )
     if verdict.flagged:
         named = {(f.source, f.target) for f in result.findings}
         where = {p: i for i, p in enumerate(pairs)}  # the report names these pairs: their spill is measured too
