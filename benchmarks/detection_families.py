@@ -99,8 +99,7 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
     ]
     shared = None
     if zoo is not None:
-        pair_l1 = [p["l1"] for p in stored.values() if p["asr"] >= PAIR_ASR]
-        shared = shared_patch(ModelSource.of(zoo / entry["path"]), DATA, pairs, pair_l1)
+        shared = shared_patch(ModelSource.of(zoo / entry["path"]), DATA, list(stored.values()))
         named = {(f["source"], f["target"]) for f in findings}
         if shared["flagged"]:
             findings += [
@@ -121,14 +120,16 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
     }
 
 
-def shared_patch(source: ModelSource, data: Path, pairs: list[tuple[int, int]], pair_l1: list[float]) -> dict:
-    """The shared-patch test on a zoo model, as the default scan runs it (same samples, predictions, settings)."""
+def shared_patch(source: ModelSource, data: Path, table: list[dict]) -> dict:
+    """The shared-patch test on a zoo model, as the default scan runs it (same samples, predictions, settings),
+    decided against a stored pair table (its rows: source, target, l1, asr): its sources, its working pairs' L1."""
     settings = ScanSettings()
     ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device="cpu")
-    sources = sorted({s for s, _ in pairs})
+    sources = sorted({p["source"] for p in table})
+    pair_l1 = np.asarray([p["l1"] for p in table if p["asr"] >= PAIR_ASR])
     with seeded(settings.seed):
         patch, verdict = shared_test(
-            ready.model, ready.samples.x, ready.predictions, sources, np.asarray(pair_l1), settings=settings
+            ready.model, ready.samples.x, ready.predictions, sources, pair_l1, settings=settings
         )
     return {
         "l1": round(patch.l1, 3),

@@ -20,7 +20,6 @@ from detection_families import shared_patch
 from backdoorlab.data import NUM_CLASSES
 from backdoorscan import ModelSource
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.usb.families import PAIR_ASR
 
 
 def main() -> None:
@@ -40,12 +39,12 @@ def main() -> None:
     out = {}
     for name, row in sorted(rows.items()):
         model = models[name]
-        table = row["families"]["pairs"]["pairs"]
-        pairs = [(p["source"], p["target"]) for p in table]
-        pair_l1 = [p["l1"] for p in table if p["asr"] >= PAIR_ASR]
         classes = NUM_CLASSES.get(meta["dataset"]) if model.get("arch_ref") else None
         source = ModelSource(zoo / model["file"], arch=model.get("arch_ref"), num_classes=classes)
-        out[name] = {"group": model["group"], **shared_patch(source, zoo / "clean.npz", pairs, pair_l1)}
+        out[name] = {
+            "group": model["group"],
+            **shared_patch(source, zoo / "clean.npz", row["families"]["pairs"]["pairs"]),
+        }
         r = out[name]
         print(
             f"{name} {r['group']}: L1 {r['l1']:.1f} ratio {r['ratio']:.2f} moved {r['moved']:.2f} "

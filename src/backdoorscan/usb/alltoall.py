@@ -133,9 +133,7 @@ def shared_test(
         cost=settings.pair_cost,
         per_source=settings.pair_samples,
     )
-    verdict = decide_shared(
-        patch.l1, patch.moved, patch.targets, patch.shares, sources=len(sources), pair_l1=np.asarray(pair_l1)
-    )
+    verdict = decide_shared(patch.l1, patch.moved, patch.targets, patch.shares, sources=len(sources), pair_l1=pair_l1)
     return patch, verdict
 
 

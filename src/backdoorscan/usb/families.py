@@ -362,12 +362,10 @@ def scan_pairs(
         sample = x[(y == s).nonzero()[0, 0]].cpu()
         result.images[f"pair_{s}_to_{t}"] = (mask * pattern).clamp(0, 1)
         result.images[f"pair_stamped_{s}_to_{t}"] = blend(sample, mask, pattern)
-    margin = decision.margin
     shared, verdict = _shared_patch(model, x, y, pairs, found, settings=settings, result=result)
-    if verdict.flagged:  # the margin of the most robust finding; else of the nearest to flagging
-        margin = max(margin, -verdict.distance) if flagged else -verdict.distance
-    elif not flagged:
-        margin = min(margin, verdict.distance)
+    # the family's margin over the pairs and the shared patch as one more candidate (last position)
+    distance = np.append(decision.distance, verdict.distance)
+    margin = _margin(distance, flagged + ([len(pairs)] if verdict.flagged else []))
     result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
     result.pair_objective_index = decision.objective_index
     result.shared, result.shared_decision = shared, verdict
