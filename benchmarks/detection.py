@@ -30,6 +30,21 @@ from backdoorscan.usb.staging import ranking, select, stage_one
 
 from common import clean_samples, device_name
 
+# The USB authors' code (xiaoyunxxy/usb, gene_uap/targeted_uap.py and adversarial_perturbation.py): L-inf UAPs with
+# xi = 20 on [0, 1] images (no bound in effect; x + v is still clipped here), DeepFool's overshoot 0.2 and 20 steps,
+# done at a targeted success of 1 - delta = 0.4, five passes; the refinement's adaptive L1 weight (TrojanZoo's NC);
+# no other family.
+AUTHORS = {
+    "norm": "linf",
+    "delta": 1.0,
+    "theta": 0.4,
+    "overshoot": 0.2,
+    "deepfool_iter": 20,
+    "max_passes": 5,
+    "mask_cost": "adaptive",
+    "families": "universal",  # USB as published: one universal trigger per target
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,6 +66,11 @@ def main() -> None:
         choices=choices(Refine),
         help="staged (default) or all; an 'all' run also stores the stage-1 ranking, so that "
         "--staged-from can decide the staged scan from its figures",
+    )
+    parser.add_argument(
+        "--authors",
+        action="store_true",
+        help="scan with the USB authors' code's settings (L-inf UAPs, adaptive L1 weight; rows named usb_authors)",
     )
     parser.add_argument("--models", help="comma-separated model names to scan (default: every counted model)")
     parser.add_argument(
@@ -105,64 +125,86 @@ def main() -> None:
     wanted = None if args.models is None else set(args.models.split(","))
     for model in [m for m in meta["models"] if m["counted"] and (wanted is None or m["name"] in wanted)]:
         for method in args.methods.split(","):
-            if (model["name"], method) in done:  # resumed: this model was scanned by an earlier run
-                rows.append(done[(model["name"], method)])
+            if (model["name"], method_name(method, args)) in done:  # resumed: scanned by an earlier run
+                rows.append(done[(model["name"], method_name(method, args))])
                 continue
-            t = time.perf_counter()
-            source = ModelSource(
-                zoo / model["file"],
-                arch=model.get("arch_ref"),
-                num_classes=NUM_CLASSES.get(meta["dataset"]) if model.get("arch_ref") else None,
-            )
-            settings = ScanSettings(method=method, form=args.form, refine=args.refine, mask_cost=args.mask_cost)
-            scan = scan_model(source, data, settings=settings, device=dev)
-            target = model["attack"]["target"] if model["attack"] else None
-            l1 = [c.l1_norm for c in scan.classes]
-            ids = [c.cls for c in scan.classes]
-            order = scan.staging.order if scan.staging is not None else None
-            if order is None and args.refine == "all" and scan.classes:
-                order = stage1_order(source, data, settings, dev, scan.batching.get("class_group"))
-            rows.append(
-                {
-                    "name": model["name"],
-                    "group": model["group"],
-                    "method": method,
-                    "target": target,
-                    "accuracy": model["accuracy"],
-                    "asr": model["asr"],
-                    "verdict": scan.verdict,
-                    "found": scan.target_classes,
-                    "num_classes": scan.staging.num_classes if scan.staging else None,
-                    "threshold": scan.threshold,
-                    "weaker": [c.cls for c in scan.classes if c.flagged and not c.target],
-                    "l1_target": l1[ids.index(target)] if target in ids else None,
-                    "refine": None if scan.staging is None else scan.staging.mode,
-                    "classes": ids,
-                    "weights": [c.weight for c in scan.classes],
-                    "stage1_order": order,
-                    "l1_mean": float(np.mean(l1)) if l1 else None,
-                    "seconds": round(time.perf_counter() - t, 2),
-                    "l1": [round(v, 3) for v in l1],
-                    "asr_per_class": [round(c.asr, 3) for c in scan.classes],
-                    "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes],
-                    "uap_norm": [round(c.uap_norm, 3) for c in scan.classes],
-                    "uap_success": [None if c.uap_success is None else round(c.uap_success, 3) for c in scan.classes],
-                    "margin": scan.margin,
-                    "aside": bool(model.get("aside")),
-                    "format": model.get("format"),
-                    "arch": model.get("arch"),
-                    "timings": scan.timings,
-                    "findings": [] if scan.families is None else [f.to_dict() for f in scan.families.findings],
-                    "family_margins": {} if scan.families is None else scan.families.to_dict()["margins"],
-                    # every measured pair and warp, so that a later decision rule can be applied to stored scans
-                    "families": None if scan.families is None else scan.families.to_dict(),
-                }
-            )
-            rows[-1]["stage"] = stage(rows[-1])
+            rows.append(scan_row(zoo, meta, model, method, data, dev, args))
             print(json.dumps(rows[-1]), flush=True)
             save(out, rows, dev, args.form)
     save(out, rows, dev, args.form)  # rows resumed after the last scan are kept too
     report(rows, device_name(dev))
+
+
+def method_name(method: str, args: argparse.Namespace) -> str:
+    """A row's method: usb, nc, usb_authors for USB with the authors' code's settings, or a variant's label."""
+    if getattr(args, "label", None):
+        return args.label
+    return "usb_authors" if getattr(args, "authors", False) and method == "usb" else method
+
+
+def scan_settings(method: str, args: argparse.Namespace) -> ScanSettings:
+    """The settings of one zoo scan: the defaults with this run's options, or the USB authors' code's (--authors),
+    or a variant's overrides (`args.overrides`, benchmarks/gpu_zoo.py)."""
+    extra = AUTHORS if method_name(method, args) == "usb_authors" else getattr(args, "overrides", None) or {}
+    return ScanSettings(
+        **{"method": method, "form": args.form, "refine": args.refine, "mask_cost": args.mask_cost, **extra}
+    )
+
+
+def scan_row(
+    zoo: Path, meta: dict, model: dict, method: str, data: str, dev: torch.device, args: argparse.Namespace
+) -> dict:
+    """Scan one zoo model with one method; its row holds every figure a later decision rule needs."""
+    t = time.perf_counter()
+    source = ModelSource(
+        zoo / model["file"],
+        arch=model.get("arch_ref"),
+        num_classes=NUM_CLASSES.get(meta["dataset"]) if model.get("arch_ref") else None,
+    )
+    settings = scan_settings(method, args)
+    scan = scan_model(source, data, settings=settings, device=dev)
+    target = model["attack"]["target"] if model["attack"] else None
+    l1 = [c.l1_norm for c in scan.classes]
+    ids = [c.cls for c in scan.classes]
+    order = scan.staging.order if scan.staging is not None else None
+    if order is None and args.refine == "all" and scan.classes:
+        order = stage1_order(source, data, settings, dev, scan.batching.get("class_group"))
+    row = {
+        "name": model["name"],
+        "group": model["group"],
+        "method": method_name(method, args),
+        "target": target,
+        "accuracy": model["accuracy"],
+        "asr": model["asr"],
+        "verdict": scan.verdict,
+        "found": scan.target_classes,
+        "num_classes": scan.staging.num_classes if scan.staging else None,
+        "threshold": scan.threshold,
+        "weaker": [c.cls for c in scan.classes if c.flagged and not c.target],
+        "l1_target": l1[ids.index(target)] if target in ids else None,
+        "refine": None if scan.staging is None else scan.staging.mode,
+        "classes": ids,
+        "weights": [c.weight for c in scan.classes],
+        "stage1_order": order,
+        "l1_mean": float(np.mean(l1)) if l1 else None,
+        "seconds": round(time.perf_counter() - t, 2),
+        "l1": [round(v, 3) for v in l1],
+        "asr_per_class": [round(c.asr, 3) for c in scan.classes],
+        "anomaly_index": [round(c.anomaly_index, 3) for c in scan.classes],
+        "uap_norm": [round(c.uap_norm, 3) for c in scan.classes],
+        "uap_success": [None if c.uap_success is None else round(c.uap_success, 3) for c in scan.classes],
+        "margin": scan.margin,
+        "aside": bool(model.get("aside")),
+        "format": model.get("format"),
+        "arch": model.get("arch"),
+        "timings": scan.timings,
+        "findings": [] if scan.families is None else [f.to_dict() for f in scan.families.findings],
+        "family_margins": {} if scan.families is None else scan.families.to_dict()["margins"],
+        # every measured pair and warp, so that a later decision rule can be applied to stored scans
+        "families": None if scan.families is None else scan.families.to_dict(),
+    }
+    row["stage"] = stage(row)
+    return row
 
 
 def save(out: Path, rows: list[dict], dev: torch.device, form: str) -> None:
@@ -268,7 +310,7 @@ def rescore(row: dict, rule: Rule) -> dict:
         return row
     index, ratio = class_evidence(
         row["l1"],
-        row.get("uap_norm") if row["method"] == "usb" else None,
+        row.get("uap_norm") if row["method"] != "nc" else None,
         rule.evidence,
         rule.scale,
         row.get("weights"),
@@ -309,7 +351,7 @@ def stage(row: dict) -> str:
     ids = row.get("classes") or list(range(len(row["l1"])))
     if target not in ids:
         return "stage 1"
-    if row.get("uap_norm") and ids[int(np.argmin(row["uap_norm"]))] != target and row["method"] == "usb":
+    if row.get("uap_norm") and ids[int(np.argmin(row["uap_norm"]))] != target and row["method"] != "nc":
         return "uap"
     if ids[int(np.argmin(row["l1"]))] != target:
         return "refinement"

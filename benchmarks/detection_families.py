@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--name", default="detection", help="results go to ZOO/NAME-IofN.json and ZOO/NAME.json")
     parser.add_argument("--models", help="a regular expression the model names must match (default: all)")
     parser.add_argument("--method", default=ScanSettings.method, help="usb (every family) or nc (Neural Cleanse)")
+    parser.add_argument("--mask-cost", default=ScanSettings.mask_cost, help="Alg. 2's L1 weight: fixed or adaptive")
+    parser.add_argument("--families", default=ScanSettings.families, help="all, universal+warp or universal")
     parser.add_argument(
         "--redecide",
         help="a stored NAME.json: decide its pairs again from the stored tables (no scan), write NAME-redecided.json",
@@ -194,7 +196,8 @@ def main() -> None:
         if name in rows or n % shards != shard or args.table:
             continue
         t = time.perf_counter()
-        scan = scan_model(zoo_dir / entry["path"], DATA, settings=ScanSettings(method=args.method), device="cpu")
+        settings = ScanSettings(method=args.method, mask_cost=args.mask_cost, families=args.families)
+        scan = scan_model(zoo_dir / entry["path"], DATA, settings=settings, device="cpu")
         ok, lost = exact(entry, scan)
         usb_alone = [c.cls for c in scan.classes if c.flagged]
         rows[name] = {

@@ -23,7 +23,7 @@ import torch
 
 from backdoorlab import ARCHS, TrainResult, make_attack, save_model, train_classifier
 from backdoorlab.data import NUM_CLASSES, dataset
-from backdoorlab.recipes import SPACES, draw_recipes
+from backdoorlab.recipes import SPACES, Recipe, draw_recipes
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import to_uint8_images
 from backdoorscan.report.writer import write_text_atomic
@@ -164,7 +164,6 @@ def varied(args: argparse.Namespace) -> None:
     Models already in OUT/zoo.json are kept, so an interrupted build resumes where it stopped.
     """
     dev, out, (x_all, y_all, train_src), (xt, yt, test_src) = setup(args)
-    shape = tuple(x_all.shape[1:])
     old = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {"models": []}
     done = {m["name"]: m for m in old["models"]}
     records: list[dict] = []
@@ -181,51 +180,62 @@ def varied(args: argparse.Namespace) -> None:
         if recipe.name in done:
             records.append(done[recipe.name])
             continue
-        rng = np.random.default_rng(recipe.seed)
-        classes = NUM_CLASSES[args.dataset]
-        attack = (
-            make_attack(
-                recipe.kind,
-                shape,
-                classes,
-                rng,
-                size=recipe.size,
-                alpha=recipe.alpha,
-                position=recipe.position,
-                pattern=recipe.pattern,
-            )
-            if recipe.kind
-            else None
-        )
-        t = time.perf_counter()
-        arch = functools.partial(ARCHS[recipe.arch], num_classes=classes)
-        result = train_classifier(
-            arch,
-            x_all[: recipe.train_size],
-            y_all[: recipe.train_size],
-            xt,
-            yt,
-            attack=attack,
-            poison_rate=recipe.poison_rate,
-            epochs=recipe.epochs,
-            lr=recipe.lr,
-            seed=recipe.seed,
-            optimiser=recipe.optimiser,
-            schedule=recipe.schedule,
-            augment=recipe.augment,
-            device=dev,
-        )
-        ok = attack is None or result.asr >= 0.8  # a backdoor that does not work is no backdoor to find
-        records.append(
-            {
-                **keep(result, out, recipe.name, recipe.fmt, recipe.arch, recipe.group, recipe.seed, ok, xt[:2], t),
-                "aside": recipe.aside,
-                "recipe": recipe.describe(),
-            }
-        )
+        records.append(build_recipe(recipe, (x_all, y_all), (xt, yt), out, dev))
         print(json.dumps(records[-1]), flush=True)
         write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
     write_text_atomic(out / "zoo.json", json.dumps(meta, indent=2) + "\n")
+
+
+def build_recipe(
+    recipe: Recipe,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    out: Path,
+    dev: torch.device,
+) -> dict:
+    """Train one recipe's model, save it into OUT as a user would receive it, and return its zoo.json record."""
+    (x_all, y_all), (xt, yt) = train, test
+    shape = tuple(x_all.shape[1:])
+    rng = np.random.default_rng(recipe.seed)
+    classes = NUM_CLASSES[recipe.dataset]
+    attack = (
+        make_attack(
+            recipe.kind,
+            shape,
+            classes,
+            rng,
+            size=recipe.size,
+            alpha=recipe.alpha,
+            position=recipe.position,
+            pattern=recipe.pattern,
+        )
+        if recipe.kind
+        else None
+    )
+    t = time.perf_counter()
+    arch = functools.partial(ARCHS[recipe.arch], num_classes=classes)
+    result = train_classifier(
+        arch,
+        x_all[: recipe.train_size],
+        y_all[: recipe.train_size],
+        xt,
+        yt,
+        attack=attack,
+        poison_rate=recipe.poison_rate,
+        epochs=recipe.epochs,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        optimiser=recipe.optimiser,
+        schedule=recipe.schedule,
+        augment=recipe.augment,
+        device=dev,
+    )
+    ok = attack is None or result.asr >= 0.8  # a backdoor that does not work is no backdoor to find
+    return {
+        **keep(result, out, recipe.name, recipe.fmt, recipe.arch, recipe.group, recipe.seed, ok, xt[:2], t),
+        "aside": recipe.aside,
+        "recipe": recipe.describe(),
+    }
 
 
 if __name__ == "__main__":
