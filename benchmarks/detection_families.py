@@ -84,10 +84,11 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
     return False, f"{len(on_map)} mapping pairs flagged, {len(off_map)} others; e.g. " + " | ".join(best)
 
 
-def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
+def redecide(entry: dict, row: dict, zoo: Path | None = None, shared: dict | None = None) -> dict:
     """A stored row decided again with the current pairs decision (`usb.families.decide_pairs`) from its stored
     pair table; the universal and warp stages' findings are kept as they were. With `zoo`, the shared patch
-    (`usb.alltoall`, new in 0.8.0) is inverted on the model itself and decided against the stored pairs' sizes."""
+    (`usb.alltoall`, new in 0.8.0) is inverted on the model itself and decided against the stored pairs' sizes;
+    `shared` is such a test's stored result (benchmarks/pair_tables.py --shared)."""
     universal = row["usb_alone_flagged"]
     stored = {(p["source"], p["target"]): p for p in row["families"]["pairs"]["pairs"]}
     pairs, decision = decide_table(stored, universal_targets=universal)
@@ -97,9 +98,9 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
         {"family": family, "source": pairs[i][0], "target": pairs[i][1], "index": round(float(decision.index[i]), 4)}
         for i in decision.flagged
     ]
-    shared = None
     if zoo is not None:
         shared = shared_patch(ModelSource.of(zoo / entry["path"]), DATA, list(stored.values()))
+    if shared is not None:
         named = {(f["source"], f["target"]) for f in findings}
         if shared["flagged"]:
             findings += [
@@ -120,10 +121,10 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None) -> dict:
     }
 
 
-def shared_patch(source: ModelSource, data: Path, table: list[dict]) -> dict:
+def shared_patch(source: ModelSource, data: Path, table: list[dict], settings: ScanSettings | None = None) -> dict:
     """The shared-patch test on a zoo model, as the default scan runs it (same samples, predictions, settings),
     decided against a stored pair table (its rows: source, target, l1, asr): its sources, its working pairs' L1."""
-    settings = ScanSettings()
+    settings = settings or ScanSettings()
     ready = prepare(source, data, samples=settings.samples, seed=settings.seed, device="cpu")
     sources = sorted({p["source"] for p in table})
     pair_l1 = np.asarray([p["l1"] for p in table if p["asr"] >= PAIR_ASR])

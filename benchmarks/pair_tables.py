@@ -88,12 +88,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pair-steps", type=int, default=ScanSettings.pair_steps)
     parser.add_argument("--models", help="comma-separated model names (default: every model of the zoo)")
+    parser.add_argument(
+        "--shared", action="store_true", help="run the all-to-all shared-patch test too, with the same steps"
+    )
     args = parser.parse_args()
     if args.redecide:
         redecide(Path(args.redecide))
         return
     if not (args.zoo and args.out):
         parser.error("--zoo and --out are needed to measure tables")
+    from detection_families import shared_patch  # it imports this module
+
     torch.set_num_threads(args.threads)
     zoo, out = Path(args.zoo), Path(args.out)
     meta = json.loads((zoo / "zoo.json").read_text())
@@ -134,6 +139,14 @@ def main() -> None:
             "aside": model.get("aside"),
             "pairs": result.to_dict().get("pairs"),
             "findings": [f.to_dict() for f in result.findings],
+            "shared_patch": None
+            if not args.shared
+            else shared_patch(
+                ModelSource(zoo / (model.get("file") or model["path"])),
+                Path(data),
+                result.to_dict()["pairs"]["pairs"],
+                settings,
+            ),
             "seconds": round(time.perf_counter() - t, 1),
         }
         write_text_atomic(out, json.dumps(tables, indent=1) + "\n")

@@ -51,6 +51,9 @@ def test_a_converted_onnx_copy_gives_the_same_verdict(copies, reference, attack_
 
 
 def test_one_thread_gives_the_same_verdict(reference):
+    """Another thread count sums in another order; the adaptive L1 weight's epoch decisions (99 % success, five
+    epochs in a row) can turn such a difference into another kept trigger, so margins differ more than figures do
+    (measured: 4.9 against 6.6); the verdict, the target and a margin far from the flip must not."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -58,4 +61,4 @@ def test_one_thread_gives_the_same_verdict(reference):
     finally:
         torch.set_num_threads(threads)
     assert scan.verdict == reference.verdict and scan.target_classes == reference.target_classes
-    assert abs(scan.margin - reference.margin) < 1.0
+    assert min(scan.margin, reference.margin) > 2 and abs(scan.margin - reference.margin) < 0.4 * reference.margin

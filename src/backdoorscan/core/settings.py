@@ -76,10 +76,9 @@ class ScanSettings(CommonSettings):
     form: Form = setting("blend", "Trigger stamping: blend ((1-m)x + m p) or paper ((x + t) m).")
     w0: float = setting(10.0)  # CE weight of the fallback loss for classes whose UAP failed
     mask_cost: MaskCost = setting(
-        "fixed",
-        "Alg. 2's size penalty: fixed (Eq. (1): the mask's mean L1) or "
-        "adaptive (the USB authors' code: a per-class L1 weight raised while the "
-        "trigger works, the smallest working trigger kept).",
+        "adaptive",
+        "Alg. 2's size penalty: adaptive (the USB authors' code: a per-class L1 weight raised while the "
+        "trigger works, the smallest working trigger kept) or fixed (Eq. (1): the mask's mean L1).",
     )
     init_cost: float = setting(1e-3)  # the starting L1 weight of Neural Cleanse and of --mask-cost adaptive
     evidence: SizeEvidence = setting(
