@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--data", help="clean samples for --model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pair-steps", type=int, default=ScanSettings.pair_steps, help="the default scan's")
+    parser.add_argument("--scans-only", action="store_true", help="the two USB scans only (no NC, no filter)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
@@ -68,19 +70,20 @@ def main() -> None:
     print(f"model {source.path}; device {device_name(dev)}; one unit = {1000 * unit:.1f} ms")
     rows = []
     for name, settings in (
-        ("USB scan, default settings (every family)", ScanSettings()),
+        ("USB scan, default settings (every family)", ScanSettings(pair_steps=args.pair_steps)),
         ("USB scan, universal triggers only (USB as published)", ScanSettings(families="universal")),
-        ("Neural Cleanse scan", ScanSettings(method="nc")),
+        *([] if args.scans_only else [("Neural Cleanse scan", ScanSettings(method="nc"))]),
     ):
         t = time.perf_counter()
         scan = scan_model(source, data, settings=settings, device=dev)
         total = time.perf_counter() - t
         phases = {k: round(v / unit) for k, v in scan.timings.items() if k not in ("total", "load")}
         rows.append((name, total, round((total - scan.timings["load"]) / unit), phases))
-    for name, settings in (
+    filters = (
         ("filter: UAP with epsilon search, dominant classes' UAPs (default)", FilterSettings()),
         ("filter: the same, one UAP only (class_survival=1)", FilterSettings(class_survival=1.0)),
-    ):
+    )
+    for name, settings in () if args.scans_only else filters:
         t = time.perf_counter()
         res = filter_dataset(source, data, data, settings=settings, device=dev)
         total = time.perf_counter() - t
