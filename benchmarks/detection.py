@@ -100,6 +100,7 @@ def main() -> None:
         help="with --rescore: the per-class size to decide on (decide.class_evidence)",
     )
     args = parser.parse_args()
+    args.label, args.overrides = ("usb_authors", AUTHORS) if args.authors else (None, None)
     if args.staged_from:
         compare_staged([json.loads(Path(f).read_text()) for f in args.staged_from.split(",")])
         return
@@ -125,8 +126,9 @@ def main() -> None:
     wanted = None if args.models is None else set(args.models.split(","))
     for model in [m for m in meta["models"] if m["counted"] and (wanted is None or m["name"] in wanted)]:
         for method in args.methods.split(","):
-            if (model["name"], method_name(method, args)) in done:  # resumed: scanned by an earlier run
-                rows.append(done[(model["name"], method_name(method, args))])
+            key = (model["name"], method_name(method, args))
+            if key in done:  # resumed: scanned by an earlier run
+                rows.append(done[key])
                 continue
             rows.append(scan_row(zoo, meta, model, method, data, dev, args))
             print(json.dumps(rows[-1]), flush=True)
@@ -136,16 +138,15 @@ def main() -> None:
 
 
 def method_name(method: str, args: argparse.Namespace) -> str:
-    """A row's method: usb, nc, usb_authors for USB with the authors' code's settings, or a variant's label."""
-    if getattr(args, "label", None):
-        return args.label
-    return "usb_authors" if getattr(args, "authors", False) and method == "usb" else method
+    """A row's method: usb, nc, or for USB a variant's label (`args.label`: usb_authors with --authors, or one of
+    benchmarks/gpu_zoo.py's variants)."""
+    return args.label if method == "usb" and getattr(args, "label", None) else method
 
 
 def scan_settings(method: str, args: argparse.Namespace) -> ScanSettings:
-    """The settings of one zoo scan: the defaults with this run's options, or the USB authors' code's (--authors),
-    or a variant's overrides (`args.overrides`, benchmarks/gpu_zoo.py)."""
-    extra = AUTHORS if method_name(method, args) == "usb_authors" else getattr(args, "overrides", None) or {}
+    """The settings of one zoo scan: the defaults with this run's options, and for USB a variant's overrides
+    (`args.overrides`: AUTHORS with --authors)."""
+    extra = (getattr(args, "overrides", None) or {}) if method == "usb" else {}
     return ScanSettings(
         **{"method": method, "form": args.form, "refine": args.refine, "mask_cost": args.mask_cost, **extra}
     )

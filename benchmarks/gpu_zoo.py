@@ -41,6 +41,7 @@ ORDER = [  # (task kind, the space's position in --spaces, method): the priority
 ]
 # Variants of the USB scan measured against the default (universal family only: they change USB's stages)
 VARIANTS = {
+    "usb_authors": AUTHORS,
     "usb_adaptive": {"mask_cost": "adaptive", "families": "universal"},  # the authors' L1 weight alone
     "usb_linf": {  # the authors' L-inf UAPs alone, with the default fixed L1 weight
         **{k: v for k, v in AUTHORS.items() if k != "mask_cost"},
@@ -57,12 +58,13 @@ def _init(threads: int) -> None:
 
 
 def _data(space: str) -> tuple:
+    """A space's training images and labels and its first 2,000 test ones (each worker reads them once)."""
     from backdoorlab.data import dataset
 
     if space not in _DATA:
-        x, y, src = dataset(space, "train")
-        xt, yt, test_src = dataset(space, "test")
-        _DATA[space] = (x, y, xt[:2000], yt[:2000], src, test_src)
+        x, y, _ = dataset(space, "train")
+        xt, yt, _ = dataset(space, "test")
+        _DATA[space] = (x, y, xt[:2000], yt[:2000])
     return _DATA[space]
 
 
@@ -74,7 +76,7 @@ def train_task(space: str, index: int, zoo: str, device: str) -> dict:
     from backdoorlab.recipes import draw_recipes
 
     recipe = draw_recipes(space, index + 1)[index]
-    x, y, xt, yt, _, _ = _data(space)
+    x, y, xt, yt = _data(space)
     return build_recipe(recipe, (x, y), (xt, yt), Path(zoo), torch.device(device))
 
 
@@ -89,7 +91,6 @@ def scan_task(zoo: str, meta: dict, model: dict, method: str, device: str) -> di
         form=ScanSettings.form,
         refine=ScanSettings.refine,
         mask_cost=ScanSettings.mask_cost,
-        authors=method == "usb_authors",
         label=method if method in VARIANTS else None,
         overrides=VARIANTS.get(method),
     )
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated recipe numbers to train (default: every one in --spaces)")
     parser.add_argument(
         "--scans",
-        help=f"comma-separated scans to run, of usb, nc, usb_authors, {', '.join(VARIANTS)} (default: ORDER's)",
+        help=f"comma-separated scans to run, of usb, nc, {', '.join(VARIANTS)} (default: ORDER's)",
     )
     parser.add_argument("--keep-models", action="store_true", help="pack the trained models into OUT (<= 15 MB each)")
     parser.add_argument("--workers", type=int, default=8)
@@ -140,6 +141,7 @@ def main() -> None:
 
     from backdoorlab.data import dataset
     from backdoorscan.loading import to_uint8_images
+    from backdoorscan.report.writer import write_text_atomic
 
     from common import device_name
 
@@ -164,9 +166,7 @@ def main() -> None:
 
     def save(space: str) -> None:
         for name, obj in ((f"zoo-{space}.json", metas[space]), (f"detection-{space}.json", {"rows": rows[space]})):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(json.dumps({**obj, "device": metas[space]["device"]}, indent=2) + "\n")
-            os.replace(tmp, out / name)
+            write_text_atomic(out / name, json.dumps({**obj, "device": metas[space]["device"]}, indent=2) + "\n")
 
     pending: list[tuple] = []  # (priority, kind, space, arg)
     for priority, (kind, position, _) in enumerate(order):
@@ -226,13 +226,11 @@ def main() -> None:
                     f"{result['found']} (target {result['target']}, stage {result['stage']}, margin {result['margin']})"
                 )
             save(space)
-        if pending and time.perf_counter() - start >= args.budget and not running:
-            break
     say(f"stopped: {len(pending)} tasks not started")
     for space in spaces:
         save(space)
     if args.keep_models:
-        pack(root, [m for space in spaces for m in metas[space]["models"] if m["file"]], spaces, out)
+        pack([root / space / m["file"] for space in spaces for m in metas[space]["models"] if m["file"]], out)
     log.close()
     pool.shutdown(wait=False, cancel_futures=True)
     sys.stdout.flush()
@@ -270,15 +268,14 @@ def report(out: Path) -> None:
                 )
 
 
-def pack(root: Path, models: list[dict], spaces: dict, out: Path, limit: int = 15 << 20) -> None:
-    """The trained model files as OUT/models-N.tar, each under `limit` bytes (what a lent machine sends back)."""
+def pack(paths: list[Path], out: Path, limit: int = 15 << 20) -> None:
+    """Model files as OUT/models-N.tar (SPACE/FILE inside), each under `limit` bytes (what a lent machine sends
+    back)."""
     import tarfile
 
     batches: list[list[Path]] = [[]]
     size = 0
-    for m in models:
-        space = next(s for s in spaces if m["name"].startswith(s + "_"))
-        path = root / space / m["file"]
+    for path in paths:
         if batches[-1] and size + path.stat().st_size > limit:
             batches.append([])
             size = 0
@@ -291,5 +288,4 @@ def pack(root: Path, models: list[dict], spaces: dict, out: Path, limit: int = 1
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

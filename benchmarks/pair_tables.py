@@ -133,18 +133,19 @@ def main() -> None:
             progress=None,
             result=result,
         )
+        pairs = result.to_dict().get("pairs")
         tables["models"][model["name"]] = {
             "attack": model.get("attack"),
             "family": model.get("family", model.get("group")),
             "aside": model.get("aside"),
-            "pairs": result.to_dict().get("pairs"),
+            "pairs": pairs,
             "findings": [f.to_dict() for f in result.findings],
             "shared_patch": None
             if not args.shared
             else shared_patch(
                 ModelSource(zoo / (model.get("file") or model["path"])),
                 Path(data),
-                result.to_dict()["pairs"]["pairs"],
+                pairs["pairs"],
                 settings,
             ),
             "seconds": round(time.perf_counter() - t, 1),
