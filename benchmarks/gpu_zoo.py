@@ -43,10 +43,7 @@ ORDER = [  # (task kind, the space's position in --spaces, method): the priority
 VARIANTS = {
     "usb_authors": AUTHORS,
     "usb_adaptive": {"mask_cost": "adaptive", "families": "universal"},  # the authors' L1 weight alone
-    "usb_linf": {  # the authors' L-inf UAPs alone, with the default fixed L1 weight
-        **{k: v for k, v in AUTHORS.items() if k != "mask_cost"},
-        "families": "universal",
-    },
+    "usb_linf": {**AUTHORS, "mask_cost": "fixed"},  # the authors' L-inf UAPs alone, with 0.8.0's fixed L1 weight
 }
 _DATA: dict[str, tuple] = {}
 
