@@ -127,6 +127,23 @@ def test_combined_evidence_on_figures_recorded_from_two_zoo_models():
     )  # Neural Cleanse has no UAP stage
 
 
+def test_a_stage_whose_sizes_do_not_vary_is_no_evidence():
+    """Every L-inf UAP stopped at the --delta bound (the authors' preset can do this): Alg. 1's sizes have a MAD
+    of 0. They tell no class apart, so the combined evidence is the refined triggers', and a class a hair under
+    the bound gets a finite, small index (it got 1e11 before the resolution floor)."""
+    from backdoorscan.usb.decide import RESOLUTION, class_evidence, varies
+
+    l1 = [80.0, 75.0, 90.0, 20.0, 85.0, 70.0, 95.0, 88.0, 79.0, 83.0]
+    saturated = [1.0] * 9 + [1.0 - 1e-7]
+    assert not varies(saturated) and varies(l1)
+    index, ratio = class_evidence(l1, saturated, "combined", "log")
+    assert np.array_equal(index, anomaly_index(l1, "log")) and np.allclose(ratio, size_ratio(l1))
+    assert np.abs(anomaly_index(saturated, "log")).max() < 1e-4
+    assert np.abs(anomaly_index(saturated, "linear")).max() < 1e-4
+    half = [1.0] * 9 + [0.5]  # a class whose UAP stopped below the bound is still measured, against the floor
+    assert np.isclose(anomaly_index(half, "log")[9], np.log(2) / RESOLUTION)
+
+
 def test_class_groups_are_sized_to_the_memory_budget(small_model, digits):
     """The class x sample batch is sized from a budget over the bytes one class needs, measured on the model."""
     from backdoorscan.usb.batching import auto_class_group, bytes_per_sample

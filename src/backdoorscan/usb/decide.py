@@ -9,6 +9,11 @@ import numpy as np
 from ..core.choices import Scale, SizeEvidence, check_choice
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+# the smallest spread an index is measured against, in log-size units (a relative spread of 1 % on the linear
+# scale): the searches are stochastic, so sizes closer than this are not told apart. Without it a stage whose
+# sizes all sit at the search's bound (every L-inf UAP at --delta) has a MAD of 0, and a class a hair below the
+# bound got an anomaly index of 1e11
+RESOLUTION = 0.01
 
 
 Weights = np.ndarray | list[float] | None
@@ -45,8 +50,16 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale, weights: Weight
         values = np.log(np.maximum(values, 1e-12))
     median = weighted_median(values, weights)
     mad = weighted_median(np.abs(values - median), weights) * MAD_TO_SIGMA
-    mad = max(mad, 1e-12 * max(abs(median), 1.0))
+    mad = max(mad, RESOLUTION if scale == "log" else RESOLUTION * max(abs(median), 1e-12))
     return np.asarray((median - values) / mad)
+
+
+def varies(norms: np.ndarray | list[float], weights: Weights = None) -> bool:
+    """Whether per-class sizes spread by more than the resolution (log scale): a stage whose sizes do not (every
+    UAP stopped at the --delta bound) measured no class as smaller than another, and is no evidence."""
+    logs = np.log(np.maximum(np.asarray(norms, dtype=np.float64), 1e-12))
+    median = weighted_median(logs, weights)
+    return weighted_median(np.abs(logs - median), weights) * MAD_TO_SIGMA >= RESOLUTION
 
 
 def class_evidence(
@@ -61,10 +74,11 @@ def class_evidence(
     "combined" averages the two stages' anomaly indices (each against its own spread over the classes) and takes
     the geometric mean of their size ratios: a blended trigger that the refinement cannot shrink (it spans the
     image) still stands out in its UAP, and a naturally easy class whose UAP is only a little small needs a small
-    refined trigger too. Without UAP norms (Neural Cleanse) it is the refined L1's.
+    refined trigger too. Without UAP norms (Neural Cleanse), or when they do not vary (`varies`), it is the
+    refined L1's.
     """
     check_choice("evidence", evidence, SizeEvidence)
-    if evidence == "refined" or uap_norms is None:
+    if evidence == "refined" or uap_norms is None or (evidence == "combined" and not varies(uap_norms, weights)):
         return anomaly_index(l1, scale, weights), size_ratio(l1, weights)
     if evidence == "uap":
         return anomaly_index(uap_norms, scale, weights), size_ratio(uap_norms, weights)

@@ -21,7 +21,7 @@ from ..perturb import norm_of, targeted_uaps
 from ..perturb.triggers import Refined, stamp
 from ..safety.limits import Limits, available_memory
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
-from .decide import class_evidence, class_threshold, flag, name_targets, spread
+from .decide import class_evidence, class_threshold, flag, name_targets, spread, varies
 from .families import FamilyScan, flip_distance, scan_pairs, scan_warps
 from .refine import refine
 from .result import ClassResult, ModelScan
@@ -247,6 +247,11 @@ def _universal(run: _Scan, staging: Staging, ready: Prepared) -> _Universal:
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     uap_norms = norm_of(v, settings.norm).cpu().numpy()
     index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale, staging.weights)
+    if settings.method == "usb" and settings.decided_on == "combined" and not varies(uap_norms, staging.weights):
+        ready.evidence.notes.append(
+            f"Alg. 1's UAPs all came out the same size (every one at the {settings.norm} bound --delta "
+            f"{settings.delta:g}?), so they told no class apart: the classes were decided on the refined triggers alone"
+        )
     threshold = class_threshold(settings.threshold, run.k, settings.threshold_classes)
     flagged = flag(index, ratio, asr, threshold=threshold, asr_min=settings.asr_min, max_ratio=settings.max_ratio)
     named = name_targets(index, flagged, threshold=threshold, share=settings.target_share)
