@@ -171,6 +171,21 @@ def test_same_seed_same_report():
     assert a == b
 
 
+def test_uaps_all_at_the_bound_leave_the_decision_to_the_refined_triggers():
+    """A small L-inf radius stops every class's UAP at --delta: Alg. 1 told no class apart, so the classes are
+    decided on the refined triggers alone (finite indices, the refined L1's), and the notes say why."""
+    from backdoorscan.usb.decide import anomaly_index
+
+    settings = ScanSettings(
+        steps=10, samples=30, max_passes=1, deepfool_iter=3, norm="linf", delta=0.02, families="universal", refine="all"
+    )
+    scan = scan_model(BADNETS, MNIST_TEST, settings=settings, device="cpu")
+    assert np.allclose([c.uap_norm for c in scan.classes], 0.02, atol=1e-6)
+    assert any("same size" in note for note in scan.evidence.notes)
+    refined_only = anomaly_index([c.l1_norm for c in scan.classes], "log")
+    assert np.allclose([c.anomaly_index for c in scan.classes], refined_only)
+
+
 def test_refinement_starts_from_the_uap(digits):
     x = digits[2][:4]
     v = torch.rand(2, 1, 28, 28) * 0.1
