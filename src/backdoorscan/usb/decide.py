@@ -54,12 +54,26 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale, weights: Weight
     return np.asarray((median - values) / mad)
 
 
+def _log_mad(sizes: np.ndarray | list[float], weights: Weights = None) -> float:
+    """1.4826 (weighted) MAD of log sizes, unfloored."""
+    logs = np.log(np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12))
+    return weighted_median(np.abs(logs - weighted_median(logs, weights)), weights) * MAD_TO_SIGMA
+
+
 def varies(norms: np.ndarray | list[float], weights: Weights = None) -> bool:
     """Whether per-class sizes spread by more than the resolution (log scale): a stage whose sizes do not (every
     UAP stopped at the --delta bound) measured no class as smaller than another, and is no evidence."""
-    logs = np.log(np.maximum(np.asarray(norms, dtype=np.float64), 1e-12))
-    median = weighted_median(logs, weights)
-    return weighted_median(np.abs(logs - median), weights) * MAD_TO_SIGMA >= RESOLUTION
+    return _log_mad(norms, weights) >= RESOLUTION
+
+
+def decided_evidence(
+    evidence: SizeEvidence, uap_norms: np.ndarray | list[float] | None, weights: Weights = None
+) -> SizeEvidence:
+    """The size(s) a decision reads: `evidence`, but the refined L1 alone when there are no UAP norms (Neural
+    Cleanse) or, for "combined", when they do not vary. One rule for the index, the margin and the notes."""
+    if uap_norms is None or (evidence == "combined" and not varies(uap_norms, weights)):
+        return "refined"
+    return evidence
 
 
 def class_evidence(
@@ -78,7 +92,8 @@ def class_evidence(
     refined L1's.
     """
     check_choice("evidence", evidence, SizeEvidence)
-    if evidence == "refined" or uap_norms is None or (evidence == "combined" and not varies(uap_norms, weights)):
+    evidence = decided_evidence(evidence, uap_norms, weights)
+    if evidence == "refined" or uap_norms is None:
         return anomaly_index(l1, scale, weights), size_ratio(l1, weights)
     if evidence == "uap":
         return anomaly_index(uap_norms, scale, weights), size_ratio(uap_norms, weights)
@@ -171,6 +186,6 @@ def decision_margin(index: np.ndarray, flagged: np.ndarray, candidates: np.ndarr
 
 
 def spread(sizes: np.ndarray) -> float:
-    """The robust spread (1.4826 MAD) of log sizes: one anomaly-index unit, in log-size units."""
-    logs = np.log(np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12))
-    return max(float(np.median(np.abs(logs - np.median(logs)))) * MAD_TO_SIGMA, 1e-12)
+    """The robust spread (1.4826 MAD) of log sizes, at least RESOLUTION as in `anomaly_index`: one anomaly-index
+    unit, in log-size units."""
+    return max(float(_log_mad(sizes)), RESOLUTION)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..core.choices import SizeEvidence
 from ..core.device import DEFAULT_DEVICE
 from ..core.seeding import seeded
 from ..core.settings import ScanSettings
@@ -21,7 +22,7 @@ from ..perturb import norm_of, targeted_uaps
 from ..perturb.triggers import Refined, stamp
 from ..safety.limits import Limits, available_memory
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
-from .decide import class_evidence, class_threshold, flag, name_targets, spread, varies
+from .decide import class_evidence, class_threshold, decided_evidence, flag, name_targets, spread
 from .families import FamilyScan, flip_distance, scan_pairs, scan_warps
 from .refine import refine
 from .result import ClassResult, ModelScan
@@ -246,8 +247,9 @@ def _universal(run: _Scan, staging: Staging, ready: Prepared) -> _Universal:
     check_search(ready.evidence, success if settings.method == "usb" else None, refined.asr, settings.asr_min)
     l1, asr = refined.l1.cpu().numpy(), refined.asr.cpu().numpy()
     uap_norms = norm_of(v, settings.norm).cpu().numpy()
-    index, ratio = class_evidence(l1, uap_norms, settings.decided_on, settings.scale, staging.weights)
-    if settings.method == "usb" and settings.decided_on == "combined" and not varies(uap_norms, staging.weights):
+    decided = decided_evidence(settings.decided_on, uap_norms, staging.weights)
+    index, ratio = class_evidence(l1, uap_norms, decided, settings.scale, staging.weights)
+    if decided != settings.decided_on:
         ready.evidence.notes.append(
             f"Alg. 1's UAPs all came out the same size (every one at the {settings.norm} bound --delta "
             f"{settings.delta:g}?), so they told no class apart: the classes were decided on the refined triggers alone"
@@ -274,7 +276,7 @@ def _universal(run: _Scan, staging: Staging, ready: Prepared) -> _Universal:
         )
         for i, c in enumerate(staging.refined)
     ]
-    margin = _universal_margin(index, named, ratio, asr, l1, uap_norms, threshold, settings)
+    margin = _universal_margin(index, named, ratio, asr, l1, uap_norms, threshold, settings, decided)
     return _Universal(v, success, refined, classes, threshold, margin)
 
 
@@ -322,15 +324,16 @@ def _universal_margin(
     uap_norms: np.ndarray,
     threshold: float,
     settings: ScanSettings,
+    decided: SizeEvidence,
 ) -> float:
     """USB's margin: past the threshold for named targets; otherwise the closest class's distance to being flagged,
-    counting the size guard as well as the threshold (both in anomaly-index units)."""
+    counting the size guard as well as the threshold (both in anomaly-index units) of the sizes `decided` on."""
     if np.any(named):
         return float(np.min(index[np.asarray(named)]) - threshold)
-    if settings.decided_on == "combined":  # shrinking both sizes by f moves the mean index by the mean of the rates
+    if decided == "combined":  # shrinking both sizes by f moves the mean index by the mean of the rates
         sigma = 2 / (1 / spread(l1) + 1 / spread(uap_norms))
     else:
-        sigma = spread(uap_norms if settings.decided_on == "uap" else l1)
+        sigma = spread(uap_norms if decided == "uap" else l1)
     distance = flip_distance(
         index, ratio, asr, threshold=threshold, asr_min=settings.asr_min, max_ratio=settings.max_ratio, sigma=sigma
     )
