@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -23,10 +24,9 @@ import backdoorscan.usb.families as families
 from backdoorscan import ModelSource
 from backdoorscan.loading import prepare
 
-from common import BUNDLED_TEST
+from common import BUNDLED_TEST, ROOT
 from pair_tables import decide_table, planted
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs/results"
 
 
@@ -47,14 +47,9 @@ def stored_tables() -> dict[str, tuple[str, list[dict], list[int]]]:
 
 def flagged_under(guard: float, table: list[dict], universal: list[int]) -> set[tuple[int, int]]:
     """The pairs the scan's own decision flags with the size guard set to `guard` (restored after)."""
-    kept = families.PAIR_MAX_RATIO
-    families.PAIR_MAX_RATIO = guard
-    try:
-        rows = {(p["source"], p["target"]): p for p in table}
-        pairs, decision = decide_table(rows, universal_targets=universal)
-        return {pairs[i] for i in decision.flagged}
-    finally:
-        families.PAIR_MAX_RATIO = kept
+    with mock.patch.object(families, "PAIR_MAX_RATIO", guard):
+        pairs, decision = decide_table({(p["source"], p["target"]): p for p in table}, universal_targets=universal)
+    return {pairs[i] for i in decision.flagged}
 
 
 def main() -> None:

@@ -40,17 +40,17 @@ def test_class_thresholds_lower_the_false_rejections_and_keep_the_triggers(scree
     import torch
 
     from backdoorscan.loading import ModelSource, prepare
+    from backdoorscan.loading.samples import to_model_format
     from backdoorscan.screen.pipeline import calibrate
     from backdoorscan.screen.rule import uap_rule
 
     d = np.load(SCREEN)
     kind = d["kind"]
-    ready = prepare(ModelSource.of(BADNETS), MNIST_TEST, samples=300, seed=0, device="cpu")
-    single = calibrate(
-        ready.model, ready.samples.x, screened.rule.v, 10, FilterSettings(class_survival=1.0), screened.epsilon
-    )
+    settings = FilterSettings(class_survival=1.0)
+    ready = prepare(ModelSource.of(BADNETS), MNIST_TEST, samples=settings.samples, seed=settings.seed, device="cpu")
+    single = calibrate(ready.model, ready.samples.x, screened.rule.v, 10, settings, screened.epsilon)
     assert single.dominant == [] and screened.rule.dominant
-    x = torch.from_numpy(d["x"]).permute(0, 3, 1, 2).float() / 255
+    x = to_model_format(d["x"], (1, 28, 28))
     with torch.no_grad():
         flags = {
             "single": uap_rule(ready.model, x, single)[2].numpy(),
