@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only print the table of what the shards wrote")
     parser.add_argument("--name", default="detection", help="results go to ZOO/NAME-IofN.json and ZOO/NAME.json")
     parser.add_argument("--models", help="a regular expression the model names must match (default: all)")
+    parser.add_argument(
+        "--min-asr", type=float, default=0.7, help="skip backdoored models whose attack took less (not counted)"
+    )
     parser.add_argument("--method", default=ScanSettings.method, help="usb (every family) or nc (Neural Cleanse)")
     parser.add_argument("--mask-cost", default=ScanSettings.mask_cost, help="Alg. 2's L1 weight: fixed or adaptive")
     parser.add_argument("--families", default=ScanSettings.families, help="all, universal+warp or universal")
@@ -192,7 +195,8 @@ def main() -> None:
     out_path = zoo_dir / f"{args.name}-{shard}of{shards}.json"
     wanted = re.compile(args.models or ".")
     rows = json.loads(out_path.read_text()) if out_path.exists() else {}
-    chosen = [(name, entry) for name, entry in zoo.items() if wanted.search(name)]
+    took = [(name, e) for name, e in zoo.items() if e["asr"] is None or e["asr"] >= args.min_asr]
+    chosen = [(name, entry) for name, entry in took if wanted.search(name)]
     for n, (name, entry) in enumerate(chosen):
         if name in rows or n % shards != shard or args.table:
             continue

@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out/zoo-families")
     parser.add_argument("--per-family", type=int, default=6)
+    parser.add_argument("--start", type=int, default=0, help="first model number (a new held-out batch: _40 on)")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -99,7 +100,7 @@ def main() -> None:
     x, y = x[:20000], y[:20000]
     xt, yt, _ = mnist("test")
     archs = {"mnist_cnn": mnist_cnn, "mnist_cnn_bn": mnist_cnn_bn}
-    for i in range(args.per_family):
+    for i in range(args.start, args.start + args.per_family):
         for family in args.families.split(","):
             r = recipe(family, i, seed=1000 * FAMILIES.index(family) + i)
             if r["name"] in zoo:
