@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from backdoorscan.perturb import deepfool, norm_of, project
 from backdoorscan.perturb.evaluate import predict
 from backdoorscan.perturb.uap import untargeted_uap
-from backdoorscan.usb.decide import anomaly_index, decision_margin, flag_classes, guards, size_ratio
+from backdoorscan.usb.decide import (
+    anomaly_index,
+    decision_margin,
+    flag_classes,
+    guards,
+    size_ratio,
+    spread,
+    weighted_median,
+)
 from backdoorscan.usb.ssim import gaussian_window, ssim
 
 
@@ -86,6 +94,18 @@ def test_anomaly_index_on_hand_made_norms():
     assert decision_margin(index, flagged, candidates, threshold=2) == 2
     index, flagged = flag_classes(norms, [1.0] * 10, scale="log", **decide)
     assert np.isclose(decision_margin(index, flagged, flagged, threshold=2), index[8] - 2)
+
+
+def test_one_index_unit_is_the_spread_the_index_was_measured_against_weighted_or_not():
+    """The margin converts the size guard to index units with `spread`; in a staged scan the index weighs each
+    reference class by the classes it stands for, so the unit must be weighed alike (it was not before 0.9.3)."""
+    sizes = np.array([30.0, 200, 210, 260, 330, 340, 480, 500, 520])
+    logs = np.log(sizes)
+    for weights in (None, [1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 6, 6, 6, 6, 6, 6]):
+        index = anomaly_index(sizes, "log", weights)
+        assert np.allclose(index, (weighted_median(logs, weights) - logs) / spread(sizes, weights))
+    assert not np.isclose(spread(sizes, [1, 1, 1, 6, 6, 6, 6, 6, 6]), spread(sizes))  # the weights matter here
+    assert spread([100.0] * 5) == 0.01  # floored at the resolution, as the index is
 
 
 def test_untargeted_uap_fools_most_samples(small_model, digits):

@@ -185,7 +185,7 @@ def decision_margin(index: np.ndarray, flagged: np.ndarray, candidates: np.ndarr
     return float(threshold - max(float(np.max(pool)) if pool.size else 0.0, 0.0))
 
 
-def spread(sizes: np.ndarray) -> float:
-    """The robust spread (1.4826 MAD) of log sizes, at least RESOLUTION as in `anomaly_index`: one anomaly-index
-    unit, in log-size units."""
-    return max(float(_log_mad(sizes)), RESOLUTION)
+def spread(sizes: np.ndarray | list[float], weights: Weights = None) -> float:
+    """The robust spread (1.4826 MAD) of log sizes, weighted and floored at RESOLUTION exactly as in
+    `anomaly_index`: one anomaly-index unit, in log-size units (the staged scan's classes carry weights)."""
+    return max(float(_log_mad(sizes, weights)), RESOLUTION)

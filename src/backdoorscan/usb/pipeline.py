@@ -22,7 +22,7 @@ from ..perturb import norm_of, targeted_uaps
 from ..perturb.triggers import Refined, stamp
 from ..safety.limits import Limits, available_memory
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
-from .decide import class_evidence, class_threshold, decided_evidence, flag, name_targets, spread
+from .decide import Weights, class_evidence, class_threshold, decided_evidence, flag, name_targets, spread
 from .families import FamilyScan, flip_distance, scan_pairs, scan_warps
 from .refine import refine
 from .result import ClassResult, ModelScan
@@ -276,7 +276,7 @@ def _universal(run: _Scan, staging: Staging, ready: Prepared) -> _Universal:
         )
         for i, c in enumerate(staging.refined)
     ]
-    margin = _universal_margin(index, named, ratio, asr, l1, uap_norms, threshold, settings, decided)
+    margin = _universal_margin(index, named, ratio, asr, l1, uap_norms, threshold, settings, decided, staging.weights)
     return _Universal(v, success, refined, classes, threshold, margin)
 
 
@@ -325,15 +325,17 @@ def _universal_margin(
     threshold: float,
     settings: ScanSettings,
     decided: SizeEvidence,
+    weights: Weights = None,
 ) -> float:
     """USB's margin: past the threshold for named targets; otherwise the closest class's distance to being flagged,
-    counting the size guard as well as the threshold (both in anomaly-index units) of the sizes `decided` on."""
+    counting the size guard as well as the threshold (both in anomaly-index units) of the sizes `decided` on, each
+    unit the spread the index itself was measured against (weighted in a staged scan)."""
     if np.any(named):
         return float(np.min(index[np.asarray(named)]) - threshold)
     if decided == "combined":  # shrinking both sizes by f moves the mean index by the mean of the rates
-        sigma = 2 / (1 / spread(l1) + 1 / spread(uap_norms))
+        sigma = 2 / (1 / spread(l1, weights) + 1 / spread(uap_norms, weights))
     else:
-        sigma = spread(uap_norms if decided == "uap" else l1)
+        sigma = spread(uap_norms if decided == "uap" else l1, weights)
     distance = flip_distance(
         index, ratio, asr, threshold=threshold, asr_min=settings.asr_min, max_ratio=settings.max_ratio, sigma=sigma
     )
