@@ -51,8 +51,13 @@ def decide_table(
     pairs = sorted(rows)
     l1, ce, asr = (np.array([rows[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
     spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
+    # the support (0.10.0 on): inf where the patch does not work; tables stored before it have none
+    stored = all("support" in rows[p] for p in pairs)
+    support = (
+        np.array([np.inf if rows[p]["support"] is None else rows[p]["support"] for p in pairs]) if stored else None
+    )
     decision = decide_pairs(
-        pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=universal_targets, spill=spill
+        pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=universal_targets, spill=spill, support=support
     )
     return pairs, decision
 

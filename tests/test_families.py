@@ -23,7 +23,7 @@ from backdoorscan.usb.families import (
     scan_warps,
     spill_distance,
 )
-from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs
+from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs, pair_support
 from backdoorscan.usb.warp import apply_warp
 
 from .conftest import MNIST_TEST, MODELS
@@ -292,6 +292,55 @@ def test_a_small_pair_that_leaves_its_target_in_doubt_does_not_flag_on_its_own()
     assert list(confidence_distance(np.array([0.0, PAIR_CE_MAX, 2 * PAIR_CE_MAX]))) == [-1.0, 0.0, 0.5]
 
 
+class _CornerDetector(torch.nn.Module):
+    """Class 1 when at least two pixels of the 2x2 top-left corner are bright, else class 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner = x[:, 0, :2, :2].flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(corner), 10 * corner - 15], 1)
+
+
+def test_the_support_counts_the_pixels_a_patch_needs_not_its_faint_rest():
+    """A patch whose mask is bright on the 2x2 corner and faint (0.05) on the other 60 pixels: L1 7, but two of
+    its pixels move every sample. A patch that does not work has no support."""
+    x, y = torch.zeros(10, 1, 8, 8), torch.zeros(10, dtype=torch.long)
+    mask = torch.full((2, 1, 8, 8), 0.05)
+    mask[0, 0, :2, :2] = 1.0
+    mask[1, 0, :2, :2] = 0.1  # too faint to move anything
+    pattern = torch.ones(2, 1, 8, 8)
+    support = pair_support(
+        _CornerDetector(),
+        x,
+        y,
+        [(0, 1), (0, 1)],
+        mask,
+        pattern,
+        works=np.array([True, False]),
+        l1=mask.flatten(1).sum(1).numpy(),
+        batch=8,  # fewer than one pair's samples: each pair is its own forward pass
+    )
+    assert support[0] == 2 and np.isinf(support[1])
+
+
+def test_a_pair_that_needs_few_pixels_flags_by_its_support_within_its_own_guard():
+    """A planted patch whose L1 is spread thin (not an outlier in its row) but which needs 5 pixels where its
+    source's other pairs need about 20 flags by the support; at 0.35 of the median support (over the support's
+    own 0.30 guard) it does not, and its distance counts that guard."""
+    pairs, l1 = _matrix_pairs({})
+    _, support = _matrix_pairs({(2, 5): 5.0}, base=20.0, seed=1)
+    works, settings = np.ones(len(pairs)), ScanSettings()
+    ce = np.full(len(pairs), 0.05)
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], support=support)
+    i = pairs.index((2, 5))
+    assert [pairs[j] for j in decision.flagged] == [(2, 5)] and decision.measure[i] == "support"
+    assert decision.index[i] < decision.threshold < decision.support_index[i]  # its L1 alone would miss it
+    assert decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[]).flagged == []
+    median = float(np.median([v for p, v in zip(pairs, support, strict=True) if p[0] == 2 and p != (2, 5)]))
+    support[i] = 0.35 * median
+    held = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], support=support)
+    assert held.flagged == [] and 0 < held.distance[i] < 1
+
+
 def test_a_certain_patch_from_a_source_whose_pairs_are_all_small_flags_by_the_objective():
     """A thin source (MNIST's 1) turns into many classes with small patches, so a planted pair's L1 is not an
     outlier in its row; its inversion is certain where its neighbours' are not, which the objective (cross-entropy
@@ -302,5 +351,5 @@ def test_a_certain_patch_from_a_source_whose_pairs_are_all_small_flags_by_the_ob
     ce[pairs.index((1, 7))] = 0.002
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
     i = pairs.index((1, 7))
-    assert {pairs[j] for j in decision.flagged} == {(1, 7)} and not decision.by_l1[i]
+    assert {pairs[j] for j in decision.flagged} == {(1, 7)} and decision.measure[i] == "objective"
     assert decision.index[i] < decision.threshold < decision.objective_index[i]  # L1 alone would miss it

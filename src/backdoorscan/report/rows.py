@@ -46,9 +46,10 @@ def finding_lines(scan) -> list[str]:
         lines.append(f"all-to-all mapping: {pairs} (one patch, small against the pair patches, moves each class)")
     for f in fam.findings:
         if f.family == "source-specific":
+            by = {"l1": "its L1", "objective": "the inversion's objective", "support": "the pixels it needs"}
             lines.append(
-                f"source-specific: class {f.source} -> {f.target} (patch L1 {f.size:.1f} px, index "
-                f"{f.index:.2f} > {f.threshold:.2f})"
+                f"source-specific: class {f.source} -> {f.target} (patch L1 {f.size:.1f} px; index by "
+                f"{by.get(f.measure or 'l1', 'its size')} {f.index:.2f} > {f.threshold:.2f})"
             )
         elif f.family == "warp":
             lines.append(

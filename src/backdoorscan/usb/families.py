@@ -21,11 +21,14 @@ import torch.nn as nn
 
 from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SHARED_TOOK, SharedDecision, SharedPatch, shared_test
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio, spread
-from .pairs import PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
+from .pairs import PAIR_ASR, PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
 from .warp import Warps, apply_warp, invert_warps
 
-PAIR_ASR = 0.9  # a pair's patch must move this share of its source's samples
 PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
+# by the support (the pixels a patch needs, pairs.pair_support), at most this share: a sharper size, with less
+# room between planted and natural pairs (0.10.0, a tuning set of 30 models of the families zoo: planted pairs
+# 0.13-0.33 of their source's median support, adversarially trained models' natural 5 -> 8 and 9 -> 4 from 0.36)
+PAIR_SUPPORT_MAX_RATIO = 0.30
 # and, to flag on its own, send at most this share of the other classes' samples to its target: a source-specific
 # trigger is inert elsewhere (a trigger that moves every class is USB's to find), where a natural feature of the
 # target (a stroke that makes an 8 a 2) moves other classes too. Planted pairs of the families zoo: 0.00-0.13;
@@ -47,6 +50,7 @@ class Finding:
     index: float
     threshold: float
     size: float  # L1 (pixels) of a pair's patch, mean displacement (pixels) of a warp, the class's L1 (universal)
+    measure: str | None = None  # a pair's: the size measure whose index is reported (one of PAIR_MEASURES)
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +60,7 @@ class Finding:
             "index": round(self.index, 4),
             "threshold": round(self.threshold, 4),
             "size": round(self.size, 4),
+            **({"measure": self.measure} if self.measure else {}),
         }
 
 
@@ -67,6 +72,7 @@ class FamilyScan:
     pair_index: np.ndarray | None = None
     pair_threshold: float | None = None
     pair_objective_index: np.ndarray | None = None  # the index of the inversion's objective (its own flags)
+    pair_support_index: np.ndarray | None = None  # the index of the pixels each patch needs (its own flags)
     shared: SharedPatch | None = None  # the all-to-all test by one shared patch (alltoall.py)
     shared_decision: SharedDecision | None = None
     warps: Warps | None = None
@@ -98,9 +104,15 @@ class FamilyScan:
                         "cross_entropy": round(float(self.pairs.ce[i]), 4),
                         "spill": _finite(self.pairs.spill[i]),
                         "index": _finite(self.pair_index[i]),
+                        "support": _finite(self.pairs.support[i]),
                         **(
                             {"objective_index": _finite(self.pair_objective_index[i])}
                             if self.pair_objective_index is not None
+                            else {}
+                        ),
+                        **(
+                            {"support_index": _finite(self.pair_support_index[i])}
+                            if self.pair_support_index is not None
                             else {}
                         ),
                     }
@@ -216,7 +228,18 @@ class PairDecision:
     flagged: list[int]  # positions flagged
     margin: float  # the pairs' distance from a flip (the shared patch's is added by scan_pairs)
     objective_index: np.ndarray  # (P,) anomaly index of the inversion's objective
-    by_l1: np.ndarray  # (P,) whether the L1 measure, not the objective, is the nearer to flagging the pair
+    support_index: np.ndarray | None  # (P,) anomaly index of the pixels the patch needs; None: not measured
+    measure: list[str]  # (P,) the measure nearest to flagging each pair: one of PAIR_MEASURES
+
+    def index_by_measure(self, i: int) -> float:
+        """Pair i's anomaly index by the measure that decided it (what a finding reports)."""
+        by = {"l1": self.index, "objective": self.objective_index, "support": self.support_index}
+        values = by[self.measure[i]]
+        assert values is not None
+        return float(values[i])
+
+
+PAIR_MEASURES = ("l1", "objective", "support")
 
 
 def confidence_distance(ce: np.ndarray) -> np.ndarray:
@@ -236,38 +259,50 @@ def decide_pairs(
     settings,
     universal_targets: list[int],
     spill: np.ndarray | None = None,
+    support: np.ndarray | None = None,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
     A pair flags when its size is an outlier (index past the threshold, under the size guard) by
-    either of two measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX, or the inversion's
-    objective (cross-entropy plus the weighted L1); and its measured `spill` (NaN: not measured) is at most
-    PAIR_SPILL_MAX. Its distance is the nearer of the two measures', each counting all of its criteria. (Up to
-    0.7 a mapping test pooled disjoint pairs here; the shared patch finds every mapping that did, and more, and
-    did not flag the adversarially trained clean model the pooled test did: docs/results.md.)"""
+    any of three measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX; the inversion's
+    objective (cross-entropy plus the weighted L1); or its support, the pixels it needs (`pairs.pair_support`,
+    None for tables stored before 0.10.0), with the same cross-entropy limit as the L1; and its measured `spill`
+    (NaN: not measured) is at most PAIR_SPILL_MAX. Its distance is the nearest of the measures', each counting all
+    of its criteria. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared patch finds every mapping
+    that did, and more, and did not flag the adversarially trained clean model the pooled test did:
+    docs/results.md.)"""
     works = np.asarray(asr) >= PAIR_ASR
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
 
-    def distance_by(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index, ratio, sigma = index_pairs(pairs, sizes, works)
+    def distance_by(sizes: np.ndarray, max_ratio: float = PAIR_MAX_RATIO) -> tuple[np.ndarray, np.ndarray]:
+        usable = works & np.isfinite(sizes)  # a working patch has a finite size by every measure; a table may not
+        index, ratio, sigma = index_pairs(pairs, sizes, usable)
         distance = flip_distance(
-            np.where(works, index, -1e9),
+            np.where(usable, index, -1e9),
             ratio,
             asr,
             threshold=threshold,
             asr_min=PAIR_ASR,
-            max_ratio=PAIR_MAX_RATIO,
+            max_ratio=max_ratio,
             sigma=sigma,
         )
         return index, distance
 
     # a planted patch is a few pixels: its L1 is the sharper size when the inversion has not driven its
     # cross-entropy to zero (the objective then put planted pairs at 0.4-0.5 of their source's median); the
-    # objective is the sharper when the source's other pairs are small too (a thin digit's), and the patch certain
+    # objective is the sharper when the source's other pairs are small too (a thin digit's), and the patch certain;
+    # the support is the sharpest where the mask keeps faint values spread over the image (0.10.0)
     index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
     by_l1 = np.maximum(by_l1, confidence_distance(ce))
     objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
-    distance = np.minimum(by_l1, by_objective)
+    measures = [by_l1, by_objective]
+    support_index = None
+    if support is not None:
+        support_index, by_support = distance_by(np.asarray(support, dtype=np.float64), PAIR_SUPPORT_MAX_RATIO)
+        measures.append(np.maximum(by_support, confidence_distance(ce)))
+    stacked = np.stack(measures)
+    distance = stacked.min(0)
+    nearest = stacked.argmin(0)
     if spill is not None:
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
@@ -278,7 +313,8 @@ def decide_pairs(
         flagged=flagged,
         margin=_margin(distance, flagged),
         objective_index=objective_index,
-        by_l1=by_l1 <= by_objective,
+        support_index=support_index,
+        measure=[PAIR_MEASURES[int(m)] for m in nearest],
     )
 
 
@@ -338,10 +374,18 @@ def scan_pairs(
         per_source=settings.pair_samples,
         cost=settings.pair_cost,
         group=per_group,
+        batch=group * settings.batch_size,
         progress=progress,
     )
     decide = partial(
-        decide_pairs, pairs, found.l1, found.ce, found.asr, settings=settings, universal_targets=universal_targets
+        decide_pairs,
+        pairs,
+        found.l1,
+        found.ce,
+        found.asr,
+        settings=settings,
+        universal_targets=universal_targets,
+        support=found.support,
     )
     decision = decide()
     index, flagged = decision.index, decision.flagged
@@ -351,10 +395,17 @@ def scan_pairs(
     decision = decide(spill=found.spill)
     flagged = decision.flagged
     family = pair_family(pairs, flagged)
-    for i in flagged:  # reported by the measure nearer to flagging it
-        which, limit = (index if decision.by_l1[i] else decision.objective_index), decision.threshold
+    for i in flagged:  # reported by the measure nearest to flagging it
         result.findings.append(
-            Finding(family, pairs[i][1], pairs[i][0], float(which[i]), float(limit), float(found.l1[i]))
+            Finding(
+                family,
+                pairs[i][1],
+                pairs[i][0],
+                decision.index_by_measure(i),
+                float(decision.threshold),
+                float(found.l1[i]),
+                decision.measure[i],
+            )
         )
     for i in flagged:  # the found patch, and a sample of the source stamped with it
         s, t = pairs[i]
@@ -368,6 +419,7 @@ def scan_pairs(
     margin = _margin(distance, flagged + ([len(pairs)] if verdict.flagged else []))
     result.pairs, result.pair_index, result.pair_threshold = found, index, decision.threshold
     result.pair_objective_index = decision.objective_index
+    result.pair_support_index = decision.support_index
     result.shared, result.shared_decision = shared, verdict
     result.margins["pairs"] = margin
 

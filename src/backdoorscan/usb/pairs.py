@@ -35,6 +35,7 @@ from .batching import in_class_groups, slice_progress
 
 PAIRS_ALL_MAX = 10  # up to this many classes every ordered pair is a candidate (90 at 10 classes)
 PAIR_BUDGET = 90  # beyond, this many pairs: the closest by the sources' logits, the stage-1 suspects' first
+PAIR_ASR = 0.9  # a pair's patch works when it moves this share of its source's samples
 PAIRS_REPORTED = 10  # spill is measured for the flagged and mapping pairs and this many of the highest index
 
 
@@ -49,6 +50,7 @@ class PairTriggers:
     asr: np.ndarray  # (P,) share of the source's samples sent to the target
     spill: np.ndarray  # (P,) share of other classes' samples sent to the target; NaN where not measured
     ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
+    support: np.ndarray  # (P,) pixels the patch needs (`pair_support`); inf where it does not work
 
 
 def blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -101,10 +103,12 @@ def invert_pairs(
     per_source: int,
     cost: float,
     group: int,
+    batch: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> PairTriggers:
     """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension; a GPU out of
-    memory halves the group, as for classes)."""
+    memory halves the group, as for classes), then measure each working patch's support (`pair_support`;
+    `batch` images a forward pass)."""
     parts = in_class_groups(
         lambda sl: _invert(
             model,
@@ -123,14 +127,16 @@ def invert_pairs(
     mask = torch.cat([p[0] for p in parts])
     pattern = torch.cat([p[1] for p in parts])
     asr, ce = pair_success(model, x, y, pairs, mask, pattern)
+    l1 = mask.flatten(1).sum(1).cpu().numpy()
     return PairTriggers(
         pairs=list(pairs),
         mask=mask,
         pattern=pattern,
-        l1=mask.flatten(1).sum(1).cpu().numpy(),
+        l1=l1,
         asr=asr,
         spill=np.full(len(pairs), np.nan),
         ce=ce,
+        support=pair_support(model, x, y, pairs, mask, pattern, works=asr >= PAIR_ASR, l1=l1, batch=batch),
     )
 
 
@@ -188,6 +194,84 @@ def pair_success(
         asr[i] = int((logits.argmax(1) == t).sum()) / len(src)  # exact: 27 of 30 is PAIR_ASR, not 0.8999999
         ce[i] = float(F.cross_entropy(logits, torch.full((len(src),), t, device=x.device)))
     return asr, ce
+
+
+@torch.no_grad()
+def pair_support(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+    *,
+    works: np.ndarray,
+    l1: np.ndarray,
+    batch: int,
+) -> np.ndarray:
+    """Per working pair, the fewest of its mask's largest pixels (kept at their values, the rest of the mask zeroed)
+    that still send `PAIR_ASR` of the source's samples to the target; inf where the patch does not work.
+
+    The L1 of an inverted mask also sums the faint values spread over the image, which the optimiser has no
+    reason to zero at a small L1 weight; the support counts only the pixels the patch needs. A planted trigger
+    is a few pixels the model keys on (families zoo: 4-10 px, against 12-25 px for its source's median pair),
+    a natural pair a stroke it must draw. Binary search per pair, all pairs of a round in shared forward passes,
+    starting from 4x the L1 (a pair that needs more is searched above it)."""
+    n_pairs, hw = len(pairs), mask.shape[-1] * mask.shape[-2]
+    out = np.full(n_pairs, np.inf)
+    live = [i for i in range(n_pairs) if works[i]]
+    if not live:
+        return out
+    ranks = torch.empty(n_pairs, hw, dtype=torch.long, device=mask.device)
+    order = mask.flatten(1).argsort(1, descending=True)
+    ranks.scatter_(1, order, torch.arange(hw, device=mask.device).expand(n_pairs, hw))
+    rows = {s: torch.nonzero(y == s).flatten() for s in {pairs[i][0] for i in live}}
+    guess = {i: int(min(hw, max(1, np.ceil(4 * l1[i])))) for i in live}
+    moved = _moves(model, x, rows, pairs, mask, pattern, ranks, guess, batch)
+    lo = {i: 0 if moved[i] else guess[i] for i in live}  # the top lo pixels do not move the source
+    hi = {i: guess[i] if moved[i] else hw for i in live}  # the top hi pixels do
+    while active := [i for i in live if hi[i] - lo[i] > 1]:
+        mid = {i: (lo[i] + hi[i]) // 2 for i in active}
+        moved = _moves(model, x, rows, pairs, mask, pattern, ranks, mid, batch)
+        for i in active:
+            (hi if moved[i] else lo)[i] = mid[i]
+    for i in live:
+        out[i] = hi[i]
+    return out
+
+
+def _moves(
+    model: nn.Module,
+    x: torch.Tensor,
+    rows: dict[int, torch.Tensor],
+    pairs: list[tuple[int, int]],
+    mask: torch.Tensor,
+    pattern: torch.Tensor,
+    ranks: torch.Tensor,
+    keep: dict[int, int],
+    batch: int,
+) -> dict[int, bool]:
+    """For each pair i in `keep`: whether its mask cut to its `keep[i]` largest pixels moves PAIR_ASR of its source
+    to its target. Pairs are stamped into shared batches of about `batch` images."""
+    moved: dict[int, bool] = {}
+    todo = list(keep)
+    while todo:
+        chunk: list[int] = []
+        size = 0
+        while todo and (not chunk or size + len(rows[pairs[todo[0]][0]]) <= batch):
+            chunk.append(todo.pop(0))
+            size += len(rows[pairs[chunk[-1]][0]])
+        stamped, targets, counts = [], [], []
+        for i in chunk:
+            s, t = pairs[i]
+            cut = mask[i] * (ranks[i] < keep[i]).view_as(mask[i]).to(mask.dtype)
+            stamped.append(blend(x[rows[s]], cut, pattern[i]))
+            targets.append(torch.full((len(rows[s]),), t, device=x.device))
+            counts.append(len(rows[s]))
+        hits = (model(torch.cat(stamped)).argmax(1) == torch.cat(targets)).split(counts)
+        for i, h, n in zip(chunk, hits, counts, strict=True):
+            moved[i] = int(h.sum()) / n >= PAIR_ASR  # counted as pair_success counts
+    return moved
 
 
 @torch.no_grad()
