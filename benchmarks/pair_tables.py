@@ -44,20 +44,27 @@ def planted(attack: dict | None) -> set[tuple[int, int]]:
 
 
 def decide_table(
-    rows: dict[tuple[int, int], dict], universal_targets: list[int]
+    rows: dict[tuple[int, int], dict], universal_targets: list[int], settings: ScanSettings | None = None
 ) -> tuple[list[tuple[int, int]], PairDecision]:
     """A stored pair table ((source, target) -> its row) decided by the scan's own `decide_pairs`; unmeasured
     spill (None) stays unmeasured (NaN). Pairs in the scan's candidate order at 10 classes: source-major."""
     pairs = sorted(rows)
     l1, ce, asr = (np.array([rows[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
     spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
-    # the support (0.10.0 on): inf where the patch does not work; tables stored before it have none
+    # the support (measured with --pair-support-ratio): inf where the patch does not work; other tables have none
     stored = all("support" in rows[p] for p in pairs)
     support = (
         np.array([np.inf if rows[p]["support"] is None else rows[p]["support"] for p in pairs]) if stored else None
     )
     decision = decide_pairs(
-        pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=universal_targets, spill=spill, support=support
+        pairs,
+        l1,
+        ce,
+        asr,
+        settings=settings or ScanSettings(),
+        universal_targets=universal_targets,
+        spill=spill,
+        support=support,
     )
     return pairs, decision
 
@@ -94,6 +101,12 @@ def main() -> None:
     parser.add_argument("--pair-steps", type=int, default=ScanSettings.pair_steps)
     parser.add_argument("--models", help="comma-separated model names (default: every model of the zoo)")
     parser.add_argument(
+        "--pair-support-ratio",
+        type=float,
+        default=ScanSettings.pair_support_ratio,
+        help="measure each pair's support and decide with it under this size guard (0: not measured)",
+    )
+    parser.add_argument(
         "--shared", action="store_true", help="run the all-to-all shared-patch test too, with the same steps"
     )
     args = parser.parse_args()
@@ -111,7 +124,7 @@ def main() -> None:
     data = clean_samples(zoo, meta) if "models" in meta else str(BUNDLED_TEST)
     dev = resolve_device(args.device)
     tables = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
-    settings = ScanSettings(pair_steps=args.pair_steps)
+    settings = ScanSettings(pair_steps=args.pair_steps, pair_support_ratio=args.pair_support_ratio)
     wanted = None if args.models is None else set(args.models.split(","))
     for model in [m for m in models if (m.get("file") or m.get("path")) and (wanted is None or m["name"] in wanted)]:
         if model["name"] in tables["models"]:

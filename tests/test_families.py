@@ -323,18 +323,22 @@ def test_the_support_counts_the_pixels_a_patch_needs_not_its_faint_rest():
 
 
 def test_a_pair_that_needs_few_pixels_flags_by_its_support_within_its_own_guard():
-    """A planted patch whose L1 is spread thin (not an outlier in its row) but which needs 5 pixels where its
-    source's other pairs need about 20 flags by the support; at 0.35 of the median support (over the support's
-    own 0.30 guard) it does not, and its distance counts that guard."""
+    """With --pair-support-ratio 0.3: a planted patch whose L1 is spread thin (not an outlier in its row) but which
+    needs 5 pixels where its source's other pairs need about 20 flags by the support; at 0.35 of the median support
+    (over that guard) it does not, and its distance counts the guard. Off (the default) the support is not read."""
     pairs, l1 = _matrix_pairs({})
     _, support = _matrix_pairs({(2, 5): 5.0}, base=20.0, seed=1)
-    works, settings = np.ones(len(pairs)), ScanSettings()
+    works, settings = np.ones(len(pairs)), ScanSettings(pair_support_ratio=0.3)
+    off = decide_pairs(
+        pairs, l1, np.full(len(pairs), 0.05), works, settings=ScanSettings(), universal_targets=[], support=support
+    )
+    assert off.flagged == [] and off.support_index is None  # the default does not decide on the support
     ce = np.full(len(pairs), 0.05)
     decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], support=support)
     i = pairs.index((2, 5))
     assert [pairs[j] for j in decision.flagged] == [(2, 5)] and decision.measure[i] == "support"
     assert decision.index[i] < decision.threshold < decision.support_index[i]  # its L1 alone would miss it
-    assert decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[]).flagged == []
+    assert decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[]).flagged == []  # unmeasured
     median = float(np.median([v for p, v in zip(pairs, support, strict=True) if p[0] == 2 and p != (2, 5)]))
     support[i] = 0.35 * median
     held = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], support=support)

@@ -25,10 +25,6 @@ from .pairs import PAIR_ASR, PAIRS_REPORTED, PairTriggers, blend, candidate_pair
 from .warp import Warps, apply_warp, invert_warps
 
 PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
-# by the support (the pixels a patch needs, pairs.pair_support), at most this share: a sharper size, with less
-# room between planted and natural pairs (0.10.0, a tuning set of 30 models of the families zoo: planted pairs
-# 0.13-0.33 of their source's median support, adversarially trained models' natural 5 -> 8 and 9 -> 4 from 0.36)
-PAIR_SUPPORT_MAX_RATIO = 0.30
 # and, to flag on its own, send at most this share of the other classes' samples to its target: a source-specific
 # trigger is inert elsewhere (a trigger that moves every class is USB's to find), where a natural feature of the
 # target (a stroke that makes an 8 a 2) moves other classes too. Planted pairs of the families zoo: 0.00-0.13;
@@ -104,7 +100,7 @@ class FamilyScan:
                         "cross_entropy": round(float(self.pairs.ce[i]), 4),
                         "spill": _finite(self.pairs.spill[i]),
                         "index": _finite(self.pair_index[i]),
-                        "support": _finite(self.pairs.support[i]),
+                        **({"support": _finite(self.pairs.support[i])} if self.pairs.support is not None else {}),
                         **(
                             {"objective_index": _finite(self.pair_objective_index[i])}
                             if self.pair_objective_index is not None
@@ -264,9 +260,10 @@ def decide_pairs(
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
     A pair flags when its size is an outlier (index past the threshold, under the size guard) by
-    any of three measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX; the inversion's
-    objective (cross-entropy plus the weighted L1); or its support, the pixels it needs (`pairs.pair_support`,
-    None for tables stored before 0.10.0), with the same cross-entropy limit as the L1; and its measured `spill`
+    any of its measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX; the inversion's
+    objective (cross-entropy plus the weighted L1); or, where it was measured and `settings.pair_support_ratio`
+    is set (off by default), its support, the pixels it needs (`pairs.pair_support`), under that size guard and
+    the L1's cross-entropy limit; and its measured `spill`
     (NaN: not measured) is at most PAIR_SPILL_MAX. Its distance is the nearest of the measures', each counting all
     of its criteria. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared patch finds every mapping
     that did, and more, and did not flag the adversarially trained clean model the pooled test did:
@@ -297,8 +294,8 @@ def decide_pairs(
     objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
     measures = [by_l1, by_objective]
     support_index = None
-    if support is not None:
-        support_index, by_support = distance_by(np.asarray(support, dtype=np.float64), PAIR_SUPPORT_MAX_RATIO)
+    if support is not None and settings.pair_support_ratio > 0:
+        support_index, by_support = distance_by(np.asarray(support, dtype=np.float64), settings.pair_support_ratio)
         measures.append(np.maximum(by_support, confidence_distance(ce)))
     stacked = np.stack(measures)
     distance = stacked.min(0)
@@ -375,6 +372,7 @@ def scan_pairs(
         cost=settings.pair_cost,
         group=per_group,
         batch=group * settings.batch_size,
+        support=settings.pair_support_ratio > 0,
         progress=progress,
     )
     decide = partial(

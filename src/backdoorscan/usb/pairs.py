@@ -50,7 +50,8 @@ class PairTriggers:
     asr: np.ndarray  # (P,) share of the source's samples sent to the target
     spill: np.ndarray  # (P,) share of other classes' samples sent to the target; NaN where not measured
     ce: np.ndarray  # (P,) cross-entropy toward the target on the source's samples, with the final patch
-    support: np.ndarray  # (P,) pixels the patch needs (`pair_support`); inf where it does not work
+    support: np.ndarray | None = None  # (P,) pixels the patch needs (`pair_support`), inf where it does not work;
+    # None: not measured (ScanSettings.pair_support_ratio 0)
 
 
 def blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -104,10 +105,11 @@ def invert_pairs(
     cost: float,
     group: int,
     batch: int,
+    support: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PairTriggers:
     """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension; a GPU out of
-    memory halves the group, as for classes), then measure each working patch's support (`pair_support`;
+    memory halves the group, as for classes), then, with `support`, each working patch's support (`pair_support`,
     `batch` images a forward pass)."""
     parts = in_class_groups(
         lambda sl: _invert(
@@ -136,7 +138,9 @@ def invert_pairs(
         asr=asr,
         spill=np.full(len(pairs), np.nan),
         ce=ce,
-        support=pair_support(model, x, y, pairs, mask, pattern, works=asr >= PAIR_ASR, l1=l1, batch=batch),
+        support=pair_support(model, x, y, pairs, mask, pattern, works=asr >= PAIR_ASR, l1=l1, batch=batch)
+        if support
+        else None,
     )
 
 
