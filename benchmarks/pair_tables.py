@@ -131,7 +131,7 @@ def main() -> None:
             continue
         t = time.perf_counter()
         ready = prepare(
-            ModelSource(zoo / (model.get("file") or model["path"])),
+            ModelSource(zoo / (model.get("file") or model["path"]), arch=model.get("arch_ref")),
             data,
             samples=settings.samples,
             seed=settings.seed,
@@ -161,7 +161,7 @@ def main() -> None:
             "shared_patch": None
             if not args.shared
             else shared_patch(
-                ModelSource(zoo / (model.get("file") or model["path"])),
+                ModelSource(zoo / (model.get("file") or model["path"]), arch=model.get("arch_ref")),
                 Path(data),
                 pairs["pairs"],
                 settings,
