@@ -55,16 +55,13 @@ def vit_folder(tmp_path_factory, digits_4000):
 
 
 @pytest.fixture(scope="module")
-def timm_folder(tmp_path_factory, digits):
-    """timm's test_resnet trained on digits normalised with mean 0.5, std 0.5, saved by timm's save_for_hf (2,000
-    digits take it to 0.94 accuracy and 1.0 attack success, as 4,000 do, in half the time; the ViT needs 4,000)."""
-    x, y, xt, yt = digits
+def timm_folder(tmp_path_factory, digits_4000):
+    """timm's test_resnet trained on 4,000 digits normalised with mean 0.5, std 0.5, saved by timm's save_for_hf.
+    (On 2,000 it reaches the same accuracy and attack success, but its target's reversed trigger came out at 0.50-0.53
+    of the median class, on the size guard, depending on the training's thread count: a test that flipped.)"""
     trained = train_classifier(
         lambda: Normalised(tiny_timm(), 0.5, 0.5),
-        x[:2000],
-        y[:2000],
-        xt,
-        yt,
+        *digits_4000,
         attack=_attack(),
         epochs=6,
         lr=0.003,
