@@ -20,6 +20,9 @@ CLEAN = MODELS / "mnist_clean.pt2"
 
 # Two xdist workers (make test: -n 2) share the 2 cores: one torch thread each; alone, two threads.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# as `make test` runs the suite (OMP_NUM_THREADS=1), also when pytest is called directly: the CLI then leaves
+# torch's threads as set here and prints no "threads:" note, which tests of one-line refusals would count
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
