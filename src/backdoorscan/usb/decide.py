@@ -46,12 +46,12 @@ def anomaly_index(norms: np.ndarray | list[float], scale: Scale, weights: Weight
     """
     check_choice("scale", scale, Scale)
     values = np.asarray(norms, dtype=np.float64)
-    if scale == "log":
+    if scale == "log":  # one index unit is `spread`, the unit the margins convert the size guard with
         values = np.log(np.maximum(values, 1e-12))
+        return np.asarray((weighted_median(values, weights) - values) / spread(norms, weights))
     median = weighted_median(values, weights)
     mad = weighted_median(np.abs(values - median), weights) * MAD_TO_SIGMA
-    mad = max(mad, RESOLUTION if scale == "log" else RESOLUTION * max(abs(median), 1e-12))
-    return np.asarray((median - values) / mad)
+    return np.asarray((median - values) / max(mad, RESOLUTION * max(abs(median), 1e-12)))
 
 
 def _log_mad(sizes: np.ndarray | list[float], weights: Weights = None) -> float:
