@@ -259,15 +259,14 @@ def decide_pairs(
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
-    A pair flags when its size is an outlier (index past the threshold, under the size guard) by
-    any of its measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX; the inversion's
-    objective (cross-entropy plus the weighted L1); or, where it was measured and `settings.pair_support_ratio`
-    is set (off by default), its support, the pixels it needs (`pairs.pair_support`), under that size guard and
-    the L1's cross-entropy limit; and its measured `spill`
-    (NaN: not measured) is at most PAIR_SPILL_MAX. Its distance is the nearest of the measures', each counting all
-    of its criteria. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared patch finds every mapping
-    that did, and more, and did not flag the adversarially trained clean model the pooled test did:
-    docs/results.md.)"""
+    A pair flags when its size is an outlier (index past the threshold, under the size guard) by any of its
+    measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX; the inversion's objective (cross-entropy
+    plus the weighted L1); or, where it was measured and `settings.pair_support_ratio` is set (off by default), its
+    support, the pixels it needs (`pairs.pair_support`), under that size guard and the L1's cross-entropy limit;
+    and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX. Its distance is the nearest of the
+    measures', each counting all of its criteria. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared
+    patch finds every mapping that did, and more, and did not flag the adversarially trained clean model the pooled
+    test did: docs/results.md.)"""
     works = np.asarray(asr) >= PAIR_ASR
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
 
