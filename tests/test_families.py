@@ -357,3 +357,21 @@ def test_a_certain_patch_from_a_source_whose_pairs_are_all_small_flags_by_the_ob
     i = pairs.index((1, 7))
     assert {pairs[j] for j in decision.flagged} == {(1, 7)} and decision.measure[i] == "objective"
     assert decision.index[i] < decision.threshold < decision.objective_index[i]  # L1 alone would miss it
+
+
+def test_a_pairs_patch_does_not_depend_on_how_many_pairs_share_its_batch():
+    """The group size follows the memory at hand (a GPU takes more pairs a batch than a laptop): each pair starts
+    from its own seeded pattern, so the same seed gives the same patch whatever the grouping."""
+    from backdoorscan.usb.pairs import invert_pairs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    pairs = [(0, 1), (1, 2), (2, 0)]
+    run = dict(steps=5, lr=0.1, per_source=4, cost=0.01, batch=12, seed=7)
+    whole, one_by_one = invert_pairs(net, x, y, pairs, group=3, **run), invert_pairs(net, x, y, pairs, group=1, **run)
+    last = invert_pairs(net, x, y, pairs[2:], group=1, **run)
+    assert torch.allclose(whole.pattern, one_by_one.pattern, atol=1e-5)
+    assert torch.allclose(whole.mask[2], last.mask[0], atol=1e-5)
+    other = invert_pairs(net, x, y, pairs, group=3, **{**run, "seed": 8})
+    assert not torch.allclose(whole.pattern, other.pattern, atol=1e-3)

@@ -202,6 +202,21 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, saved):
         assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+def test_a_refusal_is_one_line_when_the_scan_picks_its_own_threads(saved, monkeypatch):
+    """Without OMP_NUM_THREADS the CLI chooses torch's threads and says so, but only once a scan runs: a refusal
+    after the choice is still its one line."""
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        result = _cli("model", str(saved["pt2"]), "--data", str(MNIST_TEST), "--num-classes", "7", "--sandbox", "off")
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 2 and "disagrees" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_head_width_is_read_whatever_the_key_order(tmp_path):
     """safetensors sorts keys as strings ("11.weight" before "9.weight"); the head must still be found."""
     from safetensors.torch import save_file

@@ -120,9 +120,9 @@ def _scan_here(
     dirs: list[Path | None],
     files: list[Path | None],
     copies: Path | None = None,
-) -> tuple[int | None, Any, Limits]:
-    """Supervise a sandboxed child (its exit code), or get this process ready to scan (None, the device); and the
-    limits the run options set."""
+) -> tuple[int | None, Any, Limits, str | None]:
+    """Supervise a sandboxed child (its exit code), or get this process ready to scan (None, the device); the
+    limits the run options set; and the note on the threads chosen, if one is due (`_announced` prints it)."""
     from ..core.device import resolve_device
     from ..safety.child import confine_self
     from .views import err
@@ -130,11 +130,12 @@ def _scan_here(
     limits = opt.limits(run)
     code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err, copies)
     if code is not None:
-        return code, None, limits
+        return code, None, limits, None
     device = resolve_device(run["device"])
     confine_self(run["sandbox"], limits, device, run["threads"])
     import torch
 
+    note = None
     if run["threads"] is not None:
         torch.set_num_threads(max(1, run["threads"]))
     elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # torch's default: every core of the host
@@ -143,8 +144,25 @@ def _scan_here(
         threads, why = usable_cpus()
         torch.set_num_threads(threads)
         if not run["quiet"] and not run["as_json"]:
-            error_line("threads", f"{threads} ({why}; --threads to choose)", "dim")
-    return None, device, limits
+            note = f"{threads} ({why}; --threads to choose)"
+    return None, device, limits, note
+
+
+def _announced(
+    progress: Callable[[str, int, int], None] | None, note: str | None
+) -> Callable[[str, int, int], None] | None:
+    """The progress callback, printing the threads note at its first update: once the model has loaded and the
+    scan runs, so that a refusal stays the one line it must be."""
+    if progress is None or note is None:
+        return progress
+    pending = [note]
+
+    def update(phase: str, done: int, total: int) -> None:
+        if pending:
+            error_line("threads", pending.pop(), "dim")
+        progress(phase, done, total)
+
+    return update
 
 
 def _emit(
@@ -281,11 +299,13 @@ def _single(
     settings = ScanSettings(**settings_values)
     source = opt.model_source(checkpoint, model_values)
     check_outputs([markdown, sarif], [out_dir], [data], writable=os.environ.get(CHILD_ENV) is None)
-    code, device, limits = _scan_here(ctx, run, [out_dir], [markdown, sarif])
+    code, device, limits, note = _scan_here(ctx, run, [out_dir], [markdown, sarif])
     if code is not None:
         return code
     with progress_bars(not run["quiet"]) as progress:
-        scan = scan_model(source, data, settings=settings, device=device, progress=progress, limits=limits)
+        scan = scan_model(
+            source, data, settings=settings, device=device, progress=_announced(progress, note), limits=limits
+        )
     scan.sandbox = LAYERS.to_dict()
     if out_dir is not None:
         write_scan_report(scan, output_path(out_dir))
@@ -401,7 +421,7 @@ def filter_dataset_cmd(
         check_outputs(
             [markdown, save_uap], [out_dir, copy_to], [inputs, clean], writable=os.environ.get(CHILD_ENV) is None
         )
-        code, device, limits = _scan_here(ctx, run, [out_dir], [markdown, save_uap], copies=copy_to)
+        code, device, limits, note = _scan_here(ctx, run, [out_dir], [markdown, save_uap], copies=copy_to)
         if code is not None:
             return code
         with progress_bars(not run["quiet"]) as progress:
@@ -414,7 +434,7 @@ def filter_dataset_cmd(
                 save_uap_to=output_path(save_uap),
                 copy_to=output_path(copy_to),
                 device=device,
-                progress=progress,
+                progress=_announced(progress, note),
                 limits=limits,
             )
         if out_dir is not None:

@@ -371,6 +371,7 @@ def scan_pairs(
         cost=settings.pair_cost,
         group=per_group,
         batch=group * settings.batch_size,
+        seed=settings.seed,
         support=settings.pair_support_ratio > 0,
         progress=progress,
     )

@@ -105,12 +105,14 @@ def invert_pairs(
     cost: float,
     group: int,
     batch: int,
+    seed: int = 0,
     support: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PairTriggers:
     """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension; a GPU out of
     memory halves the group, as for classes), then, with `support`, each working patch's support (`pair_support`,
-    `batch` images a forward pass)."""
+    `batch` images a forward pass). Each pair's starting pattern is drawn from `seed` and the pair itself, so the
+    result does not depend on the group size, which follows the memory at hand."""
     parts = in_class_groups(
         lambda sl: _invert(
             model,
@@ -121,6 +123,7 @@ def invert_pairs(
             lr=lr,
             per_source=per_source,
             cost=cost,
+            seed=seed,
             progress=slice_progress(progress, sl, len(pairs)),
         ),
         len(pairs),
@@ -144,6 +147,15 @@ def invert_pairs(
     )
 
 
+def initial_patterns(pairs: list[tuple[int, int]], shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """(P, C, H, W) uniform [0, 1) starting patterns, each from a generator seeded by `seed` and its own pair."""
+    out = torch.empty(len(pairs), *shape)
+    for i, (s, t) in enumerate(pairs):
+        gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + s * 10_007 + t) % 2**63)
+        out[i] = torch.rand(shape, generator=gen)
+    return out
+
+
 def _invert(
     model: nn.Module,
     x: torch.Tensor,
@@ -154,6 +166,7 @@ def _invert(
     lr: float,
     per_source: int,
     cost: float,
+    seed: int,
     progress: Callable[[int, int], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_pairs = len(pairs)
@@ -161,8 +174,7 @@ def _invert(
     rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
     targets = torch.tensor([t for _, t in pairs], device=x.device).repeat_interleave(rows.shape[1])
     mask_p = torch.full((n_pairs, 1, h, w), -2.0, device=x.device, requires_grad=True)  # mask ~0.02 at start
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    pattern_p = (torch.rand(n_pairs, c, h, w, generator=gen) * 2 - 1).to(x.device).requires_grad_(True)
+    pattern_p = (initial_patterns(pairs, (c, h, w), seed) * 2 - 1).to(x.device).requires_grad_(True)
     opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
     xb = x[rows]  # (P, n, C, H, W)
     for step in range(steps):
