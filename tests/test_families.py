@@ -17,6 +17,7 @@ from backdoorscan.usb.families import (
     FamilyScan,
     confidence_distance,
     decide_pairs,
+    decide_warps,
     flip_distance,
     index_pairs,
     scan_pairs,
@@ -375,3 +376,20 @@ def test_a_pairs_patch_does_not_depend_on_how_many_pairs_share_its_batch():
     assert torch.allclose(whole.mask[2], last.mask[0], atol=1e-5)
     other = invert_pairs(net, x, y, pairs, group=3, **{**run, "seed": 8})
     assert not torch.allclose(whole.pattern, other.pattern, atol=1e-3)
+
+
+def test_a_staged_scans_warps_are_decided_with_the_weights_of_its_refined_classes():
+    """A staged 43-class scan warps only its refined classes: the stage-1 suspects (weight 1) and a few references
+    standing for the rest. Unweighted, the suspects' own small warps set the median and hide the target's; with
+    the staging's weights the target flags, as it does among all 43 classes."""
+    rng = np.random.default_rng(0)
+    suspects = np.array([0.3] + [0.45 + 0.03 * i for i in range(7)])  # the target, then 7 small natural warps
+    references = np.exp(rng.normal(0, 0.1, 8))
+    refined, weights = np.concatenate([suspects, references]), [1.0] * 8 + [35 / 8] * 8
+    every = np.concatenate([suspects, np.exp(rng.normal(0, 0.1, 35))])
+    settings = ScanSettings()
+    _, _, unweighted = decide_warps(refined, np.ones(16), 43, settings)
+    _, _, weighted = decide_warps(refined, np.ones(16), 43, settings, weights)
+    _, _, full = decide_warps(every, np.ones(43), 43, settings)
+    assert full[0] < 0 and weighted[0] < 0 and unweighted[0] > 0
+    assert not (weighted[8:] < 0).any()  # no reference class flags

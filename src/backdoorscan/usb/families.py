@@ -457,6 +457,25 @@ def _shared_patch(
     return shared, verdict
 
 
+def decide_warps(
+    displacement: np.ndarray, asr: np.ndarray, k: int, settings, weights: list[float] | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Per warped target: its log anomaly index, the threshold for `k` classes, and its distance from flagging
+    (negative: flagged), by USB's rule on the warps' mean displacements (index, size guard, success)."""
+    index = anomaly_index(displacement, "log", weights)
+    threshold = class_threshold(settings.threshold, k, settings.threshold_classes)
+    distance = flip_distance(
+        index,
+        size_ratio(displacement, weights),
+        asr,
+        threshold=threshold,
+        asr_min=settings.asr_min,
+        max_ratio=settings.max_ratio,
+        sigma=spread(displacement, weights),
+    )
+    return index, threshold, distance
+
+
 def scan_warps(
     model: nn.Module,
     x: torch.Tensor,
@@ -468,8 +487,11 @@ def scan_warps(
     group: int,
     progress: Callable[[int, int], None] | None,
     result: FamilyScan,
+    weights: list[float] | None = None,
 ) -> None:
-    """The warp family: a smooth warp per target; an outlier-small warp that works is a warping backdoor."""
+    """The warp family: a smooth warp per target; an outlier-small warp that works is a warping backdoor. On a
+    staged scan `targets` are the refined classes and `weights` how many classes each stands for in the median and
+    spread, as in USB's own decision (None: every class once)."""
     found = invert_warps(
         model,
         x,
@@ -483,18 +505,7 @@ def scan_warps(
         group=group,
         progress=progress,
     )
-    index = anomaly_index(found.displacement, "log")
-    threshold = class_threshold(settings.threshold, k, settings.threshold_classes)
-    ratio = size_ratio(found.displacement)
-    distance = flip_distance(
-        index,
-        ratio,
-        found.asr,
-        threshold=threshold,
-        asr_min=settings.asr_min,
-        max_ratio=settings.max_ratio,
-        sigma=spread(found.displacement),
-    )
+    index, threshold, distance = decide_warps(found.displacement, found.asr, k, settings, weights)
     flagged = [i for i in range(len(targets)) if distance[i] < 0]
     result.findings += [
         Finding("warp", targets[i], None, float(index[i]), threshold, float(found.displacement[i])) for i in flagged

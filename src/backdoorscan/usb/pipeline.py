@@ -130,7 +130,7 @@ def _scan_model(
     universal = _universal(run, staging, ready)
     families = FamilyScan()
     if ready.evidence.ok:  # the search's own evidence (check_search) can still end the scan here
-        families = _other_families(run, staging.refined, universal.targets)
+        families = _other_families(run, staging.refined, staging.weights, universal.targets)
         ready.evidence.notes.extend(families.notes)
     families.margins["universal"] = universal.margin
     fired = universal.fired or bool(families.findings)
@@ -280,8 +280,9 @@ def _universal(run: _Scan, staging: Staging, ready: Prepared) -> _Universal:
     return _Universal(v, success, refined, classes, threshold, margin)
 
 
-def _other_families(run: _Scan, refined: list[int], universal: list[int]) -> FamilyScan:
-    """The pairs and warp families (usb/families.py), each timed, on the scan's samples and predictions."""
+def _other_families(run: _Scan, refined: list[int], weights: list[float], universal: list[int]) -> FamilyScan:
+    """The pairs and warp families (usb/families.py), each timed, on the scan's samples and predictions; the warps
+    on the refined classes, each weighted in the median as the staged scan weights it (`Staging.weights`)."""
     result = FamilyScan()
     settings = run.settings
     if "pairs" in settings.covers:
@@ -308,6 +309,7 @@ def _other_families(run: _Scan, refined: list[int], universal: list[int]) -> Fam
             run.k,
             settings=settings,
             group=run.group,
+            weights=weights,
             progress=run.step("warp"),
             result=result,
         )
