@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--method", default=ScanSettings.method, help="usb (every family) or nc (Neural Cleanse)")
     parser.add_argument("--mask-cost", default=ScanSettings.mask_cost, help="Alg. 2's L1 weight: fixed or adaptive")
     parser.add_argument("--families", default=ScanSettings.families, help="all, universal+warp or universal")
+    parser.add_argument("--pair-restarts", type=int, default=ScanSettings.pair_restarts, help="pairs: inversions")
     parser.add_argument(
         "--redecide",
         help="a stored NAME.json: decide its pairs again from the stored tables (no scan), write NAME-redecided.json",
@@ -201,7 +202,9 @@ def main() -> None:
         if name in rows or n % shards != shard or args.table:
             continue
         t = time.perf_counter()
-        settings = ScanSettings(method=args.method, mask_cost=args.mask_cost, families=args.families)
+        settings = ScanSettings(
+            method=args.method, mask_cost=args.mask_cost, families=args.families, pair_restarts=args.pair_restarts
+        )
         scan = scan_model(zoo_dir / entry["path"], DATA, settings=settings, device="cpu")
         ok, lost = exact(entry, scan)
         usb_alone = [c.cls for c in scan.classes if c.flagged]

@@ -393,3 +393,27 @@ def test_a_staged_scans_warps_are_decided_with_the_weights_of_its_refined_classe
     _, _, full = decide_warps(every, np.ones(43), 43, settings)
     assert full[0] < 0 and weighted[0] < 0 and unweighted[0] > 0
     assert not (weighted[8:] < 0).any()  # no reference class flags
+
+
+def test_restarts_keep_each_pairs_best_patch_and_restart_zero_is_the_single_inversion():
+    """`restarts` inverts every pair from several starting patterns and keeps, per pair, the working patch of the
+    smallest objective (else the one that moves the most); one restart is exactly the single inversion."""
+    from backdoorscan.usb.pairs import _best_restarts, invert_pairs
+
+    asr = np.array([[1.0, 0.5, 0.95], [0.95, 0.8, 1.0], [1.0, 0.7, 0.2]])  # (restart, pair)
+    objective = np.array([[0.9, 0.1, 0.5], [0.4, 0.3, 0.6], [0.2, 0.05, 0.01]])
+    # pair 0: three working, restart 2 smallest; pair 1: none works, restart 1 moves most; pair 2: restart 2 fails
+    assert _best_restarts(asr.ravel(), objective.ravel(), 3).tolist() == [2 * 3 + 0, 1 * 3 + 1, 0 * 3 + 2]
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    pairs = [(0, 1), (1, 2), (2, 0)]
+    run = dict(steps=5, lr=0.1, per_source=4, cost=0.01, batch=12, seed=7, group=6)
+    one, three = invert_pairs(net, x, y, pairs, **run), invert_pairs(net, x, y, pairs, restarts=3, **run)
+    alone = invert_pairs(net, x, y, pairs, restarts=1, **run)
+    assert torch.equal(one.mask, alone.mask) and three.mask.shape == one.mask.shape
+    objective_one, objective_three = one.ce + 0.01 * one.l1, three.ce + 0.01 * three.l1
+    both_work = (one.asr >= PAIR_ASR) & (three.asr >= PAIR_ASR)
+    assert (objective_three[both_work] <= objective_one[both_work] + 1e-6).all()
+    assert (three.asr >= PAIR_ASR).sum() >= (one.asr >= PAIR_ASR).sum()

@@ -127,6 +127,12 @@ class ScanSettings(CommonSettings):
     pair_steps: int = setting(100, "Pairs stage: Adam steps of each (source, target) patch inversion.")
     pair_samples: int = setting(12)  # pairs stage: clean samples of the source per pair
     pair_cost: float = setting(0.01)  # pairs stage: weight of the mask's L1 (pixels) against the cross-entropy
+    pair_restarts: int = setting(
+        1,
+        "Pairs stage: starting patterns each pair is inverted from, keeping the best patch (the cost of the "
+        "inversions times this). The decision sits near the inversion's noise for some planted pairs "
+        "(docs/results.md).",
+    )
     pair_support_ratio: float = setting(
         0.0,
         "Pairs stage: also flag a pair whose patch needs at most this share of its source's median pixels (the "
@@ -166,6 +172,7 @@ class ScanSettings(CommonSettings):
             "references",
             "pair_steps",
             "pair_samples",
+            "pair_restarts",
             "warp_steps",
             "warp_grid",
         )

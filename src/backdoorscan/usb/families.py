@@ -372,6 +372,7 @@ def scan_pairs(
         group=per_group,
         batch=group * settings.batch_size,
         seed=settings.seed,
+        restarts=settings.pair_restarts,
         support=settings.pair_support_ratio > 0,
         progress=progress,
     )

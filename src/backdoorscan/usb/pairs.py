@@ -106,33 +106,42 @@ def invert_pairs(
     group: int,
     batch: int,
     seed: int = 0,
+    restarts: int = 1,
     support: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PairTriggers:
     """Invert a patch per pair, `group` pairs per batch (the pair dimension is the batch dimension; a GPU out of
     memory halves the group, as for classes), then, with `support`, each working patch's support (`pair_support`,
     `batch` images a forward pass). Each pair's starting pattern is drawn from `seed` and the pair itself, so the
-    result does not depend on the group size, which follows the memory at hand."""
+    result does not depend on the group size, which follows the memory at hand. With `restarts` R > 1 each pair
+    is inverted from R starting patterns (R times the cost) and keeps the best: the working patch of the smallest
+    objective, else the one that moves the most; restart 0 is the single inversion's."""
+    rows = [(p, r) for r in range(restarts) for p in pairs]  # restart-major: rows[: len(pairs)] is restart 0
+    _, c, h, w = x.shape
+    starts = torch.cat([initial_patterns(pairs, (c, h, w), seed, restart=r) for r in range(restarts)])
     parts = in_class_groups(
         lambda sl: _invert(
             model,
             x,
             y,
-            pairs[sl],
+            [p for p, _ in rows[sl]],
+            starts[sl],
             steps=steps,
             lr=lr,
             per_source=per_source,
             cost=cost,
-            seed=seed,
-            progress=slice_progress(progress, sl, len(pairs)),
+            progress=slice_progress(progress, sl, len(rows)),
         ),
-        len(pairs),
+        len(rows),
         group,
     )
     mask = torch.cat([p[0] for p in parts])
     pattern = torch.cat([p[1] for p in parts])
-    asr, ce = pair_success(model, x, y, pairs, mask, pattern)
+    asr, ce = pair_success(model, x, y, [p for p, _ in rows], mask, pattern)
     l1 = mask.flatten(1).sum(1).cpu().numpy()
+    if restarts > 1:
+        keep = _best_restarts(asr, ce + cost * l1, len(pairs))
+        mask, pattern, asr, ce, l1 = mask[keep], pattern[keep], asr[keep], ce[keep], l1[keep]
     return PairTriggers(
         pairs=list(pairs),
         mask=mask,
@@ -147,11 +156,26 @@ def invert_pairs(
     )
 
 
-def initial_patterns(pairs: list[tuple[int, int]], shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-    """(P, C, H, W) uniform [0, 1) starting patterns, each from a generator seeded by `seed` and its own pair."""
+def _best_restarts(asr: np.ndarray, objective: np.ndarray, n_pairs: int) -> np.ndarray:
+    """Per pair, the row (restart-major) of its best restart: the smallest objective among the patches that work,
+    else the one that moves the most of its source (then the smallest objective)."""
+    asr, objective = asr.reshape(-1, n_pairs), objective.reshape(-1, n_pairs)  # (R, P)
+    works = asr >= PAIR_ASR
+    score = np.where(works, objective, np.inf)
+    fallback = np.lexsort((objective, -asr), axis=0)[0]  # most moved, then smallest objective
+    best = np.where(works.any(0), score.argmin(0), fallback)
+    return best * n_pairs + np.arange(n_pairs)
+
+
+def initial_patterns(
+    pairs: list[tuple[int, int]], shape: tuple[int, int, int], seed: int, restart: int = 0
+) -> torch.Tensor:
+    """(P, C, H, W) uniform [0, 1) starting patterns, each from a generator seeded by `seed`, the restart and its
+    own pair."""
     out = torch.empty(len(pairs), *shape)
+    base = seed + restart * 1_000_000_007  # restart 0: the single inversion's patterns
     for i, (s, t) in enumerate(pairs):
-        gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + s * 10_007 + t) % 2**63)
+        gen = torch.Generator(device="cpu").manual_seed((base * 1_000_003 + s * 10_007 + t) % 2**63)
         out[i] = torch.rand(shape, generator=gen)
     return out
 
@@ -161,20 +185,20 @@ def _invert(
     x: torch.Tensor,
     y: torch.Tensor,
     pairs: list[tuple[int, int]],
+    starts: torch.Tensor,
     *,
     steps: int,
     lr: float,
     per_source: int,
     cost: float,
-    seed: int,
     progress: Callable[[int, int], None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_pairs = len(pairs)
-    _, c, h, w = x.shape
+    h, w = x.shape[-2:]
     rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
     targets = torch.tensor([t for _, t in pairs], device=x.device).repeat_interleave(rows.shape[1])
     mask_p = torch.full((n_pairs, 1, h, w), -2.0, device=x.device, requires_grad=True)  # mask ~0.02 at start
-    pattern_p = (initial_patterns(pairs, (c, h, w), seed) * 2 - 1).to(x.device).requires_grad_(True)
+    pattern_p = (starts * 2 - 1).to(x.device).requires_grad_(True)
     opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
     xb = x[rows]  # (P, n, C, H, W)
     for step in range(steps):
