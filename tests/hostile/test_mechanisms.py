@@ -233,6 +233,14 @@ def test_literal_path_with_brackets_is_one_model_not_a_pattern(tmp_path, monkeyp
     assert result.exit_code == 2 and "never starts a fleet" in result.output
 
 
+def test_a_missing_bracketed_path_is_reported_as_not_found_in_one_line(tmp_path):
+    """A literal name with `[` that does not exist reads as a pattern as well: the refusal says both."""
+    missing = tmp_path / "models[v2]" / "m.pt2"
+    result = CliRunner().invoke(app, ["model", str(missing), "--data", str(MNIST_TEST), "--quiet"])
+    assert result.exit_code == 2 and "not found, and as a pattern it matches no file" in result.output
+    assert str(missing) in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_fleet_of_a_bracketed_folder_scans_its_model_once(tmp_path):
     folder = tmp_path / "models[v2]"
     folder.mkdir()

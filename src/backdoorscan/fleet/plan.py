@@ -89,7 +89,9 @@ def expand(paths: list[Path]) -> list[Path]:
         if is_pattern(path):
             matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
             if not matches:
-                raise ScanError("the pattern matches no file", path=path)
+                raise ScanError(  # a literal name with [ or * that does not exist reads as a pattern too
+                    "not found, and as a pattern it matches no file", path=path, hint="check the path"
+                )
             found += [m for m in matches if m.is_file() or (m / "config.json").is_file()]
         elif path.is_dir() and not (path / "config.json").is_file():
             inner = sorted(
