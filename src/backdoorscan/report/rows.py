@@ -13,6 +13,8 @@ FAMILY_NAMES = {
 
 
 NOT_COVERED = "triggers a model recognises with non-differentiable logic (docs/method.md, Limits)"
+# how a source-specific finding line names the size measure that flagged it (usb.families.PAIR_MEASURES)
+MEASURE_WORDS = {"l1": "its L1", "objective": "the inversion's objective", "support": "the pixels it needs"}
 
 
 def covered_line(scan) -> str:
@@ -46,10 +48,9 @@ def finding_lines(scan) -> list[str]:
         lines.append(f"all-to-all mapping: {pairs} (one patch, small against the pair patches, moves each class)")
     for f in fam.findings:
         if f.family == "source-specific":
-            by = {"l1": "its L1", "objective": "the inversion's objective", "support": "the pixels it needs"}
             lines.append(
                 f"source-specific: class {f.source} -> {f.target} (patch L1 {f.size:.1f} px; index by "
-                f"{by.get(f.measure or 'l1', 'its size')} {f.index:.2f} > {f.threshold:.2f})"
+                f"{MEASURE_WORDS.get(f.measure or 'l1', 'its size')} {f.index:.2f} > {f.threshold:.2f})"
             )
         elif f.family == "warp":
             lines.append(

@@ -288,14 +288,15 @@ def decide_pairs(
     # cross-entropy to zero (the objective then put planted pairs at 0.4-0.5 of their source's median); the
     # objective is the sharper when the source's other pairs are small too (a thin digit's), and the patch certain;
     # the support is the sharpest where the mask keeps faint values spread over the image (0.10.0)
+    certain = confidence_distance(ce)  # the cross-entropy criterion of the L1 and the support
     index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
-    by_l1 = np.maximum(by_l1, confidence_distance(ce))
+    by_l1 = np.maximum(by_l1, certain)
     objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
     measures = [by_l1, by_objective]
     support_index = None
     if support is not None and settings.pair_support_ratio > 0:
         support_index, by_support = distance_by(np.asarray(support, dtype=np.float64), settings.pair_support_ratio)
-        measures.append(np.maximum(by_support, confidence_distance(ce)))
+        measures.append(np.maximum(by_support, certain))
     stacked = np.stack(measures)
     distance = stacked.min(0)
     nearest = stacked.argmin(0)

@@ -116,7 +116,7 @@ def invert_pairs(
     result does not depend on the group size, which follows the memory at hand. With `restarts` R > 1 each pair
     is inverted from R starting patterns (R times the cost) and keeps the best: the working patch of the smallest
     objective, else the one that moves the most; restart 0 is the single inversion's."""
-    rows = [(p, r) for r in range(restarts) for p in pairs]  # restart-major: rows[: len(pairs)] is restart 0
+    rows = list(pairs) * restarts  # restart-major: rows[: len(pairs)] is restart 0
     _, c, h, w = x.shape
     starts = torch.cat([initial_patterns(pairs, (c, h, w), seed, restart=r) for r in range(restarts)])
     parts = in_class_groups(
@@ -124,7 +124,7 @@ def invert_pairs(
             model,
             x,
             y,
-            [p for p, _ in rows[sl]],
+            rows[sl],
             starts[sl],
             steps=steps,
             lr=lr,
@@ -137,7 +137,7 @@ def invert_pairs(
     )
     mask = torch.cat([p[0] for p in parts])
     pattern = torch.cat([p[1] for p in parts])
-    asr, ce = pair_success(model, x, y, [p for p, _ in rows], mask, pattern)
+    asr, ce = pair_success(model, x, y, rows, mask, pattern)
     l1 = mask.flatten(1).sum(1).cpu().numpy()
     if restarts > 1:
         keep = _best_restarts(asr, ce + cost * l1, len(pairs))
