@@ -1,0 +1,181 @@
+"""What the pairs stage would decide had it stopped earlier: every pair's patch snapshotted along its inversion,
+then each stopping policy (fewer steps for all pairs, or successive halving) decided by the scan's own rule.
+
+    .venv/bin/python benchmarks/pair_steps.py --zoo bench-out/zoo-families --out bench-out/pair-steps \
+        --models source_specific_06,clean_32
+
+Pairs are independent rows of the inversion (Adam is elementwise and the loss a sum over pairs), so a pair stopped
+at step s has exactly the patch of the snapshot at s: one inversion gives every policy, and no policy is rerun.
+The inversion is the scan's (`usb.pairs`: the same samples, starting patterns, learning rate and L1 weight). Spill
+is measured, as the scan does, for the pairs a report would name. Snapshots go to OUT/NAME.npz (resumable); the
+decisions to OUT/policies.json, and a table is printed. The issue-25 cost study (docs/results.md) used this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backdoorscan import ModelSource, ScanSettings
+from backdoorscan.loading import prepare
+from backdoorscan.usb.families import PAIRS_REPORTED, decide_pairs
+from backdoorscan.usb.pairs import _source_batches, blend, candidate_pairs, initial_patterns, pair_success
+
+from common import BUNDLED_TEST, clean_samples
+
+Policy = Callable[[dict], tuple[np.ndarray, float]]  # snapshots -> (per pair: the snapshot it stops at, cost share)
+
+
+def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, at: list[int]) -> dict:
+    """Invert every candidate pair as the scan does, keeping each pair's patch at the steps in `at` and its
+    training objective at every step; per snapshot, the attack success, cross-entropy and L1 the scan measures."""
+    st = ScanSettings()
+    pairs = candidate_pairs(k, y, lambda: model(x), min_samples=st.pair_samples)
+    n, (h, w) = len(pairs), x.shape[-2:]
+    rows = _source_batches(y, pairs, st.pair_samples)
+    targets = torch.tensor([t for _, t in pairs]).repeat_interleave(rows.shape[1])
+    mask_p = torch.full((n, 1, h, w), -2.0, requires_grad=True)
+    pattern_p = (initial_patterns(pairs, tuple(x.shape[1:]), st.seed) * 2 - 1).requires_grad_(True)
+    opt = torch.optim.Adam([mask_p, pattern_p], lr=st.lr, betas=(0.5, 0.9))
+    xb, objective, masks, patterns = x[rows], np.zeros((max(at), n)), [], []
+    for step in range(max(at)):
+        mask, pattern = (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
+        stamped = blend(xb, mask[:, None], pattern[:, None])
+        ce = F.cross_entropy(model(stamped.flatten(0, 1)), targets, reduction="none").view(n, -1).mean(1)
+        per_pair = ce + st.pair_cost * mask.flatten(1).sum(1)
+        objective[step] = per_pair.detach().numpy()
+        opt.zero_grad(set_to_none=True)
+        per_pair.sum().backward()
+        opt.step()
+        if step + 1 in at:
+            with torch.no_grad():
+                masks.append((torch.tanh(mask_p) + 1) / 2)
+                patterns.append((torch.tanh(pattern_p) + 1) / 2)
+    measured = [pair_success(model, x, y, pairs, m, p) for m, p in zip(masks, patterns, strict=True)]
+    return {
+        "pairs": np.array(pairs),
+        "at": np.array(at),
+        "objective": objective,
+        "asr": np.array([a for a, _ in measured]),
+        "ce": np.array([c for _, c in measured]),
+        "l1": np.array([m.flatten(1).sum(1).numpy() for m in masks]),
+        "mask": torch.stack(masks).numpy(),
+        "pattern": torch.stack(patterns).numpy(),
+    }
+
+
+def stop_all(steps: int) -> Policy:
+    """Every pair stops at `steps`."""
+
+    def policy(snap: dict) -> tuple[np.ndarray, float]:
+        at = list(snap["at"])
+        return np.full(len(snap["pairs"]), at.index(steps)), steps / max(at)
+
+    return policy
+
+
+def halving(first: int, share: float) -> Policy:
+    """Every pair runs `first` steps; the `share` of pairs smallest against their source's median objective (the
+    training objective at that step) run to the last snapshot, the others stop there."""
+
+    def policy(snap: dict) -> tuple[np.ndarray, float]:
+        pairs, at = snap["pairs"], list(snap["at"])
+        value = np.log(snap["objective"][first - 1])
+        for s in np.unique(pairs[:, 0]):
+            rows = pairs[:, 0] == s
+            value[rows] -= np.median(value[rows])
+        stop = np.full(len(pairs), at.index(first))
+        go_on = np.argsort(value)[: int(round(share * len(pairs)))]
+        stop[go_on] = len(at) - 1
+        return stop, (first * len(pairs) + (max(at) - first) * len(go_on)) / (max(at) * len(pairs))
+
+    return policy
+
+
+def decide(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, snap: dict, stop: np.ndarray) -> dict:
+    """The scan's rule on the table the policy leaves (spill measured for the pairs a report names)."""
+    pairs, cols = [tuple(map(int, p)) for p in snap["pairs"]], np.arange(len(stop))
+    l1, ce, asr = snap["l1"][stop, cols], snap["ce"][stop, cols], snap["asr"][stop, cols]
+    st = ScanSettings()
+    first = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[])
+    named = sorted(set(first.flagged) | {int(i) for i in np.argsort(-first.index)[:PAIRS_REPORTED]})
+    spill = np.full(len(pairs), np.nan)
+    with torch.no_grad():
+        for i in named:
+            s, t = pairs[i]
+            other = x[(y != s) & (y != t)]
+            mask, pattern = (torch.from_numpy(snap[key][stop[i], i]) for key in ("mask", "pattern"))
+            spill[i] = float((model(blend(other, mask, pattern)).argmax(1) == t).float().mean())
+    final = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[], spill=spill)
+    return {"flagged": [list(pairs[i]) for i in final.flagged], "distance": final.distance.tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", required=True)
+    parser.add_argument("--out", required=True, help="a folder: snapshots per model and policies.json")
+    parser.add_argument("--models", required=True, help="comma-separated model names")
+    parser.add_argument("--at", default="30,50,60,70,80,90,100", help="snapshot steps; the last is the full run")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    zoo, out, at = Path(args.zoo), Path(args.out), sorted(int(s) for s in args.at.split(","))
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((zoo / "zoo.json").read_text())
+    records = meta["models"] if "models" in meta else [dict(v, name=k) for k, v in meta.items()]
+    data = clean_samples(zoo, meta) if "models" in meta else str(BUNDLED_TEST)
+    policies: dict[str, Policy] = {f"{s} steps": stop_all(s) for s in reversed(at)}
+    if 30 in at:
+        policies["halving: 30 steps, then 30 % go on"] = halving(30, 0.3)
+    results: dict[str, dict] = {}
+    for record in [r for r in records if r["name"] in args.models.split(",")]:
+        name, t = record["name"], time.perf_counter()
+        ready = prepare(
+            ModelSource(zoo / (record.get("file") or record.get("path") or f"{name}.pt2"), arch=record.get("arch_ref")),
+            data,
+            samples=ScanSettings.samples,
+            seed=ScanSettings.seed,
+            device=torch.device("cpu"),
+        )
+        model, x, y = ready.model, ready.samples.x, ready.predictions
+        path = out / f"{name}.npz"
+        if path.exists() and list(np.load(path)["at"]) == at:
+            snap = dict(np.load(path))
+        else:
+            snap = snapshots(model, x, y, ready.num_classes, at)
+            np.savez(path, **snap)
+        attack = record.get("attack") or {}
+        want = [attack["source"], attack["target"]] if attack.get("kind") == "source_specific" else None
+        results[name] = {"planted": want, "policies": {}}
+        for label, policy in policies.items():
+            stop, cost = policy(snap)
+            row = decide(model, x, y, snap, stop)
+            pairs = snap["pairs"].tolist()
+            row["cost"] = round(cost, 3)
+            row["planted_distance"] = row["distance"][pairs.index(want)] if want in pairs else None
+            row["closest"] = min(row.pop("distance"))
+            results[name]["policies"][label] = row
+        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+    (out / "policies.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("| policy | cost | planted pairs named | other models flagged | closest other |")
+    print("|---|---:|---:|---:|---:|")
+    for label in policies:
+        rows = [(r["planted"], r["policies"][label]) for r in results.values()]
+        named = sum(p in r["flagged"] for p, r in rows if p)
+        others = [r for p, r in rows if not p]
+        print(
+            f"| {label} | {np.mean([r['cost'] for _, r in rows]):.2f} | {named}/{sum(1 for p, _ in rows if p)} | "
+            f"{sum(bool(r['flagged']) for r in others)}/{len(others)} | "
+            f"{min((r['closest'] for r in others), default=float('nan')):+.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
