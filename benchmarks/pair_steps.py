@@ -21,12 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from backdoorscan import ModelSource, ScanSettings
 from backdoorscan.loading import prepare
 from backdoorscan.usb.families import PAIRS_REPORTED, decide_pairs
-from backdoorscan.usb.pairs import _source_batches, blend, candidate_pairs, initial_patterns, pair_success
+from backdoorscan.usb.pairs import (
+    PairTriggers,
+    _invert,
+    candidate_pairs,
+    initial_patterns,
+    measure_spill,
+    pair_success,
+)
 
 from common import BUNDLED_TEST, clean_samples
 
@@ -34,30 +40,32 @@ Policy = Callable[[dict], tuple[np.ndarray, float]]  # snapshots -> (per pair: t
 
 
 def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, at: list[int]) -> dict:
-    """Invert every candidate pair as the scan does, keeping each pair's patch at the steps in `at` and its
-    training objective at every step; per snapshot, the attack success, cross-entropy and L1 the scan measures."""
+    """Invert every candidate pair with the scan's own inversion (`usb.pairs._invert`), keeping each pair's patch at
+    the steps in `at` and its training objective at every step; per snapshot, the attack success, cross-entropy and
+    L1 the scan measures."""
     st = ScanSettings()
     pairs = candidate_pairs(k, y, lambda: model(x), min_samples=st.pair_samples)
-    n, (h, w) = len(pairs), x.shape[-2:]
-    rows = _source_batches(y, pairs, st.pair_samples)
-    targets = torch.tensor([t for _, t in pairs]).repeat_interleave(rows.shape[1])
-    mask_p = torch.full((n, 1, h, w), -2.0, requires_grad=True)
-    pattern_p = (initial_patterns(pairs, tuple(x.shape[1:]), st.seed) * 2 - 1).requires_grad_(True)
-    opt = torch.optim.Adam([mask_p, pattern_p], lr=st.lr, betas=(0.5, 0.9))
-    xb, objective, masks, patterns = x[rows], np.zeros((max(at), n)), [], []
-    for step in range(max(at)):
-        mask, pattern = (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
-        stamped = blend(xb, mask[:, None], pattern[:, None])
-        ce = F.cross_entropy(model(stamped.flatten(0, 1)), targets, reduction="none").view(n, -1).mean(1)
-        per_pair = ce + st.pair_cost * mask.flatten(1).sum(1)
-        objective[step] = per_pair.detach().numpy()
-        opt.zero_grad(set_to_none=True)
-        per_pair.sum().backward()
-        opt.step()
-        if step + 1 in at:
-            with torch.no_grad():
-                masks.append((torch.tanh(mask_p) + 1) / 2)
-                patterns.append((torch.tanh(pattern_p) + 1) / 2)
+    objective, masks, patterns = np.zeros((max(at), len(pairs))), [], []
+
+    def keep(done: int, value: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> None:
+        objective[done - 1] = value.cpu().numpy()
+        if done in at:
+            masks.append(mask)
+            patterns.append(pattern)
+
+    _invert(
+        model,
+        x,
+        y,
+        pairs,
+        initial_patterns(pairs, tuple(x.shape[1:]), st.seed),
+        steps=max(at),
+        lr=st.lr,
+        per_source=st.pair_samples,
+        cost=st.pair_cost,
+        progress=lambda done, total: None,
+        on_step=keep,
+    )
     measured = [pair_success(model, x, y, pairs, m, p) for m, p in zip(masks, patterns, strict=True)]
     return {
         "pairs": np.array(pairs),
@@ -100,20 +108,24 @@ def halving(first: int, share: float) -> Policy:
 
 
 def decide(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, snap: dict, stop: np.ndarray) -> dict:
-    """The scan's rule on the table the policy leaves (spill measured for the pairs a report names)."""
+    """The scan's rule on the table the policy leaves, spill measured as the scan does (`measure_spill`) for the
+    pairs that would flag and the PAIRS_REPORTED of the highest index."""
     pairs, cols = [tuple(map(int, p)) for p in snap["pairs"]], np.arange(len(stop))
     l1, ce, asr = snap["l1"][stop, cols], snap["ce"][stop, cols], snap["asr"][stop, cols]
+    found = PairTriggers(
+        pairs=pairs,
+        mask=torch.from_numpy(snap["mask"][stop, cols]),
+        pattern=torch.from_numpy(snap["pattern"][stop, cols]),
+        l1=l1,
+        asr=asr,
+        spill=np.full(len(pairs), np.nan),
+        ce=ce,
+    )
     st = ScanSettings()
     first = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[])
-    named = sorted(set(first.flagged) | {int(i) for i in np.argsort(-first.index)[:PAIRS_REPORTED]})
-    spill = np.full(len(pairs), np.nan)
-    with torch.no_grad():
-        for i in named:
-            s, t = pairs[i]
-            other = x[(y != s) & (y != t)]
-            mask, pattern = (torch.from_numpy(snap[key][stop[i], i]) for key in ("mask", "pattern"))
-            spill[i] = float((model(blend(other, mask, pattern)).argmax(1) == t).float().mean())
-    final = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[], spill=spill)
+    top = [int(i) for i in np.argsort(-first.index)[:PAIRS_REPORTED] if np.isfinite(first.index[i])]
+    measure_spill(model, x, y, found, sorted(set(first.flagged) | set(top)))
+    final = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[], spill=found.spill)
     return {"flagged": [list(pairs[i]) for i in final.flagged], "distance": final.distance.tolist()}
 
 

@@ -417,3 +417,23 @@ def test_restarts_keep_each_pairs_best_patch_and_restart_zero_is_the_single_inve
     both_work = (one.asr >= PAIR_ASR) & (three.asr >= PAIR_ASR)
     assert (objective_three[both_work] <= objective_one[both_work] + 1e-6).all()
     assert (three.asr >= PAIR_ASR).sum() >= (one.asr >= PAIR_ASR).sum()
+
+
+def test_the_inversions_step_hook_sees_every_step_and_ends_on_the_returned_patch():
+    """`_invert(on_step=...)` (what benchmarks/pair_steps.py keeps its snapshots from) is called once a step with
+    that step's objective per pair, and its last mask and pattern are the ones the inversion returns."""
+    from backdoorscan.usb.pairs import _invert, initial_patterns
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % 3
+    pairs = [(0, 1), (1, 2), (2, 0)]
+    seen: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    run = dict(steps=4, lr=0.1, per_source=4, cost=0.01, progress=lambda done, total: None)
+    mask, pattern = _invert(
+        net, x, y, pairs, initial_patterns(pairs, (1, 8, 8), 3), **run, on_step=lambda *a: seen.append(a)
+    )
+    assert [s[0] for s in seen] == [1, 2, 3, 4] and all(s[1].shape == (3,) for s in seen)
+    assert torch.equal(seen[-1][2], mask) and torch.equal(seen[-1][3], pattern)
+    alone = _invert(net, x, y, pairs, initial_patterns(pairs, (1, 8, 8), 3), **run)
+    assert torch.equal(alone[0], mask)  # the hook changes nothing

@@ -192,7 +192,11 @@ def _invert(
     per_source: int,
     cost: float,
     progress: Callable[[int, int], None],
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on every pair's tanh-parametrised mask and pattern at once; returns them in [0, 1]. `on_step`, when
+    given, sees each step's end: (steps done, that step's objective per pair, mask, pattern), so a study can keep
+    the patches along the way without running the inversion again (benchmarks/pair_steps.py)."""
     n_pairs = len(pairs)
     h, w = x.shape[-2:]
     rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
@@ -206,13 +210,20 @@ def _invert(
         pattern = (torch.tanh(pattern_p) + 1) / 2
         stamped = blend(xb, mask[:, None], pattern[:, None])
         ce = F.cross_entropy(model(stamped.flatten(0, 1)), targets, reduction="none").view(n_pairs, -1).mean(1)
-        loss = (ce + cost * mask.flatten(1).sum(1)).sum()
+        objective = ce + cost * mask.flatten(1).sum(1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.sum().backward()
         opt.step()
         progress(step + 1, steps)
-    with torch.no_grad():
-        return (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
+        if on_step is not None:
+            on_step(step + 1, objective.detach(), *_unit(mask_p, pattern_p))
+    return _unit(mask_p, pattern_p)
+
+
+@torch.no_grad()
+def _unit(mask_p: torch.Tensor, pattern_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tanh-parametrised mask and pattern in [0, 1]."""
+    return (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
 
 
 @torch.no_grad()
