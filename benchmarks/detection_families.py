@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--families", default=ScanSettings.families, help="all, universal+warp or universal")
     parser.add_argument("--pair-restarts", type=int, default=ScanSettings.pair_restarts, help="pairs: inversions")
     parser.add_argument(
+        "--pair-recheck", type=int, default=ScanSettings.pair_recheck, help="pairs: sources inverted again"
+    )
+    parser.add_argument(
         "--redecide",
         help="a stored NAME.json: decide its pairs again from the stored tables (no scan), write NAME-redecided.json",
     )
@@ -203,7 +206,11 @@ def main() -> None:
             continue
         t = time.perf_counter()
         settings = ScanSettings(
-            method=args.method, mask_cost=args.mask_cost, families=args.families, pair_restarts=args.pair_restarts
+            method=args.method,
+            mask_cost=args.mask_cost,
+            families=args.families,
+            pair_restarts=args.pair_restarts,
+            pair_recheck=args.pair_recheck,
         )
         scan = scan_model(zoo_dir / entry["path"], DATA, settings=settings, device="cpu")
         ok, lost = exact(entry, scan)

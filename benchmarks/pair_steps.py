@@ -39,10 +39,11 @@ from common import BUNDLED_TEST, clean_samples
 Policy = Callable[[dict], tuple[np.ndarray, float]]  # snapshots -> (per pair: the snapshot it stops at, cost share)
 
 
-def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, at: list[int]) -> dict:
-    """Invert every candidate pair with the scan's own inversion (`usb.pairs._invert`), keeping each pair's patch at
-    the steps in `at` and its training objective at every step; per snapshot, the attack success, cross-entropy and
-    L1 the scan measures."""
+def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, at: list[int], per_source: int) -> dict:
+    """Invert every candidate pair with the scan's own inversion (`usb.pairs._invert`) on `per_source` samples of
+    its source, keeping each pair's patch at the steps in `at` and its training objective at every step; per
+    snapshot, the attack success, cross-entropy and L1 the scan measures. The candidates are the scan's whatever
+    `per_source` (sources with fewer samples have them repeated, as the scan does)."""
     st = ScanSettings()
     pairs = candidate_pairs(k, y, lambda: model(x), min_samples=st.pair_samples)
     objective, masks, patterns = np.zeros((max(at), len(pairs))), [], []
@@ -61,7 +62,7 @@ def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, 
         initial_patterns(pairs, tuple(x.shape[1:]), st.seed),
         steps=max(at),
         lr=st.lr,
-        per_source=st.pair_samples,
+        per_source=per_source,
         cost=st.pair_cost,
         progress=lambda done, total: None,
         on_step=keep,
@@ -76,6 +77,7 @@ def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, 
         "l1": np.array([m.flatten(1).sum(1).numpy() for m in masks]),
         "mask": torch.stack(masks).numpy(),
         "pattern": torch.stack(patterns).numpy(),
+        "per_source": np.array(per_source),
     }
 
 
@@ -136,6 +138,12 @@ def main() -> None:
     parser.add_argument("--models", required=True, help="comma-separated model names")
     parser.add_argument("--at", default="30,50,60,70,80,90,100", help="snapshot steps; the last is the full run")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--pair-samples",
+        type=int,
+        default=ScanSettings.pair_samples,
+        help="samples of its source each pair is fitted on",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo, out, at = Path(args.zoo), Path(args.out), sorted(int(s) for s in args.at.split(","))
@@ -158,10 +166,10 @@ def main() -> None:
         )
         model, x, y = ready.model, ready.samples.x, ready.predictions
         path = out / f"{name}.npz"
-        if path.exists() and list(np.load(path)["at"]) == at:
+        if path.exists() and list(np.load(path)["at"]) == at and int(np.load(path)["per_source"]) == args.pair_samples:
             snap = dict(np.load(path))
         else:
-            snap = snapshots(model, x, y, ready.num_classes, at)
+            snap = snapshots(model, x, y, ready.num_classes, at, args.pair_samples)
             np.savez(path, **snap)
         attack = record.get("attack") or {}
         want = [attack["source"], attack["target"]] if attack.get("kind") == "source_specific" else None

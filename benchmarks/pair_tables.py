@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pair-steps", type=int, default=ScanSettings.pair_steps)
     parser.add_argument("--pair-restarts", type=int, default=ScanSettings.pair_restarts)
+    parser.add_argument("--pair-recheck", type=int, default=ScanSettings.pair_recheck)
     parser.add_argument("--models", help="comma-separated model names (default: every model of the zoo)")
     parser.add_argument(
         "--pair-support-ratio",
@@ -126,7 +127,10 @@ def main() -> None:
     dev = resolve_device(args.device)
     tables = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
     settings = ScanSettings(
-        pair_steps=args.pair_steps, pair_support_ratio=args.pair_support_ratio, pair_restarts=args.pair_restarts
+        pair_steps=args.pair_steps,
+        pair_support_ratio=args.pair_support_ratio,
+        pair_restarts=args.pair_restarts,
+        pair_recheck=args.pair_recheck,
     )
     wanted = None if args.models is None else set(args.models.split(","))
     for model in [m for m in models if (m.get("file") or m.get("path")) and (wanted is None or m["name"] in wanted)]:

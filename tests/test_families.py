@@ -437,3 +437,90 @@ def test_the_inversions_step_hook_sees_every_step_and_ends_on_the_returned_patch
     assert torch.equal(seen[-1][2], mask) and torch.equal(seen[-1][3], pattern)
     alone = _invert(net, x, y, pairs, initial_patterns(pairs, (1, 8, 8), 3), **run)
     assert torch.equal(alone[0], mask)  # the hook changes nothing
+
+
+def test_a_recheck_keeps_the_better_patch_of_each_rechecked_pair_and_touches_no_other():
+    """`keep_better` replaces a row only when the second inversion's patch is better by the restarts' rule (the
+    working patch of the smaller objective, else the one that moves more); a replaced row's spill is unmeasured."""
+    from backdoorscan.usb.pairs import PairTriggers, keep_better
+
+    def table(pairs, l1, asr, ce, spill, fill):
+        n = len(pairs)
+        return PairTriggers(
+            pairs=pairs,
+            mask=torch.full((n, 1, 2, 2), fill),
+            pattern=torch.full((n, 1, 2, 2), fill),
+            l1=np.array(l1, dtype=float),
+            asr=np.array(asr, dtype=float),
+            spill=np.array(spill, dtype=float),
+            ce=np.array(ce, dtype=float),
+        )
+
+    pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
+    first = table(pairs, [10, 10, 10, 10], [1.0, 1.0, 0.5, 1.0], [0.1, 0.1, 0.9, 0.1], [0.0, 0.1, 0.2, 0.3], 0.0)
+    # rows 0 and 2 rechecked: (0, 1) smaller and working -> taken; (1, 0) now works -> taken
+    again = table([(0, 1), (1, 0)], [5, 50], [1.0, 0.95], [0.1, 0.3], [np.nan, np.nan], 1.0)
+    merged = keep_better(first, [0, 2], again, cost=0.01)
+    assert merged.l1.tolist() == [5, 10, 50, 10] and merged.asr.tolist() == [1.0, 1.0, 0.95, 1.0]
+    assert np.isnan(merged.spill[[0, 2]]).all() and merged.spill[[1, 3]].tolist() == [0.1, 0.3]
+    assert merged.mask[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    # a worse second look changes nothing
+    worse = table([(0, 1), (1, 0)], [20, 50], [1.0, 0.4], [0.1, 0.3], [np.nan, np.nan], 1.0)
+    kept = keep_better(first, [0, 2], worse, cost=0.01)
+    assert kept.l1.tolist() == first.l1.tolist() and torch.equal(kept.mask, first.mask)
+    assert kept.spill[0] == 0.0  # not replaced: its spill stands
+
+
+def test_the_recheck_goes_to_the_sources_nearest_to_flagging():
+    """Per source its nearest pair's distance; flagged (negative) first, a source with no working pair last."""
+    from backdoorscan.usb.families import nearest_sources
+
+    pairs = [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+    distance = np.array([1.5, 0.7, np.inf, np.inf, -0.2, 2.0])
+    assert nearest_sources(pairs, distance, 2) == [2, 0]
+    assert nearest_sources(pairs, distance, 5) == [2, 0, 1]
+
+
+class _Ticks(list):
+    """A progress callback that keeps every (done, total) it is given."""
+
+    def append_pair(self, done: int, total: int) -> None:
+        self.append((done, total))
+
+
+def test_the_pairs_stage_inverts_the_nearest_sources_again_and_no_other():
+    """With `pair_recheck` 1, the pairs of the one source nearest to flagging are inverted a second time from new
+    starting patterns (better objective or the same), and every other pair is the first pass's."""
+    from backdoorscan.usb.families import FamilyScan, scan_pairs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 4)).eval()
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    runs = {}
+    for recheck in (0, 1):
+        result = FamilyScan()
+        settings = ScanSettings(pair_steps=5, pair_samples=2, pair_recheck=recheck)
+        ticks = _Ticks()
+        scan_pairs(
+            net,
+            x,
+            y,
+            4,
+            settings=settings,
+            universal_targets=[],
+            group=4,
+            progress=ticks.append_pair,
+            result=result,
+        )
+        assert ticks[-1][0] == ticks[-1][1] and all(a <= b for (a, _), (b, _) in zip(ticks, ticks[1:], strict=False))
+        runs[recheck] = result
+    once, twice = runs[0].pairs, runs[1].pairs
+    assert once is not None and twice is not None and runs[0].pairs_rechecked == []
+    (source,) = runs[1].pairs_rechecked
+    other = np.array([s != source for s, _ in once.pairs])
+    assert np.array_equal(once.l1[other], twice.l1[other]) and np.array_equal(once.asr[other], twice.asr[other])
+    mine = ~other & (once.asr >= PAIR_ASR) & (twice.asr >= PAIR_ASR)
+    assert (twice.ce[mine] + 0.01 * twice.l1[mine] <= once.ce[mine] + 0.01 * once.l1[mine] + 1e-9).all()
+    assert runs[1].to_dict()["pairs"]["rechecked_sources"] == [source]

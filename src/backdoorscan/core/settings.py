@@ -133,6 +133,12 @@ class ScanSettings(CommonSettings):
         "inversions times this). The decision sits near the inversion's noise for some planted pairs "
         "(docs/results.md).",
     )
+    pair_recheck: int = setting(
+        3,
+        "Pairs stage: the sources nearest to flagging whose pairs are all inverted once more from new starting "
+        "patterns, the better patch of each pair kept (0: none). The planted pair's source was the nearest in 50 of "
+        "54 stored tables and among the 3 nearest in 52 (docs/results.md).",
+    )
     pair_support_ratio: float = setting(
         0.0,
         "Pairs stage: also flag a pair whose patch needs at most this share of its source's median pixels (the "
@@ -182,6 +188,8 @@ class ScanSettings(CommonSettings):
             raise ScanError("class group must be at least 1")
         if not 0 < self.theta <= 1 or not 0 <= self.asr_min <= 1:
             raise ScanError("theta must be in (0, 1] and asr min in [0, 1]")
+        if self.pair_recheck < 0:
+            raise ScanError(f"pair recheck must not be negative, not {self.pair_recheck}")
         if not 0 <= self.pair_support_ratio < 1:
             raise ScanError(f"pair support ratio must be in [0, 1), not {self.pair_support_ratio:g}")
         if self.max_ratio <= 0 or self.delta <= 0 or self.lr <= 0 or self.warp_lr <= 0:

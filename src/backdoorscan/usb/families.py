@@ -21,7 +21,16 @@ import torch.nn as nn
 
 from .alltoall import SHARED_MAX_RATIO, SHARED_MOVED, SHARED_TOOK, SharedDecision, SharedPatch, shared_test
 from .decide import MAD_TO_SIGMA, anomaly_index, class_threshold, size_ratio, spread
-from .pairs import PAIR_ASR, PAIRS_REPORTED, PairTriggers, blend, candidate_pairs, invert_pairs, measure_spill
+from .pairs import (
+    PAIR_ASR,
+    PAIRS_REPORTED,
+    PairTriggers,
+    blend,
+    candidate_pairs,
+    invert_pairs,
+    keep_better,
+    measure_spill,
+)
 from .warp import Warps, apply_warp, invert_warps
 
 PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
@@ -71,6 +80,7 @@ class FamilyScan:
     pair_support_index: np.ndarray | None = None  # the index of the pixels each patch needs (its own flags)
     shared: SharedPatch | None = None  # the all-to-all test by one shared patch (alltoall.py)
     shared_decision: SharedDecision | None = None
+    pairs_rechecked: list[int] = field(default_factory=list)  # sources whose pairs were inverted a second time
     warps: Warps | None = None
     warp_index: np.ndarray | None = None
     warp_threshold: float | None = None
@@ -91,6 +101,7 @@ class FamilyScan:
             out["pairs"] = {
                 "threshold": round(float(self.pair_threshold or 0), 4),
                 "measured": len(self.pairs.pairs),
+                "rechecked_sources": list(self.pairs_rechecked),
                 "pairs": [
                     {
                         "source": self.pairs.pairs[i][0],
@@ -361,11 +372,11 @@ def scan_pairs(
             f"covered; {enough}"
         )
     per_group = max(1, group * settings.batch_size // settings.pair_samples)
-    found = invert_pairs(
+    invert = partial(
+        invert_pairs,
         model,
         x,
         y,
-        pairs,
         steps=settings.pair_steps,
         lr=settings.lr,
         per_source=settings.pair_samples,
@@ -373,27 +384,29 @@ def scan_pairs(
         group=per_group,
         batch=group * settings.batch_size,
         seed=settings.seed,
-        restarts=settings.pair_restarts,
         support=settings.pair_support_ratio > 0,
-        progress=progress,
     )
-    decide = partial(
-        decide_pairs,
-        pairs,
-        found.l1,
-        found.ce,
-        found.asr,
-        settings=settings,
-        universal_targets=universal_targets,
-        support=found.support,
-    )
-    decision = decide()
+    # progress in pair-inversions: the first pass, then the recheck (at most `pair_recheck` sources' pairs)
+    per_source = max(sum(1 for p in pairs if p[0] == s) for s in {p[0] for p in pairs})
+    first = len(pairs) * settings.pair_restarts
+    whole = first + settings.pair_recheck * per_source
+    found = invert(pairs, restarts=settings.pair_restarts, progress=_share(progress, 0, first, whole, settings))
+    decision = _decide_measured(model, x, y, pairs, found, settings, universal_targets)
+    rechecked: list[int] = []
+    if settings.pair_recheck:
+        rechecked = nearest_sources(pairs, decision.distance, settings.pair_recheck)
+        rows = [i for i, (s, _) in enumerate(pairs) if s in rechecked]
+        again = invert(
+            [pairs[i] for i in rows],
+            restarts=1,
+            first_restart=settings.pair_restarts,
+            progress=_share(progress, first, len(rows), whole, settings),
+        )
+        found = keep_better(found, rows, again, settings.pair_cost)
+        decision = _decide_measured(model, x, y, pairs, found, settings, universal_targets)
+    if progress is not None:
+        progress(whole * settings.pair_steps, whole * settings.pair_steps)
     index, flagged = decision.index, decision.flagged
-    top = [int(i) for i in np.argsort(-index)[:PAIRS_REPORTED] if np.isfinite(index[i])]
-    # spill for every pair that would flag (and those a report names), then the decision with the spill criterion
-    measure_spill(model, x, y, found, sorted(set(flagged) | set(top)))
-    decision = decide(spill=found.spill)
-    flagged = decision.flagged
     family = pair_family(pairs, flagged)
     for i in flagged:  # reported by the measure nearest to flagging it
         result.findings.append(
@@ -421,7 +434,55 @@ def scan_pairs(
     result.pair_objective_index = decision.objective_index
     result.pair_support_index = decision.support_index
     result.shared, result.shared_decision = shared, verdict
+    result.pairs_rechecked = rechecked
     result.margins["pairs"] = margin
+
+
+def _decide_measured(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    found: PairTriggers,
+    settings,
+    universal_targets: list[int],
+) -> PairDecision:
+    """The pairs' decision with spill: decided once, spill measured where it is not yet for every pair that would
+    flag and the PAIRS_REPORTED of the highest index (the ones a report names), then decided with it."""
+    decide = partial(
+        decide_pairs,
+        pairs,
+        found.l1,
+        found.ce,
+        found.asr,
+        settings=settings,
+        universal_targets=universal_targets,
+        support=found.support,
+    )
+    decision = decide()
+    top = [int(i) for i in np.argsort(-decision.index)[:PAIRS_REPORTED] if np.isfinite(decision.index[i])]
+    measure_spill(model, x, y, found, [i for i in sorted(set(decision.flagged) | set(top)) if np.isnan(found.spill[i])])
+    return decide(spill=found.spill)
+
+
+def nearest_sources(pairs: list[tuple[int, int]], distance: np.ndarray, count: int) -> list[int]:
+    """The `count` sources whose nearest pair is closest to flagging (flagged pairs first), ties by class: the ones
+    a second inversion is spent on. A source with no working pair is nearest last."""
+    nearest: dict[int, float] = {}
+    for (s, _), d in zip(pairs, distance, strict=True):
+        nearest[s] = min(nearest.get(s, np.inf), float(d))
+    return sorted(sorted(nearest), key=lambda s: nearest[s])[:count]
+
+
+def _share(
+    progress: Callable[[int, int], None] | None, start: int, part: int, whole: int, settings
+) -> Callable[[int, int], None] | None:
+    """Progress of an inversion of `part` pairs that begins after `start` of the stage's `whole`, in pair-steps
+    over the whole stage: one rising count across the first pass and the recheck."""
+    if progress is None:
+        return None
+    steps = settings.pair_steps
+    return lambda done, total: progress((start * steps) + (part * steps * done) // max(total, 1), whole * steps)
 
 
 def _shared_patch(

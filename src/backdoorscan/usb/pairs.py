@@ -107,6 +107,7 @@ def invert_pairs(
     batch: int,
     seed: int = 0,
     restarts: int = 1,
+    first_restart: int = 0,
     support: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PairTriggers:
@@ -115,10 +116,12 @@ def invert_pairs(
     `batch` images a forward pass). Each pair's starting pattern is drawn from `seed` and the pair itself, so the
     result does not depend on the group size, which follows the memory at hand. With `restarts` R > 1 each pair
     is inverted from R starting patterns (R times the cost) and keeps the best: the working patch of the smallest
-    objective, else the one that moves the most; restart 0 is the single inversion's."""
-    rows = list(pairs) * restarts  # restart-major: rows[: len(pairs)] is restart 0
+    objective, else the one that moves the most; restart 0 is the single inversion's. `first_restart` shifts the
+    draws (a second look at some pairs starts from patterns their first inversion did not use)."""
+    rows = list(pairs) * restarts  # restart-major: rows[: len(pairs)] is the first restart
     _, c, h, w = x.shape
-    starts = torch.cat([initial_patterns(pairs, (c, h, w), seed, restart=r) for r in range(restarts)])
+    draws = range(first_restart, first_restart + restarts)
+    starts = torch.cat([initial_patterns(pairs, (c, h, w), seed, restart=r) for r in draws])
     parts = in_class_groups(
         lambda sl: _invert(
             model,
@@ -152,6 +155,40 @@ def invert_pairs(
         ce=ce,
         support=pair_support(model, x, y, pairs, mask, pattern, works=asr >= PAIR_ASR, l1=l1, batch=batch)
         if support
+        else None,
+    )
+
+
+def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost: float) -> PairTriggers:
+    """`found` with each of its `rows` replaced by the same pair's patch in `again` (inverted from other starting
+    patterns) where that one is better by `_best_restarts`' rule; a replaced row's spill is unmeasured again."""
+    assert [found.pairs[i] for i in rows] == again.pairs
+    if not rows:
+        return found
+    at = torch.tensor(rows, device=found.mask.device)
+    asr = np.stack([found.asr[rows], again.asr])
+    objective = np.stack([found.ce[rows] + cost * found.l1[rows], again.ce + cost * again.l1])
+    take = _best_restarts(asr.ravel(), objective.ravel(), len(rows)) >= len(rows)  # True: `again`'s row
+    new = torch.tensor(take, device=found.mask.device)
+    mask, pattern = found.mask.clone(), found.pattern.clone()
+    mask[at] = torch.where(new[:, None, None, None], again.mask, mask[at])
+    pattern[at] = torch.where(new[:, None, None, None], again.pattern, pattern[at])
+
+    def merged(old: np.ndarray, other: np.ndarray, unset: float | None = None) -> np.ndarray:
+        out = old.copy()
+        out[rows] = np.where(take, other if unset is None else unset, old[rows])
+        return out
+
+    return PairTriggers(
+        pairs=list(found.pairs),
+        mask=mask,
+        pattern=pattern,
+        l1=merged(found.l1, again.l1),
+        asr=merged(found.asr, again.asr),
+        spill=merged(found.spill, again.spill, unset=np.nan),
+        ce=merged(found.ce, again.ce),
+        support=merged(found.support, again.support)
+        if found.support is not None and again.support is not None
         else None,
     )
 
