@@ -21,28 +21,26 @@ import json
 import numpy as np
 
 from backdoorscan import ScanSettings
-from backdoorscan.usb.families import decide_pairs, nearest_sources
+from backdoorscan.usb.families import nearest_sources
+from backdoorscan.usb.pairs import _best_restarts
 
 from common import ROOT
 from pair_tables import decide_table, planted
 
 RESULTS = ROOT / "docs/results"
-Row = dict[str, float | None]
+Row = dict
 Table = dict[tuple[int, int], Row]
 POLICIES: list[int | None] = [0, 1, 2, 3, None]  # sources rechecked; None: every source (--pair-restarts 2)
 
 
 def _rows(listed: list[list]) -> Table:
     """The restarts study's rows ([source, target, l1, asr, cross_entropy, spill]) by pair."""
-    return {(int(r[0]), int(r[1])): {"l1": r[2], "asr": r[3], "ce": r[4], "spill": r[5]} for r in listed}
+    return {(int(r[0]), int(r[1])): {"l1": r[2], "asr": r[3], "cross_entropy": r[4], "spill": r[5]} for r in listed}
 
 
 def _table(stored: list[dict]) -> Table:
     """A report's pairs table by pair."""
-    return {
-        (p["source"], p["target"]): {"l1": p["l1"], "asr": p["asr"], "ce": p["cross_entropy"], "spill": p["spill"]}
-        for p in stored
-    }
+    return {(p["source"], p["target"]): p for p in stored}
 
 
 def models() -> dict[str, tuple[str, set[tuple[int, int]], Table, Table, bool]]:
@@ -65,41 +63,28 @@ def models() -> dict[str, tuple[str, set[tuple[int, int]], Table, Table, bool]]:
     return out
 
 
-def decide(rows: Table, settings: ScanSettings) -> tuple[list[tuple[int, int]], np.ndarray, list[int]]:
-    """The scan's rule on a table: its pairs, each pair's distance from flagging, the flagged positions."""
-    pairs = sorted(rows)
-
-    def column(key: str) -> np.ndarray:
-        return np.array([np.nan if rows[p][key] is None else rows[p][key] for p in pairs], dtype=np.float64)
-
-    d = decide_pairs(
-        pairs, column("l1"), column("ce"), column("asr"), settings=settings, universal_targets=[], spill=column("spill")
-    )
-    return pairs, d.distance, d.flagged
-
-
 def better(a: Row, b: Row, cost: float) -> Row:
-    """The restarts' rule for one pair: the working row of the smaller objective, else the one that moves more."""
-    works = [r for r in (a, b) if r["asr"] >= 0.9]
-    if works:
-        return min(works, key=lambda r: r["ce"] + cost * r["l1"])
-    return max((a, b), key=lambda r: r["asr"])
+    """The restarts' rule for one pair (`pairs._best_restarts`): the working row of the smaller objective, else the
+    one that moves more."""
+    asr = np.array([a["asr"], b["asr"]])
+    objective = np.array([r["cross_entropy"] + cost * r["l1"] for r in (a, b)])
+    return (a, b)[int(_best_restarts(asr, objective, 1)[0])]
 
 
 def replay(entry: tuple, count: int | None, settings: ScanSettings) -> tuple[set[tuple[int, int]], float]:
     """The pairs flagged when the `count` nearest sources (None: all) take their second table, and the nearest
     distance of the merged table."""
     _, _, first, second, is_best = entry
-    pairs, distance, _ = decide(first, settings)
-    chosen = {s for s, _ in pairs} if count is None else set(nearest_sources(pairs, distance, count))
+    pairs, decision = decide_table(first, [], settings)
+    chosen = {s for s, _ in pairs} if count is None else set(nearest_sources(pairs, decision.distance, count))
     merged = {
         p: (second[p] if is_best else better(first[p], second[p], settings.pair_cost))
         if p[0] in chosen and p in second
         else first[p]
         for p in pairs
     }
-    pairs, distance, flagged = decide(merged, settings)
-    return {pairs[i] for i in flagged}, float(np.min(distance))
+    pairs, decision = decide_table(merged, [], settings)
+    return {pairs[i] for i in decision.flagged}, float(np.min(decision.distance))
 
 
 def source_ranks() -> list[int]:

@@ -174,9 +174,9 @@ def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost:
     mask[at] = torch.where(new[:, None, None, None], again.mask, mask[at])
     pattern[at] = torch.where(new[:, None, None, None], again.pattern, pattern[at])
 
-    def merged(old: np.ndarray, other: np.ndarray, unset: float | None = None) -> np.ndarray:
+    def merged(old: np.ndarray, other: np.ndarray) -> np.ndarray:
         out = old.copy()
-        out[rows] = np.where(take, other if unset is None else unset, old[rows])
+        out[rows] = np.where(take, other, old[rows])
         return out
 
     return PairTriggers(
@@ -185,7 +185,7 @@ def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost:
         pattern=pattern,
         l1=merged(found.l1, again.l1),
         asr=merged(found.asr, again.asr),
-        spill=merged(found.spill, again.spill, unset=np.nan),
+        spill=merged(found.spill, np.full(len(rows), np.nan)),
         ce=merged(found.ce, again.ce),
         support=merged(found.support, again.support)
         if found.support is not None and again.support is not None
