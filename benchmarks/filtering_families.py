@@ -7,12 +7,20 @@ same digits stamped with the model's trigger where the trigger applies and chang
 patch: the source's digits only; all-to-all: every digit, to its own target; WaNet: every non-target digit). FRR =
 clean digits flagged; BASR after filtering = triggered digits that pass the filter and still get the backdoor's
 label. Clean models are screened too (FRR only). Resumable: models already in OUT are kept.
+
+    .venv/bin/python benchmarks/filtering_families.py --zoo bench-out/zoo12 --method erase \
+        --out docs/results/families_filtering_erase.json
+
+`--method erase` screens with the triggers each model's default scan named (`filter --method erase`): the scan
+runs once per model and its triggers.safetensors is kept in ZOO/triggers/ (a model whose scan named none is
+recorded as not screened: its triggered digits all pass). `--models` picks models by a regular expression.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +29,10 @@ import numpy as np
 import torch
 
 from backdoorlab.data import mnist
-from backdoorscan import ModelSource, filter_dataset
+from backdoorscan import FilterSettings, ModelSource, filter_dataset, scan_model
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import to_uint8_images
+from backdoorscan.report.trigger_file import save_triggers
 from backdoorscan.report.writer import write_text_atomic
 
 from common import BUNDLED_TEST, device_name
@@ -48,6 +57,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/families_filtering.json")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="uap", choices=["uap", "erase"], help="the screen's rule")
+    parser.add_argument("--models", default="", help="a regular expression the model names must match")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo, out = Path(args.zoo), Path(args.out)
@@ -57,31 +68,68 @@ def main() -> None:
     dev = resolve_device(args.device)
     saved = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
     for name, record in records.items():
-        if name in saved["models"]:
+        if name in saved["models"] or not re.search(args.models, name):
             continue
         x, kind, expected = screening_set(record, xs, ys)
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "screen.npz"
-            np.savez(path, x=to_uint8_images(x))
-            res = filter_dataset(ModelSource(zoo / record["path"]), str(BUNDLED_TEST), path, device=dev)
-        flagged = np.array([i.flagged for i in res.items])
-        pred = torch.tensor([i.prediction for i in res.items])
+        triggers = _triggers(zoo, record, dev) if args.method == "erase" else None
+        if args.method == "erase" and triggers is None:  # the scan named nothing: nothing to erase
+            res = None
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "screen.npz"
+                np.savez(path, x=to_uint8_images(x))
+                res = filter_dataset(
+                    ModelSource(zoo / record["path"]),
+                    str(BUNDLED_TEST),
+                    path,
+                    settings=FilterSettings(method=args.method),
+                    triggers=triggers,
+                    device=dev,
+                )
+        screened = res is not None and res.verdict != "inconclusive"  # else nothing is filtered out
+        flagged = np.array([i.flagged for i in res.items]) if screened else np.zeros(len(x), dtype=bool)
+        pred = torch.tensor([i.prediction for i in res.items]) if screened else _predict(zoo, record, x, dev)
         hit = (pred[torch.from_numpy(kind)] == expected).numpy() if kind.any() else np.zeros(0, dtype=bool)
         saved["models"][name] = {
             "family": record["family"],
             "aside": record["aside"],
-            "verdict": res.verdict,
+            "verdict": res.verdict if res is not None else "not screened (the scan named no trigger)",
+            "reasons": res.reasons if res is not None else [],
             "frr": round(float(flagged[~kind].mean()), 4),
             "triggered": int(kind.sum()),
             "basr_before": round(float(hit.mean()), 4) if hit.size else None,
             "basr_after": round(float((hit & ~flagged[kind]).mean()), 4) if hit.size else None,
-            "epsilon": res.epsilon,
+            "epsilon": res.epsilon if res is not None else None,
+            "triggers": res.triggers if res is not None else [],
             "seconds": round(time.perf_counter() - t, 1),
         }
         write_text_atomic(out, json.dumps(saved, indent=1) + "\n")
         print(name, json.dumps(saved["models"][name]), flush=True)
     print(table(saved["models"]))
+
+
+def _triggers(zoo: Path, record: dict, dev: torch.device) -> Path | None:
+    """The triggers the model's default scan named (scanned once, kept in ZOO/triggers/); None when it named none."""
+    folder = zoo / "triggers"
+    path, none = folder / f"{record['name']}.safetensors", folder / f"{record['name']}.none"
+    if not path.exists() and not none.exists():
+        found = scan_model(ModelSource(zoo / record["path"]), str(BUNDLED_TEST), device=dev).found_triggers()
+        folder.mkdir(exist_ok=True)
+        if found is not None:
+            save_triggers(path, found)
+        else:
+            none.write_text("the scan named no trigger\n")
+    return path if path.exists() else None
+
+
+def _predict(zoo: Path, record: dict, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """The model's predictions of the screened digits (for a model the erasure screen did not screen)."""
+    from backdoorscan.loading import prepare
+    from backdoorscan.perturb.evaluate import predict
+
+    ready = prepare(ModelSource(zoo / record["path"]), str(BUNDLED_TEST), samples=10, seed=0, device=dev)
+    return predict(ready.model, x.to(dev)).cpu()
 
 
 def table(models: dict[str, dict]) -> str:

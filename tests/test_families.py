@@ -4,6 +4,10 @@ on bundled models trained with those attacks (scripts/make_family_models.py), an
 
 from __future__ import annotations
 
+import functools
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +177,7 @@ def test_warp_family_finds_the_wanet_target():
     assert result.warps.asr[i] >= 0.8 and result.warps.displacement[i] < 0.5 * np.median(result.warps.displacement)
 
 
+@functools.cache  # a scan's pairs stage, shared by the tests that read it
 def _pairs_of(path) -> FamilyScan:
     ready = _ready(path)
     result = FamilyScan()
@@ -215,6 +220,46 @@ def test_pairs_family_names_the_pair_or_the_mapping(path, family, expected):
     table = result.to_dict()["pairs"]["pairs"]
     measured = {(p["source"], p["target"]) for p in table if p["spill"] is not None}
     assert found <= measured and len(measured) <= len(found) + 10
+
+
+def test_a_named_pair_screens_its_source_by_erasure(tmp_path, digits):
+    """The pair the scan names goes into the triggers file (`ModelScan.found_triggers`), and `filter --method
+    erase` catches the 2s stamped with the planted patch, leaving clean digits alone."""
+    from backdoorlab import BadNets
+    from backdoorscan import FilterSettings, filter_dataset
+    from backdoorscan.loading import to_uint8_images
+    from backdoorscan.report.trigger_file import save_triggers
+    from backdoorscan.usb.result import ModelScan
+
+    families = _pairs_of(SOURCE_2TO6)
+    scan = SimpleNamespace(
+        verdict="backdoor",
+        classes=[],
+        families=families,
+        form="blend",
+        input=SimpleNamespace(height=28, width=28),
+        model={"sha256": None},
+    )
+    found = ModelScan.found_triggers(scan)
+    assert found is not None and {"family": "source-specific", "target": 6, "source": 2} in found.describe()
+    save_triggers(tmp_path / "triggers.safetensors", found)
+    attack = json.loads((MODELS / "zoo.json").read_text())["mnist_source_2to6"]["attack"]["patch"]
+    patch = BadNets(target=0, size=attack["size"], row=attack["row"], col=attack["col"], color=tuple(attack["color"]))
+    _, _, xt, yt = digits
+    twos = xt[1000:2000][yt[1000:2000] == 2]
+    np.savez(tmp_path / "screen.npz", x=to_uint8_images(torch.cat([xt[1000:1300], patch.apply(twos)])))
+    result = filter_dataset(
+        SOURCE_2TO6,
+        MNIST_TEST,
+        tmp_path / "screen.npz",
+        settings=FilterSettings(method="erase"),
+        triggers=tmp_path / "triggers.safetensors",
+        device="cpu",
+    )
+    flags = np.array([i.flagged for i in result.items])
+    moved = np.array([i.prediction == 6 for i in result.items])[300:]
+    assert moved.mean() >= 0.8  # the backdoor works on these 2s
+    assert flags[:300].mean() <= 0.05 and flags[300:][moved].mean() >= 0.9, (flags[:300].mean(), flags[300:].mean())
 
 
 @pytest.mark.xfail(

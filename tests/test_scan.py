@@ -121,6 +121,36 @@ def test_trigger_images_are_written(badnets_cli, attack_meta):
     assert inside / mask.sum() > 0.3
 
 
+def test_the_named_trigger_screens_a_dataset_by_erasure(badnets_cli, attack_meta, digits, tmp_path):
+    """`model --out` writes the trigger it names (triggers.safetensors, bound to the model's sha256); `filter
+    --method erase` undoes it on every input predicted as its target: stamped digits are flagged, clean ones
+    almost never; the file is refused for another model, and without --method erase."""
+    from backdoorlab import BadNets
+    from backdoorscan.loading import to_uint8_images
+    from backdoorscan.report.trigger_file import load_triggers
+
+    _, out, _ = badnets_cli
+    triggers = out / "triggers.safetensors"
+    found = load_triggers(triggers, None, (28, 28), 10)
+    assert found.describe() == [{"family": "universal", "target": attack_meta["target"], "source": None}]
+    patch = BadNets(**{**{k: v for k, v in attack_meta.items() if k != "kind"}, "color": tuple(attack_meta["color"])})
+    _, _, xt, yt = digits
+    others = xt[1300:1600][yt[1300:1600] != attack_meta["target"]]
+    np.savez(tmp_path / "screen.npz", x=to_uint8_images(torch.cat([xt[1000:1300], patch.apply(others)])))
+    args = ["--input", str(tmp_path / "screen.npz"), "--clean", str(MNIST_TEST), "--device", "cpu", "--json"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["filter", str(BADNETS), *args, "--method", "erase", "--triggers", str(triggers)])
+    assert res.exit_code == 1, res.output
+    report = json.loads(res.stdout)
+    assert report["method"] == "erase" and report["triggers"] == found.describe()
+    flags = np.array([i["flagged"] for i in report["items"]])
+    assert flags[:300].mean() <= 0.05 and flags[300:].mean() >= 0.9, (flags[:300].mean(), flags[300:].mean())
+    other = runner.invoke(app, ["filter", str(CLEAN), *args, "--method", "erase", "--triggers", str(triggers)])
+    assert other.exit_code == 2 and "another model" in other.output and len(other.output.strip().splitlines()) == 1
+    alone = runner.invoke(app, ["filter", str(BADNETS), *args, "--triggers", str(triggers)])
+    assert alone.exit_code == 2 and "--method erase" in alone.output
+
+
 def test_adaptive_mask_cost_shrinks_the_target_to_the_patch(attack_meta):
     """The authors' L1 schedule (the default since 0.9.0) removes the diffuse mask a fixed weight leaves: the
     target's mask is the patch."""

@@ -399,6 +399,14 @@ def filter_dataset_cmd(
         Path | None, typer.Option("--uap", help="Use a stored UAP (from --save-uap, or a report's uap.safetensors).")
     ] = None,
     save_uap: Annotated[Path | None, typer.Option(help="Store the UAP for later screening.")] = None,
+    triggers: Annotated[
+        Path | None,
+        typer.Option(
+            "--triggers",
+            help="With --method erase: the triggers a model scan named (DIR/triggers.safetensors of "
+            "`backdoorscan model --out DIR`), undone on each input.",
+        ),
+    ] = None,
     copy_to: Annotated[Path | None, typer.Option(help="Copy images into DIR/kept and DIR/flagged.")] = None,
     out_dir: Annotated[
         Path | None,
@@ -407,7 +415,8 @@ def filter_dataset_cmd(
     markdown: Markdown = None,
     **options: Any,
 ) -> None:
-    """Flag images whose prediction survives a universal adversarial perturbation; exit 1 when any is flagged."""
+    """Flag images that carry a trigger: their prediction survives a universal adversarial perturbation (default),
+    or leaves a scanned trigger's target once that trigger is undone (--method erase); exit 1 when any is flagged."""
     run = opt.take(opt.run_options, options)
 
     def body() -> int:
@@ -419,7 +428,10 @@ def filter_dataset_cmd(
         settings = FilterSettings(**opt.take(FilterSettings, options))
         source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
         check_outputs(
-            [markdown, save_uap], [out_dir, copy_to], [inputs, clean], writable=os.environ.get(CHILD_ENV) is None
+            [markdown, save_uap],
+            [out_dir, copy_to],
+            [inputs, clean, triggers],
+            writable=os.environ.get(CHILD_ENV) is None,
         )
         code, device, limits, note = _scan_here(ctx, run, [out_dir], [markdown, save_uap], copies=copy_to)
         if code is not None:
@@ -433,6 +445,7 @@ def filter_dataset_cmd(
                 uap_file=uap,
                 save_uap_to=output_path(save_uap),
                 copy_to=output_path(copy_to),
+                triggers=triggers,
                 device=device,
                 progress=_announced(progress, note),
                 limits=limits,

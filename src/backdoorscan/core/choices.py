@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 from .errors import ScanError
 
 Method = Literal["usb", "nc"]  # the model scan: USB (the paper) or Neural Cleanse (baseline)
-FilterMethod = Literal["uap", "strip"]  # the screening: Xue et al.'s UAP rule or STRIP (baseline)
+FilterMethod = Literal["uap", "strip", "erase"]  # screening: Xue et al.'s UAP rule, STRIP, a scan's triggers undone
 Norm = Literal["l2", "linf"]  # the norm balls UAPs live in
 Solver = Literal["pgd", "deepfool"]  # how the untargeted UAP is computed
 Form = Literal["blend", "paper"]  # how a reversed trigger is stamped (see perturb/triggers.py)

@@ -204,7 +204,11 @@ class ScanSettings(CommonSettings):
 class FilterSettings(CommonSettings):
     """Knobs of the screening; defaults follow Xue et al. where they give one."""
 
-    method: FilterMethod = setting("uap", "uap (Xue et al.) or strip (baseline).")
+    method: FilterMethod = setting(
+        "uap",
+        "uap (Xue et al.), strip (baseline) or erase (undo the triggers a model scan named, --triggers: "
+        "source-specific, all-to-all and warps, which a UAP does not catch).",
+    )
     epsilon: float | None = setting(
         None, "L-inf radius of the UAP; default: the smallest that reaches the fooling rate."
     )

@@ -8,6 +8,7 @@
 | `sarif.py` | SARIF 2.1.0 for code scanning |
 | `rows.py` | the lines every renderer shows for the families (what was covered, what fired) |
 | `uap_file.py` | the screen's UAP file (`--save-uap` / `--uap`), bound to its model's sha256 |
+| `trigger_file.py` | a scan's named triggers (`triggers.safetensors`) for the erasure screen, bound likewise |
 """
 
 from .images import to_image, trigger_grid, visible_perturbation

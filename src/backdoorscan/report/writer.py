@@ -15,6 +15,7 @@ from ..loading.labels import file_slug
 from ..safety.paths import ensure_outside
 from .images import to_image, trigger_grid, visible_perturbation
 from .markdown import scan_markdown
+from .trigger_file import save_triggers
 
 
 def _file_mode(path: Path) -> int:
@@ -109,7 +110,8 @@ def write_tree(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def write_scan_report(scan, out: Path) -> Path:
-    """report.json, report.md, triggers.png and per-class trigger/mask/stamped PNGs under `out`."""
+    """report.json, report.md, triggers.png, per-class trigger/mask/stamped PNGs and, when the scan names a
+    backdoor, triggers.safetensors (every named trigger, for the screen's erasure rule) under `out`."""
     ensure_outside(out, scan.data.get("path"))
     with atomic_output_dir(out, "report.json") as stage:
         tiles, labels = [], []
@@ -126,6 +128,9 @@ def write_scan_report(scan, out: Path) -> Path:
             to_image(image).save(stage / f"{stem}.png")
         if tiles:  # an inconclusive scan that stopped before its search has no triggers
             trigger_grid(tiles, labels, [c.flagged for c in scan.classes]).save(stage / "triggers.png")
+        found = scan.found_triggers()  # what `filter --method erase --triggers` reads; only when a backdoor is named
+        if found is not None:
+            save_triggers(stage / "triggers.safetensors", found)
         (stage / "report.md").write_text(scan_markdown(scan))
         (stage / "report.json").write_text(dumps(scan.to_dict()) + "\n")
     return out / "report.json"

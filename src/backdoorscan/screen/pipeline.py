@@ -30,15 +30,19 @@ from ..core.settings import FilterSettings
 from ..loading import ModelSource, Source, iter_images, open_source, prepare
 from ..loading.evidence import Evidence
 from ..loading.samples import FolderSource
+from ..loading.setup import Prepared
 from ..perturb import untargeted_uap
 from ..perturb.uap import UntargetedUAP
+from ..report.trigger_file import load_triggers
 from ..report.uap_file import UapFile, load_uap, save_uap
 from ..safety.limits import Limits
 from ..safety.paths import ensure_outside
+from .erase import EraseRule, erase_flags, erase_rule
 from .rule import UapRule, survival_margins, uap_rule
 
 Progress = Callable[[str, int, int], None]
 MIN_CLASS_SAMPLES = 5  # clean samples of a class needed to calibrate its threshold
+ERASE_CLEAN_MAX = 0.5  # erasure: the share of a target's clean samples it may flag before it says nothing
 
 
 @dataclass
@@ -67,6 +71,7 @@ class FilterResult:
     per_class: list[dict]
     suspected_target: int | None
     model: dict
+    triggers: list[dict] = field(default_factory=list)  # --method erase: the scan's triggers it undid
     rule: UapRule | None = field(default=None, repr=False)  # the UAP, class UAPs and margins it screened with
     survival: torch.Tensor | None = field(default=None, repr=False)  # per class: clean survival rate of the UAP
     threshold: float | None = None
@@ -109,6 +114,7 @@ class FilterResult:
             "dominant_classes": [] if self.rule is None else self.rule.dominant,
             "thresholds": None if self.rule is None else [round(float(t), 4) for t in self.rule.thresholds],
             "suspected_target": self.suspected_target,
+            "triggers": self.triggers,
             "per_class": self.per_class,
             "model": self.model,
             "skipped": self.skipped,
@@ -183,11 +189,14 @@ def filter_dataset(
     uap_file: str | Path | None = None,
     save_uap_to: str | Path | None = None,
     copy_to: str | Path | None = None,
+    triggers: str | Path | None = None,
     device: str | torch.device = DEFAULT_DEVICE,
     progress: Progress | None = None,
     limits: Limits | None = None,
 ) -> FilterResult:
-    """UapRule every image of `inputs`; flagged images are those whose prediction the UAP does not change.
+    """Screen every image of `inputs`: by default flagged when its prediction survives the UAP (Xue et al.); with
+    `method="erase"`, when undoing one of the triggers a model scan named (`triggers`: its triggers.safetensors)
+    moves it off that trigger's target (`erase.py`); with `method="strip"`, by STRIP's entropy.
 
     `model` is a checkpoint path, a module, or a `ModelSource`. Nothing is written inside `inputs` (copies and
     UAP files there are refused). The result is **inconclusive** (exit code 3, `reasons`), as a model scan's is,
@@ -204,6 +213,7 @@ def filter_dataset(
             uap_file=uap_file,
             save_uap_to=save_uap_to,
             copy_to=copy_to,
+            triggers=triggers,
             device=device,
             progress=progress,
             limits=limits,
@@ -220,6 +230,8 @@ class _Rule:
     survival: torch.Tensor | None = None  # per class: share of clean samples the rule flags
     strip_threshold: float | None = None
     generator: torch.Generator | None = None  # STRIP's blends
+    erase: EraseRule | None = None  # a scan's triggers to undo
+    triggers: list[dict] = field(default_factory=list)  # what they are, for the report
 
 
 def _filter_dataset(
@@ -231,15 +243,21 @@ def _filter_dataset(
     uap_file: str | Path | None,
     save_uap_to: str | Path | None,
     copy_to: str | Path | None,
+    triggers: str | Path | None,
     device: str | torch.device,
     progress: Progress | None,
     limits: Limits | None,
 ) -> FilterResult:
     """`filter_dataset`'s steps, run with torch's generators seeded (and restored afterwards by the caller)."""
+    if (settings.method == "erase") != (triggers is not None):
+        raise ScanError(
+            "--method erase screens with the triggers a model scan named, and only it reads them",
+            hint="give both --method erase and --triggers DIR/triggers.safetensors (`backdoorscan model --out DIR`)",
+        )
     if clean is None and uap_file is None:
         raise ScanError("give clean samples to compute the UAP from, or a stored UAP")
-    if clean is None and settings.method == "strip":
-        raise ScanError("STRIP needs clean samples")
+    if clean is None and settings.method in ("strip", "erase"):
+        raise ScanError(f"{settings.method} needs clean samples")
     for output in (copy_to, save_uap_to):
         ensure_outside(output, inputs)
     source = ModelSource.of(model)
@@ -293,6 +311,10 @@ def _filter_dataset(
                     survival=rule.survival,
                 ),
             )
+    elif settings.method == "erase":
+        rule = _erase_rule(ready, Path(str(triggers)), sha, evidence)
+        if not evidence.ok:
+            return _inconclusive(inputs, settings, info, evidence, t0)
     else:
         gen = torch.Generator().manual_seed(settings.seed)
         rule = _Rule(
@@ -328,6 +350,7 @@ def _filter_dataset(
         items=items,
         per_class=per_class,
         suspected_target=target,
+        triggers=rule.triggers,
         threshold=rule.strip_threshold,
         model={
             "path": str(ready.loaded.path) if ready.loaded else None,
@@ -406,6 +429,45 @@ def _uap_rule(
     return _Rule(rule, uap.epsilon, uap.fooling_rate, clean_survival(net, x, rule, k))
 
 
+def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence) -> _Rule:
+    """The erasure rule for a scan's triggers (checked against this model), with its flag rate on the clean
+    samples per class; a target whose clean samples it mostly flags makes the screen inconclusive."""
+    if ready.samples is None or ready.predictions is None:  # the caller stops earlier; this keeps the types honest
+        raise ScanError("the erasure rule needs clean samples and the model's predictions of them")
+    net, x, k = ready.model, ready.samples.x, ready.num_classes
+    _, height, width = ready.spec.shape
+    found = load_triggers(path, sha, (height, width), k)
+    if found.warp_targets:
+        evidence.notes.append(
+            f"the scan's warp triggers (targets {', '.join(map(str, found.warp_targets))}) are not screened: "
+            "reversing the warp the scan found does not undo a planted one (docs/results.md)"
+        )
+    evidence.record(
+        "erase_patches",
+        bool(found.targets),
+        "the triggers file holds only warps, which erasing cannot undo: nothing to screen with",
+        patches=len(found.targets),
+    )
+    if not found.targets:
+        return _Rule(triggers=found.describe())
+    rule = erase_rule(found, x, ready.predictions).to(x.device)
+    before, _, flagged = erase_flags(net, x, rule)
+    seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))
+    rate = torch.zeros(k).index_add_(0, before.cpu(), flagged.float().cpu()) / seen.clamp_min(1)
+    targets = sorted(set(found.targets))
+    worst = max(targets, key=lambda t: float(rate[t]))
+    evidence.record(
+        "erase_clean_flags",
+        float(rate[worst]) <= ERASE_CLEAN_MAX,
+        f"erasing the scan's patches moves {float(rate[worst]):.0%} of the clean samples of class {worst} off it: "
+        "a flag would not tell a trigger from the class's own features",
+        worst_class=worst,
+        rate=round(float(rate[worst]), 4),
+    )
+    survival = torch.where(seen > 0, rate, torch.zeros(k))
+    return _Rule(erase=rule, survival=survival, triggers=found.describe())
+
+
 def _screen(
     net: nn.Module,
     images: Source,
@@ -426,6 +488,9 @@ def _screen(
         after_list: list[int | None]
         if rule.uap is not None:
             before, after, flags = uap_rule(net, x, rule.uap)
+            scores, after_list = [None] * len(x), after.tolist()
+        elif rule.erase is not None:
+            before, after, flags = erase_flags(net, x, rule.erase)
             scores, after_list = [None] * len(x), after.tolist()
         else:
             with torch.no_grad():

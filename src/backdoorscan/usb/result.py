@@ -12,6 +12,7 @@ from ..core.errors import ExitCode
 from ..core.settings import ScanSettings
 from ..loading import InputSpec
 from ..loading.evidence import Evidence
+from ..report.trigger_file import TriggerFile
 from .families import FamilyScan
 from .staging import Staging
 
@@ -94,6 +95,63 @@ class ModelScan:
         """0 when clean, 1 when a backdoor is suspected, 3 when inconclusive."""
         return int(
             {"backdoor": ExitCode.BACKDOOR, "inconclusive": ExitCode.INCONCLUSIVE}.get(self.verdict, ExitCode.CLEAN)
+        )
+
+    def found_triggers(self) -> TriggerFile | None:
+        """Every trigger the verdict names, for the screen's erasure rule (`report/trigger_file.py`); None when the
+        scan names none. A universal target's region is its mask (the trigger times the mask in the paper's form,
+        which masks the whole image); a pair's its patch's mask; a warp is its control grid."""
+        if self.verdict != "backdoor":
+            return None
+        regions: list[torch.Tensor] = []
+        targets: list[int] = []
+        sources: list[int] = []
+        kinds: list[str] = []
+
+        def add(region: torch.Tensor, family: str, target: int, source: int | None) -> None:
+            region = region.detach().float().cpu().abs().mean(0, keepdim=True)
+            regions.append(region / region.max().clamp_min(1e-12))
+            kinds.append(family)
+            targets.append(int(target))
+            sources.append(-1 if source is None else int(source))
+
+        for i, c in enumerate(self.classes):
+            if c.target:
+                region = self.triggers[i] * self.masks[i] if self.form == "paper" else self.masks[i]
+                add(region, "universal", c.cls, None)
+        warps, warp_targets = [], []
+        fam = self.families
+        if fam is not None:
+            # a mapping the shared patch flagged is undone by that one patch: each pair's own patch too would give
+            # a clean input of every target a second chance to be moved (on held-out batch 12, FRR 6-12 % against
+            # 1-6 % with the shared patch alone, the same triggered inputs caught)
+            shared = (
+                fam.shared_decision.mapped if fam.shared_decision is not None and fam.shared_decision.flagged else []
+            )
+            pairs = fam.pairs
+            where = {p: i for i, p in enumerate(pairs.pairs)} if pairs is not None else {}
+            for f in fam.findings:
+                if f.family == "warp" and fam.warps is not None and f.target in fam.warps.targets:
+                    warps.append(fam.warps.control[fam.warps.targets.index(f.target)].detach().float().cpu())
+                    warp_targets.append(f.target)
+                elif pairs is not None and f.source is not None and (f.source, f.target) not in shared:
+                    row = where.get((f.source, f.target))
+                    if row is not None:
+                        add(pairs.mask[row], f.family, f.target, f.source)
+            if fam.shared is not None:
+                for s, t in shared:
+                    add(fam.shared.mask, "shared", t, s)
+        if not regions and not warps:
+            return None
+        h, w = self.input.height, self.input.width
+        return TriggerFile(
+            regions=torch.stack(regions) if regions else torch.zeros(0, 1, h, w),
+            targets=targets,
+            sources=sources,
+            families=kinds,
+            warps=torch.stack(warps) if warps else torch.zeros(0, 2, 1, 1),
+            warp_targets=warp_targets,
+            model_sha256=self.model.get("sha256"),
         )
 
     def to_dict(self) -> dict:

@@ -1,0 +1,85 @@
+"""The erasure rule (`filter --method erase --triggers`): screen inputs with the triggers a model scan reversed.
+
+An input predicted as a patch trigger's target is re-predicted with the patch erased: its region (where the
+reversed mask sits, binarised and grown by `ERASE_GROW` pixels) filled with what clean samples of the trigger's
+source look like there (the mean of every other class for a universal trigger). An input whose prediction then
+leaves the target carried the trigger. Neural Cleanse (Wang et al., S&P 2019,
+Sec. VI-A) screens inputs with the reversed trigger through the neurons it activates; erasing and re-predicting
+needs no layer access and covers what Xue et al.'s UAP rule cannot: triggers that only work on one source's
+content (source-specific, all-to-all), which a universal perturbation does not dominate (`docs/results.md`). It
+can only screen for what the scan found, and not warps: the warp the scan reverses is one that moves clean
+inputs to the target, not the planted one, and reversing it leaves a WaNet input's prediction where it was
+(measured on the bundled WaNet model: none of its warped digits moved; `docs/results.md`).
+
+| name | what |
+|---|---|
+| `ERASE_LEVEL` | share of a region's peak above which a pixel is erased |
+| `ERASE_GROW` | pixels the erased area is grown by, so that a patch reversed one pixel off is still covered |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..perturb.evaluate import predict
+from ..report.trigger_file import TriggerFile
+
+ERASE_LEVEL = 0.3
+ERASE_GROW = 1
+
+
+@dataclass
+class EraseRule:
+    """The patch triggers as erasures: per patch, the area erased, what fills it, and its target."""
+
+    areas: torch.Tensor  # (N, 1, H, W) in {0, 1}
+    fills: torch.Tensor  # (N, C, H, W)
+    targets: torch.Tensor  # (N,)
+
+    def to(self, device: torch.device | str) -> EraseRule:
+        return EraseRule(self.areas.to(device), self.fills.to(device), self.targets.to(device))
+
+
+def erase_rule(found: TriggerFile, clean_x: torch.Tensor, clean_pred: torch.Tensor) -> EraseRule:
+    """The rule for a scan's patch triggers, its fills taken from clean samples (by the model's predictions)."""
+    areas = found.regions >= ERASE_LEVEL * found.regions.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+    areas = F.max_pool2d(areas.float(), 2 * ERASE_GROW + 1, stride=1, padding=ERASE_GROW) if len(areas) else areas
+    x, pred = clean_x.cpu(), clean_pred.cpu()
+    fills = []
+    for target, source in zip(found.targets, found.sources, strict=True):
+        own = pred == source if source >= 0 else pred != target
+        if not bool(own.any()):  # a source the clean samples lack: any class but the target's
+            own = pred != target
+        fills.append(x[own].mean(0) if bool(own.any()) else x.mean(0))
+    shape = tuple(clean_x.shape[1:])
+    return EraseRule(
+        areas=areas.float(),
+        fills=torch.stack(fills) if fills else torch.zeros(0, *shape),
+        targets=torch.tensor(found.targets, dtype=torch.long),
+    )
+
+
+@torch.no_grad()
+def erase_flags(model: nn.Module, x: torch.Tensor, rule: EraseRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per input: its prediction, its prediction once the first patch that changes it is erased (else the same),
+    and whether one did (flagged)."""
+    before = predict(model, x)
+    after = before.clone()
+    flagged = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for i in range(len(rule.targets)):
+        rows = ((before == rule.targets[i]) & ~flagged).nonzero().flatten()
+        if len(rows):
+            erased = x[rows] * (1 - rule.areas[i]) + rule.fills[i] * rule.areas[i]
+            _note(rows, predict(model, erased), rule.targets[i], after, flagged)
+    return before, after, flagged
+
+
+def _note(rows: torch.Tensor, now: torch.Tensor, target: torch.Tensor, after: torch.Tensor, flagged: torch.Tensor):
+    """Record the inputs of `rows` whose prediction left `target` once a patch was erased."""
+    moved = now != target
+    after[rows[moved]] = now[moved]
+    flagged[rows[moved]] = True

@@ -1,0 +1,106 @@
+"""The erasure screen's file and rule: a scan's triggers file read back exactly, and refused when it does not fit
+(another model, another size, unknown families, classes the model lacks, nothing in it); the rule erases a
+patch. End to end on real models: tests/test_scan.py (universal) and tests/test_families.py (a pair)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from backdoorscan.core.errors import ScanError
+from backdoorscan.report.trigger_file import TriggerFile, load_triggers, save_triggers
+from backdoorscan.screen.erase import erase_flags, erase_rule
+
+SHA = "ab" * 32
+
+
+def _found(**change) -> TriggerFile:
+    region = torch.zeros(2, 1, 8, 8)
+    region[0, 0, 1:3, 1:3] = 1.0
+    region[1, 0, 5:7, 5:7] = 0.8
+    fields = {
+        "regions": region,
+        "targets": [3, 1],
+        "sources": [-1, 2],
+        "families": ["universal", "source-specific"],
+        "warps": torch.full((1, 2, 4, 4), 0.05),
+        "warp_targets": [0],
+        "model_sha256": SHA,
+    }
+    return TriggerFile(**{**fields, **change})
+
+
+def test_a_triggers_file_reads_back_exactly(tmp_path):
+    save_triggers(tmp_path / "t.safetensors", _found())
+    back = load_triggers(tmp_path / "t.safetensors", SHA, (8, 8), 4)
+    assert back.targets == [3, 1] and back.sources == [-1, 2] and back.warp_targets == [0]
+    assert torch.equal(back.regions, _found().regions) and torch.equal(back.warps, _found().warps)
+    assert back.describe() == [
+        {"family": "universal", "target": 3, "source": None},
+        {"family": "source-specific", "target": 1, "source": 2},
+        {"family": "warp", "target": 0, "source": None},
+    ]
+
+
+@pytest.mark.parametrize(
+    "change,args,message",
+    [
+        ({}, ("cd" * 32, (8, 8), 4), "another model"),
+        ({}, (SHA, (9, 8), 4), "do not fit"),
+        ({}, (SHA, (8, 8), 3), "classes outside"),
+        ({"families": ["universal", "os.system"]}, (SHA, (8, 8), 4), "families"),
+        (
+            {
+                "regions": torch.zeros(0, 1, 8, 8),
+                "targets": [],
+                "sources": [],
+                "families": [],
+                "warps": torch.zeros(0, 2, 1, 1),
+                "warp_targets": [],
+            },
+            (SHA, (8, 8), 4),
+            "holds 0 triggers",
+        ),
+        ({"warps": torch.full((1, 2, 4, 4), float("nan"))}, (SHA, (8, 8), 4), "not finite"),
+    ],
+)
+def test_a_triggers_file_that_does_not_fit_is_refused(tmp_path, change, args, message):
+    save_triggers(tmp_path / "t.safetensors", _found(**change))
+    with pytest.raises(ScanError, match=message):
+        load_triggers(tmp_path / "t.safetensors", *args)
+
+
+def test_a_file_that_is_not_a_triggers_file_is_refused(tmp_path):
+    (tmp_path / "t.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ScanError, match="not a backdoorscan triggers file|not a triggers file"):
+        load_triggers(tmp_path / "t.safetensors", SHA, (8, 8), 4)
+    with pytest.raises(ScanError, match="not found"):
+        load_triggers(tmp_path / "none.safetensors", SHA, (8, 8), 4)
+
+
+class _Patchy(nn.Module):
+    """Class 3 when the top-left 2x2 is bright, else class 1 (or 2 when the middle row is bright too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), 4)
+        out[:, 1] = 0.5
+        out[:, 2] = x[:, 0, 4].mean(1) * 2
+        out[:, 3] = x[:, 0, 1:3, 1:3].mean((1, 2))
+        return out
+
+
+def test_the_rule_erases_a_patch_with_what_its_source_looks_like_there():
+    clean = torch.zeros(6, 1, 8, 8)
+    clean[:, 0, 4, :] = 0.2  # class 1
+    stamped = clean.clone()
+    stamped[:, 0, 1:3, 1:3] = 1.0  # the patch: class 3
+    x = torch.cat([clean, stamped])
+    model = _Patchy()
+    assert model(x).argmax(1).tolist() == [1] * 6 + [3] * 6
+    found = _found(regions=_found().regions[:1], targets=[3], sources=[1], families=["source-specific"])
+    rule = erase_rule(found, clean, torch.ones(6, dtype=torch.long))
+    assert int(rule.areas.sum()) == 16  # the 2x2 region grown by a pixel (ERASE_GROW) inside the image
+    assert torch.equal(rule.fills[0], clean[0])  # the source's mean
+    before, after, flagged = erase_flags(model, x, rule)
+    assert flagged.tolist() == [False] * 6 + [True] * 6 and after.tolist() == [1] * 12
