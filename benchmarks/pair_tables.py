@@ -51,6 +51,8 @@ def decide_table(
     pairs = sorted(rows)
     l1, ce, asr = (np.array([rows[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
     spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
+    # reliance (0.12.0) where the table holds it; older tables have none: unmeasured, no constraint
+    reliance = np.array([np.nan if rows[p].get("reliance") is None else rows[p]["reliance"] for p in pairs])
     # the support (measured with --pair-support-ratio): inf where the patch does not work; other tables have none
     stored = all("support" in rows[p] for p in pairs)
     support = (
@@ -65,6 +67,7 @@ def decide_table(
         universal_targets=universal_targets,
         spill=spill,
         support=support,
+        reliance=reliance,
     )
     return pairs, decision
 

@@ -100,7 +100,7 @@ def test_the_rule_erases_a_patch_with_what_its_source_looks_like_there():
     assert model(x).argmax(1).tolist() == [1] * 6 + [3] * 6
     found = _found(regions=_found().regions[:1], targets=[3], sources=[1], families=["source-specific"])
     rule = erase_rule(found, clean, torch.ones(6, dtype=torch.long))
-    assert int(rule.areas.sum()) == 16  # the 2x2 region grown by a pixel (ERASE_GROW) inside the image
+    assert int(rule.areas.sum()) == 16  # the 2x2 region grown by a pixel (REGION_GROW) inside the image
     assert torch.equal(rule.fills[0], clean[0])  # the source's mean
     before, after, flagged = erase_flags(model, x, rule)
     assert flagged.tolist() == [False] * 6 + [True] * 6 and after.tolist() == [1] * 12

@@ -56,6 +56,28 @@ def _matrix_pairs(sizes: dict[tuple[int, int], float], k: int = 10, base: float 
     return pairs, l1
 
 
+def test_a_pair_whose_region_makes_its_target_does_not_flag():
+    """Reliance (0.12.0): a small patch whose region, blanked with its source's look, moves most of the target's own
+    samples off the target is the target's own feature (a robust model's 9 -> 4), not a trigger; unmeasured (NaN)
+    is no constraint, and the distance counts the criterion within one unit, as spill's does."""
+    from backdoorscan.usb.families import PAIR_RELIANCE_MAX, reliance_distance
+
+    pairs, l1 = _matrix_pairs({(3, 8): 9.0})
+    where = {p: i for i, p in enumerate(pairs)}
+    ce, asr = np.full(len(pairs), 0.05), np.ones(len(pairs))
+    reliance = np.full(len(pairs), np.nan)
+    settings = ScanSettings()
+    assert where[(3, 8)] in decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[]).flagged
+    reliance[where[(3, 8)]] = 0.1
+    low = decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[], reliance=reliance)
+    assert where[(3, 8)] in low.flagged
+    reliance[where[(3, 8)]] = 0.85
+    high = decide_pairs(pairs, l1, ce, asr, settings=settings, universal_targets=[], reliance=reliance)
+    assert where[(3, 8)] not in high.flagged and 0 < high.distance[where[(3, 8)]] <= 1
+    assert reliance_distance(np.array([PAIR_RELIANCE_MAX]))[0] == 0
+    assert np.isneginf(reliance_distance(np.array([np.nan]))[0])
+
+
 def test_a_planted_pair_stands_out_and_a_natural_neighbour_does_not():
     pairs, l1 = _matrix_pairs({(3, 8): 9.0, (4, 9): 12.0, (9, 4): 14.0})
     index, ratio, _ = index_pairs(pairs, l1, np.ones(len(pairs), bool))
@@ -242,6 +264,9 @@ def test_a_named_pair_screens_its_source_by_erasure(tmp_path, digits):
     )
     found = ModelScan.found_triggers(scan)
     assert found is not None and {"family": "source-specific", "target": 6, "source": 2} in found.describe()
+    # its region carries nothing of the 6s (`measure_reliance`): it is no feature of the target
+    assert families.pairs is not None and families.pairs.reliance is not None
+    assert families.pairs.reliance[families.pairs.pairs.index((2, 6))] <= 0.35
     save_triggers(tmp_path / "triggers.safetensors", found)
     attack = json.loads((MODELS / "zoo.json").read_text())["mnist_source_2to6"]["attack"]["patch"]
     patch = BadNets(target=0, size=attack["size"], row=attack["row"], col=attack["col"], color=tuple(attack["color"]))

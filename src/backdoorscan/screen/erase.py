@@ -1,7 +1,7 @@
 """The erasure rule (`filter --method erase --triggers`): screen inputs with the triggers a model scan reversed.
 
 An input predicted as a patch trigger's target is re-predicted with the patch erased: its region (where the
-reversed mask sits, binarised and grown by `ERASE_GROW` pixels) filled with what clean samples of the trigger's
+reversed mask sits: `perturb.triggers.patch_region`) filled with what clean samples of the trigger's
 source look like there (the mean of every other class for a universal trigger). An input whose prediction then
 leaves the target carried the trigger. Neural Cleanse (Wang et al., S&P 2019,
 Sec. VI-A) screens inputs with the reversed trigger through the neurons it activates; erasing and re-predicting
@@ -10,11 +10,6 @@ content (source-specific, all-to-all), which a universal perturbation does not d
 can only screen for what the scan found, and not warps: the warp the scan reverses is one that moves clean
 inputs to the target, not the planted one, and reversing it leaves a WaNet input's prediction where it was
 (measured on the bundled WaNet model: none of its warped digits moved; `docs/results.md`).
-
-| name | what |
-|---|---|
-| `ERASE_LEVEL` | share of a region's peak above which a pixel is erased |
-| `ERASE_GROW` | pixels the erased area is grown by, so that a patch reversed one pixel off is still covered |
 """
 
 from __future__ import annotations
@@ -23,13 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..perturb.evaluate import predict
+from ..perturb.triggers import patch_region
 from ..report.trigger_file import TriggerFile
-
-ERASE_LEVEL = 0.3
-ERASE_GROW = 1
 
 
 @dataclass
@@ -46,8 +38,7 @@ class EraseRule:
 
 def erase_rule(found: TriggerFile, clean_x: torch.Tensor, clean_pred: torch.Tensor) -> EraseRule:
     """The rule for a scan's patch triggers, its fills taken from clean samples (by the model's predictions)."""
-    areas = found.regions >= ERASE_LEVEL * found.regions.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-    areas = F.max_pool2d(areas.float(), 2 * ERASE_GROW + 1, stride=1, padding=ERASE_GROW) if len(areas) else areas
+    areas = patch_region(found.regions)
     x, pred = clean_x.cpu(), clean_pred.cpu()
     fills = []
     for target, source in zip(found.targets, found.sources, strict=True):

@@ -29,11 +29,19 @@ from .pairs import (
     candidate_pairs,
     invert_pairs,
     keep_better,
+    measure_reliance,
     measure_spill,
 )
 from .warp import Warps, apply_warp, invert_warps
 
 PAIR_MAX_RATIO = 0.35  # and be at most this share of its source's median working pair
+# and, to flag, its patch region may carry at most this share of the target's own samples (`measure_reliance`): a
+# planted patch sits where the target's samples have nothing of their class (families zoo tuning part: 0.00-0.30),
+# an adversarially trained model's natural pair is the edit that makes the target (9 -> 4: 0.73-0.93). Added in
+# 0.12.0 against false alarms; the size guard stays: loosened to 0.4 with this test, 13 instead of 7 of the tuning
+# part's 16 hard planted pairs were named, but a varied-zoo clean model's 3 -> 5 (reliance 0.2) flagged
+# (docs/results.md)
+PAIR_RELIANCE_MAX = 0.35
 # and, to flag on its own, send at most this share of the other classes' samples to its target: a source-specific
 # trigger is inert elsewhere (a trigger that moves every class is USB's to find), where a natural feature of the
 # target (a stroke that makes an 8 a 2) moves other classes too. Planted pairs of the families zoo: 0.00-0.13;
@@ -110,6 +118,7 @@ class FamilyScan:
                         "asr": round(float(self.pairs.asr[i]), 4),
                         "cross_entropy": round(float(self.pairs.ce[i]), 4),
                         "spill": _finite(self.pairs.spill[i]),
+                        **({"reliance": _finite(self.pairs.reliance[i])} if self.pairs.reliance is not None else {}),
                         "index": _finite(self.pair_index[i]),
                         **({"support": _finite(self.pairs.support[i])} if self.pairs.support is not None else {}),
                         **(
@@ -257,6 +266,13 @@ def confidence_distance(ce: np.ndarray) -> np.ndarray:
     return (ce - PAIR_CE_MAX) / np.maximum(ce, PAIR_CE_MAX)
 
 
+def reliance_distance(reliance: np.ndarray) -> np.ndarray:
+    """The reliance criterion as a distance from flagging, in [-1, 1] (NaN, not measured: -inf, no constraint), by
+    spill's convention (`spill_distance`)."""
+    room = np.where(reliance > PAIR_RELIANCE_MAX, 1 - PAIR_RELIANCE_MAX, PAIR_RELIANCE_MAX)
+    return np.where(np.isnan(reliance), -np.inf, (reliance - PAIR_RELIANCE_MAX) / room)
+
+
 def decide_pairs(
     pairs: list[tuple[int, int]],
     l1: np.ndarray,
@@ -267,6 +283,7 @@ def decide_pairs(
     universal_targets: list[int],
     spill: np.ndarray | None = None,
     support: np.ndarray | None = None,
+    reliance: np.ndarray | None = None,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
@@ -274,7 +291,8 @@ def decide_pairs(
     measures: the patch's L1, with a cross-entropy of at most PAIR_CE_MAX; the inversion's objective (cross-entropy
     plus the weighted L1); or, where it was measured and `settings.pair_support_ratio` is set (off by default), its
     support, the pixels it needs (`pairs.pair_support`), under that size guard and the L1's cross-entropy limit;
-    and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX. Its distance is the nearest of the
+    and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
+    PAIR_RELIANCE_MAX. Its distance is the nearest of the
     measures', each counting all of its criteria. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared
     patch finds every mapping that did, and more, and did not flag the adversarially trained clean model the pooled
     test did: docs/results.md.)"""
@@ -313,6 +331,8 @@ def decide_pairs(
     nearest = stacked.argmin(0)
     if spill is not None:
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
+    if reliance is not None:
+        distance = np.maximum(distance, reliance_distance(np.asarray(reliance, dtype=np.float64)))
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     return PairDecision(
         index=index,
@@ -447,8 +467,9 @@ def _decide_measured(
     settings,
     universal_targets: list[int],
 ) -> PairDecision:
-    """The pairs' decision with spill: decided once, spill measured where it is not yet for every pair that would
-    flag and the PAIRS_REPORTED of the highest index (the ones a report names), then decided with it."""
+    """The pairs' decision with spill and reliance: decided once, both measured where they are not yet for every
+    pair that would flag and the PAIRS_REPORTED of the highest index (the ones a report names), then decided with
+    them."""
     decide = partial(
         decide_pairs,
         pairs,
@@ -461,8 +482,10 @@ def _decide_measured(
     )
     decision = decide()
     top = [int(i) for i in np.argsort(-decision.index)[:PAIRS_REPORTED] if np.isfinite(decision.index[i])]
-    measure_spill(model, x, y, found, [i for i in sorted(set(decision.flagged) | set(top)) if np.isnan(found.spill[i])])
-    return decide(spill=found.spill)
+    named = sorted(set(decision.flagged) | set(top))
+    measure_spill(model, x, y, found, [i for i in named if np.isnan(found.spill[i])])
+    measure_reliance(model, x, y, found, [i for i in named if found.reliance is None or np.isnan(found.reliance[i])])
+    return decide(spill=found.spill, reliance=found.reliance)
 
 
 def nearest_sources(pairs: list[tuple[int, int]], distance: np.ndarray, count: int) -> list[int]:
