@@ -139,8 +139,12 @@ def test_the_named_trigger_screens_a_dataset_by_erasure(badnets_cli, attack_meta
     np.savez(tmp_path / "screen.npz", x=to_uint8_images(torch.cat([xt[1000:1300], patch.apply(others)])))
     args = ["--input", str(tmp_path / "screen.npz"), "--clean", str(MNIST_TEST), "--device", "cpu", "--json"]
     runner = CliRunner()
-    res = runner.invoke(app, ["filter", str(BADNETS), *args, "--method", "erase", "--triggers", str(triggers)])
+    md = tmp_path / "screen.md"
+    res = runner.invoke(
+        app, ["filter", str(BADNETS), *args, "--method", "erase", "--triggers", str(triggers), "--markdown", str(md)]
+    )
     assert res.exit_code == 1, res.output
+    assert f"erasing the 1 patch trigger(s) the model scan named (target {attack_meta['target']})" in md.read_text()
     report = json.loads(res.stdout)
     assert report["method"] == "erase" and report["triggers"] == found.describe()
     flags = np.array([i["flagged"] for i in report["items"]])

@@ -229,6 +229,12 @@ def print_filter(result: FilterResult) -> None:
         out.print(
             f"UAP: L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}", highlight=False
         )
+    if result.method == "erase":
+        from ..report.markdown import erased_line
+
+        out.print(plain_text(erased_line(result.triggers)))
+        for note in result.evidence.notes:
+            out.print(plain_text(note, style="yellow"))
     if result.skipped:
         out.print(plain_text(f"{len(result.skipped)} unreadable file(s) skipped", style="yellow"))
     line = f"{result.flagged} of {result.total} images flagged as trigger-carrying"

@@ -91,6 +91,8 @@ def filter_markdown(result) -> str:
 def _how(result) -> str:
     if result.method == "strip":
         return f"STRIP, entropy threshold {result.threshold:.4f}"
+    if result.method == "erase":
+        return erased_line(result.triggers)
     own = result.rule.dominant if result.rule is not None else []
     extra = f"; own UAP and margin for dominant class(es) {', '.join(map(str, own))}" if own else ""
     return f"UAP L-inf epsilon {result.epsilon:.4f}, fooling rate {result.fooling_rate:.2f}{extra}"
@@ -117,3 +119,13 @@ def fleet_markdown(result) -> str:
             f"{'yes' if item.cached else ''} | {md_code(item.report_dir) if item.report_dir else ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def erased_line(triggers: list[dict]) -> str:
+    """What an erasure screen undid: the patch triggers the model scan named, by target (and source)."""
+    named = [
+        f"{t['target']}" + (f" from {t['source']}" if t["source"] is not None else "")
+        for t in triggers
+        if t["family"] != "warp"
+    ]
+    return f"erasing the {len(named)} patch trigger(s) the model scan named (target {', '.join(named)})"
