@@ -206,8 +206,8 @@ class FilterSettings(CommonSettings):
 
     method: FilterMethod = setting(
         "uap",
-        "uap (Xue et al.), strip (baseline) or erase (undo the triggers a model scan named, --triggers: "
-        "source-specific, all-to-all and warps, which a UAP does not catch).",
+        "uap (Xue et al.), strip (baseline) or erase (erase the patch triggers a model scan named, --triggers: "
+        "source-specific and all-to-all ones, which a UAP does not catch; not warps).",
     )
     epsilon: float | None = setting(
         None, "L-inf radius of the UAP; default: the smallest that reaches the fooling rate."

@@ -32,9 +32,6 @@ class TriggerFile:
     warp_targets: list[int]  # (W,)
     model_sha256: str | None
 
-    def __len__(self) -> int:
-        return len(self.targets) + len(self.warp_targets)
-
     def describe(self) -> list[dict]:
         """One line per trigger for reports: family, target and source."""
         patches = [

@@ -452,8 +452,7 @@ def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence
         return _Rule(triggers=found.describe())
     rule = erase_rule(found, x, ready.predictions).to(x.device)
     before, _, flagged = erase_flags(net, x, rule)
-    seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))
-    rate = torch.zeros(k).index_add_(0, before.cpu(), flagged.float().cpu()) / seen.clamp_min(1)
+    rate, _ = class_flag_rates(before, flagged, k)  # 0 for a class no clean sample was predicted as
     targets = sorted(set(found.targets))
     worst = max(targets, key=lambda t: float(rate[t]))
     evidence.record(
@@ -464,8 +463,7 @@ def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence
         worst_class=worst,
         rate=round(float(rate[worst]), 4),
     )
-    survival = torch.where(seen > 0, rate, torch.zeros(k))
-    return _Rule(erase=rule, survival=survival, triggers=found.describe())
+    return _Rule(erase=rule, survival=rate, triggers=found.describe())
 
 
 def _screen(
@@ -531,9 +529,16 @@ def clean_survival(model: nn.Module, x: torch.Tensor, rule: UapRule, k: int) -> 
     """Per predicted class, the share of clean samples the screen flags: how many flags a class would get
     without any trigger."""
     before, _, flagged = uap_rule(model, x, rule)
-    kept = torch.zeros(k).index_add_(0, before.cpu(), flagged.float().cpu())
+    rate, seen = class_flag_rates(before, flagged, k)
+    return torch.where(seen > 0, rate, torch.ones(k))
+
+
+def class_flag_rates(before: torch.Tensor, flagged: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per predicted class: the share of the samples predicted as it that a rule flags (0 where none is), and how
+    many there are."""
     seen = torch.zeros(k).index_add_(0, before.cpu(), torch.ones(len(before)))
-    return torch.where(seen > 0, kept / seen.clamp_min(1), torch.ones(k))
+    kept = torch.zeros(k).index_add_(0, before.cpu(), flagged.float().cpu())
+    return kept / seen.clamp_min(1), seen
 
 
 def summarise(

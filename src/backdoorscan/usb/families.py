@@ -194,13 +194,18 @@ def flip_distance(
     return np.where(np.asarray(asr) >= asr_min, distance, np.inf)
 
 
+def share_distance(share: np.ndarray, limit: float) -> np.ndarray:
+    """A share criterion (at most `limit` of some samples) as a distance from flagging, in [-1, 1] (NaN, not
+    measured: -inf, no constraint): the share of the room below `limit` that is left (negative), or of the room
+    above it that is used. A share has no anomaly-index units, so this is a convention; it keeps a pair that the
+    criterion alone holds back, or alone lets through, within one unit of flipping in the margin, never far from it."""
+    room = np.where(share > limit, 1 - limit, limit)
+    return np.where(np.isnan(share), -np.inf, (share - limit) / room)
+
+
 def spill_distance(spill: np.ndarray) -> np.ndarray:
-    """The spill criterion as a distance from flagging, in [-1, 1] (NaN, not measured: -inf, no constraint): the
-    share of the room below PAIR_SPILL_MAX that is left (negative), or of the room above it that is used. Spill has
-    no anomaly-index units, so this is a convention; it keeps a pair that spill alone holds back, or alone lets
-    through, within one unit of flipping in the margin, never far from it."""
-    room = np.where(spill > PAIR_SPILL_MAX, 1 - PAIR_SPILL_MAX, PAIR_SPILL_MAX)
-    return np.where(np.isnan(spill), -np.inf, (spill - PAIR_SPILL_MAX) / room)
+    """The spill criterion (at most PAIR_SPILL_MAX) as a distance from flagging (`share_distance`)."""
+    return share_distance(spill, PAIR_SPILL_MAX)
 
 
 def index_pairs(
@@ -267,10 +272,8 @@ def confidence_distance(ce: np.ndarray) -> np.ndarray:
 
 
 def reliance_distance(reliance: np.ndarray) -> np.ndarray:
-    """The reliance criterion as a distance from flagging, in [-1, 1] (NaN, not measured: -inf, no constraint), by
-    spill's convention (`spill_distance`)."""
-    room = np.where(reliance > PAIR_RELIANCE_MAX, 1 - PAIR_RELIANCE_MAX, PAIR_RELIANCE_MAX)
-    return np.where(np.isnan(reliance), -np.inf, (reliance - PAIR_RELIANCE_MAX) / room)
+    """The reliance criterion (at most PAIR_RELIANCE_MAX) as a distance from flagging (`share_distance`)."""
+    return share_distance(reliance, PAIR_RELIANCE_MAX)
 
 
 def decide_pairs(
