@@ -191,7 +191,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, saved):
         (["model", str(saved["state_dict"]), "--data", d, "--arch", "resnet18"], "do not match"),
         (["model", str(saved["pt2"]), "--data", d, "--num-classes", "7"], "disagrees"),
         (["model", str(saved["pt2"]), "--data", str(tmp_path / "empty_dir")], "no images"),
-        (["model", str(saved["pt2"]), "--data", str(tmp_path / "junk_dir")], "no readable images"),
+        (
+            ["model", str(saved["pt2"]), "--data", str(tmp_path / "junk_dir")],
+            "no readable images (1 file drawn, none decoded; first: a.png)",
+        ),
         (["model", str(tmp_path / "nan.pt"), "--data", d, "--arch", ARCH], "not finite"),
     ]
     for n, (args, needle) in enumerate(cases):  # the first two through the sandboxed child, the rest in-process

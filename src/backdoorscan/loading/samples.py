@@ -354,7 +354,12 @@ def load_samples(
     skipped: list[str] = []
     batches = list(iter_images(source, shape, rows=rows, skipped=skipped))
     if not batches:
-        raise ScanError("no readable images", path=path, hint="check that the files are images")
+        drawn = f"{len(skipped)} file{'s' * (len(skipped) != 1)} drawn"
+        raise ScanError(
+            f"no readable images ({drawn}, none decoded; first: {skipped[0]})" if skipped else "no readable images",
+            path=path,
+            hint="check that the files are images of at most Pillow's decompression-bomb limit (about 89 Mpx)",
+        )
     x = torch.cat([b.x for b in batches])
     ids = [i for b in batches for i in b.ids]
     y = torch.cat([b.y for b in batches if b.y is not None]) if batches[0].y is not None else None
