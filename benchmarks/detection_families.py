@@ -35,7 +35,13 @@ from pair_tables import decide_table, planted
 from zoo_families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data/mnist/test_2000.npz"
+DATA = ROOT / "data/mnist/test_2000.npz"  # the MNIST zoo's clean samples; another dataset's zoo has its own
+
+
+def clean_data(zoo: Path) -> Path:
+    """The clean samples a zoo's models are scanned with: ZOO/clean.npz where the builder wrote one (CIFAR-10),
+    else the bundled MNIST test digits."""
+    return zoo / "clean.npz" if (zoo / "clean.npz").exists() else DATA
 
 
 def hit(entry: dict, universal: list[int], findings: list[tuple[str, int | None, int]]) -> bool:
@@ -99,7 +105,7 @@ def redecide(entry: dict, row: dict, zoo: Path | None = None, shared: dict | Non
         for i in decision.flagged
     ]
     if zoo is not None:
-        shared = shared_patch(ModelSource.of(zoo / entry["path"]), DATA, list(stored.values()))
+        shared = shared_patch(ModelSource.of(zoo / entry["path"]), clean_data(zoo), list(stored.values()))
     if shared is not None:
         named = {(f["source"], f["target"]) for f in findings}
         if shared["flagged"]:
@@ -212,7 +218,7 @@ def main() -> None:
             pair_restarts=args.pair_restarts,
             pair_recheck=args.pair_recheck,
         )
-        scan = scan_model(zoo_dir / entry["path"], DATA, settings=settings, device="cpu")
+        scan = scan_model(zoo_dir / entry["path"], clean_data(zoo_dir), settings=settings, device="cpu")
         ok, lost = exact(entry, scan)
         usb_alone = [c.cls for c in scan.classes if c.flagged]
         rows[name] = {
