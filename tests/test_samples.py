@@ -110,3 +110,15 @@ def test_odd_images_in_a_data_folder_are_read_or_skipped_and_listed(tmp_path):
     assert sorted(samples.skipped) == ["a/bomb.png", "b/truncated.png"]
     assert len(samples.x) == 4 and samples.y.tolist() == [0, 0, 1, 1]
     assert torch.isfinite(samples.x).all() and samples.x.min() >= 0 and samples.x.max() <= 1
+
+
+def test_an_image_pillow_only_warns_about_is_skipped_before_decoding(tmp_path, monkeypatch):
+    """Between Pillow's decompression-bomb limit and twice it Pillow decodes with a warning; the reader skips such
+    a file unread (the limit lowered here so that a 40 x 40 image stands for a 100-megapixel one)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "a/big.png")  # 1,600 px: warned, not refused
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "a/small.png")
+    samples = load_samples(tmp_path, (1, 8, 8), n=10, seed=0)
+    assert samples.skipped == ["a/big.png"]
+    assert samples.ids == ["a/small.png"]

@@ -6,6 +6,7 @@ row-block by row-block from its zip entry, so memory does not grow with the data
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -243,11 +244,17 @@ class FolderSource:
 
     def read(self, index: int) -> np.ndarray | None:
         """One image as uint8 (H, W, C), or None when the file cannot be decoded or declares more pixels than
-        Pillow's decompression-bomb limit (one such file is skipped and listed, not the end of the scan)."""
+        Pillow's decompression-bomb limit (one such file is skipped and listed, not the end of the scan). Pillow
+        only warns between that limit and twice it; such a file is skipped here too, before it is decoded."""
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(self.files[index]) as opened:
+            with warnings.catch_warnings():  # the size is checked below: Pillow's warning would only be noise
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(self.files[index])
+            with opened:
+                if opened.width * opened.height > (Image.MAX_IMAGE_PIXELS or 0) > 0:
+                    return None
                 im = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened
                 return np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, -1)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
