@@ -185,6 +185,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, saved):
     cases = [
         (["model", str(tmp_path / "missing.pt2"), "--data", d], "not found"),
         (["model", str(tmp_path / "random.bin"), "--data", d], "unknown model format"),
+        (["model", "https://huggingface.co/org/model/resolve/main/model.safetensors", "--data", d], "never downloads"),
+        (["model", "some-org/some-model", "--data", d], "huggingface-cli download some-org/some-model"),
+        (["model", "/dev/null", "--data", d], "not a regular file"),
+        (["model", str(saved["pt2"]), "--data", "https://example.org/clean.npz"], "never downloads"),
         (["model", str(tmp_path / "empty.pt2"), "--data", d], "empty"),
         (["model", str(tmp_path / "truncated.pt2"), "--data", d], "truncated.pt2"),
         (["model", str(saved["state_dict"]), "--data", d], "--arch"),

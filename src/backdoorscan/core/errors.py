@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from pathlib import Path
 
@@ -23,6 +24,20 @@ class ScanError(Exception):
         if self.hint:
             text += f" ({self.hint})"
         return printable(" ".join(text.split()))  # messages quote names from the file: no control characters
+
+
+def missing_hint(path: str | Path) -> str:
+    """What to do about a path that names nothing here: a URL or a hub id is not downloaded (the scanner reads local
+    files only, and a CI gate should scan the bytes it will deploy), anything else is a path to check."""
+    text = str(path)  # pathlib has folded "https://" to "https:/"
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):
+        return "a URL: backdoorscan never downloads; download the file (or hub folder) and pass its local path"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).suffix:
+        return (
+            "no such local path; if it is a hub id, download the model folder first (huggingface-cli download "
+            f"{printable(text)} --local-dir DIR) and pass DIR"
+        )
+    return "check the path"
 
 
 class ExitCode(IntEnum):

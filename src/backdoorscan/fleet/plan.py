@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ScanError
+from ..core.errors import ScanError, missing_hint
 from ..core.settings import ScanSettings
 
 MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".onnx", ".safetensors", ".bin", ".ckpt")
@@ -90,7 +90,7 @@ def expand(paths: list[Path]) -> list[Path]:
             matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
             if not matches:
                 raise ScanError(  # a literal name with [ or * that does not exist reads as a pattern too
-                    "not found, and as a pattern it matches no file", path=path, hint="check the path"
+                    "not found, and as a pattern it matches no file", path=path, hint=missing_hint(path)
                 )
             found += [m for m in matches if m.is_file() or (m / "config.json").is_file()]
         elif path.is_dir() and not (path / "config.json").is_file():

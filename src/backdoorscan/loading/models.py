@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..core.device import DEFAULT_DEVICE, resolve_device
 from ..core.digest import sha256_file
-from ..core.errors import ScanError
+from ..core.errors import ScanError, missing_hint
 from ..safety.archive import check_archive
 from ..safety.graph import check_exported_program, check_onnx_module, check_torchscript_graph
 from ..safety.limits import Limits
@@ -324,8 +324,10 @@ def load_model(
     device = resolve_device(device)
     if path.is_dir():
         return _finish(_load_folder(path, arch, num_classes, limits), device)
+    if path.exists() and not path.is_file():
+        raise ScanError("refused: the model is not a regular file or a folder", path=path)
     if not path.is_file():
-        raise ScanError("model file not found", path=path, hint="check the path")
+        raise ScanError("model file not found", path=path, hint=missing_hint(path))
     if path.stat().st_size == 0:
         raise ScanError("model file is empty", path=path, hint="download it again")
     fmt, shape = detect_format(path), None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import ScanError
+from ..core.errors import ScanError, missing_hint
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -268,7 +268,7 @@ def open_source(path: str | Path) -> Source:
     """An .npz file, an image folder, or a single image file."""
     path = Path(path)
     if not path.exists():
-        raise ScanError("not found", path=path, hint="check the path")
+        raise ScanError("not found", path=path, hint=missing_hint(path))
     if path.is_file() and zipfile.is_zipfile(path) and path.suffix.lower() != ".webp":
         return NpzSource(path)
     if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
