@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import string
@@ -369,3 +370,70 @@ def test_mutated_pt2_metadata_loads_or_is_refused(tmp_path_factory, member, edit
         return
     with torch.no_grad():
         loaded.module(torch.rand(2, 1, 28, 28))
+
+
+TENSOR_DTYPES = [torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+
+@st.composite
+def stored_tensors(draw, names: tuple[str, ...], side: int):
+    """Some of `names`, each of a random dtype, rank 0-4 and small sides (sometimes the model's), values anywhere."""
+    out = {}
+    for name in names:
+        if draw(st.booleans()) and draw(st.booleans()):
+            continue  # absent
+        rank = draw(st.integers(0, 4))
+        shape = [draw(st.sampled_from([0, 1, 2, 3, side])) for _ in range(rank)]
+        dtype = draw(st.sampled_from(TENSOR_DTYPES))
+        value = draw(st.sampled_from([0.0, 1.0, -1.0, 3.5, 9.0, 1e30, float("nan"), float("inf")]))
+        out[name] = torch.full(shape, value).to(dtype) if dtype.is_floating_point else torch.full(shape, 3, dtype=dtype)
+        if not dtype.is_floating_point and draw(st.booleans()):
+            out[name] = torch.full(shape, draw(st.integers(-5, 12)), dtype=torch.int64)
+    return out
+
+
+@given(stored_tensors(("regions", "targets", "sources", "warps", "warp_targets"), 4), st.text(max_size=30))
+def test_triggers_reader_on_odd_tensors(tmp_path_factory, tensors, families):
+    """Any dtype, rank or value in a triggers file is read into int classes within the model's, finite regions of
+    its size and warp grids, or refused as one ScanError (float classes were once read as 3.5)."""
+    from safetensors.torch import save_file
+
+    from backdoorscan.report.trigger_file import TRIGGERS_SCHEMA, load_triggers
+
+    path = tmp_path_factory.mktemp("triggers") / "t.safetensors"
+    n = len(tensors["targets"]) if "targets" in tensors and tensors["targets"].ndim == 1 else 1
+    names = families if families.startswith("[") else json.dumps(["universal"] * n)  # valid names, or any text
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"schema": TRIGGERS_SCHEMA, "families": names},
+    )
+    try:
+        found = load_triggers(path, None, (4, 4), 10)
+    except ScanError:
+        return
+    assert all(type(c) is int and 0 <= c < 10 for c in found.targets + found.warp_targets)
+    assert all(type(s) is int and -1 <= s < 10 for s in found.sources)
+    assert tuple(found.regions.shape[1:]) == (1, 4, 4) and bool(torch.isfinite(found.regions).all())
+    assert found.warps.ndim == 4 and found.warps.shape[2] >= 2 and bool(torch.isfinite(found.warps).all())
+
+
+@given(stored_tensors(("uap", "thresholds", "survival", "class_uaps", "class_uap_classes"), 4), st.text(max_size=8))
+def test_uap_reader_on_odd_tensors(tmp_path_factory, tensors, epsilon):
+    """Any dtype, rank or value in a UAP file is read into a finite UAP of the model's shape with finite thresholds
+    and int classes, or refused as one ScanError."""
+    from safetensors.torch import save_file
+
+    from backdoorscan.report.uap_file import UAP_SCHEMA, load_uap
+
+    path = tmp_path_factory.mktemp("uap") / "u.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"schema": UAP_SCHEMA, "epsilon": epsilon}
+    )
+    try:
+        found = load_uap(path, None, (1, 4, 4))
+    except ScanError:
+        return
+    assert tuple(found.v.shape) == (1, 4, 4) and bool(torch.isfinite(found.v).all())
+    assert found.thresholds.ndim == 1 and bool(torch.isfinite(found.thresholds).all())
+    assert all(type(c) is int and 0 <= c < len(found.thresholds) for c in found.class_v)

@@ -9,6 +9,7 @@
 | `rows.py` | the lines every renderer shows for the families (what was covered, what fired) |
 | `uap_file.py` | the screen's UAP file (`--save-uap` / `--uap`), bound to its model's sha256 |
 | `trigger_file.py` | a scan's named triggers (`triggers.safetensors`) for the erasure screen, bound likewise |
+| `tensor_file.py` | both files read as hostile: dtypes, ranks and declared sizes checked before any tensor is read |
 """
 
 from .images import to_image, trigger_grid, visible_perturbation

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ScanError
+from .tensor_file import Field, read_tensors
 
 TRIGGERS_SCHEMA = "backdoorscan.triggers/1"
 FAMILIES = ("universal", "source-specific", "all-to-all", "shared")  # where a patch came from (shared: alltoall.py)
@@ -64,20 +65,24 @@ def save_triggers(path: Path, found: TriggerFile) -> None:
     tmp.replace(path)
 
 
+FIELDS = {
+    "regions": Field("float", 4),
+    "targets": Field("int", 1),
+    "sources": Field("int", 1),
+    "warps": Field("float", 4),
+    "warp_targets": Field("int", 1),
+}
+
+
 def load_triggers(path: Path, model_sha256: str | None, size: tuple[int, int], num_classes: int) -> TriggerFile:
     """Read a triggers file; refuse one made for another model, another input size, other classes, or none."""
-    from safetensors import safe_open
-
     path = Path(path)
     hint = "write it with `backdoorscan model ... --out DIR` (DIR/triggers.safetensors)"
     if not path.is_file():
         raise ScanError("triggers file not found", path=path, hint=hint)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in ("regions", "targets", "sources", "warps", "warp_targets")}
-    except Exception as exc:
-        raise ScanError(f"not a triggers file ({str(exc)[:80]})", path=path, hint=hint) from exc
+    # at most MAX_TRIGGERS regions of the model's size and as many warp grids no finer than its pixels
+    bound = MAX_TRIGGERS * (size[0] * size[1] + 2 * max(size) ** 2 + 3)
+    meta, tensors = read_tensors(path, FIELDS, max_elements=bound, what="triggers file", hint=hint)
     if meta.get("schema") != TRIGGERS_SCHEMA:
         raise ScanError("not a backdoorscan triggers file of this version", path=path, hint=hint)
     stored = meta.get("model_sha256") or None
@@ -98,15 +103,12 @@ def load_triggers(path: Path, model_sha256: str | None, size: tuple[int, int], n
     if not (isinstance(families, list) and len(families) == n and all(f in FAMILIES for f in families)):
         raise ScanError(f"the triggers file's families are not {n} of {', '.join(FAMILIES)}", path=path)
     if (
-        regions.ndim != 4
-        or tuple(regions.shape) != (n, 1, *size)
-        or targets.ndim != 1
+        tuple(regions.shape) != (n, 1, *size)
         or tuple(sources.shape) != (n,)
-        or warps.ndim != 4
         or warps.shape[0] != w
         or warps.shape[1] != 2
         or warps.shape[2] != warps.shape[3]
-        or warp_targets.ndim != 1
+        or (w > 0 and not 2 <= warps.shape[2] <= max(size))
     ):
         raise ScanError(
             f"the triggers file's tensors do not fit a model taking {size[0]}x{size[1]} images "
@@ -115,8 +117,6 @@ def load_triggers(path: Path, model_sha256: str | None, size: tuple[int, int], n
         )
     if n + w == 0 or n + w > MAX_TRIGGERS:
         raise ScanError(f"the triggers file holds {n + w} triggers (1 to {MAX_TRIGGERS})", path=path, hint=hint)
-    if not (bool(torch.isfinite(regions).all()) and bool(torch.isfinite(warps).all())):
-        raise ScanError("the triggers file holds values that are not finite", path=path)
     classes = targets.tolist() + warp_targets.tolist()
     if any(not 0 <= c < num_classes for c in classes) or any(not -1 <= s < num_classes for s in sources.tolist()):
         raise ScanError(f"the triggers file names classes outside the model's {num_classes}", path=path)

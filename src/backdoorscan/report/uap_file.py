@@ -12,8 +12,17 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ScanError
+from .tensor_file import Field, read_tensors
 
 UAP_SCHEMA = "backdoorscan.uap/2"  # /1 (a single UAP, no thresholds) is not read
+MAX_CLASS_UAPS = 100_000  # classes a UAP file may have thresholds (and class UAPs) for
+FIELDS = {
+    "uap": Field("float", 3),
+    "thresholds": Field("float", 1),
+    "survival": Field("float", 1, optional=True),
+    "class_uaps": Field("float", 4, optional=True),
+    "class_uap_classes": Field("int", 1, optional=True),
+}
 
 
 @dataclass
@@ -58,22 +67,16 @@ def save_uap(path: Path, uap: UapFile) -> None:
 
 def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) -> UapFile:
     """Read a UAP file; refuse one made for another model or another input shape."""
-    from safetensors import safe_open
-
     path = Path(path)
+    hint = "create it with --save-uap"
     if not path.is_file():
-        raise ScanError("UAP file not found", path=path, hint="create it with --save-uap")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            keys = set(fh.keys())
-            v = fh.get_tensor("uap")
-            survival = fh.get_tensor("survival") if "survival" in keys else None
-            thresholds = fh.get_tensor("thresholds") if "thresholds" in keys else None
-            class_v = fh.get_tensor("class_uaps") if "class_uaps" in keys else None
-            classes = fh.get_tensor("class_uap_classes") if "class_uap_classes" in keys else None
-    except Exception as exc:
-        raise ScanError(f"not a UAP file ({str(exc)[:80]})", path=path, hint="create it with --save-uap") from exc
+        raise ScanError("UAP file not found", path=path, hint=hint)
+    # the UAP, at most MAX_CLASS_UAPS class UAPs of the same shape, and per-class figures for as many classes
+    volume = shape[0] * shape[1] * shape[2]
+    bound = (MAX_CLASS_UAPS + 1) * volume + 3 * MAX_CLASS_UAPS
+    meta, tensors = read_tensors(path, FIELDS, max_elements=bound, what="UAP file", hint=hint)
+    v, thresholds = tensors["uap"], tensors["thresholds"]
+    survival, class_v, classes = (tensors.get(k) for k in ("survival", "class_uaps", "class_uap_classes"))
     if meta.get("schema") != UAP_SCHEMA:
         raise ScanError(
             "not a backdoorscan UAP file of this version", path=path, hint="create it (again) with --save-uap"
@@ -87,7 +90,7 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
         )
     if tuple(v.shape) != tuple(shape):
         raise ScanError(f"the UAP has shape {tuple(v.shape)} but the model takes {tuple(shape)}", path=path)
-    if thresholds is None or thresholds.ndim != 1 or not bool(torch.isfinite(thresholds).all()):
+    if not 1 <= len(thresholds) <= MAX_CLASS_UAPS or (survival is not None and survival.shape != thresholds.shape):
         raise ScanError(
             "the UAP file has no valid per-class thresholds", path=path, hint="create it again with --save-uap"
         )
@@ -95,7 +98,7 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
     if (class_v is None) != (classes is None):
         raise ScanError("the UAP file has class UAPs without their classes, or the reverse", path=path)
     if class_v is not None and classes is not None:
-        if class_v.ndim != 4 or tuple(class_v.shape[1:]) != tuple(shape) or tuple(classes.shape) != (len(class_v),):
+        if tuple(class_v.shape[1:]) != tuple(shape) or tuple(classes.shape) != (len(class_v),):
             raise ScanError(
                 f"the class UAPs have shape {tuple(class_v.shape)} for classes "
                 f"{tuple(classes.shape)}; the model takes {tuple(shape)}",
@@ -108,8 +111,16 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
         v=v.float(),
         thresholds=thresholds.float(),
         class_v=per_class,
-        epsilon=float(meta.get("epsilon", "nan")),
-        fooling_rate=float(meta.get("fooling_rate", "nan")),
+        epsilon=_figure(meta.get("epsilon")),
+        fooling_rate=_figure(meta.get("fooling_rate")),
         model_sha256=stored,
-        survival=survival,
+        survival=None if survival is None else survival.float(),
     )
+
+
+def _figure(text: str | None) -> float:
+    """A figure from the metadata, for reports only: NaN where it is absent or not a number."""
+    try:
+        return float(text or "nan")
+    except ValueError:
+        return float("nan")
