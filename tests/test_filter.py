@@ -78,6 +78,33 @@ def _tree_digest(root):
     }
 
 
+@pytest.mark.sandbox
+def test_copy_to_delivers_more_images_than_a_report_may_hold(tmp_path, monkeypatch):
+    """A sandboxed screen's --copy-to is not held to the report caps (256 MiB, 20,000 files: a dataset of 50,000
+    images was refused after the whole screen): with the caps lowered below the images screened, every image still
+    arrives, byte for byte."""
+    from backdoorscan.safety import files, sandbox
+
+    if sandbox.landlock_abi() < 1:
+        pytest.skip("no Landlock: the screen runs in-process and nothing is delivered")
+    monkeypatch.setattr(files, "OUTPUT_FILES", 2)
+    monkeypatch.setattr(files, "OUTPUT_LIMIT", 1000)
+    d = np.load(SCREEN)
+    src = tmp_path / "incoming"
+    src.mkdir()
+    for i in (0, 1, 2, 400):
+        Image.fromarray(d["x"][i, ..., 0]).save(src / f"img_{i}.png")
+    res = CliRunner().invoke(
+        app,
+        ["filter", str(BADNETS), "--clean", str(MNIST_TEST), "--input", str(src), "--copy-to", str(tmp_path / "to")]
+        + ["--samples", "150", "--json", "--device", "cpu"],
+    )
+    assert res.exit_code in (0, 1), res.output
+    copied = sorted((tmp_path / "to").rglob("*.png"))
+    assert len(copied) == 4
+    assert all(p.read_bytes() == (src / p.name).read_bytes() for p in copied)
+
+
 def test_folder_copy_to_single_image_and_uap_reuse(tmp_path, screened):
     d = np.load(SCREEN)
     src = tmp_path / "incoming"

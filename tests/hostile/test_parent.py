@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from backdoorscan import ScanError, scan_model
-from backdoorscan.cli.supervise import _check_names
+from backdoorscan.cli.supervise import _check_names, _deliver_copies
 from backdoorscan.fleet.cache import loader_digest
 from backdoorscan.loading import load_model
 from backdoorscan.loading.hub import read_hub_folder
@@ -67,6 +67,34 @@ def test_only_the_files_a_command_writes_reach_the_real_outputs(tmp_path):
     for name in ("../escape.png", "/abs.png", "a/../../b.png"):
         with pytest.raises(ScanError, match="refused"):
             write_tree(tmp_path / "w", {name: b"x"})
+
+
+def test_copy_to_takes_the_childs_sorting_and_the_inputs_bytes(tmp_path):
+    """--copy-to: the parent copies each image from the input into where the child sorted it; what the child wrote
+    in its copy is never delivered, a name that is no input is refused, a link in the dataset is copied as the file
+    it names and a link to a device is refused."""
+    src, private = tmp_path / "input", tmp_path / "private"
+    (src / "a").mkdir(parents=True)
+    (src / "a/1.png").write_bytes(b"input one")
+    (src / "2.png").write_bytes(b"input two")
+    (tmp_path / "elsewhere.png").write_bytes(b"linked")
+    os.symlink(tmp_path / "elsewhere.png", src / "3.png")
+    for name, data in (("kept/a/1.png", b"child's own bytes"), ("flagged/2.png", b""), ("kept/3.png", b"")):
+        (private / name).parent.mkdir(parents=True, exist_ok=True)
+        (private / name).write_bytes(data)
+    _deliver_copies(private, tmp_path / "sorted", src)
+    assert (tmp_path / "sorted/kept/a/1.png").read_bytes() == b"input one"
+    assert (tmp_path / "sorted/flagged/2.png").read_bytes() == b"input two"
+    assert (tmp_path / "sorted/kept/3.png").read_bytes() == b"linked"
+    (private / "kept/4.png").write_bytes(b"a file of the child's")
+    with pytest.raises(ScanError, match="not an input"):
+        _deliver_copies(private, tmp_path / "sorted2", src)
+    os.unlink(private / "kept/4.png")
+    os.symlink("/dev/zero", src / "5.png")
+    (private / "kept/5.png").write_bytes(b"")
+    with pytest.raises(ScanError, match="not an input"):
+        _deliver_copies(private, tmp_path / "sorted3", src)
+    assert not (tmp_path / "sorted2").exists() or not any((tmp_path / "sorted2").rglob("*.png"))
 
 
 def test_a_link_out_of_a_model_folder_is_refused_before_anything_is_hashed(tmp_path):

@@ -120,6 +120,7 @@ def _scan_here(
     dirs: list[Path | None],
     files: list[Path | None],
     copies: Path | None = None,
+    copies_from: Path | None = None,
 ) -> tuple[int | None, Any, Limits, str | None]:
     """Supervise a sandboxed child (its exit code), or get this process ready to scan (None, the device); the
     limits the run options set; and the note on the threads chosen, if one is due (`_announced` prints it)."""
@@ -128,7 +129,7 @@ def _scan_here(
     from .views import err
 
     limits = opt.limits(run)
-    code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err, copies)
+    code = run_supervised(ctx, run["sandbox"], limits, dirs, files, err, copies, copies_from)
     if code is not None:
         return code, None, limits, None
     device = resolve_device(run["device"])
@@ -433,7 +434,9 @@ def filter_dataset_cmd(
             [inputs, clean, triggers],
             writable=os.environ.get(CHILD_ENV) is None,
         )
-        code, device, limits, note = _scan_here(ctx, run, [out_dir], [markdown, save_uap], copies=copy_to)
+        code, device, limits, note = _scan_here(
+            ctx, run, [out_dir], [markdown, save_uap], copies=copy_to, copies_from=inputs
+        )
         if code is not None:
             return code
         with progress_bars(not run["quiet"]) as progress:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
@@ -80,12 +81,18 @@ class Outputs:
     folders: list[Path]  # --out, --copy-to (the last, when `copies`)
     files: list[Path]  # --markdown, --sarif, --save-uap
     copies: Path | None = None  # --copy-to: the screened images sorted into kept/ and flagged/
+    copies_from: Path | None = None  # --input, what --copy-to copies
     stand_in: dict[str, str] = field(default_factory=dict)  # real path -> private path
 
     @staticmethod
-    def of(dirs: list[Path | None], files: list[Path | None], copies: Path | None = None) -> Outputs:
+    def of(
+        dirs: list[Path | None],
+        files: list[Path | None],
+        copies: Path | None = None,
+        copies_from: Path | None = None,
+    ) -> Outputs:
         folders = [d for d in dirs if d is not None] + ([copies] if copies is not None else [])
-        return Outputs(folders, [f for f in files if f is not None], copies)
+        return Outputs(folders, [f for f in files if f is not None], copies, copies_from)
 
     def assign(self, private: Path) -> None:
         """A private stand-in for every output, below `private`."""
@@ -99,7 +106,9 @@ class Outputs:
 
         for folder in self.folders:
             private = Path(self.stand_in[str(folder)])
-            if private.is_dir():
+            if private.is_dir() and folder == self.copies and self.copies_from is not None:
+                _deliver_copies(private, folder, self.copies_from)
+            elif private.is_dir():
                 files = read_tree_bounded(private)
                 _check_names(files, copies=folder == self.copies, folder=folder)
                 last = next((n for n in ("report.json", "manifest.json") if n in files), "")
@@ -115,11 +124,42 @@ class Outputs:
                     write_bytes_atomic(file, data)
 
 
+COPY_FILES = 5_000_000  # images one --copy-to may sort
+IMAGE_FILE_LIMIT = 1 << 30  # bytes of one copied image: Pillow decodes none near it (its limit: 89 Mpx)
+
+
+def _deliver_copies(private: Path, dest: Path, source: Path) -> None:
+    """--copy-to: where each image goes is the child's answer (the names it sorted into kept/ and flagged/), the
+    bytes are the input's own, streamed by the parent from the input, so that a dataset of any size is delivered
+    (the report files' byte and file caps held --copy-to to 256 MiB and 20,000 images) and the child hands back
+    no content of its own. An .npz input's kept.npz and flagged.npz are the child's, at most twice the input."""
+    from ..report.writer import atomic_output_dir
+    from ..safety.files import OUTPUT_LIMIT, copy_bounded, list_tree_bounded, plain_relative
+
+    names = list_tree_bounded(private, COPY_FILES)
+    _check_names(names, copies=True, folder=dest)
+    npz_limit = max(OUTPUT_LIMIT, 2 * source.stat().st_size + (1 << 20)) if source.is_file() else 0
+    with atomic_output_dir(dest, "") as stage:
+        for name in names:
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            if name in ("kept.npz", "flagged.npz") and npz_limit:
+                copy_bounded(private / name, stage / name, npz_limit, "sorted .npz")
+                continue
+            rel = name.split("/", 1)[-1]
+            if source.is_dir() and plain_relative(rel) and (source / rel).is_file():
+                original = (source / rel).resolve()  # a link in the dataset is copied as the file it names, as cp -L
+            elif not source.is_dir() and rel == source.name:
+                original = source.resolve()
+            else:
+                raise ScanError(f"refused: the scanning process sorted {name[:80]!r}, not an input", path=dest)
+            copy_bounded(original, stage / name, IMAGE_FILE_LIMIT, "input image")
+
+
 REPORT_SUFFIXES = (".json", ".md", ".png", ".csv", ".safetensors")  # what a report folder holds
 COPY_SUFFIXES = (".npz", *sorted(IMAGE_EXTENSIONS))  # what --copy-to holds: the screened images, or two .npz
 
 
-def _check_names(files: dict[str, bytes], copies: bool, folder: Path) -> None:
+def _check_names(files: Iterable[str], copies: bool, folder: Path) -> None:
     """Only what the command writes: a report folder's flat report files; --copy-to's kept/ and flagged/ images (or
     kept.npz and flagged.npz). Anything else the child left (a script, a hidden file) refuses the whole output."""
     for name in files:
@@ -157,6 +197,7 @@ def run_supervised(
     files: list[Path | None],
     console: Console,
     copies: Path | None = None,
+    copies_from: Path | None = None,
 ) -> int | None:
     """In the parent: run the command in a sandboxed child and return its exit code. In the child, or when the
     sandbox is off or unavailable under `auto`: return None, and the caller scans in this process after `confine`.
@@ -171,7 +212,7 @@ def run_supervised(
                 hint="use --sandbox auto to scan without it (see docs/security.md)",
             )
         return None
-    return _spawn(ctx, Outputs.of(dirs, files, copies), limits, console)
+    return _spawn(ctx, Outputs.of(dirs, files, copies, copies_from), limits, console)
 
 
 def _spawn(ctx, outputs: Outputs, limits: Limits, console: Console) -> int:

@@ -72,13 +72,13 @@ def plain_relative(name: str) -> bool:
     return bool(name) and not name.startswith("/") and all(p and p not in (".", "..") for p in parts)
 
 
-def read_tree_bounded(folder: Path, limit: int = OUTPUT_LIMIT, max_files: int = OUTPUT_FILES) -> dict[str, bytes]:
-    """A folder written by a scanning child, read by the parent: regular files only (a link or a device anywhere
-    is refused), names plain, at most `limit` bytes in all (bytes read, not sizes reported) and `max_files` files.
-    Hidden names (staging leftovers) are skipped."""
+def list_tree_bounded(folder: Path, max_files: int | None = None) -> list[str]:
+    """The relative names of a folder's regular files, as a scanning child left them, read by the parent: a link
+    or a device anywhere is refused, hidden names (staging leftovers) skipped, at most `max_files` (default
+    OUTPUT_FILES) names."""
     folder = Path(folder)
-    out: dict[str, bytes] = {}
-    total = 0
+    cap = OUTPUT_FILES if max_files is None else max_files
+    names: list[str] = []
     pending = [folder]
     while pending:
         current = pending.pop()
@@ -92,9 +92,44 @@ def read_tree_bounded(folder: Path, limit: int = OUTPUT_LIMIT, max_files: int = 
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(Path(entry.path))
                     continue
-                if len(out) >= max_files:
-                    raise ScanError(f"refused: the scanning process left more than {max_files} files", path=folder)
-                data = read_bounded(Path(entry.path), limit - total, "report file", nofollow=True)
-                total += len(data)
-                out[rel] = data
-    return dict(sorted(out.items()))
+                if not entry.is_file(follow_symlinks=False):
+                    raise ScanError(f"refused: the scanning process left a special file ({rel})", path=folder)
+                if len(names) >= cap:
+                    raise ScanError(f"refused: the scanning process left more than {cap} files", path=folder)
+                names.append(rel)
+    return sorted(names)
+
+
+def read_tree_bounded(folder: Path, limit: int | None = None, max_files: int | None = None) -> dict[str, bytes]:
+    """A folder written by a scanning child, read by the parent (`list_tree_bounded`'s files): at most `limit`
+    bytes in all (default OUTPUT_LIMIT; bytes read, not sizes reported)."""
+    folder = Path(folder)
+    left = OUTPUT_LIMIT if limit is None else limit
+    out: dict[str, bytes] = {}
+    for rel in list_tree_bounded(folder, max_files):
+        data = read_bounded(folder / rel, left, "report file", nofollow=True)
+        left -= len(data)
+        out[rel] = data
+    return out
+
+
+def copy_bounded(src: Path, dst: Path, limit: int | None, what: str) -> int:
+    """Stream a regular file (a link is refused, not followed) to `dst`, at most `limit` bytes (None: any); the
+    bytes copied. Memory stays one chunk whatever the size."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ScanError(f"cannot read the {what} ({exc.strerror})", path=src) from exc
+    got = 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ScanError(f"refused: the {what} is not a regular file", path=src)
+        with open(dst, "wb") as out:
+            while chunk := os.read(fd, 1 << 20):
+                got += len(chunk)
+                if limit is not None and got > limit:
+                    raise ScanError(f"refused: the {what} is larger than {_size(limit)}", path=src)
+                out.write(chunk)
+    finally:
+        os.close(fd)
+    return got
