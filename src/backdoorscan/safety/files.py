@@ -113,9 +113,9 @@ def read_tree_bounded(folder: Path, limit: int | None = None, max_files: int | N
     return out
 
 
-def copy_bounded(src: Path, dst: Path, limit: int | None, what: str) -> int:
-    """Stream a regular file (a link is refused, not followed) to `dst`, at most `limit` bytes (None: any); the
-    bytes copied. Memory stays one chunk whatever the size."""
+def copy_bounded(src: Path, dst: Path, limit: int, what: str) -> int:
+    """Stream a regular file (a link is refused, not followed) to `dst`, at most `limit` bytes; the bytes copied.
+    Memory stays one chunk whatever the size."""
     try:
         fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
@@ -127,7 +127,7 @@ def copy_bounded(src: Path, dst: Path, limit: int | None, what: str) -> int:
         with open(dst, "wb") as out:
             while chunk := os.read(fd, 1 << 20):
                 got += len(chunk)
-                if limit is not None and got > limit:
+                if got > limit:
                     raise ScanError(f"refused: the {what} is larger than {_size(limit)}", path=src)
                 out.write(chunk)
     finally:
