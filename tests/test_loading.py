@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 import warnings
 
@@ -235,3 +236,21 @@ def test_head_width_is_read_whatever_the_key_order(tmp_path):
     loaded = load_model(tmp_path / "w.safetensors", arch=f"{ARCHS_FILE}:mnist_cnn_bn", device="cpu")
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(loaded.module(x), net(x))
+
+
+def test_a_url_or_hub_id_is_never_downloaded_and_says_what_to_do():
+    """Nothing is fetched: a URL or a hub id names no local file, and the refusal says how to get one; a device file
+    is not taken for a missing one."""
+    from backdoorscan.loading.samples import open_source
+
+    for path, needle in (
+        ("https://huggingface.co/org/model/resolve/main/model.safetensors", "never downloads"),
+        ("hf://org/model", "never downloads"),
+        ("some-org/some-model", "huggingface-cli download some-org/some-model --local-dir DIR"),
+        ("missing_model.pt2", "check the path"),
+        ("/dev/null", "not a regular file"),
+    ):
+        with pytest.raises(ScanError, match=re.escape(needle)):
+            load_model(path, device="cpu")
+    with pytest.raises(ScanError, match="never downloads"):
+        open_source("https://example.org/clean.npz")
