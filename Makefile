@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast test-detection lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-families bench-scaling bench-onnx clean
+.PHONY: setup demo test test-fast test-detection lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-families bench-families-cifar10 bench-scaling bench-onnx clean
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,18 @@ bench-families: $(STAMP)
 	$(BIN)/python benchmarks/zoo_families.py --out bench-out/zoo-families --per-family 16
 	$(BIN)/python benchmarks/detection_families.py --zoo bench-out/zoo-families
 	$(BIN)/python benchmarks/filtering_families.py --zoo bench-out/zoo-families
+
+# The families on CIFAR-10 (needs ../shared's archive; about 2 hours on 2 CPU cores): the first batch of docs/results.md
+bench-families-cifar10: $(STAMP)
+	$(BIN)/python benchmarks/zoo_families.py --dataset cifar10 --out bench-out/zoo-families-cifar10 \
+		--families source_specific --per-family 8
+	$(BIN)/python benchmarks/zoo_families.py --dataset cifar10 --out bench-out/zoo-families-cifar10 \
+		--families all_to_all,clean --per-family 2
+	$(BIN)/python benchmarks/zoo_families.py --dataset cifar10 --out bench-out/zoo-families-cifar10 \
+		--families clean --start 4 --per-family 2
+	$(BIN)/python benchmarks/zoo_families.py --dataset cifar10 --out bench-out/zoo-families-cifar10 \
+		--families wanet --per-family 1
+	$(BIN)/python benchmarks/detection_families.py --zoo bench-out/zoo-families-cifar10
 
 bench-scaling: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py --classes 10,43,100,1000 --sides 32,64 --eta
