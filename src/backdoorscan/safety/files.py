@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..core.errors import ScanError
 
 
-def read_bounded(path: Path, limit: int, what: str, nofollow: bool = False) -> bytes:
-    """At most `limit` bytes of a regular file; a file with more is refused, whatever `st_size` says. `nofollow`:
-    a link is refused rather than followed."""
+def read_chunks(path: Path, limit: int, what: str, nofollow: bool = False) -> Iterator[bytes]:
+    """A regular file's bytes in chunks of at most 1 MiB, refused once more than `limit` have been read, whatever
+    `st_size` says. `nofollow`: a link is refused rather than followed."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if nofollow else 0))
@@ -23,18 +24,19 @@ def read_bounded(path: Path, limit: int, what: str, nofollow: bool = False) -> b
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ScanError(f"refused: the {what} is not a regular file", path=path)
-        chunks, got = [], 0
-        while got <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
+        got = 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - got)):
             got += len(chunk)
+            if got > limit:
+                raise ScanError(f"refused: the {what} is larger than {_size(limit)}", path=path)
+            yield chunk
     finally:
         os.close(fd)
-    if got > limit:
-        raise ScanError(f"refused: the {what} is larger than {_size(limit)}", path=path)
-    return b"".join(chunks)
+
+
+def read_bounded(path: Path, limit: int, what: str, nofollow: bool = False) -> bytes:
+    """At most `limit` bytes of a regular file (`read_chunks`) in one piece."""
+    return b"".join(read_chunks(path, limit, what, nofollow))
 
 
 def read_text_bounded(path: Path, limit: int, what: str) -> str:
@@ -114,22 +116,11 @@ def read_tree_bounded(folder: Path, limit: int | None = None, max_files: int | N
 
 
 def copy_bounded(src: Path, dst: Path, limit: int, what: str) -> int:
-    """Stream a regular file (a link is refused, not followed) to `dst`, at most `limit` bytes; the bytes copied.
-    Memory stays one chunk whatever the size."""
-    try:
-        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ScanError(f"cannot read the {what} ({exc.strerror})", path=src) from exc
+    """Stream a regular file (a link is refused, not followed) to `dst`, at most `limit` bytes (`read_chunks`); the
+    bytes copied. Memory stays one chunk whatever the size."""
     got = 0
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ScanError(f"refused: the {what} is not a regular file", path=src)
-        with open(dst, "wb") as out:
-            while chunk := os.read(fd, 1 << 20):
-                got += len(chunk)
-                if got > limit:
-                    raise ScanError(f"refused: the {what} is larger than {_size(limit)}", path=src)
-                out.write(chunk)
-    finally:
-        os.close(fd)
+    with open(dst, "wb") as out:
+        for chunk in read_chunks(src, limit, what, nofollow=True):
+            out.write(chunk)
+            got += len(chunk)
     return got
