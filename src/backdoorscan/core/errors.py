@@ -35,7 +35,7 @@ def missing_hint(path: str | Path) -> str:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).suffix:
         return (
             "no such local path; if it is a hub id, download the model folder first (huggingface-cli download "
-            f"{printable(text)} --local-dir DIR) and pass DIR"
+            f"{text} --local-dir DIR) and pass DIR"  # escaped with the rest of the line (one_line)
         )
     return "check the path"
 

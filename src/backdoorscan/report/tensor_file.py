@@ -4,6 +4,7 @@ One reader for both files, so that a check added for one holds for the other."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +31,13 @@ def read_tensors(
     path: Path, fields: dict[str, Field], *, max_elements: int, what: str, hint: str
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The file's metadata and its `fields` (absent optional ones left out), refused as one ScanError when it is
-    not safetensors, lacks a field, declares one of another dtype or rank, declares more than `max_elements`
+    missing, not safetensors, lacks a field, declares one of another dtype or rank, declares more than `max_elements`
     elements in all, or holds a float that is not finite."""
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.is_file():
+        raise ScanError(f"{what} not found", path=path, hint=hint)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -54,10 +57,7 @@ def read_tensors(
                         path=path,
                         hint=hint,
                     )
-                count = 1
-                for side in shape:
-                    count *= int(side)
-                total += count
+                total += math.prod(shape)
             if total > max_elements:
                 raise ScanError(f"the {what} declares {total} values, more than {max_elements}", path=path, hint=hint)
             tensors = {key: fh.get_tensor(key) for key in fields if key in keys}

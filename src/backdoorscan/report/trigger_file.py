@@ -78,8 +78,6 @@ def load_triggers(path: Path, model_sha256: str | None, size: tuple[int, int], n
     """Read a triggers file; refuse one made for another model, another input size, other classes, or none."""
     path = Path(path)
     hint = "write it with `backdoorscan model ... --out DIR` (DIR/triggers.safetensors)"
-    if not path.is_file():
-        raise ScanError("triggers file not found", path=path, hint=hint)
     # at most MAX_TRIGGERS regions of the model's size and as many warp grids no finer than its pixels
     bound = MAX_TRIGGERS * (size[0] * size[1] + 2 * max(size) ** 2 + 3)
     meta, tensors = read_tensors(path, FIELDS, max_elements=bound, what="triggers file", hint=hint)

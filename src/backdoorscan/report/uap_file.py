@@ -69,8 +69,6 @@ def load_uap(path: Path, model_sha256: str | None, shape: tuple[int, int, int]) 
     """Read a UAP file; refuse one made for another model or another input shape."""
     path = Path(path)
     hint = "create it with --save-uap"
-    if not path.is_file():
-        raise ScanError("UAP file not found", path=path, hint=hint)
     # the UAP, at most MAX_CLASS_UAPS class UAPs of the same shape, and per-class figures for as many classes
     volume = shape[0] * shape[1] * shape[2]
     bound = (MAX_CLASS_UAPS + 1) * volume + 3 * MAX_CLASS_UAPS
