@@ -36,7 +36,9 @@ from backdoorscan.usb.pairs import (
 
 from common import BUNDLED_TEST, clean_samples
 
-Policy = Callable[[dict], tuple[np.ndarray, float]]  # snapshots -> (per pair: the snapshot it stops at, cost share)
+# snapshots -> (per pair: the snapshot it stops at, cost share, and optionally per pair a factor its size is
+# scaled by: a stopped pair's estimate of the size it would have reached)
+Policy = Callable[[dict], tuple[np.ndarray, float] | tuple[np.ndarray, float, np.ndarray]]
 
 
 def snapshots(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, at: list[int], per_source: int) -> dict:
@@ -109,11 +111,40 @@ def halving(first: int, share: float) -> Policy:
     return policy
 
 
-def decide(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, snap: dict, stop: np.ndarray) -> dict:
-    """The scan's rule on the table the policy leaves, spill measured as the scan does (`measure_spill`) for the
-    pairs that would flag and the PAIRS_REPORTED of the highest index."""
+def halving_scaled(first: int, keep: int) -> Policy:
+    """Every pair runs `first` steps; per source, the `keep` pairs smallest against their source's median objective
+    run to the last snapshot. A stopped pair's L1 and cross-entropy are scaled by the median, over its source's
+    pairs that went on, of how much theirs shrank from `first` to the end: the size it would have reached, so that
+    the source's median and the spread the decision compares with are not those of unfinished pairs (plain
+    halving's false alarms)."""
+
+    def policy(snap: dict) -> tuple[np.ndarray, float, np.ndarray]:
+        pairs, at = snap["pairs"], list(snap["at"])
+        i0, end = at.index(first), len(at) - 1
+        value = np.log(snap["objective"][first - 1])
+        stop, scale = np.full(len(pairs), i0), np.ones((2, len(pairs)))
+        for s in np.unique(pairs[:, 0]):
+            rows = np.flatnonzero(pairs[:, 0] == s)
+            go_on = rows[np.argsort(value[rows])[:keep]]
+            stop[go_on] = end
+            for j, key in enumerate(("l1", "ce")):
+                shrink = np.median(snap[key][end, go_on] / np.maximum(snap[key][i0, go_on], 1e-12))
+                scale[j, np.setdiff1d(rows, go_on)] = shrink
+        went_on = int((stop == end).sum())
+        return stop, (first * len(pairs) + (max(at) - first) * went_on) / (max(at) * len(pairs)), scale
+
+    return policy
+
+
+def decide(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, snap: dict, stop: np.ndarray, scale: np.ndarray | None
+) -> dict:
+    """The scan's rule on the table the policy leaves (sizes scaled where the policy says), spill measured as the
+    scan does (`measure_spill`) for the pairs that would flag and the PAIRS_REPORTED of the highest index."""
     pairs, cols = [tuple(map(int, p)) for p in snap["pairs"]], np.arange(len(stop))
     l1, ce, asr = snap["l1"][stop, cols], snap["ce"][stop, cols], snap["asr"][stop, cols]
+    if scale is not None:
+        l1, ce = l1 * scale[0], ce * scale[1]
     found = PairTriggers(
         pairs=pairs,
         mask=torch.from_numpy(snap["mask"][stop, cols]),
@@ -154,6 +185,11 @@ def main() -> None:
     policies: dict[str, Policy] = {f"{s} steps": stop_all(s) for s in reversed(at)}
     if 30 in at:
         policies["halving: 30 steps, then 30 % go on"] = halving(30, 0.3)
+        for first, keep in ((30, 3), (30, 2), (50, 3)):
+            if first in at:
+                policies[f"halving, stopped sizes scaled: {first} steps, then {keep} a source go on"] = halving_scaled(
+                    first, keep
+                )
     results: dict[str, dict] = {}
     for record in [r for r in records if r["name"] in args.models.split(",")]:
         name, t = record["name"], time.perf_counter()
@@ -175,8 +211,8 @@ def main() -> None:
         want = [attack["source"], attack["target"]] if attack.get("kind") == "source_specific" else None
         results[name] = {"planted": want, "policies": {}}
         for label, policy in policies.items():
-            stop, cost = policy(snap)
-            row = decide(model, x, y, snap, stop)
+            stop, cost, *scaled = policy(snap)
+            row = decide(model, x, y, snap, stop, scaled[0] if scaled else None)
             pairs = snap["pairs"].tolist()
             row["cost"] = round(cost, 3)
             row["planted_distance"] = row["distance"][pairs.index(want)] if want in pairs else None

@@ -68,6 +68,7 @@ def decide_table(
         spill=spill,
         support=support,
         reliance=reliance,
+        stopped=np.array([bool(rows[p].get("stopped")) for p in pairs]),  # staged scans (0.13.0) mark them
     )
     return pairs, decision
 

@@ -125,6 +125,13 @@ class ScanSettings(CommonSettings):
         "(USB as published).",
     )
     pair_steps: int = setting(100, "Pairs stage: Adam steps of each (source, target) patch inversion.")
+    pair_first_steps: int = setting(
+        50,
+        "Pairs stage: steps every pair runs before the pairs smallest against their source go on to --pair-steps "
+        "(0: every pair runs them all). The others stay as references, their sizes scaled to what the pairs that "
+        "went on reached (docs/method.md).",
+    )
+    pair_go_on: int = setting(3, "Pairs stage: pairs of each source that go on after --pair-first-steps.")
     pair_samples: int = setting(12)  # pairs stage: clean samples of the source per pair
     pair_cost: float = setting(0.01)  # pairs stage: weight of the mask's L1 (pixels) against the cross-entropy
     pair_restarts: int = setting(
@@ -190,6 +197,8 @@ class ScanSettings(CommonSettings):
             raise ScanError("theta must be in (0, 1] and asr min in [0, 1]")
         if self.pair_recheck < 0:
             raise ScanError(f"pair recheck must not be negative, not {self.pair_recheck}")
+        if self.pair_first_steps < 0 or self.pair_go_on < 0:
+            raise ScanError("pair first steps and pair go on must not be negative")
         if not 0 <= self.pair_support_ratio < 1:
             raise ScanError(f"pair support ratio must be in [0, 1), not {self.pair_support_ratio:g}")
         if self.max_ratio <= 0 or self.delta <= 0 or self.lr <= 0 or self.warp_lr <= 0:

@@ -117,6 +117,7 @@ class FamilyScan:
                         "l1": round(float(self.pairs.l1[i]), 3),
                         "asr": round(float(self.pairs.asr[i]), 4),
                         "cross_entropy": round(float(self.pairs.ce[i]), 4),
+                        **({"stopped": True} if self.pairs.stopped is not None and self.pairs.stopped[i] else {}),
                         "spill": _finite(self.pairs.spill[i]),
                         **({"reliance": _finite(self.pairs.reliance[i])} if self.pairs.reliance is not None else {}),
                         "index": _finite(self.pair_index[i]),
@@ -287,6 +288,7 @@ def decide_pairs(
     spill: np.ndarray | None = None,
     support: np.ndarray | None = None,
     reliance: np.ndarray | None = None,
+    stopped: np.ndarray | None = None,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
@@ -295,8 +297,9 @@ def decide_pairs(
     plus the weighted L1); or, where it was measured and `settings.pair_support_ratio` is set (off by default), its
     support, the pixels it needs (`pairs.pair_support`), under that size guard and the L1's cross-entropy limit;
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
-    PAIR_RELIANCE_MAX. Its distance is the nearest of the
-    measures', each counting all of its criteria. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared
+    PAIR_RELIANCE_MAX. Its distance is the nearest of the measures', each counting all of its criteria. A pair
+    `stopped` at the first stage of a staged inversion (its sizes estimated) is a reference for the others and
+    never flags: its distance is infinite. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared
     patch finds every mapping that did, and more, and did not flag the adversarially trained clean model the pooled
     test did: docs/results.md.)"""
     works = np.asarray(asr) >= PAIR_ASR
@@ -336,6 +339,8 @@ def decide_pairs(
         distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
     if reliance is not None:
         distance = np.maximum(distance, reliance_distance(np.asarray(reliance, dtype=np.float64)))
+    if stopped is not None:
+        distance = np.where(stopped, np.inf, distance)
     flagged = [i for i in range(len(pairs)) if distance[i] < 0 and pairs[i][1] not in universal_targets]
     return PairDecision(
         index=index,
@@ -407,6 +412,8 @@ def scan_pairs(
         group=per_group,
         batch=group * settings.batch_size,
         seed=settings.seed,
+        first_steps=settings.pair_first_steps,
+        go_on=settings.pair_go_on,
         support=settings.pair_support_ratio > 0,
     )
     # progress in pair-inversions: the first pass, then the recheck (at most `pair_recheck` sources' pairs)
@@ -482,9 +489,11 @@ def _decide_measured(
         settings=settings,
         universal_targets=universal_targets,
         support=found.support,
+        stopped=found.stopped,
     )
     decision = decide()
-    top = [int(i) for i in np.argsort(-decision.index)[:PAIRS_REPORTED] if np.isfinite(decision.index[i])]
+    finished = [int(i) for i in np.argsort(-decision.index) if found.stopped is None or not found.stopped[i]]
+    top = [i for i in finished[:PAIRS_REPORTED] if np.isfinite(decision.index[i])]
     named = sorted(set(decision.flagged) | set(top))
     measure_spill(model, x, y, found, [i for i in named if np.isnan(found.spill[i])])
     measure_reliance(model, x, y, found, [i for i in named if found.reliance is None or np.isnan(found.reliance[i])])

@@ -11,6 +11,7 @@ Cleanse does, optimised together on up to `per_source` clean samples of the sour
 |---|---|
 | `pairs` | the (source, target) pairs to invert; `candidate_pairs` picks them |
 | `steps`, `lr` | Adam steps and learning rate on the tanh-parametrised mask and pattern |
+| `first_steps`, `go_on` | staging: every pair runs `first_steps`; per source the `go_on` smallest go on to `steps` |
 | `per_source` | clean samples of each source used (its samples are the batch of every pair from it) |
 | `cost` | weight of the mask's L1 (in pixels) against the cross-entropy toward the target |
 
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..perturb.triggers import patch_region
-from .batching import in_class_groups, slice_progress
+from .batching import in_class_groups
 
 PAIRS_ALL_MAX = 10  # up to this many classes every ordered pair is a candidate (90 at 10 classes)
 PAIR_BUDGET = 90  # beyond, this many pairs: the closest by the sources' logits, the stage-1 suspects' first
@@ -55,6 +56,8 @@ class PairTriggers:
     # None: not measured (ScanSettings.pair_support_ratio 0)
     reliance: np.ndarray | None = None  # (P,) share of the target's samples that leave it when the patch's region
     # is blanked with the source's look there (`measure_reliance`); NaN (or None: all) where not measured
+    stopped: np.ndarray | None = None  # (P,) True where the pair stopped at the first stage (`invert_pairs`): its
+    # l1 and ce are then estimates of what it would have reached, and it is a reference, never a finding
 
 
 def blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -111,6 +114,8 @@ def invert_pairs(
     seed: int = 0,
     restarts: int = 1,
     first_restart: int = 0,
+    first_steps: int = 0,
+    go_on: int = 0,
     support: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> PairTriggers:
@@ -120,34 +125,57 @@ def invert_pairs(
     result does not depend on the group size, which follows the memory at hand. With `restarts` R > 1 each pair
     is inverted from R starting patterns (R times the cost) and keeps the best: the working patch of the smallest
     objective, else the one that moves the most; restart 0 is the single inversion's. `first_restart` shifts the
-    draws (a second look at some pairs starts from patterns their first inversion did not use)."""
+    draws (a second look at some pairs starts from patterns their first inversion did not use).
+
+    Staged (0 < `first_steps` < `steps`, `go_on` > 0): every pair runs `first_steps`; then, per source (and
+    restart), the `go_on` pairs whose objective is smallest against their source's median run on to `steps`
+    with their optimiser's state, exactly as they would have without the stop. A stopped pair is a reference for
+    its source's median and the spread: its L1 and cross-entropy are scaled by how much those of its source's
+    pairs that went on shrank from the first stage to the end (the median ratio), the size it would have
+    reached; without that scaling its unfinished size would make every pair that went on look small
+    (docs/results.md: plain successive halving flagged most clean models). A stopped pair never flags."""
     rows = list(pairs) * restarts  # restart-major: rows[: len(pairs)] is the first restart
     _, c, h, w = x.shape
     draws = range(first_restart, first_restart + restarts)
     starts = torch.cat([initial_patterns(pairs, (c, h, w), seed, restart=r) for r in draws])
-    parts = in_class_groups(
-        lambda sl: _invert(
-            model,
-            x,
-            y,
-            rows[sl],
-            starts[sl],
-            steps=steps,
-            lr=lr,
-            per_source=per_source,
-            cost=cost,
-            progress=slice_progress(progress, sl, len(rows)),
+    staged = 0 < first_steps < steps and go_on > 0
+    first = first_steps if staged else steps
+    sources = {(r, s) for r in range(restarts) for s, _ in pairs}
+    going = min(len(rows), go_on * len(sources)) if staged else 0
+    whole = len(rows) * first + going * (steps - first)  # pair-steps of the whole inversion
+    tick = _PairSteps(progress, whole)
+    runs: list[_Run] = in_class_groups(
+        lambda sl: _Run.start(model, x, y, rows[sl], starts[sl], lr=lr, per_source=per_source).advance(
+            first, cost=cost, progress=tick.part(sl.start * first, sl.stop - sl.start)
         ),
         len(rows),
         group,
     )
-    mask = torch.cat([p[0] for p in parts])
-    pattern = torch.cat([p[1] for p in parts])
+    mask, pattern = torch.cat([r.mask for r in runs]), torch.cat([r.pattern for r in runs])
     asr, ce = pair_success(model, x, y, rows, mask, pattern)
     l1 = mask.flatten(1).sum(1).cpu().numpy()
+    stopped = np.zeros(len(rows), dtype=bool)
+    if staged:
+        objective = torch.cat([r.objective for r in runs]).cpu().numpy()
+        on = _going_on(rows, len(pairs), objective, go_on)
+        stopped = ~on
+        done, offset = len(rows) * first, 0
+        for run in runs:
+            mine = [i for i in range(len(run.pairs)) if on[offset + i]]
+            if mine:
+                went = run.keep(mine).advance(steps - first, cost=cost, progress=tick.part(done, len(mine)))
+                at = torch.tensor([offset + i for i in mine], device=mask.device)
+                mask[at], pattern[at] = went.mask, went.pattern
+                done += len(mine) * (steps - first)
+            offset += len(run.pairs)
+        keep = np.flatnonzero(on)
+        asr_end, ce_end = pair_success(model, x, y, [rows[i] for i in keep], mask[keep], pattern[keep])
+        l1_end = mask[keep].flatten(1).sum(1).cpu().numpy()
+        l1, ce = _scale_stopped(rows, len(pairs), keep, (l1, l1_end), (ce, ce_end))
+        asr[keep], l1[keep], ce[keep] = asr_end, l1_end, ce_end
     if restarts > 1:
-        keep = _best_restarts(asr, ce + cost * l1, len(pairs))
-        mask, pattern, asr, ce, l1 = mask[keep], pattern[keep], asr[keep], ce[keep], l1[keep]
+        best = _best_restarts(asr, ce + cost * l1, len(pairs))
+        mask, pattern, asr, ce, l1, stopped = (v[best] for v in (mask, pattern, asr, ce, l1, stopped))
     return PairTriggers(
         pairs=list(pairs),
         mask=mask,
@@ -156,16 +184,54 @@ def invert_pairs(
         asr=asr,
         spill=np.full(len(pairs), np.nan),
         ce=ce,
-        support=pair_support(model, x, y, pairs, mask, pattern, works=asr >= PAIR_ASR, l1=l1, batch=batch)
+        support=pair_support(model, x, y, pairs, mask, pattern, works=(asr >= PAIR_ASR) & ~stopped, l1=l1, batch=batch)
         if support
         else None,
+        stopped=stopped if staged else None,
     )
+
+
+def _going_on(rows: list[tuple[int, int]], n_pairs: int, objective: np.ndarray, go_on: int) -> np.ndarray:
+    """Per row (restart-major), whether it goes on: the `go_on` rows of each restart and source whose objective is
+    smallest against their source's median (log), ties by position."""
+    logs = np.log(np.maximum(objective, 1e-12))
+    on = np.zeros(len(rows), dtype=bool)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (s, _) in enumerate(rows):
+        groups.setdefault((i // n_pairs, s), []).append(i)
+    for members in groups.values():
+        at = np.array(members)
+        order = np.argsort(logs[at] - np.median(logs[at]), kind="stable")
+        on[at[order[:go_on]]] = True
+    return on
+
+
+def _scale_stopped(
+    rows: list[tuple[int, int]],
+    n_pairs: int,
+    kept: np.ndarray,
+    *sizes: tuple[np.ndarray, np.ndarray],
+) -> list[np.ndarray]:
+    """Each size (all rows at the first stage, the rows that went on at the end) for every row: a stopped row's
+    first-stage value times the median, over its restart and source's rows that went on, of end / first stage."""
+    out = []
+    position = {int(i): j for j, i in enumerate(kept)}
+    for first, end in sizes:
+        scaled = first.astype(np.float64).copy()
+        ratios: dict[tuple[int, int], list[float]] = {}
+        for i, j in position.items():
+            ratios.setdefault((i // n_pairs, rows[i][0]), []).append(float(end[j]) / max(float(first[i]), 1e-12))
+        for i, (s, _) in enumerate(rows):
+            if i not in position and (i // n_pairs, s) in ratios:
+                scaled[i] = first[i] * float(np.median(ratios[(i // n_pairs, s)]))
+        out.append(scaled)
+    return out
 
 
 def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost: float) -> PairTriggers:
     """`found` with each of its `rows` replaced by the same pair's patch in `again` (inverted from other starting
-    patterns) where that one is better by `_best_restarts`' rule; a replaced row's spill and reliance are
-    unmeasured again."""
+    patterns) where that one is better by `_best_restarts`' rule, or finished where the other stopped at a staged
+    inversion's first stage; a replaced row's spill and reliance are unmeasured again."""
     assert [found.pairs[i] for i in rows] == again.pairs
     if not rows:
         return found
@@ -173,6 +239,8 @@ def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost:
     asr = np.stack([found.asr[rows], again.asr])
     objective = np.stack([found.ce[rows] + cost * found.l1[rows], again.ce + cost * again.l1])
     take = _best_restarts(asr.ravel(), objective.ravel(), len(rows)) >= len(rows)  # True: `again`'s row
+    was, now = _stopped(found)[rows], _stopped(again)
+    take = np.where(was != now, was, take)  # a finished patch before a stopped one's estimate, whichever is smaller
     new = torch.tensor(take, device=found.mask.device)
     mask, pattern = found.mask.clone(), found.pattern.clone()
     mask[at] = torch.where(new[:, None, None, None], again.mask, mask[at])
@@ -195,7 +263,13 @@ def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost:
         if found.support is not None and again.support is not None
         else None,
         reliance=None if found.reliance is None else merged(found.reliance, np.full(len(rows), np.nan)),
+        stopped=None if found.stopped is None and again.stopped is None else merged(_stopped(found), _stopped(again)),
     )
+
+
+def _stopped(found: PairTriggers) -> np.ndarray:
+    """Per pair, whether it stopped at the first stage (none where the inversion was not staged)."""
+    return np.zeros(len(found.pairs), dtype=bool) if found.stopped is None else found.stopped
 
 
 def _best_restarts(asr: np.ndarray, objective: np.ndarray, n_pairs: int) -> np.ndarray:
@@ -222,6 +296,116 @@ def initial_patterns(
     return out
 
 
+class _Run:
+    """Some pairs' inversion under way: their tanh-parametrised masks and patterns, Adam's state and their source
+    samples, one row per pair. Rows are independent (Adam is elementwise, the loss a sum over pairs), so `keep`
+    lets some rows go on exactly as they would have with the others."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pairs: list[tuple[int, int]],
+        xb: torch.Tensor,
+        mask_p: torch.Tensor,
+        pattern_p: torch.Tensor,
+        opt: torch.optim.Adam,
+    ) -> None:
+        self.model, self.pairs, self.xb, self.opt = model, pairs, xb, opt
+        self.mask_p, self.pattern_p = mask_p, pattern_p
+        self.targets = torch.tensor([t for _, t in pairs], device=xb.device).repeat_interleave(xb.shape[1])
+        self.objective = torch.full((len(pairs),), float("inf"), device=xb.device)  # the last step's, per pair
+
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        starts: torch.Tensor,
+        *,
+        lr: float,
+        per_source: int,
+    ) -> _Run:
+        """A new inversion of `pairs` from the starting patterns `starts`, the mask about 0.02 everywhere."""
+        h, w = x.shape[-2:]
+        rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
+        mask_p = torch.full((len(pairs), 1, h, w), -2.0, device=x.device, requires_grad=True)
+        pattern_p = (starts * 2 - 1).to(x.device).requires_grad_(True)
+        opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
+        return cls(model, pairs, x[rows], mask_p, pattern_p, opt)
+
+    def advance(
+        self,
+        steps: int,
+        *,
+        cost: float,
+        progress: Callable[[int, int], None],
+        on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> _Run:
+        """`steps` more Adam steps on every row; `on_step` sees each step's end (steps done here, the objective per
+        pair, mask, pattern)."""
+        n_pairs = len(self.pairs)
+        for step in range(steps):
+            mask = (torch.tanh(self.mask_p) + 1) / 2
+            pattern = (torch.tanh(self.pattern_p) + 1) / 2
+            stamped = blend(self.xb, mask[:, None], pattern[:, None])
+            logits = self.model(stamped.flatten(0, 1))
+            ce = F.cross_entropy(logits, self.targets, reduction="none").view(n_pairs, -1).mean(1)
+            objective = ce + cost * mask.flatten(1).sum(1)
+            self.opt.zero_grad(set_to_none=True)
+            objective.sum().backward()
+            self.opt.step()
+            self.objective = objective.detach()
+            progress(step + 1, steps)
+            if on_step is not None:
+                on_step(step + 1, self.objective, *self.unit)
+        return self
+
+    def keep(self, rows: list[int]) -> _Run:
+        """The inversion of these rows only, with their parameters and Adam's moments and step count."""
+        at = torch.tensor(rows, device=self.xb.device)
+        params = [p.detach()[at].clone().requires_grad_(True) for p in (self.mask_p, self.pattern_p)]
+        opt = torch.optim.Adam(params, **{k: self.opt.defaults[k] for k in ("lr", "betas")})
+        for old, new in zip((self.mask_p, self.pattern_p), params, strict=True):
+            state = self.opt.state[old]
+            opt.state[new] = {
+                "step": state["step"].clone(),
+                "exp_avg": state["exp_avg"][at].clone(),
+                "exp_avg_sq": state["exp_avg_sq"][at].clone(),
+            }
+        run = _Run(self.model, [self.pairs[i] for i in rows], self.xb[at], params[0], params[1], opt)
+        run.objective = self.objective[at]
+        return run
+
+    @property
+    def unit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masks and patterns in [0, 1]."""
+        return _unit(self.mask_p, self.pattern_p)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.unit[0]
+
+    @property
+    def pattern(self) -> torch.Tensor:
+        return self.unit[1]
+
+
+class _PairSteps:
+    """Progress of a staged inversion in pair-steps over the whole of it: each part (a group of rows for some
+    steps) reports its own steps, shifted to where it starts."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None, whole: int) -> None:
+        self.progress, self.whole = progress, whole
+
+    def part(self, start: int, rows: int) -> Callable[[int, int], None]:
+        """The callback of `rows` rows whose pair-steps begin after `start` of the whole."""
+        return lambda done, _steps: (
+            self.progress(start + rows * done, self.whole) if self.progress is not None else None
+        )
+
+
 def _invert(
     model: nn.Module,
     x: torch.Tensor,
@@ -236,30 +420,11 @@ def _invert(
     progress: Callable[[int, int], None],
     on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on every pair's tanh-parametrised mask and pattern at once; returns them in [0, 1]. `on_step`, when
-    given, sees each step's end: (steps done, that step's objective per pair, mask, pattern), so a study can keep
-    the patches along the way without running the inversion again (benchmarks/pair_steps.py)."""
-    n_pairs = len(pairs)
-    h, w = x.shape[-2:]
-    rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
-    targets = torch.tensor([t for _, t in pairs], device=x.device).repeat_interleave(rows.shape[1])
-    mask_p = torch.full((n_pairs, 1, h, w), -2.0, device=x.device, requires_grad=True)  # mask ~0.02 at start
-    pattern_p = (starts * 2 - 1).to(x.device).requires_grad_(True)
-    opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
-    xb = x[rows]  # (P, n, C, H, W)
-    for step in range(steps):
-        mask = (torch.tanh(mask_p) + 1) / 2
-        pattern = (torch.tanh(pattern_p) + 1) / 2
-        stamped = blend(xb, mask[:, None], pattern[:, None])
-        ce = F.cross_entropy(model(stamped.flatten(0, 1)), targets, reduction="none").view(n_pairs, -1).mean(1)
-        objective = ce + cost * mask.flatten(1).sum(1)
-        opt.zero_grad(set_to_none=True)
-        objective.sum().backward()
-        opt.step()
-        progress(step + 1, steps)
-        if on_step is not None:
-            on_step(step + 1, objective.detach(), *_unit(mask_p, pattern_p))
-    return _unit(mask_p, pattern_p)
+    """Adam on every pair's tanh-parametrised mask and pattern at once for `steps`; returns them in [0, 1].
+    `on_step`, when given, sees each step's end (steps done, that step's objective per pair, mask, pattern), so a
+    study can keep the patches along the way without running the inversion again (benchmarks/pair_steps.py)."""
+    run = _Run.start(model, x, y, pairs, starts, lr=lr, per_source=per_source)
+    return run.advance(steps, cost=cost, progress=progress, on_step=on_step).unit
 
 
 @torch.no_grad()
