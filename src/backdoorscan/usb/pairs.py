@@ -151,7 +151,8 @@ def invert_pairs(
         len(rows),
         group,
     )
-    mask, pattern = torch.cat([r.mask for r in runs]), torch.cat([r.pattern for r in runs])
+    units = [r.unit for r in runs]
+    mask, pattern = torch.cat([m for m, _ in units]), torch.cat([p for _, p in units])
     asr, ce = pair_success(model, x, y, rows, mask, pattern)
     l1 = mask.flatten(1).sum(1).cpu().numpy()
     stopped = np.zeros(len(rows), dtype=bool)
@@ -165,7 +166,7 @@ def invert_pairs(
             if mine:
                 went = run.keep(mine).advance(steps - first, cost=cost, progress=tick.part(done, len(mine)))
                 at = torch.tensor([offset + i for i in mine], device=mask.device)
-                mask[at], pattern[at] = went.mask, went.pattern
+                mask[at], pattern[at] = went.unit
                 done += len(mine) * (steps - first)
             offset += len(run.pairs)
         keep = np.flatnonzero(on)
@@ -382,14 +383,6 @@ class _Run:
     def unit(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The masks and patterns in [0, 1]."""
         return _unit(self.mask_p, self.pattern_p)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.unit[0]
-
-    @property
-    def pattern(self) -> torch.Tensor:
-        return self.unit[1]
 
 
 class _PairSteps:
