@@ -7,13 +7,15 @@ then each stopping policy (fewer steps for all pairs, or successive halving) dec
 Pairs are independent rows of the inversion (Adam is elementwise and the loss a sum over pairs), so a pair stopped
 at step s has exactly the patch of the snapshot at s: one inversion gives every policy, and no policy is rerun.
 The inversion is the scan's (`usb.pairs`: the same samples, starting patterns, learning rate and L1 weight). Spill
-is measured, as the scan does, for the pairs a report would name. Snapshots go to OUT/NAME.npz (resumable); the
+and reliance are measured, as the scan does, for the pairs a report would name (reliance since 0.13.0's study).
+Snapshots go to OUT/NAME.npz (resumable); the
 decisions to OUT/policies.json, and a table is printed. The issue-25 cost study (docs/results.md) used this.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -27,9 +29,12 @@ from backdoorscan.loading import prepare
 from backdoorscan.usb.families import PAIRS_REPORTED, decide_pairs
 from backdoorscan.usb.pairs import (
     PairTriggers,
+    _going_on,
     _invert,
+    _scale_stopped,
     candidate_pairs,
     initial_patterns,
+    measure_reliance,
     measure_spill,
     pair_success,
 )
@@ -112,26 +117,25 @@ def halving(first: int, share: float) -> Policy:
 
 
 def halving_scaled(first: int, keep: int) -> Policy:
-    """Every pair runs `first` steps; per source, the `keep` pairs smallest against their source's median objective
-    run to the last snapshot. A stopped pair's L1 and cross-entropy are scaled by the median, over its source's
-    pairs that went on, of how much theirs shrank from `first` to the end: the size it would have reached, so that
-    the source's median and the spread the decision compares with are not those of unfinished pairs (plain
-    halving's false alarms)."""
+    """The scan's staged stage (`usb.pairs.invert_pairs`): every pair runs `first` steps; per source the `keep`
+    pairs smallest against their source's median objective run to the last snapshot, and a stopped pair's L1 and
+    cross-entropy are scaled by its source's finished pairs' median shrink, with the scan's own helpers."""
 
     def policy(snap: dict) -> tuple[np.ndarray, float, np.ndarray]:
-        pairs, at = snap["pairs"], list(snap["at"])
+        rows, at = [tuple(map(int, p)) for p in snap["pairs"]], list(snap["at"])
         i0, end = at.index(first), len(at) - 1
-        value = np.log(snap["objective"][first - 1])
-        stop, scale = np.full(len(pairs), i0), np.ones((2, len(pairs)))
-        for s in np.unique(pairs[:, 0]):
-            rows = np.flatnonzero(pairs[:, 0] == s)
-            go_on = rows[np.argsort(value[rows])[:keep]]
-            stop[go_on] = end
-            for j, key in enumerate(("l1", "ce")):
-                shrink = np.median(snap[key][end, go_on] / np.maximum(snap[key][i0, go_on], 1e-12))
-                scale[j, np.setdiff1d(rows, go_on)] = shrink
-        went_on = int((stop == end).sum())
-        return stop, (first * len(pairs) + (max(at) - first) * went_on) / (max(at) * len(pairs)), scale
+        on = _going_on(rows, len(rows), snap["objective"][first - 1], keep)  # the scan's own choice and scaling
+        kept = np.flatnonzero(on)
+        sizes = [(snap[key][i0], snap[key][end, kept]) for key in ("l1", "ce")]
+        scaled = _scale_stopped(rows, len(rows), kept, *sizes)
+        scale = np.stack(
+            [
+                np.where(on, 1.0, v / np.maximum(snap[key][i0], 1e-12))
+                for v, key in zip(scaled, ("l1", "ce"), strict=True)
+            ]
+        )
+        stop = np.where(on, end, i0)
+        return stop, (first * len(rows) + (max(at) - first) * len(kept)) / (max(at) * len(rows)), scale
 
     return policy
 
@@ -139,12 +143,15 @@ def halving_scaled(first: int, keep: int) -> Policy:
 def decide(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, snap: dict, stop: np.ndarray, scale: np.ndarray | None
 ) -> dict:
-    """The scan's rule on the table the policy leaves (sizes scaled where the policy says), spill measured as the
-    scan does (`measure_spill`) for the pairs that would flag and the PAIRS_REPORTED of the highest index."""
+    """The scan's rule on the table the policy leaves, spill and reliance measured as the scan does
+    (`measure_spill`, `measure_reliance`) for the pairs that would flag and the PAIRS_REPORTED of the highest index.
+    Where the policy scales sizes (a staged stage), the stopped pairs are the scan's references: never flagged."""
     pairs, cols = [tuple(map(int, p)) for p in snap["pairs"]], np.arange(len(stop))
     l1, ce, asr = snap["l1"][stop, cols], snap["ce"][stop, cols], snap["asr"][stop, cols]
+    stopped = None
     if scale is not None:
         l1, ce = l1 * scale[0], ce * scale[1]
+        stopped = stop < len(snap["at"]) - 1
     found = PairTriggers(
         pairs=pairs,
         mask=torch.from_numpy(snap["mask"][stop, cols]),
@@ -153,12 +160,17 @@ def decide(
         asr=asr,
         spill=np.full(len(pairs), np.nan),
         ce=ce,
+        stopped=stopped,
     )
-    st = ScanSettings()
-    first = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[])
-    top = [int(i) for i in np.argsort(-first.index)[:PAIRS_REPORTED] if np.isfinite(first.index[i])]
-    measure_spill(model, x, y, found, sorted(set(first.flagged) | set(top)))
-    final = decide_pairs(pairs, l1, ce, asr, settings=st, universal_targets=[], spill=found.spill)
+    decide_with = functools.partial(
+        decide_pairs, pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=[], stopped=stopped
+    )
+    first = decide_with()
+    order = [int(i) for i in np.argsort(-first.index) if stopped is None or not stopped[i]]
+    named = sorted(set(first.flagged) | {i for i in order[:PAIRS_REPORTED] if np.isfinite(first.index[i])})
+    measure_spill(model, x, y, found, named)
+    measure_reliance(model, x, y, found, named)
+    final = decide_with(spill=found.spill, reliance=found.reliance)
     return {"flagged": [list(pairs[i]) for i in final.flagged], "distance": final.distance.tolist()}
 
 
@@ -185,7 +197,7 @@ def main() -> None:
     policies: dict[str, Policy] = {f"{s} steps": stop_all(s) for s in reversed(at)}
     if 30 in at:
         policies["halving: 30 steps, then 30 % go on"] = halving(30, 0.3)
-        for first, keep in ((30, 3), (30, 2), (50, 3)):
+        for first, keep in ((30, 3), (30, 4), (30, 2), (50, 3), (50, 2)):
             if first in at:
                 policies[f"halving, stopped sizes scaled: {first} steps, then {keep} a source go on"] = halving_scaled(
                     first, keep
