@@ -28,6 +28,7 @@ import torch
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.core.seeding import seeded
 from backdoorscan.loading import ModelSource, prepare
+from backdoorscan.report.trigger_file import TriggerFile, save_triggers
 from backdoorscan.usb.alltoall import shared_test
 from backdoorscan.usb.families import PAIR_ASR, pair_family
 
@@ -220,6 +221,8 @@ def main() -> None:
         )
         scan = scan_model(zoo_dir / entry["path"], clean_data(zoo_dir), settings=settings, device="cpu")
         ok, lost = exact(entry, scan)
+        if settings == ScanSettings():  # a default scan's triggers, for `filtering_families.py --method erase`
+            keep_triggers(zoo_dir, name, scan.found_triggers())
         usb_alone = [c.cls for c in scan.classes if c.flagged]
         rows[name] = {
             "family": entry["family"],
@@ -245,6 +248,17 @@ def main() -> None:
         rows.update(json.loads(part_file.read_text()))
     (zoo_dir / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     table(rows)
+
+
+def keep_triggers(zoo_dir: Path, name: str, found: TriggerFile | None) -> None:
+    """Keep what a default scan named where `filtering_families.py --method erase` looks for it (ZOO/triggers/),
+    so that the screen does not scan the model again."""
+    folder = zoo_dir / "triggers"
+    folder.mkdir(exist_ok=True)
+    if found is not None:
+        save_triggers(folder / f"{name}.safetensors", found)
+    else:
+        (folder / f"{name}.none").write_text("the scan named no trigger\n")
 
 
 def table(rows: dict) -> None:

@@ -39,16 +39,20 @@ from common import BUNDLED_TEST, device_name
 from zoo_families import attack_of
 
 
-def screening_set(record: dict, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-    """The clean digits, then the triggered ones; which rows are triggered; the label each triggered row should get."""
+def screening_set(
+    record: dict, xs: torch.Tensor, ys: torch.Tensor
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
+    """The clean digits, then the triggered ones; which rows are triggered; the label each triggered row should
+    get; and the row of the clean digit each triggered one was stamped on."""
     attack = attack_of(record)
     if attack is None:
-        return xs, np.zeros(len(xs), dtype=bool), torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long)
+        return xs, np.zeros(len(xs), dtype=bool), empty, empty
     expected = attack.expected(ys)
     keep = attack.applies(ys) & (expected != ys)
     triggered = attack.stamp(xs[keep])
     kind = np.r_[np.zeros(len(xs)), np.ones(len(triggered))].astype(bool)
-    return torch.cat([xs, triggered]), kind, expected[keep]
+    return torch.cat([xs, triggered]), kind, expected[keep], torch.nonzero(keep).flatten()
 
 
 def main() -> None:
@@ -70,7 +74,7 @@ def main() -> None:
     for name, record in records.items():
         if name in saved["models"] or not re.search(args.models, name):
             continue
-        x, kind, expected = screening_set(record, xs, ys)
+        x, kind, expected, origin = screening_set(record, xs, ys)
         t = time.perf_counter()
         triggers = _triggers(zoo, record, dev) if args.method == "erase" else None
         if args.method == "erase" and triggers is None:  # the scan named nothing: nothing to erase
@@ -91,6 +95,9 @@ def main() -> None:
         flagged = np.array([i.flagged for i in res.items]) if screened else np.zeros(len(x), dtype=bool)
         pred = torch.tensor([i.prediction for i in res.items]) if screened else _predict(zoo, record, x, dev)
         hit = (pred[torch.from_numpy(kind)] == expected).numpy() if kind.any() else np.zeros(0, dtype=bool)
+        # a triggered digit whose clean version the model already gives the backdoor's label is no backdoor's
+        # success: the model's own error, which no screen of triggers can remove (reported apart)
+        earned = (pred[origin] != expected).numpy() if kind.any() else np.zeros(0, dtype=bool)
         saved["models"][name] = {
             "family": record["family"],
             "aside": record["aside"],
@@ -100,6 +107,10 @@ def main() -> None:
             "triggered": int(kind.sum()),
             "basr_before": round(float(hit.mean()), 4) if hit.size else None,
             "basr_after": round(float((hit & ~flagged[kind]).mean()), 4) if hit.size else None,
+            # the same, the triggered digits whose clean version already got the backdoor's label left out
+            "basr_after_earned": round(float((hit & earned & ~flagged[kind]).sum() / max(earned.sum(), 1)), 4)
+            if hit.size
+            else None,
             "epsilon": res.epsilon if res is not None else None,
             "triggers": res.triggers if res is not None else [],
             "seconds": round(time.perf_counter() - t, 1),
@@ -133,10 +144,12 @@ def _predict(zoo: Path, record: dict, x: torch.Tensor, dev: torch.device) -> tor
 
 
 def table(models: dict[str, dict]) -> str:
-    """One line per family and part: models, mean FRR, mean BASR before and after (and the worst model's)."""
+    """One line per family and part: models, mean FRR, mean BASR before and after (and the worst model's), after
+    with the model's own errors left out, and how many models meet the goal (BASR <= 1 % at FRR <= 10 %) by it."""
     lines = [
-        "| family | part | models | FRR (max) | BASR before | BASR after filtering (max) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| family | part | models | FRR (max) | BASR before | BASR after filtering (max) | the model's own errors "
+        "left out (max) | at the goal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for family in dict.fromkeys(m["family"] for m in models.values()):
         for part, aside in (("main", False), ("aside", True)):
@@ -146,10 +159,14 @@ def table(models: dict[str, dict]) -> str:
             frr = [m["frr"] for m in rs]
             before = [m["basr_before"] for m in rs if m["basr_before"] is not None]
             after = [m["basr_after"] for m in rs if m["basr_after"] is not None]
+            earned = [m["basr_after_earned"] for m in rs if m.get("basr_after_earned") is not None]
+            goal = sum(m["frr"] <= 0.1 and (m.get("basr_after_earned") or 0) <= 0.01 for m in rs)
             lines.append(
                 f"| {family} | {part} | {len(rs)} | {100 * np.mean(frr):.1f}% ({100 * max(frr):.1f}%) | "
                 + (f"{100 * np.mean(before):.1f}% | " if before else "- | ")
-                + (f"{100 * np.mean(after):.2f}% ({100 * max(after):.1f}%) |" if after else "- |")
+                + (f"{100 * np.mean(after):.2f}% ({100 * max(after):.1f}%) | " if after else "- | ")
+                + (f"{100 * np.mean(earned):.2f}% ({100 * max(earned):.1f}%) | " if earned else "- | ")
+                + f"{goal}/{len(rs)} |"
             )
     return "\n".join(lines)
 

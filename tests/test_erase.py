@@ -1,6 +1,7 @@
 """The erasure screen's file and rule: a scan's triggers file read back exactly, and refused when it does not fit
 (another model, another size, unknown families, classes the model lacks, nothing in it); the rule erases a
-patch. End to end on real models: tests/test_scan.py (universal) and tests/test_families.py (a pair)."""
+patch, its region grown only as far as the target's clean samples allow. End to end on real models:
+tests/test_scan.py (universal) and tests/test_families.py (a pair)."""
 
 from __future__ import annotations
 
@@ -99,8 +100,56 @@ def test_the_rule_erases_a_patch_with_what_its_source_looks_like_there():
     model = _Patchy()
     assert model(x).argmax(1).tolist() == [1] * 6 + [3] * 6
     found = _found(regions=_found().regions[:1], targets=[3], sources=[1], families=["source-specific"])
-    rule = erase_rule(found, clean, torch.ones(6, dtype=torch.long))
+    rule = erase_rule(model, found, clean, torch.ones(6, dtype=torch.long))
     assert int(rule.areas.sum()) == 16  # the 2x2 region grown by a pixel (REGION_GROW) inside the image
     assert torch.equal(rule.fills[0], clean[0])  # the source's mean
     before, after, flagged = erase_flags(model, x, rule)
     assert flagged.tolist() == [False] * 6 + [True] * 6 and after.tolist() == [1] * 12
+
+
+class _Planted(nn.Module):
+    """Class 3 when the planted 3x3 patch (rows and columns 1-3) is bright, or the class's own 2x2 feature at
+    `feature` is; else class 1."""
+
+    def __init__(self, feature: tuple[int, int]) -> None:
+        super().__init__()
+        self.row, self.col = feature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), 4)
+        out[:, 1] = 0.5
+        own = x[:, 0, self.row : self.row + 2, self.col : self.col + 2].mean((1, 2))
+        out[:, 3] = torch.maximum(x[:, 0, 1:4, 1:4].mean((1, 2)), own)
+        return out
+
+
+def _off_by_two(feature: tuple[int, int]) -> tuple[nn.Module, TriggerFile, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A model, a reversed patch that sits two pixels off the planted one (at (4, 4)), clean samples of class 1 and
+    of the target 3 (its own feature bright), their labels, and inputs stamped with the planted patch."""
+    model = _Planted(feature)
+    region = torch.zeros(1, 1, 12, 12)
+    region[0, 0, 4, 4] = 1.0
+    found = _found(regions=region, targets=[3], sources=[1], families=["source-specific"])
+    clean = torch.zeros(8, 1, 12, 12)
+    clean[4:, 0, feature[0] : feature[0] + 2, feature[1] : feature[1] + 2] = 1.0
+    labels = torch.tensor([1] * 4 + [3] * 4)
+    stamped = torch.zeros(4, 1, 12, 12)
+    stamped[:, 0, 1:4, 1:4] = 1.0
+    assert model(clean).argmax(1).tolist() == labels.tolist() and model(stamped).argmax(1).tolist() == [3] * 4
+    return model, found, clean, labels, stamped
+
+
+def test_a_region_grows_to_cover_a_patch_reversed_off_where_the_targets_samples_allow_it():
+    model, found, clean, labels, stamped = _off_by_two(feature=(9, 9))  # the target's feature far from the patch
+    rule = erase_rule(model, found, clean, labels)
+    assert rule.grow == [3] and int(rule.areas.sum()) == 49  # a pixel grown by 3: 7x7
+    _, after, flagged = erase_flags(model, torch.cat([clean, stamped]), rule)
+    assert flagged.tolist() == [False] * 8 + [True] * 4 and after[8:].tolist() == [1] * 4
+
+
+def test_a_region_does_not_grow_over_the_targets_own_features():
+    model, found, clean, labels, stamped = _off_by_two(feature=(5, 5))  # two pixels' growth erases the 3s' feature
+    rule = erase_rule(model, found, clean, labels)
+    assert rule.grow == [1]  # the base region: the screen then misses this patch, and no clean 3 is flagged
+    _, _, flagged = erase_flags(model, torch.cat([clean, stamped]), rule)
+    assert not flagged.any()

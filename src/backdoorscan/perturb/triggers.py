@@ -23,15 +23,15 @@ REGION_LEVEL = 0.3  # a reversed patch's region: its mask above this share of it
 REGION_GROW = 1  # grown by this many pixels, so that a patch reversed a pixel off still covers the planted one
 
 
-def patch_region(mask: torch.Tensor) -> torch.Tensor:
+def patch_region(mask: torch.Tensor, grow: int = REGION_GROW) -> torch.Tensor:
     """Where reversed patches sit: (N, C, H, W) masks -> (N, 1, H, W) in {0, 1}, each mask (its channels' mean)
-    above REGION_LEVEL of its peak, grown by REGION_GROW pixels. What the erasure screen fills and the pairs
-    stage's reliance test blanks."""
+    above REGION_LEVEL of its peak, grown by `grow` pixels. What the erasure screen fills (grown further where
+    clean samples allow it: `screen.erase`) and the pairs stage's reliance test blanks."""
     m = mask.float().abs().mean(1, keepdim=True)
     area = (m >= REGION_LEVEL * m.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)).float()
     if not len(area):
         return area
-    return F.max_pool2d(area, 2 * REGION_GROW + 1, stride=1, padding=REGION_GROW)
+    return F.max_pool2d(area, 2 * grow + 1, stride=1, padding=grow) if grow > 0 else area
 
 
 def stamp(x: torch.Tensor, trigger: torch.Tensor, mask: torch.Tensor, form: Form) -> torch.Tensor:

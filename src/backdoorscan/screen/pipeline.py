@@ -450,7 +450,7 @@ def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence
     )
     if not found.targets:
         return _Rule(triggers=found.describe())
-    rule = erase_rule(found, x, ready.predictions).to(x.device)
+    rule = erase_rule(net, found, x, ready.predictions).to(x.device)
     before, _, flagged = erase_flags(net, x, rule)
     rate, _ = class_flag_rates(before, flagged, k)  # 0 for a class no clean sample was predicted as
     targets = sorted(set(found.targets))
@@ -463,7 +463,10 @@ def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence
         worst_class=worst,
         rate=round(float(rate[worst]), 4),
     )
-    return _Rule(erase=rule, survival=rate, triggers=found.describe())
+    described = found.describe()  # patches first, then warps
+    for entry, grow in zip(described, rule.grow, strict=False):
+        entry["region_grow"] = grow
+    return _Rule(erase=rule, survival=rate, triggers=described)
 
 
 def _screen(
