@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", default="uap", choices=["uap", "erase"], help="the screen's rule")
     parser.add_argument("--models", default="", help="a regular expression the model names must match")
+    parser.add_argument(
+        "--erase-grow", type=int, default=FilterSettings.erase_grow, help="erase: how far a region may grow (1: never)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo, out = Path(args.zoo), Path(args.out)
@@ -87,7 +90,7 @@ def main() -> None:
                     ModelSource(zoo / record["path"]),
                     str(BUNDLED_TEST),
                     path,
-                    settings=FilterSettings(method=args.method),
+                    settings=FilterSettings(method=args.method, erase_grow=args.erase_grow),
                     triggers=triggers,
                     device=dev,
                 )

@@ -141,7 +141,8 @@ def _off_by_two(feature: tuple[int, int]) -> tuple[nn.Module, TriggerFile, torch
 
 def test_a_region_grows_to_cover_a_patch_reversed_off_where_the_targets_samples_allow_it():
     model, found, clean, labels, stamped = _off_by_two(feature=(9, 9))  # the target's feature far from the patch
-    rule = erase_rule(model, found, clean, labels)
+    assert erase_rule(model, found, clean, labels).grow == [1]  # the library's default: the base region
+    rule = erase_rule(model, found, clean, labels, grow=3)
     assert rule.grow == [3] and int(rule.areas.sum()) == 49  # a pixel grown by 3: 7x7
     _, after, flagged = erase_flags(model, torch.cat([clean, stamped]), rule)
     assert flagged.tolist() == [False] * 8 + [True] * 4 and after[8:].tolist() == [1] * 4
@@ -149,7 +150,7 @@ def test_a_region_grows_to_cover_a_patch_reversed_off_where_the_targets_samples_
 
 def test_a_region_does_not_grow_over_the_targets_own_features():
     model, found, clean, labels, stamped = _off_by_two(feature=(5, 5))  # two pixels' growth erases the 3s' feature
-    rule = erase_rule(model, found, clean, labels)
+    rule = erase_rule(model, found, clean, labels, grow=3)
     assert rule.grow == [1]  # the base region: the screen then misses this patch, and no clean 3 is flagged
     _, _, flagged = erase_flags(model, torch.cat([clean, stamped]), rule)
     assert not flagged.any()

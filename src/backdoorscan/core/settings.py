@@ -236,10 +236,15 @@ class FilterSettings(CommonSettings):
         0.1, "Share of a dominant class's clean samples above the survival margin that counts as a trigger."
     )
     concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
+    erase_grow: int = setting(
+        3,
+        "erase: the most pixels a patch's region is grown by (always 1), as far as erasing it moves no more of "
+        "the target's own clean samples off it (1: never further).",
+    )
 
     def _check_ranges(self) -> None:
         super()._check_ranges()
-        _at_least_one(self, "batch_size", "max_passes", "strip_blends")
+        _at_least_one(self, "batch_size", "max_passes", "strip_blends", "erase_grow")
         if self.epsilon is not None and not 0 < self.epsilon <= 1:
             raise ScanError("epsilon must be in (0, 1] (pixels are in [0, 1])")
         if not 0 <= self.class_survival <= 1 or not 0 < self.margin_share < 1:

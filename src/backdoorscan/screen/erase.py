@@ -6,13 +6,14 @@ source look like there (the mean of every other class for a universal trigger). 
 leaves the target carried the trigger. Neural Cleanse (Wang et al., S&P 2019,
 Sec. VI-A) screens inputs with the reversed trigger through the neurons it activates; erasing and re-predicting
 needs no layer access and covers what Xue et al.'s UAP rule cannot: triggers that only work on one source's
-content (source-specific, all-to-all), which a universal perturbation does not dominate (`docs/results.md`). A reversed
-patch can sit a pixel or two off the planted one, so each patch's region is grown as far as the trigger's target's
-own clean samples allow (up to ERASE_GROW_MAX pixels, while erasing it moves no more of them off the target than
-the base region does): the growth is free on clean inputs and covers more of a planted patch. It
-can only screen for what the scan found, and not warps: the warp the scan reverses is one that moves clean
-inputs to the target, not the planted one, and reversing it leaves a WaNet input's prediction where it was
-(measured on the bundled WaNet model: none of its warped digits moved; `docs/results.md`).
+content (source-specific, all-to-all), which a universal perturbation does not dominate (`docs/results.md`).
+A reversed patch can sit a pixel or two off the planted one, so each patch's region is grown as far as the
+trigger's target's own clean samples allow (up to `FilterSettings.erase_grow` pixels, while erasing it moves no
+more of them off the target than the base region does): the growth is free on clean inputs and covers more of a
+planted patch (not always more of its effect: docs/results.md). It can only screen for what the scan found, and
+not warps: the warp the scan reverses is one that moves clean inputs to the target, not the planted one, and
+reversing it leaves a WaNet input's prediction where it was (measured on the bundled WaNet model: none of its
+warped digits moved; `docs/results.md`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import torch.nn as nn
 from ..perturb.evaluate import predict
 from ..perturb.triggers import REGION_GROW, patch_region
 from ..report.trigger_file import TriggerFile
-
-ERASE_GROW_MAX = 3  # pixels a patch's region may be grown by, where the target's clean samples allow it
 
 
 @dataclass
@@ -42,9 +41,11 @@ class EraseRule:
         return EraseRule(self.areas.to(device), self.fills.to(device), self.targets.to(device), self.grow)
 
 
-def erase_rule(model: nn.Module, found: TriggerFile, clean_x: torch.Tensor, clean_pred: torch.Tensor) -> EraseRule:
+def erase_rule(
+    model: nn.Module, found: TriggerFile, clean_x: torch.Tensor, clean_pred: torch.Tensor, grow: int = REGION_GROW
+) -> EraseRule:
     """The rule for a scan's patch triggers, its fills taken from clean samples (by the model's predictions) and
-    each region grown as far as its target's clean samples allow (`_widest`)."""
+    each region grown as far as its target's clean samples allow, up to `grow` pixels (`_widest`)."""
     x, pred = clean_x.cpu(), clean_pred.cpu()
     fills = []
     for target, source in zip(found.targets, found.sources, strict=True):
@@ -55,8 +56,8 @@ def erase_rule(model: nn.Module, found: TriggerFile, clean_x: torch.Tensor, clea
     shape = tuple(clean_x.shape[1:])
     fill = torch.stack(fills) if fills else torch.zeros(0, *shape)
     grown = [
-        _widest(model, found.regions[i : i + 1], fill[i], found.targets[i], clean_x[clean_pred == found.targets[i]])
-        for i in range(len(found.targets))
+        _widest(model, found.regions[i : i + 1], fill[i], t, clean_x[clean_pred == t], grow)
+        for i, t in enumerate(found.targets)
     ]
     areas = [patch_region(found.regions[i : i + 1], g) for i, g in enumerate(grown)]
     return EraseRule(
@@ -68,8 +69,10 @@ def erase_rule(model: nn.Module, found: TriggerFile, clean_x: torch.Tensor, clea
 
 
 @torch.no_grad()
-def _widest(model: nn.Module, region: torch.Tensor, fill: torch.Tensor, target: int, own: torch.Tensor) -> int:
-    """How far one patch's region can grow (REGION_GROW to ERASE_GROW_MAX pixels) while erasing it from the
+def _widest(
+    model: nn.Module, region: torch.Tensor, fill: torch.Tensor, target: int, own: torch.Tensor, most: int
+) -> int:
+    """How far one patch's region can grow (REGION_GROW to `most` pixels) while erasing it from the
     target's own clean samples moves no more of them off the target than the base region does; the base growth
     where no clean sample is predicted as the target (nothing to measure the cost on)."""
     if not len(own):
@@ -81,7 +84,7 @@ def _widest(model: nn.Module, region: torch.Tensor, fill: torch.Tensor, target: 
         return int((predict(model, own * (1 - area) + fill * area) != target).sum())
 
     base, best = moved(REGION_GROW), REGION_GROW
-    for grow in range(REGION_GROW + 1, ERASE_GROW_MAX + 1):
+    for grow in range(REGION_GROW + 1, most + 1):
         if moved(grow) > base:
             break
         best = grow

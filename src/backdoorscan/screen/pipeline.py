@@ -312,7 +312,7 @@ def _filter_dataset(
                 ),
             )
     elif settings.method == "erase":
-        rule = _erase_rule(ready, Path(str(triggers)), sha, evidence)
+        rule = _erase_rule(ready, Path(str(triggers)), sha, evidence, settings.erase_grow)
         if not evidence.ok:
             return _inconclusive(inputs, settings, info, evidence, t0)
     else:
@@ -429,7 +429,7 @@ def _uap_rule(
     return _Rule(rule, uap.epsilon, uap.fooling_rate, clean_survival(net, x, rule, k))
 
 
-def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence) -> _Rule:
+def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence, grow: int) -> _Rule:
     """The erasure rule for a scan's triggers (checked against this model), with its flag rate on the clean
     samples per class; a target whose clean samples it mostly flags makes the screen inconclusive."""
     if ready.samples is None or ready.predictions is None:  # the caller stops earlier; this keeps the types honest
@@ -450,7 +450,7 @@ def _erase_rule(ready: Prepared, path: Path, sha: str | None, evidence: Evidence
     )
     if not found.targets:
         return _Rule(triggers=found.describe())
-    rule = erase_rule(net, found, x, ready.predictions).to(x.device)
+    rule = erase_rule(net, found, x, ready.predictions, grow).to(x.device)
     before, _, flagged = erase_flags(net, x, rule)
     rate, _ = class_flag_rates(before, flagged, k)  # 0 for a class no clean sample was predicted as
     targets = sorted(set(found.targets))
