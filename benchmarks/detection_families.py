@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filtering_families import keep_triggers
 
 from backdoorscan import ScanSettings, scan_model
 from backdoorscan.core.seeding import seeded
 from backdoorscan.loading import ModelSource, prepare
-from backdoorscan.report.trigger_file import TriggerFile, save_triggers
 from backdoorscan.usb.alltoall import shared_test
 from backdoorscan.usb.families import PAIR_ASR, pair_family
 
@@ -248,17 +248,6 @@ def main() -> None:
         rows.update(json.loads(part_file.read_text()))
     (zoo_dir / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     table(rows)
-
-
-def keep_triggers(zoo_dir: Path, name: str, found: TriggerFile | None) -> None:
-    """Keep what a default scan named where `filtering_families.py --method erase` looks for it (ZOO/triggers/),
-    so that the screen does not scan the model again."""
-    folder = zoo_dir / "triggers"
-    folder.mkdir(exist_ok=True)
-    if found is not None:
-        save_triggers(folder / f"{name}.safetensors", found)
-    else:
-        (folder / f"{name}.none").write_text("the scan named no trigger\n")
 
 
 def table(rows: dict) -> None:

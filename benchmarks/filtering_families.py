@@ -32,7 +32,7 @@ from backdoorlab.data import mnist
 from backdoorscan import FilterSettings, ModelSource, filter_dataset, scan_model
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import to_uint8_images
-from backdoorscan.report.trigger_file import save_triggers
+from backdoorscan.report.trigger_file import TriggerFile, save_triggers
 from backdoorscan.report.writer import write_text_atomic
 
 from common import BUNDLED_TEST, device_name
@@ -129,12 +129,19 @@ def _triggers(zoo: Path, record: dict, dev: torch.device) -> Path | None:
     path, none = folder / f"{record['name']}.safetensors", folder / f"{record['name']}.none"
     if not path.exists() and not none.exists():
         found = scan_model(ModelSource(zoo / record["path"]), str(BUNDLED_TEST), device=dev).found_triggers()
-        folder.mkdir(exist_ok=True)
-        if found is not None:
-            save_triggers(path, found)
-        else:
-            none.write_text("the scan named no trigger\n")
+        keep_triggers(zoo, record["name"], found)
     return path if path.exists() else None
+
+
+def keep_triggers(zoo: Path, name: str, found: TriggerFile | None) -> None:
+    """Keep what a model's default scan named in ZOO/triggers/ (NAME.safetensors, or NAME.none when it named
+    nothing), where the erasure screen looks for it; `detection_families.py` keeps its default scans' there too."""
+    folder = zoo / "triggers"
+    folder.mkdir(exist_ok=True)
+    if found is not None:
+        save_triggers(folder / f"{name}.safetensors", found)
+    else:
+        (folder / f"{name}.none").write_text("the scan named no trigger\n")
 
 
 def _predict(zoo: Path, record: dict, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
