@@ -58,6 +58,12 @@ def decide_table(
     support = (
         np.array([np.inf if rows[p]["support"] is None else rows[p]["support"] for p in pairs]) if stored else None
     )
+    # compactness (0.15.0) where the table holds it; older tables have none: no compact route
+    compact = (
+        np.array([np.nan if rows[p].get("compact") is None else rows[p]["compact"] for p in pairs])
+        if any("compact" in rows[p] for p in pairs)
+        else None
+    )
     decision = decide_pairs(
         pairs,
         l1,
@@ -69,6 +75,7 @@ def decide_table(
         support=support,
         reliance=reliance,
         stopped=np.array([bool(rows[p].get("stopped")) for p in pairs]),  # staged scans (0.13.0) mark them
+        compact=compact,
     )
     return pairs, decision
 

@@ -17,6 +17,9 @@ from backdoorscan.usb.decide import class_threshold
 from backdoorscan.usb.families import (
     PAIR_ASR,
     PAIR_CE_MAX,
+    PAIR_COMPACT_MAX_RATIO,
+    PAIR_COMPACT_MIN,
+    PAIR_MAX_RATIO,
     PAIR_SPILL_MAX,
     FamilyScan,
     confidence_distance,
@@ -28,7 +31,7 @@ from backdoorscan.usb.families import (
     scan_warps,
     spill_distance,
 )
-from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs, pair_support
+from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs, pair_compactness, pair_support
 from backdoorscan.usb.warp import apply_warp
 
 from .conftest import MNIST_TEST, MODELS
@@ -363,6 +366,34 @@ def test_a_small_pair_that_leaves_its_target_in_doubt_does_not_flag_on_its_own()
     clean = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
     assert clean.flagged == [] and 0 < clean.margin <= 1
     assert list(confidence_distance(np.array([0.0, PAIR_CE_MAX, 2 * PAIR_CE_MAX]))) == [-1.0, 0.0, 0.5]
+
+
+def test_compactness_is_the_share_of_the_mask_in_its_best_small_window():
+    """A 4x4 patch is wholly compact; a stroke across the image has a small share in any 5x5 window."""
+    patch, stroke, empty = torch.zeros(3, 1, 28, 28)
+    patch[0, 10:14, 3:7] = 0.9
+    stroke[0, 4:24, 14] = 1.0
+    got = pair_compactness(torch.stack([patch, stroke]))
+    assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(5 / 20)
+    assert pair_compactness(empty[None]) == pytest.approx(0.0)
+
+
+def test_a_compact_pair_flags_under_the_looser_guard_and_a_scattered_one_of_the_same_size_does_not():
+    """A planted 4x4 patch at full shade can be half its source's median pair: past the threshold but over the
+    size guard. Compact, it flags under PAIR_COMPACT_MAX_RATIO; the same sizes drawn as a stroke do not."""
+    pairs, l1 = _matrix_pairs({(3, 8): 40.0 * 0.5}, base=40.0, seed=1)
+    works, settings, ce = np.ones(len(pairs)), ScanSettings(), np.full(len(pairs), 0.05)
+    i = pairs.index((3, 8))
+    plain = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[])
+    assert plain.index[i] > plain.threshold and plain.flagged == []  # the size guard holds it back
+    compact = np.full(len(pairs), 0.4)
+    compact[i] = PAIR_COMPACT_MIN + 0.1
+    decision = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], compact=compact)
+    assert decision.flagged == [i] and decision.measure[i] == "compact"
+    compact[i] = PAIR_COMPACT_MIN - 0.1
+    held = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], compact=compact)
+    assert held.flagged == [] and 0 < held.distance[i] <= 1  # counted in the margin, within one unit
+    assert PAIR_MAX_RATIO < 0.5 < PAIR_COMPACT_MAX_RATIO
 
 
 class _CornerDetector(torch.nn.Module):

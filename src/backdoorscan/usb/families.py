@@ -31,6 +31,7 @@ from .pairs import (
     keep_better,
     measure_reliance,
     measure_spill,
+    pair_compactness,
 )
 from .warp import Warps, apply_warp, invert_warps
 
@@ -51,6 +52,12 @@ PAIR_SPILL_MAX = 0.25
 # target certain (families zoo: 0.01-0.09 after the 100 steps), where a natural neighbour that a robust model
 # lets through at the same small size (an adversarially trained model's 9 -> 4) leaves it in doubt (0.21-0.28)
 PAIR_CE_MAX = 0.15
+# a compact patch (at least PAIR_COMPACT_MIN of its mask in one small window, `pairs.pair_compactness`) flags under
+# this looser size guard instead: a 4x4 planted patch at full shade is as large as half a natural stroke edit
+# (families zoo misses: 0.37-0.62 of their source's median pair), and no natural pair of the study was compact
+# (at most 0.63 in 857 pairs of 104 models); the threshold and every other criterion stay (0.15.0)
+PAIR_COMPACT_MIN = 0.7
+PAIR_COMPACT_MAX_RATIO = 0.65
 
 
 @dataclass
@@ -120,6 +127,7 @@ class FamilyScan:
                         **({"stopped": True} if self.pairs.stopped is not None and self.pairs.stopped[i] else {}),
                         "spill": _finite(self.pairs.spill[i]),
                         **({"reliance": _finite(self.pairs.reliance[i])} if self.pairs.reliance is not None else {}),
+                        **({"compact": _finite(self.pairs.compact[i])} if self.pairs.compact is not None else {}),
                         "index": _finite(self.pair_index[i]),
                         **({"support": _finite(self.pairs.support[i])} if self.pairs.support is not None else {}),
                         **(
@@ -255,13 +263,13 @@ class PairDecision:
 
     def index_by_measure(self, i: int) -> float:
         """Pair i's anomaly index by the measure that decided it (what a finding reports)."""
-        by = {"l1": self.index, "objective": self.objective_index, "support": self.support_index}
+        by = {"l1": self.index, "objective": self.objective_index, "support": self.support_index, "compact": self.index}
         values = by[self.measure[i]]
         assert values is not None
         return float(values[i])
 
 
-PAIR_MEASURES = ("l1", "objective", "support")
+PAIR_MEASURES = ("l1", "objective", "support", "compact")
 
 
 def confidence_distance(ce: np.ndarray) -> np.ndarray:
@@ -270,6 +278,13 @@ def confidence_distance(ce: np.ndarray) -> np.ndarray:
     convention, as for spill: it keeps a pair this criterion alone holds back within one unit of flipping."""
     ce = np.asarray(ce, dtype=np.float64)
     return (ce - PAIR_CE_MAX) / np.maximum(ce, PAIR_CE_MAX)
+
+
+def compact_distance(compact: np.ndarray) -> np.ndarray:
+    """The compactness criterion (at least PAIR_COMPACT_MIN) as a distance from flagging (`share_distance`, from
+    below); unmeasured (NaN): never compact."""
+    compact = np.asarray(compact, dtype=np.float64)
+    return np.where(np.isnan(compact), np.inf, share_distance(1 - compact, 1 - PAIR_COMPACT_MIN))
 
 
 def reliance_distance(reliance: np.ndarray) -> np.ndarray:
@@ -289,6 +304,7 @@ def decide_pairs(
     support: np.ndarray | None = None,
     reliance: np.ndarray | None = None,
     stopped: np.ndarray | None = None,
+    compact: np.ndarray | None = None,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
@@ -297,7 +313,9 @@ def decide_pairs(
     plus the weighted L1); or, where it was measured and `settings.pair_support_ratio` is set (off by default), its
     support, the pixels it needs (`pairs.pair_support`), under that size guard and the L1's cross-entropy limit;
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
-    PAIR_RELIANCE_MAX. Its distance is the nearest of the measures', each counting all of its criteria. A pair
+    PAIR_RELIANCE_MAX; or, where `compact` was measured, the L1 under the looser PAIR_COMPACT_MAX_RATIO for a patch
+    at least PAIR_COMPACT_MIN compact. Its distance is the nearest of the measures', each counting all of its
+    criteria. A pair
     `stopped` at the first stage of a staged inversion (its sizes estimated) is a reference for the others and
     never flags: its distance is infinite. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared
     patch finds every mapping that did, and more, and did not flag the adversarially trained clean model the pooled
@@ -327,11 +345,16 @@ def decide_pairs(
     index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
     by_l1 = np.maximum(by_l1, certain)
     objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
-    measures = [by_l1, by_objective]
+    measures, names = [by_l1, by_objective], ["l1", "objective"]
     support_index = None
     if support is not None and settings.pair_support_ratio > 0:
         support_index, by_support = distance_by(np.asarray(support, dtype=np.float64), settings.pair_support_ratio)
         measures.append(np.maximum(by_support, certain))
+        names.append("support")
+    if compact is not None:
+        _, by_loose = distance_by(np.asarray(l1, dtype=np.float64), PAIR_COMPACT_MAX_RATIO)
+        measures.append(np.maximum(np.maximum(by_loose, certain), compact_distance(np.asarray(compact))))
+        names.append("compact")
     stacked = np.stack(measures)
     distance = stacked.min(0)
     nearest = stacked.argmin(0)
@@ -350,7 +373,7 @@ def decide_pairs(
         margin=_margin(distance, flagged),
         objective_index=objective_index,
         support_index=support_index,
-        measure=[PAIR_MEASURES[int(m)] for m in nearest],
+        measure=[names[int(m)] for m in nearest],
     )
 
 
@@ -477,9 +500,9 @@ def _decide_measured(
     settings,
     universal_targets: list[int],
 ) -> PairDecision:
-    """The pairs' decision with spill and reliance: decided once, both measured where they are not yet for every
-    pair that would flag and the PAIRS_REPORTED of the highest index (the ones a report names), then decided with
-    them."""
+    """The pairs' decision with compactness, spill and reliance: decided once, spill and reliance measured where
+    they are not yet for every pair that would flag and the PAIRS_REPORTED of the highest index (the ones a report
+    names), then decided with them."""
     decide = partial(
         decide_pairs,
         pairs,
@@ -491,13 +514,14 @@ def _decide_measured(
         support=found.support,
         stopped=found.stopped,
     )
-    decision = decide()
+    found.compact = pair_compactness(found.mask)
+    decision = decide(compact=found.compact)
     finished = [int(i) for i in np.argsort(-decision.index) if found.stopped is None or not found.stopped[i]]
     top = [i for i in finished[:PAIRS_REPORTED] if np.isfinite(decision.index[i])]
     named = sorted(set(decision.flagged) | set(top))
     measure_spill(model, x, y, found, [i for i in named if np.isnan(found.spill[i])])
     measure_reliance(model, x, y, found, [i for i in named if found.reliance is None or np.isnan(found.reliance[i])])
-    return decide(spill=found.spill, reliance=found.reliance)
+    return decide(spill=found.spill, reliance=found.reliance, compact=found.compact)
 
 
 def nearest_sources(pairs: list[tuple[int, int]], distance: np.ndarray, count: int) -> list[int]:

@@ -58,6 +58,7 @@ class PairTriggers:
     # is blanked with the source's look there (`measure_reliance`); NaN (or None: all) where not measured
     stopped: np.ndarray | None = None  # (P,) True where the pair stopped at the first stage (`invert_pairs`): its
     # l1 and ce are then estimates of what it would have reached, and it is a reference, never a finding
+    compact: np.ndarray | None = None  # (P,) share of the mask in its best small window (`pair_compactness`)
 
 
 def blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -424,6 +425,23 @@ def _invert(
 def _unit(mask_p: torch.Tensor, pattern_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The tanh-parametrised mask and pattern in [0, 1]."""
     return (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
+
+
+COMPACT_WINDOW = 5 / 28  # the window's side as a share of the image's smaller side (5 px at MNIST's 28, 6 at 32)
+
+
+@torch.no_grad()
+def pair_compactness(mask: torch.Tensor) -> np.ndarray:
+    """Per pair, the share of its mask's mass inside the best square window of COMPACT_WINDOW of the image side.
+
+    A planted trigger is a patch the model keys on at one place (TABOR, Guo et al. 2019, penalises scattered
+    triggers for that reason); a natural pair's edit is a stroke drawn along the source's shape. Families zoo
+    (study of batches 16-18, 13 and the varied clean models): planted pairs 0.38-0.95 (29 of 44 at 0.70 or
+    more), the 857 natural pairs nearest to flagging at most 0.63."""
+    m = mask.float().flatten(0, -3).unsqueeze(1)  # (P, 1, H, W)
+    side = max(3, round(min(m.shape[-2:]) * COMPACT_WINDOW))
+    best = (F.avg_pool2d(m, side, stride=1) * side * side).flatten(1).max(1).values
+    return (best / m.flatten(1).sum(1).clamp_min(1e-12)).cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()
