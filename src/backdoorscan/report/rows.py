@@ -14,7 +14,12 @@ FAMILY_NAMES = {
 
 NOT_COVERED = "triggers a model recognises with non-differentiable logic (docs/method.md, Limits)"
 # how a source-specific finding line names the size measure that flagged it (usb.families.PAIR_MEASURES)
-MEASURE_WORDS = {"l1": "its L1", "objective": "the inversion's objective", "support": "the pixels it needs"}
+MEASURE_WORDS = {
+    "l1": "its L1",
+    "objective": "the inversion's objective",
+    "support": "the pixels it needs",
+    "compact": "its L1, a compact patch",
+}
 
 
 def covered_line(scan) -> str:
