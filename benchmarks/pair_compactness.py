@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoorscan import ModelSource, ScanSettings
-from backdoorscan.loading import prepare
+from backdoorscan import ScanSettings
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.usb.families import FamilyScan, scan_pairs
 from backdoorscan.usb.pairs import pair_compactness
-from backdoorscan.usb.pipeline import class_group
 
 from common import BUNDLED_TEST, clean_samples
+from pair_tables import pairs_stage
 
 NEAREST = 10  # pairs of highest index kept per model
 
@@ -41,20 +39,7 @@ def study(zoo: Path, settings: ScanSettings, done: dict) -> dict:
         if m["name"] in done or (varied and m.get("group") != "clean"):
             continue
         t = time.perf_counter()
-        ready = prepare(
-            ModelSource(zoo / (m.get("file") or m["path"]), arch=m.get("arch_ref")),
-            data,
-            samples=settings.samples,
-            seed=settings.seed,
-            device="cpu",
-        )
-        assert ready.samples is not None and ready.predictions is not None
-        x, y, k = ready.samples.x, ready.predictions, ready.num_classes
-        group, _ = class_group(ready.model, x, k, settings, torch.device("cpu"), None)
-        result = FamilyScan()
-        scan_pairs(
-            ready.model, x, y, k, settings=settings, universal_targets=[], group=group, progress=None, result=result
-        )
+        result = pairs_stage(zoo, m, data, settings, torch.device("cpu"))
         found, index = result.pairs, result.pair_index
         assert found is not None and index is not None
         planted = [[m["source"], m["target"]]] if m.get("family") == "source_specific" else []

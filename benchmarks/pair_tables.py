@@ -80,6 +80,23 @@ def decide_table(
     return pairs, decision
 
 
+def pairs_stage(zoo: Path, model: dict, data: str, settings: ScanSettings, device: torch.device) -> FamilyScan:
+    """The pairs stage alone, as the scan runs it, on one model of a zoo (its record: file or path, arch_ref)."""
+    ready = prepare(
+        ModelSource(zoo / (model.get("file") or model["path"]), arch=model.get("arch_ref")),
+        data,
+        samples=settings.samples,
+        seed=settings.seed,
+        device=device,
+    )
+    assert ready.samples is not None and ready.predictions is not None
+    x, y, k = ready.samples.x, ready.predictions, ready.num_classes
+    group, _ = class_group(ready.model, x, k, settings, device, None)
+    result = FamilyScan()
+    scan_pairs(ready.model, x, y, k, settings=settings, universal_targets=[], group=group, progress=None, result=result)
+    return result
+
+
 def redecide(path: Path) -> None:
     """Decide each stored table again with the current code; rewrite the file and print one line per model."""
     tables = json.loads(path.read_text())
@@ -148,27 +165,7 @@ def main() -> None:
         if model["name"] in tables["models"]:
             continue
         t = time.perf_counter()
-        ready = prepare(
-            ModelSource(zoo / (model.get("file") or model["path"]), arch=model.get("arch_ref")),
-            data,
-            samples=settings.samples,
-            seed=settings.seed,
-            device=dev,
-        )
-        assert ready.samples is not None and ready.predictions is not None
-        group, _ = class_group(ready.model, ready.samples.x, ready.num_classes, settings, dev, None)
-        result = FamilyScan()
-        scan_pairs(
-            ready.model,
-            ready.samples.x,
-            ready.predictions,
-            ready.num_classes,
-            settings=settings,
-            universal_targets=[],
-            group=group,
-            progress=None,
-            result=result,
-        )
+        result = pairs_stage(zoo, model, data, settings, dev)
         pairs = result.to_dict().get("pairs")
         tables["models"][model["name"]] = {
             "attack": model.get("attack"),
