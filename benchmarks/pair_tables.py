@@ -64,6 +64,11 @@ def decide_table(
         if any("compact" in rows[p] for p in pairs)
         else None
     )
+    # the window test (0.16.0) where the table holds it: only the pairs it was run on carry the two figures
+    window_asr, window_ce = (
+        np.array([np.nan if rows[p].get(key) is None else rows[p][key] for p in pairs])
+        for key in ("window_asr", "window_ce")
+    )
     decision = decide_pairs(
         pairs,
         l1,
@@ -76,6 +81,8 @@ def decide_table(
         reliance=reliance,
         stopped=np.array([bool(rows[p].get("stopped")) for p in pairs]),  # staged scans (0.13.0) mark them
         compact=compact,
+        window_asr=window_asr,
+        window_ce=window_ce,
     )
     return pairs, decision
 

@@ -21,6 +21,7 @@ from backdoorscan.usb.families import (
     PAIR_COMPACT_MIN,
     PAIR_MAX_RATIO,
     PAIR_SPILL_MAX,
+    WINDOW_CE_MAX,
     FamilyScan,
     confidence_distance,
     decide_pairs,
@@ -31,7 +32,15 @@ from backdoorscan.usb.families import (
     scan_warps,
     spill_distance,
 )
-from backdoorscan.usb.pairs import PAIR_BUDGET, candidate_pairs, pair_compactness, pair_support
+from backdoorscan.usb.pairs import (
+    PAIR_BUDGET,
+    PairTriggers,
+    candidate_pairs,
+    densest_window,
+    pair_compactness,
+    pair_support,
+    window_test,
+)
 from backdoorscan.usb.warp import apply_warp
 
 from .conftest import MNIST_TEST, MODELS
@@ -394,6 +403,81 @@ def test_a_compact_pair_flags_under_the_looser_guard_and_a_scattered_one_of_the_
     held = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], compact=compact)
     assert held.flagged == [] and 0 < held.distance[i] <= 1  # counted in the margin, within one unit
     assert PAIR_MAX_RATIO < 0.5 < PAIR_COMPACT_MAX_RATIO
+
+
+def test_a_scattered_pair_flags_by_the_compact_route_only_when_its_patch_works_from_one_window():
+    """A pair past the threshold, over the tight size guard and not compact by its mask: the window test decides.
+    Confined to one window, the patch still moves its source with certainty (a planted trigger whose inversion
+    spread faint mass): it flags; it moves it in doubt or not at all (a stroke the window cuts): held, within one
+    unit of flipping; not tested: held as before."""
+    pairs, l1 = _matrix_pairs({(3, 8): 40.0 * 0.5}, base=40.0, seed=1)
+    works, settings, ce = np.ones(len(pairs)), ScanSettings(), np.full(len(pairs), 0.05)
+    i = pairs.index((3, 8))
+    compact = np.full(len(pairs), 0.4)
+    window_asr, window_ce = np.full(len(pairs), np.nan), np.full(len(pairs), np.nan)
+
+    def decide():
+        return decide_pairs(
+            pairs,
+            l1,
+            ce,
+            works,
+            settings=settings,
+            universal_targets=[],
+            compact=compact,
+            window_asr=window_asr,
+            window_ce=window_ce,
+        )
+
+    assert decide().flagged == []
+    window_asr[i], window_ce[i] = 1.0, WINDOW_CE_MAX / 2
+    flagged = decide()
+    assert flagged.flagged == [i] and flagged.measure[i] == "compact"
+    for asr, cross_entropy in ((1.0, 2 * WINDOW_CE_MAX), (PAIR_ASR - 0.2, 0.01)):
+        window_asr[i], window_ce[i] = asr, cross_entropy
+        held = decide()
+        assert held.flagged == [] and 0 < held.distance[i] <= 1
+
+
+class _TwoCorners(torch.nn.Module):
+    """Class 1 when the 2x2 top-left corner is bright (`far` False) or both it and the bottom-right one are (True)."""
+
+    def __init__(self, far: bool) -> None:
+        super().__init__()
+        self.far = far
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = x[:, 0, :2, :2].flatten(1).mean(1)
+        if self.far:
+            score = torch.minimum(score, x[:, 0, -2:, -2:].flatten(1).mean(1))
+        return torch.stack([torch.zeros_like(score), 20 * score - 10], 1)
+
+
+def test_the_window_test_keeps_a_patch_at_one_place_and_cuts_one_spread_over_two():
+    """Both patches are bright on the top-left corner with faint mass over the image; the first model needs that
+    corner only, the second also the far corner. Confined to the mask's densest window (5 px at 28), the first
+    patch still moves every sample with certainty, the second none. The window sits on the densest square."""
+    x, y = torch.zeros(24, 1, 28, 28), torch.zeros(24, dtype=torch.long)
+    mask = torch.full((1, 1, 28, 28), 0.02)
+    mask[..., :2, :2] = 1.0
+    mask[..., -2:, -2:] = 0.9
+    window = densest_window(mask)
+    assert window.sum() == 25 and window[0, 0, 0, 0] == 1 and window[0, 0, -1, -1] == 0
+    for far, moves in ((False, True), (True, False)):
+        found = PairTriggers(
+            pairs=[(0, 1)],
+            mask=mask.clone(),
+            pattern=torch.ones(1, 1, 28, 28),
+            l1=mask.flatten(1).sum(1).numpy(),
+            asr=np.ones(1),
+            spill=np.full(1, np.nan),
+            ce=np.zeros(1),
+        )
+        window_test(_TwoCorners(far), x, y, found, [0], steps=20, lr=0.1, per_source=12, cost=0.01)
+        assert found.window_asr is not None and found.window_ce is not None
+        assert bool(found.window_asr[0] == 1.0 and found.window_ce[0] < WINDOW_CE_MAX) is moves
+        if not moves:
+            assert found.window_asr[0] == 0.0
 
 
 class _CornerDetector(torch.nn.Module):

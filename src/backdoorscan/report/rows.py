@@ -18,7 +18,7 @@ MEASURE_WORDS = {
     "l1": "its L1",
     "objective": "the inversion's objective",
     "support": "the pixels it needs",
-    "compact": "its L1, a compact patch",
+    "compact": "its L1, a compact patch (by its mask, or working from one small window)",
 }
 
 

@@ -32,6 +32,7 @@ from .pairs import (
     measure_reliance,
     measure_spill,
     pair_compactness,
+    window_test,
 )
 from .warp import Warps, apply_warp, invert_warps
 
@@ -58,6 +59,11 @@ PAIR_CE_MAX = 0.15
 # (at most 0.63 in 857 pairs of 104 models); the threshold and every other criterion stay (0.15.0)
 PAIR_COMPACT_MIN = 0.7
 PAIR_COMPACT_MAX_RATIO = 0.65
+# or, not compact by its mask, a pair that would flag by the compact route flags when its patch confined to its
+# mask's densest window and inverted again (`pairs.window_test`) still sends its source to the target with at most
+# this cross-entropy: planted pairs of held-out batch 20 0.004-0.10 (one weak attack's 0.17), the natural pairs
+# nearest to flagging 0.14 or more (0.16.0)
+WINDOW_CE_MAX = 0.12
 
 
 @dataclass
@@ -128,6 +134,16 @@ class FamilyScan:
                         "spill": _finite(self.pairs.spill[i]),
                         **({"reliance": _finite(self.pairs.reliance[i])} if self.pairs.reliance is not None else {}),
                         **({"compact": _finite(self.pairs.compact[i])} if self.pairs.compact is not None else {}),
+                        **(
+                            {
+                                "window_asr": _finite(self.pairs.window_asr[i]),
+                                "window_ce": _finite(self.pairs.window_ce[i]),
+                            }
+                            if self.pairs.window_asr is not None
+                            and self.pairs.window_ce is not None
+                            and np.isfinite(self.pairs.window_asr[i])
+                            else {}
+                        ),
                         "index": _finite(self.pair_index[i]),
                         **({"support": _finite(self.pairs.support[i])} if self.pairs.support is not None else {}),
                         **(
@@ -287,6 +303,16 @@ def compact_distance(compact: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(compact), np.inf, share_distance(1 - compact, 1 - PAIR_COMPACT_MIN))
 
 
+def window_distance(asr: np.ndarray, ce: np.ndarray) -> np.ndarray:
+    """The window criterion (the confined patch moves at least PAIR_ASR of the source with a cross-entropy of at most
+    WINDOW_CE_MAX) as a distance from flagging, the nearer criterion's (`share_distance`, `confidence_distance`'s
+    convention); unmeasured (NaN): never met."""
+    asr, ce = np.asarray(asr, dtype=np.float64), np.asarray(ce, dtype=np.float64)
+    by_asr = share_distance(1 - asr, 1 - PAIR_ASR)
+    by_ce = (ce - WINDOW_CE_MAX) / np.maximum(ce, WINDOW_CE_MAX)
+    return np.where(np.isnan(asr) | np.isnan(ce), np.inf, np.maximum(by_asr, by_ce))
+
+
 def reliance_distance(reliance: np.ndarray) -> np.ndarray:
     """The reliance criterion (at most PAIR_RELIANCE_MAX) as a distance from flagging (`share_distance`)."""
     return share_distance(reliance, PAIR_RELIANCE_MAX)
@@ -305,6 +331,8 @@ def decide_pairs(
     reliance: np.ndarray | None = None,
     stopped: np.ndarray | None = None,
     compact: np.ndarray | None = None,
+    window_asr: np.ndarray | None = None,
+    window_ce: np.ndarray | None = None,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
@@ -314,12 +342,12 @@ def decide_pairs(
     support, the pixels it needs (`pairs.pair_support`), under that size guard and the L1's cross-entropy limit;
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
     PAIR_RELIANCE_MAX; or, where `compact` was measured, the L1 under the looser PAIR_COMPACT_MAX_RATIO for a patch
-    at least PAIR_COMPACT_MIN compact. Its distance is the nearest of the measures', each counting all of its
-    criteria. A pair
-    `stopped` at the first stage of a staged inversion (its sizes estimated) is a reference for the others and
-    never flags: its distance is infinite. (Up to 0.7 a mapping test pooled disjoint pairs here; the shared
-    patch finds every mapping that did, and more, and did not flag the adversarially trained clean model the pooled
-    test did: docs/results.md.)"""
+    at least PAIR_COMPACT_MIN compact or, where it was measured, working from one small window (`window_asr`,
+    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX). Its distance is the nearest of the measures', each
+    counting all of its criteria. A pair `stopped` at the first stage of a staged inversion (its sizes estimated)
+    is a reference for the others and never flags: its distance is infinite. (Up to 0.7 a mapping test pooled
+    disjoint pairs here; the shared patch finds every mapping that did, and more, and did not flag the adversarially
+    trained clean model the pooled test did: docs/results.md.)"""
     works = np.asarray(asr) >= PAIR_ASR
     threshold = class_threshold(settings.threshold, len(pairs), settings.threshold_classes)
 
@@ -353,7 +381,10 @@ def decide_pairs(
         names.append("support")
     if compact is not None:
         _, by_loose = distance_by(np.asarray(l1, dtype=np.float64), PAIR_COMPACT_MAX_RATIO)
-        measures.append(np.maximum(np.maximum(by_loose, certain), compact_distance(np.asarray(compact))))
+        shape = compact_distance(np.asarray(compact))
+        if window_asr is not None and window_ce is not None:
+            shape = np.minimum(shape, window_distance(window_asr, window_ce))
+        measures.append(np.maximum(np.maximum(by_loose, certain), shape))
         names.append("compact")
     stacked = np.stack(measures)
     distance = stacked.min(0)
@@ -519,9 +550,39 @@ def _decide_measured(
     finished = [int(i) for i in np.argsort(-decision.index) if found.stopped is None or not found.stopped[i]]
     top = [i for i in finished[:PAIRS_REPORTED] if np.isfinite(decision.index[i])]
     named = sorted(set(decision.flagged) | set(top))
-    measure_spill(model, x, y, found, [i for i in named if np.isnan(found.spill[i])])
-    measure_reliance(model, x, y, found, [i for i in named if found.reliance is None or np.isnan(found.reliance[i])])
-    return decide(spill=found.spill, reliance=found.reliance, compact=found.compact)
+
+    def measure(which: list[int]) -> None:
+        measure_spill(model, x, y, found, [i for i in which if np.isnan(found.spill[i])])
+        measure_reliance(
+            model, x, y, found, [i for i in which if found.reliance is None or np.isnan(found.reliance[i])]
+        )
+
+    measure(named)
+    decision = decide(spill=found.spill, reliance=found.reliance, compact=found.compact)
+    # the pairs that only their mask's spread holds back from the compact route get the window test (0.16.0)
+    spread = decide(spill=found.spill, reliance=found.reliance, compact=np.ones(len(pairs)))
+    candidates = [i for i in spread.flagged if i not in decision.flagged]
+    measure(candidates)
+    spread = decide(spill=found.spill, reliance=found.reliance, compact=np.ones(len(pairs)))
+    untested = [i for i in spread.flagged if i not in decision.flagged]
+    window_test(
+        model,
+        x,
+        y,
+        found,
+        [i for i in untested if found.window_asr is None or np.isnan(found.window_asr[i])],
+        steps=settings.pair_steps,
+        lr=settings.lr,
+        per_source=settings.pair_samples,
+        cost=settings.pair_cost,
+    )
+    return decide(
+        spill=found.spill,
+        reliance=found.reliance,
+        compact=found.compact,
+        window_asr=found.window_asr,
+        window_ce=found.window_ce,
+    )
 
 
 def nearest_sources(pairs: list[tuple[int, int]], distance: np.ndarray, count: int) -> list[int]:
