@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import backdoorscan.usb.families as fam
 from backdoorscan import ScanSettings
@@ -28,50 +27,13 @@ from backdoorscan.core.seeding import seeded
 from backdoorscan.loading import ModelSource, prepare
 from backdoorscan.report.writer import write_text_atomic
 from backdoorscan.usb.families import FamilyScan, scan_pairs
-from backdoorscan.usb.pairs import _source_batches, blend, pair_compactness, pair_success
+from backdoorscan.usb.pairs import PairTriggers, pair_compactness, window_test
 from backdoorscan.usb.pipeline import class_group
 
 from common import BUNDLED_TEST
 from pair_tables import decide_table
 
 TOP = 5  # pairs of highest index studied per model, beside the planted and the guard-held ones
-
-
-def window_of(mask: torch.Tensor, side: int) -> torch.Tensor:
-    """(P, 1, H, W) ones on each mask's densest `side` x `side` square, zeros elsewhere."""
-    p, _, h, w = mask.shape
-    pooled = F.avg_pool2d(mask.float(), side, stride=1)  # (P, 1, H - side + 1, W - side + 1)
-    at = pooled.flatten(1).argmax(1)
-    cols = pooled.shape[-1]
-    out = torch.zeros_like(mask)
-    for i, a in enumerate(at.tolist()):
-        r, c = divmod(a, cols)
-        out[i, :, r : r + side, c : c + side] = 1
-    return out
-
-
-def invert_in_window(
-    model, x, y, pairs, mask, pattern, window, *, steps: int, lr: float, per_source: int, cost: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on each pair's mask (inside its window only) and pattern, from the stage's patch."""
-    rows = _source_batches(y, pairs, per_source)
-    xb = x[rows]
-    eps = 1e-4
-    mask_p = torch.atanh((mask * window).clamp(eps, 1 - eps) * 2 - 1).detach().requires_grad_(True)
-    pattern_p = torch.atanh(pattern.clamp(eps, 1 - eps) * 2 - 1).detach().requires_grad_(True)
-    opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
-    targets = torch.tensor([t for _, t in pairs]).repeat_interleave(xb.shape[1])
-    for _ in range(steps):
-        m = window * (torch.tanh(mask_p) + 1) / 2
-        pat = (torch.tanh(pattern_p) + 1) / 2
-        logits = model(blend(xb, m[:, None], pat[:, None]).flatten(0, 1))
-        ce = F.cross_entropy(logits, targets, reduction="none").view(len(pairs), -1).mean(1)
-        objective = ce + cost * m.flatten(1).sum(1)
-        opt.zero_grad(set_to_none=True)
-        objective.sum().backward()
-        opt.step()
-    with torch.no_grad():
-        return window * (torch.tanh(mask_p) + 1) / 2, (torch.tanh(pattern_p) + 1) / 2
 
 
 def guard_held(rows: dict, settings: ScanSettings) -> set[tuple[int, int]]:
@@ -111,28 +73,35 @@ def study(zoo: Path, settings: ScanSettings, sides: list[int], done: dict, only:
             flagged = {pairs[i] for i in decision.flagged}
             planted = [(m["source"], m["target"])] if m["family"] == "source_specific" else []
             held = guard_held(rows, settings)
-            order = np.argsort(-np.nan_to_num(found_index := result.pair_index, neginf=-1e9))  # type: ignore[arg-type]
+            assert result.pair_index is not None
+            order = np.argsort(-np.nan_to_num(result.pair_index, neginf=-1e9))
             chosen = list(dict.fromkeys(planted + sorted(held) + [found.pairs[i] for i in order[:TOP]]))
             at = [found.pairs.index(p) for p in chosen]
             entry_pairs = []
             figures = {}
             for side in sides:
-                window = window_of(found.mask[at], side)
-                mask, pattern = invert_in_window(
+                confined = PairTriggers(
+                    pairs=chosen,
+                    mask=found.mask[at],
+                    pattern=found.pattern[at],
+                    l1=found.l1[at],
+                    asr=found.asr[at],
+                    spill=found.spill[at],
+                    ce=found.ce[at],
+                )
+                window_test(
                     ready.model,
                     x,
                     y,
-                    chosen,
-                    found.mask[at],
-                    found.pattern[at],
-                    window,
+                    confined,
+                    list(range(len(chosen))),
                     steps=settings.pair_steps,
                     lr=settings.lr,
                     per_source=settings.pair_samples,
                     cost=settings.pair_cost,
+                    side=side,
                 )
-                asr, ce = pair_success(ready.model, x, y, chosen, mask, pattern)
-                figures[side] = (asr, ce, mask.flatten(1).sum(1).numpy())
+                figures[side] = (confined.window_asr, confined.window_ce, confined.window_l1)
             compact = pair_compactness(found.mask[at])
             for j, p in enumerate(chosen):
                 i = found.pairs.index(p)
@@ -161,7 +130,6 @@ def study(zoo: Path, settings: ScanSettings, sides: list[int], done: dict, only:
             "seconds": round(time.perf_counter() - t, 1),
         }
         print(m["name"], out[m["name"]]["seconds"], "s", flush=True)
-        del found_index
     return out
 
 

@@ -138,6 +138,11 @@ class FamilyScan:
                             {
                                 "window_asr": _finite(self.pairs.window_asr[i]),
                                 "window_ce": _finite(self.pairs.window_ce[i]),
+                                **(
+                                    {"window_l1": _finite(self.pairs.window_l1[i])}
+                                    if self.pairs.window_l1 is not None
+                                    else {}
+                                ),
                             }
                             if self.pairs.window_asr is not None
                             and self.pairs.window_ce is not None

@@ -60,7 +60,8 @@ class PairTriggers:
     # l1 and ce are then estimates of what it would have reached, and it is a reference, never a finding
     compact: np.ndarray | None = None  # (P,) share of the mask in its best small window (`pair_compactness`)
     window_asr: np.ndarray | None = None  # (P,) the patch confined to that window, inverted again (`window_test`):
-    window_ce: np.ndarray | None = None  # its success and cross-entropy; NaN (or None: all) where not measured
+    window_ce: np.ndarray | None = None  # its success, cross-entropy and L1 (pixels); NaN (or None: all) where not
+    window_l1: np.ndarray | None = None  # measured
 
 
 def blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -269,6 +270,7 @@ def keep_better(found: PairTriggers, rows: list[int], again: PairTriggers, cost:
         reliance=None if found.reliance is None else merged(found.reliance, np.full(len(rows), np.nan)),
         window_asr=None if found.window_asr is None else merged(found.window_asr, np.full(len(rows), np.nan)),
         window_ce=None if found.window_ce is None else merged(found.window_ce, np.full(len(rows), np.nan)),
+        window_l1=None if found.window_l1 is None else merged(found.window_l1, np.full(len(rows), np.nan)),
         stopped=None if found.stopped is None and again.stopped is None else merged(_stopped(found), _stopped(again)),
     )
 
@@ -476,10 +478,11 @@ def pair_compactness(mask: torch.Tensor) -> np.ndarray:
     return (best / m.flatten(1).sum(1).clamp_min(1e-12)).cpu().numpy().astype(np.float64)
 
 
-def densest_window(mask: torch.Tensor) -> torch.Tensor:
-    """(P, 1, H, W): ones on each mask's densest square of COMPACT_WINDOW of the image side, zeros elsewhere."""
+def densest_window(mask: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """(P, 1, H, W): ones on each mask's densest `side` x `side` square (default COMPACT_WINDOW of the image side),
+    zeros elsewhere."""
     m = mask.float().flatten(0, -3).unsqueeze(1)
-    side = max(3, round(min(m.shape[-2:]) * COMPACT_WINDOW))
+    side = side or max(3, round(min(m.shape[-2:]) * COMPACT_WINDOW))
     pooled = F.avg_pool2d(m, side, stride=1)
     at = pooled.flatten(1).argmax(1).tolist()
     out = torch.zeros_like(m)
@@ -500,28 +503,29 @@ def window_test(
     lr: float,
     per_source: int,
     cost: float,
+    side: int | None = None,
 ) -> None:
-    """Fill `found.window_asr` and `found.window_ce` for the pairs in `which`: each patch confined to its mask's
-    densest small window (`densest_window`) and inverted again from where the stage left it, with the stage's
-    samples, steps and cost, then measured on all of its source's samples. A planted trigger is a few pixels at
-    one place: its inversion may spread faint mass elsewhere, but the window alone still sends the source to the
-    target with certainty (families zoo, held-out batch 20: every planted pair at cross-entropy 0.004-0.17, 15 of
-    16 at most 0.10); a natural pair's edit is a stroke along the source's shape, which a window cuts (the natural
-    pairs nearest to flagging: 0.14 or more, adversarially trained models' 9 -> 4 at 0.23-0.34). Other pairs keep
-    NaN."""
-    if found.window_asr is None or found.window_ce is None:
-        found.window_asr = np.full(len(found.pairs), np.nan)
-        found.window_ce = np.full(len(found.pairs), np.nan)
+    """Fill `found.window_asr`, `window_ce` and `window_l1` for the pairs in `which`: each patch confined to its
+    mask's densest small window (`densest_window`, of `side` pixels if given) and inverted again from where the
+    stage left it, with the stage's samples, steps and cost, then measured on all of its source's samples. A
+    planted trigger is a few pixels at one place: its inversion may spread faint mass elsewhere, but the window
+    alone still sends the source to the target with certainty (families zoo, held-out batch 20: every planted pair
+    at cross-entropy 0.004-0.17, 15 of 16 at most 0.10); a natural pair's edit is a stroke along the source's
+    shape, which a window cuts (the natural pairs nearest to flagging: 0.14 or more, adversarially trained models'
+    9 -> 4 at 0.23-0.34). Other pairs keep NaN."""
+    if found.window_asr is None or found.window_ce is None or found.window_l1 is None:
+        found.window_asr, found.window_ce, found.window_l1 = (np.full(len(found.pairs), np.nan) for _ in range(3))
     if not which:
         return
     pairs = [found.pairs[i] for i in which]
     mask, pattern = found.mask[which], found.pattern[which]
-    window = densest_window(mask)
+    window = densest_window(mask, side)
     run = _Run.resume(model, x, y, pairs, mask * window, pattern, lr=lr, per_source=per_source)
     run.window = window
     confined, pattern = run.advance(steps, cost=cost, progress=lambda _d, _s: None).unit
     asr, ce = pair_success(model, x, y, pairs, confined, pattern)
     found.window_asr[which], found.window_ce[which] = asr, ce
+    found.window_l1[which] = confined.flatten(1).sum(1).cpu().numpy()
 
 
 @torch.no_grad()
