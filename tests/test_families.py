@@ -439,6 +439,25 @@ def test_a_scattered_pair_flags_by_the_compact_route_only_when_its_patch_works_f
         assert held.flagged == [] and 0 < held.distance[i] <= 1
 
 
+def test_a_window_tested_pair_reports_the_tests_figures_and_an_untested_one_none():
+    nan = float("nan")
+    found = PairTriggers(
+        pairs=[(0, 1), (1, 0)],
+        mask=torch.zeros(2, 1, 4, 4),
+        pattern=torch.zeros(2, 1, 4, 4),
+        l1=np.ones(2),
+        asr=np.ones(2),
+        spill=np.full(2, nan),
+        ce=np.zeros(2),
+        window_asr=np.array([1.0, nan]),
+        window_ce=np.array([0.05, nan]),
+        window_l1=np.array([5.0, nan]),
+    )
+    rows = FamilyScan(pairs=found, pair_index=np.array([3.0, 1.0]), pair_threshold=2.8).to_dict()["pairs"]["pairs"]
+    assert (rows[0]["window_asr"], rows[0]["window_ce"], rows[0]["window_l1"]) == (1.0, 0.05, 5.0)
+    assert not any(key.startswith("window") for key in rows[1])
+
+
 class _TwoCorners(torch.nn.Module):
     """Class 1 when the 2x2 top-left corner is bright (`far` False) or both it and the bottom-right one are (True)."""
 

@@ -64,6 +64,7 @@ PAIR_COMPACT_MAX_RATIO = 0.65
 # this cross-entropy: planted pairs of held-out batch 20 0.004-0.10 (one weak attack's 0.17), the natural pairs
 # nearest to flagging 0.14 or more (0.16.0)
 WINDOW_CE_MAX = 0.12
+WINDOW_FIGURES = ("window_asr", "window_ce", "window_l1")  # a tested pair's report fields (`PairTriggers`)
 
 
 @dataclass
@@ -134,19 +135,10 @@ class FamilyScan:
                         "spill": _finite(self.pairs.spill[i]),
                         **({"reliance": _finite(self.pairs.reliance[i])} if self.pairs.reliance is not None else {}),
                         **({"compact": _finite(self.pairs.compact[i])} if self.pairs.compact is not None else {}),
+                        # the window test's three figures, set together (`pairs.window_test`)
                         **(
-                            {
-                                "window_asr": _finite(self.pairs.window_asr[i]),
-                                "window_ce": _finite(self.pairs.window_ce[i]),
-                                **(
-                                    {"window_l1": _finite(self.pairs.window_l1[i])}
-                                    if self.pairs.window_l1 is not None
-                                    else {}
-                                ),
-                            }
-                            if self.pairs.window_asr is not None
-                            and self.pairs.window_ce is not None
-                            and np.isfinite(self.pairs.window_asr[i])
+                            {key: _finite(getattr(self.pairs, key)[i]) for key in WINDOW_FIGURES}
+                            if self.pairs.window_asr is not None and np.isfinite(self.pairs.window_asr[i])
                             else {}
                         ),
                         "index": _finite(self.pair_index[i]),
