@@ -338,11 +338,9 @@ class _Run:
     ) -> _Run:
         """A new inversion of `pairs` from the starting patterns `starts`, the mask about 0.02 everywhere."""
         h, w = x.shape[-2:]
-        rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
         mask_p = torch.full((len(pairs), 1, h, w), -2.0, device=x.device, requires_grad=True)
         pattern_p = (starts * 2 - 1).to(x.device).requires_grad_(True)
-        opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
-        return cls(model, pairs, x[rows], mask_p, pattern_p, opt)
+        return cls._begin(model, x, y, pairs, mask_p, pattern_p, lr=lr, per_source=per_source)
 
     @classmethod
     def resume(
@@ -358,14 +356,27 @@ class _Run:
         per_source: int,
     ) -> _Run:
         """A new inversion of `pairs` starting from the masks and patterns (in [0, 1]) an earlier one reached."""
-        rows = _source_batches(y, pairs, per_source).to(x.device)
 
         def param(v: torch.Tensor) -> torch.Tensor:
             return torch.atanh(v.detach().clamp(1e-4, 1 - 1e-4) * 2 - 1).to(x.device).requires_grad_(True)
 
-        mask_p, pattern_p = param(mask), param(pattern)
-        opt = torch.optim.Adam([mask_p, pattern_p], lr=lr, betas=(0.5, 0.9))
-        return cls(model, pairs, x[rows], mask_p, pattern_p, opt)
+        return cls._begin(model, x, y, pairs, param(mask), param(pattern), lr=lr, per_source=per_source)
+
+    @classmethod
+    def _begin(
+        cls,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        *params: torch.Tensor,
+        lr: float,
+        per_source: int,
+    ) -> _Run:
+        """The run of `pairs` from its tanh parameters (mask, pattern): its source samples and Adam."""
+        rows = _source_batches(y, pairs, per_source).to(x.device)  # (P, n)
+        opt = torch.optim.Adam(list(params), lr=lr, betas=(0.5, 0.9))
+        return cls(model, pairs, x[rows], params[0], params[1], opt)
 
     def advance(
         self,
