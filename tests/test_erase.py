@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from backdoorscan.core.errors import ScanError
 from backdoorscan.report.trigger_file import TriggerFile, load_triggers, save_triggers
-from backdoorscan.screen.erase import erase_flags, erase_rule
+from backdoorscan.screen.erase import GROW_ALLOWANCE, erase_flags, erase_rule
 
 SHA = "ab" * 32
 
@@ -154,3 +154,35 @@ def test_a_region_does_not_grow_over_the_targets_own_features():
     assert rule.grow == [1]  # the base region: the screen then misses this patch, and no clean 3 is flagged
     _, _, flagged = erase_flags(model, torch.cat([clean, stamped]), rule)
     assert not flagged.any()
+
+
+class _TwoFeatures(_Planted):
+    """As `_Planted`, with the target's own feature at (9, 9) on most samples and at (5, 5) on some."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        out[:, 3] = torch.maximum(out[:, 3], x[:, 0, 5:7, 5:7].mean((1, 2)))
+        return out
+
+
+@pytest.mark.parametrize(("near", "grows"), [(1, True), (3, False)])
+def test_a_region_may_grow_over_a_tenth_of_the_targets_samples_and_no_more(near, grows):
+    """20 clean 3s, `near` of them with their feature where two pixels' growth erases it: 1 in 20 moved is within
+    GROW_ALLOWANCE (0.1), 3 in 20 is not."""
+    assert GROW_ALLOWANCE == 0.1
+    model = _TwoFeatures((9, 9))
+    region = torch.zeros(1, 1, 12, 12)
+    region[0, 0, 4, 4] = 1.0
+    found = _found(regions=region, targets=[3], sources=[1], families=["source-specific"])
+    clean = torch.zeros(24, 1, 12, 12)
+    clean[4:, 0, 9:11, 9:11] = 1.0
+    clean[4 : 4 + near, 0, 9:11, 9:11] = 0.0
+    clean[4 : 4 + near, 0, 5:7, 5:7] = 1.0
+    labels = torch.tensor([1] * 4 + [3] * 20)
+    assert model(clean).argmax(1).tolist() == labels.tolist()
+    rule = erase_rule(model, found, clean, labels, grow=3)
+    assert rule.grow == ([3] if grows else [1])
+    stamped = torch.zeros(4, 1, 12, 12)
+    stamped[:, 0, 1:4, 1:4] = 1.0
+    _, _, flagged = erase_flags(model, torch.cat([clean, stamped]), rule)
+    assert flagged[24:].all() == grows and int(flagged[4:24].sum()) == (near if grows else 0)

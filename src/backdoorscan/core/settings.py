@@ -238,8 +238,8 @@ class FilterSettings(CommonSettings):
     concentration: float = setting(0.5)  # share of all flags on one class above which it is named the target
     erase_grow: int = setting(
         3,
-        "erase: the most pixels a patch's region is grown by (always 1), as far as erasing it moves no more of "
-        "the target's own clean samples off it (1: never further).",
+        "erase: the most pixels a patch's region is grown by (always 1), as far as erasing it moves at most a "
+        "tenth more of the target's own clean samples off it (1: never further).",
     )
 
     def _check_ranges(self) -> None:

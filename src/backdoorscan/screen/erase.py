@@ -1,19 +1,18 @@
 """The erasure rule (`filter --method erase --triggers`): screen inputs with the triggers a model scan reversed.
 
-An input predicted as a patch trigger's target is re-predicted with the patch erased: its region (where the
-reversed mask sits: `perturb.triggers.patch_region`) filled with what clean samples of the trigger's
-source look like there (the mean of every other class for a universal trigger). An input whose prediction then
-leaves the target carried the trigger. Neural Cleanse (Wang et al., S&P 2019,
-Sec. VI-A) screens inputs with the reversed trigger through the neurons it activates; erasing and re-predicting
-needs no layer access and covers what Xue et al.'s UAP rule cannot: triggers that only work on one source's
-content (source-specific, all-to-all), which a universal perturbation does not dominate (`docs/results.md`).
-A reversed patch can sit a pixel or two off the planted one, so each patch's region is grown as far as the
-trigger's target's own clean samples allow (up to `FilterSettings.erase_grow` pixels, while erasing it moves no
-more of them off the target than the base region does): the growth is free on clean inputs and covers more of a
-planted patch (not always more of its effect: docs/results.md). It can only screen for what the scan found, and
-not warps: the warp the scan reverses is one that moves clean inputs to the target, not the planted one, and
-reversing it leaves a WaNet input's prediction where it was (measured on the bundled WaNet model: none of its
-warped digits moved; `docs/results.md`).
+An input predicted as a patch trigger's target is re-predicted with the patch erased: its region (where the reversed
+mask sits: `perturb.triggers.patch_region`) filled with what clean samples of the trigger's source look like there
+(the mean of every other class for a universal trigger). An input whose prediction then leaves the target carried
+the trigger. Neural Cleanse (Wang et al., S&P 2019, Sec. VI-A) screens inputs with the reversed trigger through the
+neurons it activates; erasing and re-predicting needs no layer access and covers what Xue et al.'s UAP rule cannot:
+triggers that only work on one source's content (source-specific, all-to-all), which a universal perturbation does
+not dominate (`docs/results.md`). A reversed patch can sit a pixel or two off the planted one, so each patch's
+region is grown as far as the trigger's target's own clean samples allow (up to `FilterSettings.erase_grow` pixels,
+while erasing it moves at most GROW_ALLOWANCE of them off the target beyond what the base region does): the growth
+costs little on clean inputs and covers more of a planted patch (not always more of its effect: docs/results.md). It
+can only screen for what the scan found, and not warps: the warp the scan reverses is one that moves clean inputs to
+the target, not the planted one, and reversing it leaves a WaNet input's prediction where it was (measured on the
+bundled WaNet model: none of its warped digits moved; `docs/results.md`).
 """
 
 from __future__ import annotations
@@ -26,6 +25,12 @@ import torch.nn as nn
 from ..perturb.evaluate import predict
 from ..perturb.triggers import REGION_GROW, patch_region
 from ..report.trigger_file import TriggerFile
+
+# The share of a target's own clean samples a grown region may move off the target beyond the base region (0.17.0;
+# 0.14.0-0.16.0: none). Reversed patches sit a pixel or two off the planted one: on held-out batch 22 the base region
+# covered 0.38-0.67 of the planted patch and a region grown by 2-3 px all of it, but growth stopped at one more
+# clean sample moved. 0.1 keeps the screen's false rejections on the target's class within the issue's budget (10 %).
+GROW_ALLOWANCE = 0.1
 
 
 @dataclass
@@ -73,8 +78,8 @@ def _widest(
     model: nn.Module, region: torch.Tensor, fill: torch.Tensor, target: int, own: torch.Tensor, most: int
 ) -> int:
     """How far one patch's region can grow (REGION_GROW to `most` pixels) while erasing it from the
-    target's own clean samples moves no more of them off the target than the base region does; the base growth
-    where no clean sample is predicted as the target (nothing to measure the cost on)."""
+    target's own clean samples moves at most GROW_ALLOWANCE of them off the target beyond what the base region
+    moves; the base growth where no clean sample is predicted as the target (nothing to measure the cost on)."""
     if not len(own):
         return REGION_GROW
     fill = fill.to(own.device)
@@ -83,9 +88,9 @@ def _widest(
         area = patch_region(region, grow).to(own.device)[0]
         return int((predict(model, own * (1 - area) + fill * area) != target).sum())
 
-    base, best = moved(REGION_GROW), REGION_GROW
+    limit, best = moved(REGION_GROW) + int(GROW_ALLOWANCE * len(own)), REGION_GROW
     for grow in range(REGION_GROW + 1, most + 1):
-        if moved(grow) > base:
+        if moved(grow) > limit:
             break
         best = grow
     return best
