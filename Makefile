@@ -7,12 +7,11 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast test-detection lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-families bench-families-cifar10 bench-scaling bench-onnx clean
 
-# --no-compile: Python compiles only the modules it imports, on first import (16,000 files otherwise, ~1 minute).
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile $(TORCH)
-	$(BIN)/python -m pip install -q --no-compile -e ".[dev,hub,ray]" -e ./lab
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev,hub,ray]" -e ./lab
 	touch $(STAMP)
 
 setup: $(STAMP)
