@@ -19,6 +19,7 @@ from backdoorscan.usb.families import (
     PAIR_CE_MAX,
     PAIR_COMPACT_MAX_RATIO,
     PAIR_COMPACT_MIN,
+    PAIR_COMPACT_SPILL_MAX,
     PAIR_MAX_RATIO,
     PAIR_SPILL_MAX,
     WINDOW_CE_MAX,
@@ -403,6 +404,31 @@ def test_a_compact_pair_flags_under_the_looser_guard_and_a_scattered_one_of_the_
     held = decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], compact=compact)
     assert held.flagged == [] and 0 < held.distance[i] <= 1  # counted in the margin, within one unit
     assert PAIR_MAX_RATIO < 0.5 < PAIR_COMPACT_MAX_RATIO
+
+
+def test_a_compact_patch_may_spill_more_and_a_scattered_one_may_not():
+    """A planted patch that leaks to other classes (CIFAR-10's small CNNs): over PAIR_SPILL_MAX but under
+    PAIR_COMPACT_SPILL_MAX, it flags when compact; scattered, or compact but spilling past the looser limit, it is
+    held, within one unit of flipping, the compactness counted in the distance."""
+    pairs, l1 = _matrix_pairs({(3, 8): 40.0 * 0.3}, base=40.0, seed=1)
+    works, settings, ce = np.ones(len(pairs)), ScanSettings(), np.full(len(pairs), 0.05)
+    i = pairs.index((3, 8))
+    compact, spill = np.full(len(pairs), 0.4), np.full(len(pairs), np.nan)
+    spill[i] = (PAIR_SPILL_MAX + PAIR_COMPACT_SPILL_MAX) / 2
+
+    def decide():
+        return decide_pairs(pairs, l1, ce, works, settings=settings, universal_targets=[], compact=compact, spill=spill)
+
+    scattered = decide()
+    assert scattered.flagged == [] and 0 < scattered.distance[i] <= 1  # the spill holds a scattered patch
+    compact[i] = PAIR_COMPACT_MIN + 0.1
+    assert decide().flagged == [i]
+    spill[i] = PAIR_COMPACT_SPILL_MAX + 0.05
+    held = decide()
+    assert held.flagged == [] and 0 < held.distance[i] <= 1
+    assert list(spill_distance(np.array([0.45, 0.45]), np.array([-0.5, 0.2]))) == pytest.approx(
+        [(0.45 - PAIR_COMPACT_SPILL_MAX) / PAIR_COMPACT_SPILL_MAX, (0.45 - PAIR_SPILL_MAX) / (1 - PAIR_SPILL_MAX)]
+    )
 
 
 def test_a_scattered_pair_flags_by_the_compact_route_only_when_its_patch_works_from_one_window():

@@ -66,6 +66,11 @@ PAIR_COMPACT_MAX_RATIO = 0.65
 # this cross-entropy: planted pairs of held-out batch 20 0.004-0.10 (one weak attack's 0.17), the natural pairs
 # nearest to flagging 0.14 or more (0.16.0)
 WINDOW_CE_MAX = 0.12
+# a compact patch (by its mask or its window) may spill up to this share instead of PAIR_SPILL_MAX: on CIFAR-10's
+# small CNNs a planted patch leaks to other classes (the zoo's cover samples keep only 52-69 % of their labels), and
+# its inversion spills 0.44-0.47 where it is compact; replayed on the 773 stored pair tables it names two planted
+# CIFAR-10 pairs more and changes no other decision, nor any clean model's margin (0.19.0)
+PAIR_COMPACT_SPILL_MAX = 0.5
 WINDOW_FIGURES = ("window_asr", "window_ce", "window_l1")  # a tested pair's report fields (`PairTriggers`)
 
 
@@ -227,9 +232,14 @@ def share_distance(share: np.ndarray, limit: float) -> np.ndarray:
     return np.where(np.isnan(share), -np.inf, (share - limit) / room)
 
 
-def spill_distance(spill: np.ndarray) -> np.ndarray:
-    """The spill criterion (at most PAIR_SPILL_MAX) as a distance from flagging (`share_distance`)."""
-    return share_distance(spill, PAIR_SPILL_MAX)
+def spill_distance(spill: np.ndarray, shape: np.ndarray | None = None) -> np.ndarray:
+    """The spill criterion as a distance from flagging (`share_distance`): at most PAIR_SPILL_MAX, or, for a pair
+    whose `shape` distance (compactness or window) is met, at most PAIR_COMPACT_SPILL_MAX; the nearer of the two
+    ways, the looser one counting the shape too."""
+    strict = share_distance(spill, PAIR_SPILL_MAX)
+    if shape is None:
+        return strict
+    return np.minimum(strict, np.maximum(share_distance(spill, PAIR_COMPACT_SPILL_MAX), shape))
 
 
 def index_pairs(
@@ -342,7 +352,8 @@ def decide_pairs(
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
     PAIR_RELIANCE_MAX; or, where `compact` was measured, the L1 under the looser PAIR_COMPACT_MAX_RATIO for a patch
     at least PAIR_COMPACT_MIN compact or, where it was measured, working from one small window (`window_asr`,
-    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX). Its distance is the nearest of the measures', each
+    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX). A patch compact either way may spill up to
+    PAIR_COMPACT_SPILL_MAX. Its distance is the nearest of the measures', each
     counting all of its criteria. A pair `stopped` at the first stage of a staged inversion (its sizes estimated)
     is a reference for the others and never flags: its distance is infinite. (Up to 0.7 a mapping test pooled
     disjoint pairs here; the shared patch finds every mapping that did, and more, and did not flag the adversarially
@@ -378,6 +389,7 @@ def decide_pairs(
         support_index, by_support = distance_by(np.asarray(support, dtype=np.float64), settings.pair_support_ratio)
         measures.append(np.maximum(by_support, certain))
         names.append("support")
+    shape = None
     if compact is not None:
         _, by_loose = distance_by(np.asarray(l1, dtype=np.float64), PAIR_COMPACT_MAX_RATIO)
         shape = compact_distance(np.asarray(compact))
@@ -389,7 +401,7 @@ def decide_pairs(
     distance = stacked.min(0)
     nearest = stacked.argmin(0)
     if spill is not None:
-        distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64)))
+        distance = np.maximum(distance, spill_distance(np.asarray(spill, dtype=np.float64), shape))
     if reliance is not None:
         distance = np.maximum(distance, reliance_distance(np.asarray(reliance, dtype=np.float64)))
     if stopped is not None:
