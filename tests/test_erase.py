@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from backdoorscan.core.errors import ScanError
 from backdoorscan.report.trigger_file import TriggerFile, load_triggers, save_triggers
-from backdoorscan.screen.erase import GROW_ALLOWANCE, erase_flags, erase_rule
+from backdoorscan.screen.erase import FILL_DRAWS, GROW_ALLOWANCE, erase_flags, erase_rule
 
 SHA = "ab" * 32
 
@@ -102,9 +102,38 @@ def test_the_rule_erases_a_patch_with_what_its_source_looks_like_there():
     found = _found(regions=_found().regions[:1], targets=[3], sources=[1], families=["source-specific"])
     rule = erase_rule(model, found, clean, torch.ones(6, dtype=torch.long))
     assert int(rule.areas.sum()) == 16  # the 2x2 region grown by a pixel (REGION_GROW) inside the image
-    assert torch.equal(rule.fills[0], clean[0])  # the source's mean
+    assert rule.fills.shape[:2] == (1, FILL_DRAWS) and torch.equal(rule.fills[0, 0], clean[0])  # the source's own
     before, after, flagged = erase_flags(model, x, rule)
     assert flagged.tolist() == [False] * 6 + [True] * 6 and after.tolist() == [1] * 12
+
+
+class _Gray(nn.Module):
+    """Class 3 when the 2x2 patch at rows and columns 1-2 is mid-grey (a dim planted patch), else class 1: half of
+    class 1 draws a stroke there, half leaves it blank, so the class's mean there is the trigger."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), 4)
+        out[:, 1] = 0.5
+        out[:, 3] = 1 - 4 * (x[:, 0, 1:3, 1:3].mean((1, 2)) - 0.5).abs()
+        return out
+
+
+def test_erasing_fills_with_real_source_samples_not_their_mean():
+    """A class whose mean over the patch looks like the trigger: erasing with the mean leaves every triggered input
+    on the target; with real samples of the source, most erasures move each off it, and no clean input of the
+    source or the target is flagged."""
+    clean = torch.zeros(8, 1, 8, 8)
+    clean[::2, 0, 1:3, 1:3] = 1.0  # a stroke in half of class 1
+    triggered = clean.clone()
+    triggered[:, 0, 1:3, 1:3] = 0.5
+    model = _Gray()
+    assert model(clean).argmax(1).tolist() == [1] * 8 and model(triggered).argmax(1).tolist() == [3] * 8
+    found = _found(regions=_found().regions[:1], targets=[3], sources=[1], families=["source-specific"])
+    rule = erase_rule(model, found, clean, torch.ones(8, dtype=torch.long))
+    by_mean = triggered * (1 - rule.areas[0]) + clean.mean(0) * rule.areas[0]
+    assert model(by_mean).argmax(1).tolist() == [3] * 8  # the mean is the trigger: nothing would be flagged
+    _, after, flagged = erase_flags(model, torch.cat([clean, triggered]), rule)
+    assert flagged.tolist() == [False] * 8 + [True] * 8 and after.tolist() == [1] * 16
 
 
 class _Planted(nn.Module):
