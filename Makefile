@@ -9,7 +9,6 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev,hub,ray]" -e ./lab
 	touch $(STAMP)
