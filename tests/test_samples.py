@@ -122,3 +122,32 @@ def test_an_image_pillow_only_warns_about_is_skipped_before_decoding(tmp_path, m
     samples = load_samples(tmp_path, (1, 8, 8), n=10, seed=0)
     assert samples.skipped == ["a/big.png"]
     assert samples.ids == ["a/small.png"]
+
+
+def test_top_up_reads_more_of_a_class_the_model_seldom_predicts(tmp_path):
+    """A model that calls a digit 3 only when it is very bright: the balanced draw of 40 holds few such 3s; the
+    top-up reads other images of the file, none already drawn, until the class has `need`, each labelled by the
+    model; nothing is read when no class is short, and the same seed reads the same images."""
+    from backdoorscan.loading.samples import top_up
+
+    d = np.load(MNIST_TEST)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x.flatten(1).mean(1) > 0.18, 3, 0)  # class 3: the brightest digits, about 8 %
+
+    drawn = load_samples(MNIST_TEST, (1, 28, 28), n=40, seed=0)
+    pred = predict(drawn.x)
+    have = int((pred == 3).sum())
+    assert have < 6
+    extra = top_up(open_source(MNIST_TEST), (1, 28, 28), drawn, pred, k=4, need=6, seed=0, predict=predict)
+    assert extra is not None and extra.y is not None
+    assert extra.y.tolist() == [3] * (6 - have)  # only the short class that exists; classes 1 and 2 are never predicted
+    assert not set(extra.ids) & set(drawn.ids) and torch.equal(predict(extra.x), extra.y)
+    rows = [int(i) for i in extra.ids]
+    assert torch.equal(extra.x, to_model_format(d["x"][rows], (1, 28, 28)))
+    again = top_up(open_source(MNIST_TEST), (1, 28, 28), drawn, pred, k=4, need=6, seed=0, predict=predict)
+    assert again is not None and again.ids == extra.ids
+    common = torch.tensor([0, 3] * 20)  # every class the model predicts, predicted often enough
+    assert top_up(open_source(MNIST_TEST), (1, 28, 28), drawn, common, k=2, need=6, seed=0, predict=predict) is None
+    # a draw too small for the classes (fewer than `need` a class on average) is not topped up: the scan asks for more
+    assert top_up(open_source(MNIST_TEST), (1, 28, 28), drawn, pred, k=8, need=6, seed=0, predict=predict) is None

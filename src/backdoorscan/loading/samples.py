@@ -338,6 +338,59 @@ def balanced_rows(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
+# How many images beyond the draw a top-up may read, as a multiple of the draw's size: bounded work on a large
+# folder, and enough to find a dozen images of a class the model predicts a tenth as often as the others.
+TOP_UP_READ = 4
+
+
+def top_up(
+    source: Source,
+    shape: tuple[int, int, int],
+    drawn: SampleSet,
+    predicted: torch.Tensor,
+    *,
+    k: int,
+    need: int,
+    seed: int,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+) -> Batch | None:
+    """More clean samples for the classes the model predicts fewer than `need` times in the draw (`predicted`): the
+    source's other images, in a seeded order, read until each such class has `need` (or TOP_UP_READ times the draw
+    has been read); each returned with the model's prediction as its `y`. None when no class is short or none was
+    found, and when the draw itself is too small to hold `need` a class (43 classes at 300 samples: the scan says
+    to draw more). The pairs stage fits a patch on `need` samples of a source: a class the model seldom predicts (a
+    weak CIFAR-10 model's dogs) would otherwise go unmeasured."""
+    if len(drawn.x) < need * k:
+        return None
+    counts = torch.bincount(predicted.cpu(), minlength=k)
+    missing = {c: need - int(counts[c]) for c in range(k) if int(counts[c]) < need}
+    if not missing:
+        return None
+    taken = set(drawn.ids)
+    ids = source.ids if not isinstance(source, NpzSource) else None
+    order = np.random.default_rng(seed + 1).permutation(len(source))
+    rows = np.array([r for r in order if (str(r) if ids is None else ids[r]) not in taken], dtype=np.int64)
+    xs, ys, names = [], [], []
+    read, budget = 0, TOP_UP_READ * max(len(drawn.x), 1)
+    for start in range(0, len(rows), 256):
+        if not missing or read >= budget:
+            break
+        chunk = rows[start : min(start + 256, start + budget - read)]
+        read += len(chunk)
+        for batch in iter_images(source, shape, rows=chunk):
+            pred = predict(batch.x).cpu()
+            for i, c in enumerate(pred.tolist()):
+                if missing.get(c, 0) > 0:
+                    missing[c] -= 1
+                    xs.append(batch.x[i])
+                    ys.append(c)
+                    names.append(batch.ids[i])
+            missing = {c: m for c, m in missing.items() if m > 0}
+    if not xs:
+        return None
+    return Batch(torch.stack(xs), torch.tensor(ys), names)
+
+
 def load_samples(
     data: str | Path | Source,
     shape: tuple[int, int, int],

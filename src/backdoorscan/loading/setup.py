@@ -28,7 +28,7 @@ from .evidence import (
 from .labels import clean_label
 from .models import LoadedModel, load_model
 from .preprocess import InputSpec, PixelModel, make_spec, probe_outputs
-from .samples import SampleSet, Source, load_samples, map_folders_by_name, open_source
+from .samples import Batch, SampleSet, Source, load_samples, map_folders_by_name, open_source, top_up
 from .source import ModelSource
 
 
@@ -45,6 +45,7 @@ class Prepared:
     evidence: Evidence
     labels: list[str] | None = None  # class names: --labels, else the model's own, else the data's class folders
     overrides: list[str] | None = None  # flags that replaced what a hub folder declared
+    extra: Batch | None = None  # samples read beyond the draw for classes the model seldom predicts (`top_up`)
 
     @property
     def spec(self) -> InputSpec:
@@ -82,8 +83,10 @@ def prepare(
     seed: int,
     device: str | torch.device = DEFAULT_DEVICE,
     limits: Limits | None = None,
+    per_class: int = 0,
 ) -> Prepared:
-    """Load the model and a class-balanced draw of clean samples on the scan's device, and measure the evidence."""
+    """Load the model and a class-balanced draw of clean samples on the scan's device, and measure the evidence;
+    with `per_class`, read more of the data for the classes the model predicts fewer times in the draw (`extra`)."""
     limits = limits or Limits()
     dev = resolve_device(device)
     if isinstance(source.checkpoint, nn.Module):
@@ -133,7 +136,26 @@ def prepare(
     check_gradients(evidence, model, sample_set.x, pred)
     check_grid(evidence, model, sample_set.x, seed)
     check_batch_sizes(evidence, model, sample_set.x)
-    return Prepared(model, loaded, sample_set, pred, dev, k, evidence, names, overrides)
+    extra = None
+    if per_class > 0:
+        extra = top_up(
+            images,
+            spec.shape,
+            sample_set,
+            pred,
+            k=k,
+            need=per_class,
+            seed=seed,
+            predict=lambda x: predict(model, x.to(dev)),
+        )
+        if extra is not None:
+            extra.x, extra.y = extra.x.to(dev), extra.y.to(dev) if extra.y is not None else None
+            classes = sorted(set(extra.y.tolist())) if extra.y is not None else []
+            evidence.notes.append(
+                f"{len(extra.x)} more clean images read for the classes the model predicted fewer than {per_class} "
+                f"times among the samples ({', '.join(map(str, classes))}): the pairs stage fits its patches on them"
+            )
+    return Prepared(model, loaded, sample_set, pred, dev, k, evidence, names, overrides, extra)
 
 
 def _eval(module: nn.Module) -> nn.Module:

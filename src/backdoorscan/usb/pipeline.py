@@ -18,6 +18,7 @@ from ..core.seeding import seeded
 from ..core.settings import ScanSettings
 from ..loading import ModelSource, Prepared, prepare
 from ..loading.evidence import check_search
+from ..loading.samples import Batch
 from ..perturb import norm_of, targeted_uaps
 from ..perturb.triggers import Refined, stamp
 from ..safety.limits import Limits, available_memory
@@ -109,7 +110,13 @@ def _scan_model(
     """`scan_model`'s steps, run with torch's generators seeded (and restored afterwards by the caller)."""
     t0 = time.perf_counter()
     ready = prepare(
-        ModelSource.of(model), data, samples=settings.samples, seed=settings.seed, device=device, limits=limits
+        ModelSource.of(model),
+        data,
+        samples=settings.samples,
+        seed=settings.seed,
+        device=device,
+        limits=limits,
+        per_class=settings.pair_samples if "pairs" in settings.covers else 0,
     )
     timings = {"load": time.perf_counter() - t0}
     if not ready.evidence.ok or ready.samples is None or ready.predictions is None:
@@ -130,7 +137,7 @@ def _scan_model(
     universal = _universal(run, staging, ready)
     families = FamilyScan()
     if ready.evidence.ok:  # the search's own evidence (check_search) can still end the scan here
-        families = _other_families(run, staging.refined, staging.weights, universal.targets)
+        families = _other_families(run, staging.refined, staging.weights, universal.targets, ready.extra)
         ready.evidence.notes.extend(families.notes)
     families.margins["universal"] = universal.margin
     fired = universal.fired or bool(families.findings)
@@ -280,17 +287,23 @@ def _universal(run: _Scan, staging: Staging, ready: Prepared) -> _Universal:
     return _Universal(v, success, refined, classes, threshold, margin)
 
 
-def _other_families(run: _Scan, refined: list[int], weights: list[float], universal: list[int]) -> FamilyScan:
-    """The pairs and warp families (usb/families.py), each timed, on the scan's samples and predictions; the warps
-    on the refined classes, each weighted in the median as the staged scan weights it (`Staging.weights`)."""
+def _other_families(
+    run: _Scan, refined: list[int], weights: list[float], universal: list[int], extra: Batch | None = None
+) -> FamilyScan:
+    """The pairs and warp families (usb/families.py), each timed, on the scan's samples and predictions (the pairs
+    also on `extra`, the samples read for classes the model seldom predicts); the warps on the refined classes, each
+    weighted in the median as the staged scan weights it (`Staging.weights`)."""
     result = FamilyScan()
     settings = run.settings
     if "pairs" in settings.covers:
         t = time.perf_counter()
+        x, y = run.x, run.y
+        if extra is not None and extra.y is not None:
+            x, y = torch.cat([x, extra.x.to(x.device)]), torch.cat([y, extra.y.to(y.device)])
         scan_pairs(
             run.net,
-            run.x,
-            run.y,
+            x,
+            y,
             run.k,
             settings=settings,
             universal_targets=universal,
