@@ -85,7 +85,9 @@ def _draws(pool: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _moved(model: nn.Module, x: torch.Tensor, area: torch.Tensor, fills: torch.Tensor, target) -> torch.Tensor:
+def _moved(
+    model: nn.Module, x: torch.Tensor, area: torch.Tensor, fills: torch.Tensor, target: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per input of x: whether most erasures (its `area` filled from each of `fills` in turn) move it off `target`,
     and one such erasure's prediction (the target's where none does)."""
     preds = torch.stack([predict(model, x * (1 - area) + fill * area) for fill in fills])  # (D, B)
