@@ -299,7 +299,7 @@ def _other_families(
         t = time.perf_counter()
         x, y = run.x, run.y
         if extra is not None and extra.y is not None:
-            x, y = torch.cat([x, extra.x.to(x.device)]), torch.cat([y, extra.y.to(y.device)])
+            x, y = torch.cat([x, extra.x]), torch.cat([y, extra.y])  # on the scan's device already (`prepare`)
         scan_pairs(
             run.net,
             x,
