@@ -122,7 +122,7 @@ DETECTION_TESTS = frozenset(
         "test_a_converted_onnx_copy_gives_the_same_verdict",
         "test_pairs_family_names_the_pair_or_the_mapping",
         "test_a_named_pair_screens_its_source_by_erasure",
-        "test_a_3x3_corner_source_specific_patch_is_the_known_limit",
+        "test_a_3x3_corner_source_specific_patch_is_found_by_the_staged_pairs_stage",
         "test_clean_model_is_not_flagged",
     }
 )
