@@ -186,11 +186,9 @@ steps = 20
 def test_ray_local_gives_the_local_reports(first_run, models):
     pytest.importorskip("ray")
     _, local, _ = first_run
-    code, lines, _ = _fleet(
-        models / "badnets.pt2", models / "clean.pt2", "--data", MNIST_TEST, "--ray", "local", "--no-cache"
-    )
+    code, lines, _ = _fleet(models / "badnets.pt2", "--data", MNIST_TEST, "--ray", "local", "--no-cache")
     assert code == 1 and lines[-1]["summary"]["runner"].startswith("Ray local instance")
-    for remote, here in zip(lines[:-1], local[:-1], strict=True):
+    for remote, here in zip(lines[:-1], local[:1], strict=True):  # the first run's badnets.pt2
         assert remote["verdict"] == here["verdict"] and remote["target_classes"] == here["target_classes"]
         assert [c["l1_norm"] for c in remote["classes"]] == [c["l1_norm"] for c in here["classes"]]
         assert [c["uap_norm"] for c in remote["classes"]] == [c["uap_norm"] for c in here["classes"]]
