@@ -7,12 +7,16 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast test-detection lint bench bench-speed bench-mnist bench-cifar10 bench-varied bench-gtsrb bench-families bench-families-cifar10 bench-scaling bench-onnx clean
 
-# One pip call (one resolution), without byte-compiling: pip compiles every file of every package on one core (a
-# minute for torch's and the hub libraries' 15,000), where a run compiles only what it imports, once (the scanning
-# child writes no bytecode: its parent, or the test process, has imported the same modules first).
+# One pip call (one resolution), without pip's byte-compiling, which runs on one core (a minute for torch's and the
+# hub libraries' 15,000 files); compileall then runs on every core. The scanning child writes no bytecode, so what
+# it imports must be compiled here: everything but the tools and the libraries only unconfined processes import
+# (Ray's workers, transformers beside the test that builds its folder, which compile their own on first use). A
+# file some package ships that does not compile is left, as pip leaves it.
 $(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-compile $(TORCH) -e ".[dev,hub,ray]" -e ./lab
+	$(BIN)/python -m compileall -q -j 0 -x '/site-packages/(ray|transformers|pip|setuptools|mypy|hypothesis|_pytest)/' \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null || true
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -123,14 +123,7 @@ def test_an_unchanged_model_comes_from_the_cache_and_a_changed_one_does_not(firs
     assert saved["model"]["path"] == str(moved / "badnets.pt2") and saved["data"]["path"] == str(MNIST_TEST)
     # Other settings, or --no-cache, scan again.
     _, changed, _ = _fleet(
-        models / "clean.pt2",
-        models / "badnets.pt2",
-        "--data",
-        MNIST_TEST,
-        "--cache-dir",
-        out / "cache",
-        "--threshold",
-        "2.5",
+        models / "clean.pt2", "--data", MNIST_TEST, "--cache-dir", out / "cache", "--threshold", "2.5"
     )
     assert changed[-1]["summary"]["cached"] == 0
 
