@@ -151,9 +151,10 @@ def test_the_named_trigger_screens_a_dataset_by_erasure(badnets_cli, attack_meta
     assert named["region_grow"] in (1, 2, 3)
     flags = np.array([i["flagged"] for i in report["items"]])
     assert flags[:300].mean() <= 0.05 and flags[300:].mean() >= 0.9, (flags[:300].mean(), flags[300:].mean())
-    other = runner.invoke(app, ["filter", str(CLEAN), *args, "--method", "erase", "--triggers", str(triggers)])
+    here = [*args, "--sandbox", "off"]  # refusals of the options, not of the file: no confined child needed
+    other = runner.invoke(app, ["filter", str(CLEAN), *here, "--method", "erase", "--triggers", str(triggers)])
     assert other.exit_code == 2 and "another model" in other.output and len(other.output.strip().splitlines()) == 1
-    alone = runner.invoke(app, ["filter", str(BADNETS), *args, "--triggers", str(triggers)])
+    alone = runner.invoke(app, ["filter", str(BADNETS), *here, "--triggers", str(triggers)])
     assert alone.exit_code == 2 and "--method erase" in alone.output
 
 
