@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/filtering_families.py --zoo bench-out/zoo-families
 
-Screening set per model: held-out clean MNIST test digits (rows 2,000-2,999, outside the clean samples), and the
-same digits stamped with the model's trigger where the trigger applies and changes the label (a source-specific
-patch: the source's digits only; all-to-all: every digit, to its own target; WaNet: every non-target digit). FRR =
-clean digits flagged; BASR after filtering = triggered digits that pass the filter and still get the backdoor's
+Screening set per model: held-out clean test images (rows 2,000-2,999, outside the clean samples: MNIST's bundled
+digits, or, for a CIFAR-10 zoo, whose clean.npz is test rows 0-1,999, ../shared's archive), and the same images
+stamped with the model's trigger where the trigger applies and changes the label (a source-specific patch: the
+source's images only; all-to-all: every image, to its own target; WaNet: every non-target image). FRR = clean
+images flagged; BASR after filtering = triggered images that pass the filter and still get the backdoor's
 label. Clean models are screened too (FRR only). Resumable: models already in OUT are kept.
 
     .venv/bin/python benchmarks/filtering_families.py --zoo bench-out/zoo12 --method erase \
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoorlab.data import mnist
+from backdoorlab.data import cifar10, mnist
 from backdoorscan import FilterSettings, ModelSource, filter_dataset, scan_model
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import to_uint8_images
@@ -70,8 +71,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     zoo, out = Path(args.zoo), Path(args.out)
     records = json.loads((zoo / "zoo.json").read_text())
-    xt, yt, _ = mnist("test")
-    xs, ys = xt[2000:3000], yt[2000:3000]
+    xs, ys, clean = screened_images(zoo, records)
     dev = resolve_device(args.device)
     saved = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
     for name, record in records.items():
@@ -79,7 +79,7 @@ def main() -> None:
             continue
         x, kind, expected, origin = screening_set(record, xs, ys)
         t = time.perf_counter()
-        triggers = _triggers(zoo, record, dev) if args.method == "erase" else None
+        triggers = _triggers(zoo, record, clean, dev) if args.method == "erase" else None
         if args.method == "erase" and triggers is None:  # the scan named nothing: nothing to erase
             res = None
         else:
@@ -88,7 +88,7 @@ def main() -> None:
                 np.savez(path, x=to_uint8_images(x))
                 res = filter_dataset(
                     ModelSource(zoo / record["path"]),
-                    str(BUNDLED_TEST),
+                    clean,
                     path,
                     settings=FilterSettings(method=args.method, erase_grow=args.erase_grow),
                     triggers=triggers,
@@ -96,7 +96,7 @@ def main() -> None:
                 )
         screened = res is not None and res.verdict != "inconclusive"  # else nothing is filtered out
         flagged = np.array([i.flagged for i in res.items]) if screened else np.zeros(len(x), dtype=bool)
-        pred = torch.tensor([i.prediction for i in res.items]) if screened else _predict(zoo, record, x, dev)
+        pred = torch.tensor([i.prediction for i in res.items]) if screened else _predict(zoo, record, x, clean, dev)
         hit = (pred[torch.from_numpy(kind)] == expected).numpy() if kind.any() else np.zeros(0, dtype=bool)
         # a triggered digit whose clean version the model already gives the backdoor's label is no backdoor's
         # success: the model's own error, which no screen of triggers can remove (reported apart)
@@ -123,12 +123,25 @@ def main() -> None:
     print(table(saved["models"]))
 
 
-def _triggers(zoo: Path, record: dict, dev: torch.device) -> Path | None:
+def screened_images(zoo: Path, records: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The clean images to screen (test rows 2,000-2,999), their labels, and the clean samples the scans use: the
+    zoo's clean.npz (CIFAR-10: test rows 0-1,999) or the bundled MNIST digits (rows 0-1,999 of the same test set)."""
+    datasets = {r.get("dataset", "mnist") for r in records.values()}
+    if datasets == {"cifar10"}:
+        xt, yt, _ = cifar10("test")
+        return xt[2000:3000], yt[2000:3000], str(zoo / "clean.npz")
+    if datasets != {"mnist"}:
+        raise SystemExit(f"{zoo}: one dataset a zoo, MNIST or CIFAR-10 (found {sorted(datasets)})")
+    xt, yt, _ = mnist("test")
+    return xt[2000:3000], yt[2000:3000], str(BUNDLED_TEST)
+
+
+def _triggers(zoo: Path, record: dict, clean: str, dev: torch.device) -> Path | None:
     """The triggers the model's default scan named (scanned once, kept in ZOO/triggers/); None when it named none."""
     folder = zoo / "triggers"
     path, none = folder / f"{record['name']}.safetensors", folder / f"{record['name']}.none"
     if not path.exists() and not none.exists():
-        found = scan_model(ModelSource(zoo / record["path"]), str(BUNDLED_TEST), device=dev).found_triggers()
+        found = scan_model(ModelSource(zoo / record["path"]), clean, device=dev).found_triggers()
         keep_triggers(zoo, record["name"], found)
     return path if path.exists() else None
 
@@ -144,12 +157,12 @@ def keep_triggers(zoo: Path, name: str, found: TriggerFile | None) -> None:
         (folder / f"{name}.none").write_text("the scan named no trigger\n")
 
 
-def _predict(zoo: Path, record: dict, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+def _predict(zoo: Path, record: dict, x: torch.Tensor, clean: str, dev: torch.device) -> torch.Tensor:
     """The model's predictions of the screened digits (for a model the erasure screen did not screen)."""
     from backdoorscan.loading import prepare
     from backdoorscan.perturb.evaluate import predict
 
-    ready = prepare(ModelSource(zoo / record["path"]), str(BUNDLED_TEST), samples=10, seed=0, device=dev)
+    ready = prepare(ModelSource(zoo / record["path"]), clean, samples=10, seed=0, device=dev)
     return predict(ready.model, x.to(dev)).cpu()
 
 
