@@ -231,3 +231,32 @@ def test_a_sandboxed_scan_appends_to_a_step_summary_named_as_runners_name_it(tmp
     assert result.exit_code in (0, 1, 3), result.output
     text = summary.read_text()
     assert text.startswith("## an earlier step\n\n### backdoorscan") and stat.S_IMODE(summary.stat().st_mode) == 0o644
+
+
+def test_the_supervisor_never_loads_torch(tmp_path):
+    """The process a user starts only checks options, supervises the confined child and writes what it returns: it
+    never imports torch (2 s and a few hundred MB saved on every run; `--version` and a refusal return at once).
+    A fresh interpreter runs a refusal and a small supervised scan with every output, then looks."""
+    import subprocess
+    import sys
+
+    (tmp_path / "broken.pt2").write_bytes(b"PK\x03\x04 not really a zip")
+    script = f"""
+import sys
+from typer.testing import CliRunner
+from backdoorscan.cli import app
+run = CliRunner().invoke
+refused = run(app, ["model", {str(tmp_path / "broken.pt2")!r}, "--data", {str(MNIST_TEST)!r}])
+assert refused.exit_code == 2, refused.output
+out = {str(tmp_path)!r}
+scanned = run(app, ["model", {str(BADNETS)!r}, "--data", {str(MNIST_TEST)!r}, "--samples", "40", "--steps", "30",
+    "--max-passes", "2", "--families", "universal", "--threads", "1", "--out", out + "/out", "--markdown",
+    out + "/r.md", "--sarif", out + "/s.sarif", "--json"])
+assert scanned.exit_code == 1, scanned.output
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout[-500:]
+    assert (tmp_path / "out/report.json").exists() and (tmp_path / "out/triggers.png").exists()
+    assert (tmp_path / "r.md").exists() and (tmp_path / "s.sarif").exists()

@@ -288,13 +288,8 @@ def _single(
     settings_values: dict[str, Any],
     model_values: dict[str, Any],
 ) -> int:
-    """One model: scanned in a sandboxed child, its report directly under --out."""
-    from ..report import write_scan_report
-    from ..report.markdown import scan_markdown
-    from ..safety.confine import LAYERS
-    from ..usb.pipeline import scan_model
-    from .views import print_scan, progress_bars
-
+    """One model: scanned in a sandboxed child, its report directly under --out. Until the child is started this
+    process imports nothing that loads torch: a supervisor only checks options, relays and writes files."""
     if data is None:
         raise ScanError("--data is needed: the clean samples to scan the model with")
     settings = ScanSettings(**settings_values)
@@ -303,6 +298,12 @@ def _single(
     code, device, limits, note = _scan_here(ctx, run, [out_dir], [markdown, sarif])
     if code is not None:
         return code
+    from ..report import write_scan_report
+    from ..report.markdown import scan_markdown
+    from ..safety.confine import LAYERS
+    from ..usb.pipeline import scan_model
+    from .views import print_scan, progress_bars
+
     with progress_bars(not run["quiet"]) as progress:
         scan = scan_model(
             source, data, settings=settings, device=device, progress=_announced(progress, note), limits=limits
@@ -421,11 +422,6 @@ def filter_dataset_cmd(
     run = opt.take(opt.run_options, options)
 
     def body() -> int:
-        from ..report.markdown import filter_markdown
-        from ..report.writer import write_filter_report
-        from ..screen.pipeline import filter_dataset
-        from .views import print_filter, progress_bars
-
         settings = FilterSettings(**opt.take(FilterSettings, options))
         source = opt.model_source(checkpoint, opt.take(opt.model_options, options))
         check_outputs(
@@ -439,6 +435,11 @@ def filter_dataset_cmd(
         )
         if code is not None:
             return code
+        from ..report.markdown import filter_markdown
+        from ..report.writer import write_filter_report
+        from ..screen.pipeline import filter_dataset
+        from .views import print_filter, progress_bars
+
         with progress_bars(not run["quiet"]) as progress:
             result = filter_dataset(
                 source,

@@ -29,7 +29,7 @@ from rich.text import Text
 from ..core.choices import SandboxMode, check_choice
 from ..core.errors import ExitCode, ScanError
 from ..core.escape import relay_line
-from ..loading.samples import IMAGE_EXTENSIONS
+from ..loading.extensions import IMAGE_EXTENSIONS
 from ..safety import sandbox
 from ..safety.child import CHILD_ENV, DIED, child_environment, start_child, watching_tree
 from ..safety.limits import Limits

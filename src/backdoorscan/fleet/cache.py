@@ -126,7 +126,7 @@ def loader_digest(path: Path, deadline: float | None = None) -> str:
     """sha256 of what the loader will read, nothing else: a hub folder's config, preprocessing and weights; an image
     folder's images; a file itself. Links that leave a folder and files that are not regular are refused, so the
     parent never hashes `/proc` or a device."""
-    from ..loading.samples import IMAGE_EXTENSIONS
+    from ..loading.extensions import IMAGE_EXTENSIONS
     from ..safety.files import inside_folder
 
     if not path.is_dir():

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ScanError, missing_hint
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
+from .extensions import IMAGE_EXTENSIONS
 
 
 @dataclass

@@ -7,9 +7,12 @@ does not give is read from the file or the data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class ModelSource:
     unsafe_allow_pickle: bool = False  # a pickle can run any code: only for files the user trusts
 
     def __post_init__(self) -> None:
-        if not isinstance(self.checkpoint, nn.Module):
+        if isinstance(self.checkpoint, str | PathLike):  # else a module in memory (torch is not imported for this)
             object.__setattr__(self, "checkpoint", Path(self.checkpoint))
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
@@ -40,11 +43,11 @@ class ModelSource:
     @property
     def path(self) -> Path | None:
         """The checkpoint file, or None for a module given in memory."""
-        return None if isinstance(self.checkpoint, nn.Module) else self.checkpoint
+        return self.checkpoint if isinstance(self.checkpoint, Path) else None
 
     @staticmethod
     def of(model: str | Path | nn.Module | ModelSource) -> ModelSource:
         """A `ModelSource` from a path or a module with nothing else given, or the source itself."""
         if isinstance(model, ModelSource):
             return model
-        return ModelSource(checkpoint=model if isinstance(model, nn.Module) else Path(model))
+        return ModelSource(checkpoint=model)  # a path becomes a Path (`__post_init__`), a module stays one

@@ -1,4 +1,7 @@
-"""Write reports so that an interrupted run leaves nothing half-written: files appear only when complete."""
+"""Write reports so that an interrupted run leaves nothing half-written: files appear only when complete.
+
+The supervisor writes a confined child's files through this module (`write_tree`, `write_markdown`), so what needs
+torch (the images, the trigger file) is imported by the two report writers only."""
 
 from __future__ import annotations
 
@@ -13,9 +16,6 @@ from ..core.errors import ScanError
 from ..core.jsonout import dumps
 from ..loading.labels import file_slug
 from ..safety.paths import ensure_outside
-from .images import to_image, trigger_grid, visible_perturbation
-from .markdown import scan_markdown
-from .trigger_file import save_triggers
 
 
 def _file_mode(path: Path) -> int:
@@ -112,6 +112,10 @@ def write_tree(folder: Path, files: dict[str, bytes]) -> None:
 def write_scan_report(scan, out: Path) -> Path:
     """report.json, report.md, triggers.png, per-class trigger/mask/stamped PNGs and, when the scan names a
     backdoor, triggers.safetensors (every named trigger, for the screen's erasure rule) under `out`."""
+    from .images import to_image, trigger_grid, visible_perturbation
+    from .markdown import scan_markdown
+    from .trigger_file import save_triggers
+
     ensure_outside(out, scan.data.get("path"))
     with atomic_output_dir(out, "report.json") as stage:
         tiles, labels = [], []
@@ -143,6 +147,7 @@ def write_filter_report(result, out: Path) -> Path:
     """
     import csv
 
+    from .images import to_image
     from .markdown import filter_markdown
     from .uap_file import UapFile, save_uap
 
