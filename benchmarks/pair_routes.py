@@ -23,7 +23,6 @@ import numpy as np
 
 from backdoorscan.usb import families as F
 
-import pair_tables
 from pair_tables import decide_table
 
 TODAY = F.decide_pairs
@@ -95,11 +94,7 @@ def main() -> None:
     for file, run, name, rows, universal in stored_tables(files):
         count += 1
         pairs, today = decide_table(rows, universal)
-        pair_tables.decide_pairs = objective_compact
-        try:
-            _, candidate = decide_table(rows, universal)
-        finally:
-            pair_tables.decide_pairs = TODAY
+        _, candidate = decide_table(rows, universal, decide=objective_compact)
         before, after = [pairs[i] for i in today.flagged], [pairs[i] for i in candidate.flagged]
         if before != after or candidate.margin < today.margin - 1e-9:
             print(

@@ -44,10 +44,14 @@ def planted(attack: dict | None) -> set[tuple[int, int]]:
 
 
 def decide_table(
-    rows: dict[tuple[int, int], dict], universal_targets: list[int], settings: ScanSettings | None = None
+    rows: dict[tuple[int, int], dict],
+    universal_targets: list[int],
+    settings: ScanSettings | None = None,
+    decide=decide_pairs,
 ) -> tuple[list[tuple[int, int]], PairDecision]:
-    """A stored pair table ((source, target) -> its row) decided by the scan's own `decide_pairs`; unmeasured
-    spill (None) stays unmeasured (NaN). Pairs in the scan's candidate order at 10 classes: source-major."""
+    """A stored pair table ((source, target) -> its row) decided by the scan's own `decide_pairs` (or a candidate
+    with its signature); unmeasured spill (None) stays unmeasured (NaN). Pairs in the scan's candidate order at 10
+    classes: source-major."""
     pairs = sorted(rows)
     l1, ce, asr = (np.array([rows[p][key] for p in pairs], dtype=np.float64) for key in ("l1", "cross_entropy", "asr"))
     spill = np.array([np.nan if rows[p]["spill"] is None else rows[p]["spill"] for p in pairs])
@@ -69,7 +73,7 @@ def decide_table(
         np.array([np.nan if rows[p].get(key) is None else rows[p][key] for p in pairs])
         for key in ("window_asr", "window_ce")
     )
-    decision = decide_pairs(
+    decision = decide(
         pairs,
         l1,
         ce,
