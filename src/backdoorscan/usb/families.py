@@ -69,8 +69,16 @@ WINDOW_CE_MAX = 0.12
 # a compact patch (by its mask or its window) may spill up to this share instead of PAIR_SPILL_MAX: on CIFAR-10's
 # small CNNs a planted patch leaks to other classes (the zoo's cover samples keep only 52-69 % of their labels), and
 # its inversion spills 0.44-0.47 where it is compact; replayed on the 773 stored pair tables it names two planted
-# CIFAR-10 pairs more and changes no other decision, nor any clean model's margin (0.19.0)
-PAIR_COMPACT_SPILL_MAX = 0.5
+# CIFAR-10 pairs more and changes no other decision, nor any clean model's margin (0.19.0). 0.6 since 0.22.0: three
+# compact planted CIFAR-10 pairs of batches 24-25 spilled 0.51-0.55; no compact natural pair of a clean model's
+# stored table spills more than 0.44
+PAIR_COMPACT_SPILL_MAX = 0.6
+# a compact, certain patch may also flag by its *objective's* index (cross-entropy plus the weighted L1), under this
+# size guard on the objective: on a weak CIFAR-10 CNN a planted 3x3 or 4x4 patch drives its source to the target with
+# near-zero cross-entropy but its L1 is not an outlier among the many small natural pairs, while its objective is
+# (the top pair of 8 of the 12 missed planted models of batches 22-25, index 3.4-8.5). The objective's guard is
+# stricter than the L1's compact one (0.65): at 0.65 a clean CIFAR-10 model came within 0.05 of flagging (0.22.0)
+PAIR_COMPACT_OBJECTIVE_RATIO = 0.5
 WINDOW_FIGURES = ("window_asr", "window_ce", "window_l1")  # a tested pair's report fields (`PairTriggers`)
 
 
@@ -288,13 +296,19 @@ class PairDecision:
 
     def index_by_measure(self, i: int) -> float:
         """Pair i's anomaly index by the measure that decided it (what a finding reports)."""
-        by = {"l1": self.index, "objective": self.objective_index, "support": self.support_index, "compact": self.index}
+        by = {
+            "l1": self.index,
+            "objective": self.objective_index,
+            "support": self.support_index,
+            "compact": self.index,
+            "compact-objective": self.objective_index,
+        }
         values = by[self.measure[i]]
         assert values is not None
         return float(values[i])
 
 
-PAIR_MEASURES = ("l1", "objective", "support", "compact")
+PAIR_MEASURES = ("l1", "objective", "support", "compact", "compact-objective")
 
 
 def confidence_distance(ce: np.ndarray) -> np.ndarray:
@@ -352,8 +366,9 @@ def decide_pairs(
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
     PAIR_RELIANCE_MAX; or, where `compact` was measured, the L1 under the looser PAIR_COMPACT_MAX_RATIO for a patch
     at least PAIR_COMPACT_MIN compact or, where it was measured, working from one small window (`window_asr`,
-    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX). A patch compact either way may spill up to
-    PAIR_COMPACT_SPILL_MAX. Its distance is the nearest of the measures', each
+    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX), and, so compact and certain, the objective under
+    PAIR_COMPACT_OBJECTIVE_RATIO. A patch compact either way may spill up to PAIR_COMPACT_SPILL_MAX. Its distance
+    is the nearest of the measures', each
     counting all of its criteria. A pair `stopped` at the first stage of a staged inversion (its sizes estimated)
     is a reference for the others and never flags: its distance is infinite. (Up to 0.7 a mapping test pooled
     disjoint pairs here; the shared patch finds every mapping that did, and more, and did not flag the adversarially
@@ -382,7 +397,8 @@ def decide_pairs(
     certain = confidence_distance(ce)  # the cross-entropy criterion of the L1 and the support
     index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
     by_l1 = np.maximum(by_l1, certain)
-    objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
+    objective = np.asarray(ce) + settings.pair_cost * np.asarray(l1)
+    objective_index, by_objective = distance_by(objective)
     measures, names = [by_l1, by_objective], ["l1", "objective"]
     support_index = None
     if support is not None and settings.pair_support_ratio > 0:
@@ -397,6 +413,9 @@ def decide_pairs(
             shape = np.minimum(shape, window_distance(window_asr, window_ce))
         measures.append(np.maximum(np.maximum(by_loose, certain), shape))
         names.append("compact")
+        _, by_compact_objective = distance_by(objective, PAIR_COMPACT_OBJECTIVE_RATIO)
+        measures.append(np.maximum(np.maximum(by_compact_objective, certain), shape))
+        names.append("compact-objective")
     stacked = np.stack(measures)
     distance = stacked.min(0)
     nearest = stacked.argmin(0)
