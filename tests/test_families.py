@@ -839,3 +839,11 @@ def test_the_pairs_stage_inverts_the_nearest_sources_again_and_no_other():
     mine = ~other & (once.asr >= PAIR_ASR) & (twice.asr >= PAIR_ASR)
     assert (twice.ce[mine] + 0.01 * twice.l1[mine] <= once.ce[mine] + 0.01 * once.l1[mine] + 1e-9).all()
     assert runs[1].to_dict()["pairs"]["rechecked_sources"] == [source]
+
+
+def test_every_pair_measure_has_words_in_the_report():
+    """A finding names the measure that flagged it (`PairDecision.measure`); the report words each one."""
+    from backdoorscan.report.rows import MEASURE_WORDS
+    from backdoorscan.usb.families import PAIR_MEASURES
+
+    assert set(MEASURE_WORDS) == set(PAIR_MEASURES)
