@@ -30,7 +30,8 @@ from backdoorscan import ScanSettings, scan_model
 from backdoorscan.core.seeding import seeded
 from backdoorscan.loading import ModelSource, prepare
 from backdoorscan.usb.alltoall import shared_test
-from backdoorscan.usb.families import PAIR_ASR, pair_family
+from backdoorscan.usb.families import PAIR_ASR
+from backdoorscan.usb.pair_rule import pair_family
 
 from pair_tables import decide_table, planted
 from zoo_families import FAMILIES
@@ -92,7 +93,7 @@ def exact(entry: dict, scan) -> tuple[bool, str]:
 
 
 def redecide(entry: dict, row: dict, zoo: Path | None = None, shared: dict | None = None) -> dict:
-    """A stored row decided again with the current pairs decision (`usb.families.decide_pairs`) from its stored
+    """A stored row decided again with the current pairs decision (`usb.pair_rule.decide_pairs`) from its stored
     pair table; the universal and warp stages' findings are kept as they were. With `zoo`, the shared patch
     (`usb.alltoall`, new in 0.8.0) is inverted on the model itself and decided against the stored pairs' sizes;
     `shared` is such a test's stored result (benchmarks/pair_tables.py --shared)."""

@@ -20,7 +20,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-import backdoorscan.usb.families as families
+import backdoorscan.usb.pair_rule as pair_rule
 from backdoorscan import ModelSource
 from backdoorscan.loading import prepare
 
@@ -47,7 +47,7 @@ def stored_tables() -> dict[str, tuple[str, list[dict], list[int]]]:
 
 def flagged_under(guard: float, table: list[dict], universal: list[int]) -> set[tuple[int, int]]:
     """The pairs the scan's own decision flags with the size guard set to `guard` (restored after)."""
-    with mock.patch.object(families, "PAIR_MAX_RATIO", guard):
+    with mock.patch.object(pair_rule, "PAIR_MAX_RATIO", guard):
         pairs, decision = decide_table({(p["source"], p["target"]): p for p in table}, universal_targets=universal)
     return {pairs[i] for i in decision.flagged}
 
@@ -66,7 +66,7 @@ def main() -> None:
         if entry["family"] == "wanet":
             continue
         want = planted(entry["attack"])
-        now = flagged_under(families.PAIR_MAX_RATIO, table, universal)
+        now = flagged_under(pair_rule.PAIR_MAX_RATIO, table, universal)
         loose = flagged_under(args.relaxed, table, universal)
         pairs = sorted((want if entry["family"] == "source_specific" else set()) | loose | now)
         if not pairs:

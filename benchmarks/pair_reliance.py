@@ -20,8 +20,8 @@ from unittest import mock
 import numpy as np
 
 from backdoorscan import ScanSettings
-from backdoorscan.usb import families
-from backdoorscan.usb.families import decide_pairs
+from backdoorscan.usb import pair_rule
+from backdoorscan.usb.pair_rule import decide_pairs
 
 from common import ROOT
 
@@ -36,7 +36,7 @@ def decide(entry: dict, guard: float, reliance: bool) -> set[tuple[int, int]]:
     l1, asr, ce = (np.array([r[k] for r in rows], dtype=np.float64) for k in (2, 3, 4))
     spill = np.array([np.nan if r[5] is None else r[5] for r in rows])
     measured = np.array([r[6] for r in rows], dtype=np.float64) if reliance else None
-    with mock.patch.object(families, "PAIR_MAX_RATIO", guard):
+    with mock.patch.object(pair_rule, "PAIR_MAX_RATIO", guard):
         decision = decide_pairs(
             pairs, l1, ce, asr, settings=ScanSettings(), universal_targets=[], spill=spill, reliance=measured
         )

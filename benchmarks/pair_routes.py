@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backdoorscan.usb import families as F
+from backdoorscan.usb import pair_rule as F
 
 from pair_tables import decide_table
 
@@ -59,7 +59,7 @@ def objective_compact(pairs, l1, ce, asr, *, settings, universal_targets, **meas
         route = np.where(stopped, np.inf, route)
     today.distance = np.minimum(today.distance, route)
     today.flagged = [i for i in range(len(pairs)) if today.distance[i] < 0 and pairs[i][1] not in universal_targets]
-    today.margin = F._margin(today.distance, today.flagged)
+    today.margin = F.family_margin(today.distance, today.flagged)
     return today
 
 

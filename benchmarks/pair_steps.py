@@ -26,7 +26,8 @@ import torch
 
 from backdoorscan import ModelSource, ScanSettings
 from backdoorscan.loading import prepare
-from backdoorscan.usb.families import PAIRS_REPORTED, decide_pairs
+from backdoorscan.usb.families import PAIRS_REPORTED
+from backdoorscan.usb.pair_rule import decide_pairs
 from backdoorscan.usb.pairs import (
     PairTriggers,
     _going_on,

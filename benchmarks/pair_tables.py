@@ -7,7 +7,7 @@ Runs only the setup and the pairs stage (not USB's two stages); resumable: model
 
     .venv/bin/python benchmarks/pair_tables.py --redecide docs/results/families_pairs.json
 
-decides every stored table again with the scan's own decision (`usb.families.decide_pairs`), rewrites its indices
+decides every stored table again with the scan's own decision (`usb.pair_rule.decide_pairs`), rewrites its indices
 and findings, and prints per model what was flagged, how far the planted pairs and the others are from flagging,
 and the mapping test's statistic.
 """
@@ -26,7 +26,8 @@ from backdoorscan import ModelSource, ScanSettings
 from backdoorscan.core.device import resolve_device
 from backdoorscan.loading import prepare
 from backdoorscan.report.writer import write_text_atomic
-from backdoorscan.usb.families import FamilyScan, PairDecision, decide_pairs, scan_pairs
+from backdoorscan.usb.families import FamilyScan, scan_pairs
+from backdoorscan.usb.pair_rule import PairDecision, decide_pairs
 from backdoorscan.usb.pipeline import class_group
 
 from common import BUNDLED_TEST, clean_samples, device_name

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import backdoorscan.usb.families as fam
+import backdoorscan.usb.pair_rule as fam
 from backdoorscan import ScanSettings
 from backdoorscan.core.seeding import seeded
 from backdoorscan.loading import ModelSource, prepare

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from backdoorscan.core.settings import ScanSettings
-from backdoorscan.usb.decide import class_threshold
-from backdoorscan.usb.families import (
-    PAIR_ASR,
+from backdoorscan.usb.decide import class_threshold, flip_distance
+from backdoorscan.usb.families import PAIR_ASR, FamilyScan, decide_warps, scan_pairs, scan_warps
+from backdoorscan.usb.pair_rule import (
     PAIR_CE_MAX,
     PAIR_COMPACT_MAX_RATIO,
     PAIR_COMPACT_MIN,
@@ -23,14 +23,9 @@ from backdoorscan.usb.families import (
     PAIR_MAX_RATIO,
     PAIR_SPILL_MAX,
     WINDOW_CE_MAX,
-    FamilyScan,
     confidence_distance,
     decide_pairs,
-    decide_warps,
-    flip_distance,
     index_pairs,
-    scan_pairs,
-    scan_warps,
     spill_distance,
 )
 from backdoorscan.usb.pairs import (
@@ -73,7 +68,7 @@ def test_a_pair_whose_region_makes_its_target_does_not_flag():
     """Reliance (0.12.0): a small patch whose region, blanked with its source's look, moves most of the target's own
     samples off the target is the target's own feature (a robust model's 9 -> 4), not a trigger; unmeasured (NaN)
     is no constraint, and the distance counts the criterion within one unit, as spill's does."""
-    from backdoorscan.usb.families import PAIR_RELIANCE_MAX, reliance_distance
+    from backdoorscan.usb.pair_rule import PAIR_RELIANCE_MAX, reliance_distance
 
     pairs, l1 = _matrix_pairs({(3, 8): 9.0})
     where = {p: i for i, p in enumerate(pairs)}
@@ -411,7 +406,7 @@ def test_a_compact_certain_pair_flags_by_its_objective_when_its_l1_is_not_an_out
     is 0.7 of its source's median pair, no outlier among a weak model's small natural pairs; its objective
     (cross-entropy plus the weighted L1) is. Compact, it flags by the objective under
     PAIR_COMPACT_OBJECTIVE_RATIO; scattered, or in doubt, it is held within one unit of flipping."""
-    from backdoorscan.usb.families import PAIR_COMPACT_OBJECTIVE_RATIO
+    from backdoorscan.usb.pair_rule import PAIR_COMPACT_OBJECTIVE_RATIO
 
     pairs, l1 = _matrix_pairs({(3, 8): 40.0 * 0.7}, base=40.0, seed=1)
     works, settings = np.ones(len(pairs)), ScanSettings()
@@ -844,6 +839,6 @@ def test_the_pairs_stage_inverts_the_nearest_sources_again_and_no_other():
 def test_every_pair_measure_has_words_in_the_report():
     """A finding names the measure that flagged it (`PairDecision.measure`); the report words each one."""
     from backdoorscan.report.rows import MEASURE_WORDS
-    from backdoorscan.usb.families import PAIR_MEASURES
+    from backdoorscan.usb.pair_rule import PAIR_MEASURES
 
     assert set(MEASURE_WORDS) == set(PAIR_MEASURES)

@@ -13,7 +13,7 @@ FAMILY_NAMES = {
 
 
 NOT_COVERED = "triggers a model recognises with non-differentiable logic (docs/method.md, Limits)"
-# how a source-specific finding line names the size measure that flagged it (usb.families.PAIR_MEASURES)
+# how a source-specific finding line names the size measure that flagged it (usb.pair_rule.PAIR_MEASURES)
 MEASURE_WORDS = {
     "l1": "its L1",
     "objective": "the inversion's objective",

@@ -189,3 +189,43 @@ def spread(sizes: np.ndarray | list[float], weights: Weights = None) -> float:
     """The robust spread (1.4826 MAD) of log sizes, weighted and floored at RESOLUTION exactly as in
     `anomaly_index`: one anomaly-index unit, in log-size units (the staged scan's classes carry weights)."""
     return max(float(_log_mad(sizes, weights)), RESOLUTION)
+
+
+# distances from a flip, shared by every family's decision (usb/pair_rule.py, usb/families.py, the pipeline)
+
+
+def flip_distance(
+    index: np.ndarray,
+    ratio: np.ndarray,
+    asr: np.ndarray,
+    *,
+    threshold: float,
+    asr_min: float,
+    max_ratio: float,
+    sigma: float,
+) -> np.ndarray:
+    """Per candidate, how far (in anomaly-index units) it is from being flagged: the larger of its distance to the
+    threshold and to the size guard (shrinking a size by a factor f raises its index by -log f / sigma and scales
+    its ratio by f); infinite for a candidate whose trigger does not work."""
+    to_threshold = threshold - np.asarray(index, dtype=np.float64)
+    to_guard = np.log(np.maximum(np.asarray(ratio, dtype=np.float64), 1e-12) / max_ratio) / sigma
+    distance = np.maximum(to_threshold, to_guard)
+    return np.where(np.asarray(asr) >= asr_min, distance, np.inf)
+
+
+def share_distance(share: np.ndarray, limit: float) -> np.ndarray:
+    """A share criterion (at most `limit` of some samples) as a distance from flagging, in [-1, 1] (NaN, not
+    measured: -inf, no constraint): the share of the room below `limit` that is left (negative), or of the room
+    above it that is used. A share has no anomaly-index units, so this is a convention; it keeps a pair that the
+    criterion alone holds back, or alone lets through, within one unit of flipping in the margin, never far from it."""
+    room = np.where(share > limit, 1 - limit, limit)
+    return np.where(np.isnan(share), -np.inf, (share - limit) / room)
+
+
+def family_margin(distance: np.ndarray, flagged: list[int]) -> float:
+    """A family's margin: how far its most robust finding is past flagging (positive), or how far its closest
+    candidate is from it (positive as well: both count toward the verdict's robustness)."""
+    if flagged:
+        return float(-np.min(distance[flagged]))
+    finite = distance[np.isfinite(distance)]
+    return float(np.min(finite)) if finite.size else float("inf")

@@ -23,8 +23,17 @@ from ..perturb import norm_of, targeted_uaps
 from ..perturb.triggers import Refined, stamp
 from ..safety.limits import Limits, available_memory
 from .batching import auto_class_group, bytes_per_sample, in_class_groups, memory_budget
-from .decide import Weights, class_evidence, class_threshold, decided_evidence, flag, name_targets, spread
-from .families import FamilyScan, flip_distance, scan_pairs, scan_warps
+from .decide import (
+    Weights,
+    class_evidence,
+    class_threshold,
+    decided_evidence,
+    flag,
+    flip_distance,
+    name_targets,
+    spread,
+)
+from .families import FamilyScan, scan_pairs, scan_warps
 from .refine import refine
 from .result import ClassResult, ModelScan
 from .staging import Staging, choose_classes
