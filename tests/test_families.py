@@ -427,6 +427,35 @@ def test_a_compact_certain_pair_flags_by_its_objective_when_its_l1_is_not_an_out
     flagged = decide()
     assert flagged.flagged == [i] and flagged.measure[i] == "compact-objective"
     assert flagged.index_by_measure(i) == flagged.objective_index[i]
+    compact[i] = 0.4  # scattered, but working from one window: not enough for this route (a clean CIFAR-10 cat -> dog)
+    window_asr, window_ce = np.full(len(pairs), np.nan), np.full(len(pairs), np.nan)
+    window_asr[i], window_ce[i] = 1.0, 0.01
+    windowed = decide_pairs(
+        pairs,
+        l1,
+        ce,
+        works,
+        settings=settings,
+        universal_targets=[],
+        compact=compact,
+        window_asr=window_asr,
+        window_ce=window_ce,
+    )
+    assert windowed.flagged == [] and 0 < windowed.distance[i] <= 1
+    assert (
+        decide_pairs(
+            pairs,
+            l1,
+            ce,
+            works,
+            settings=settings,
+            universal_targets=[],
+            compact=np.ones(len(pairs)),
+            objective_guard=0,
+        ).flagged
+        == []
+    )  # the route off: the spread decision that picks window tests
+    compact[i] = PAIR_COMPACT_MIN + 0.1
     ce[:] = 0.6  # the other pairs in more doubt, so that the objective stays an outlier with the target in doubt
     ce[i], l1[i] = 0.2, 20.0
     doubt = decide()

@@ -178,6 +178,7 @@ def decide_pairs(
     compact: np.ndarray | None = None,
     window_asr: np.ndarray | None = None,
     window_ce: np.ndarray | None = None,
+    objective_guard: float = PAIR_COMPACT_OBJECTIVE_RATIO,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
@@ -188,9 +189,9 @@ def decide_pairs(
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
     PAIR_RELIANCE_MAX; or, where `compact` was measured, the L1 under the looser PAIR_COMPACT_MAX_RATIO for a patch
     at least PAIR_COMPACT_MIN compact or, where it was measured, working from one small window (`window_asr`,
-    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX), and, so compact and certain, the objective under
-    PAIR_COMPACT_OBJECTIVE_RATIO. A patch compact either way may spill up to PAIR_COMPACT_SPILL_MAX. Its distance
-    is the nearest of the measures', each
+    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX), and, compact by its mask and certain, the objective
+    under `objective_guard` (PAIR_COMPACT_OBJECTIVE_RATIO; 0: that route off). A patch compact either way may spill
+    up to PAIR_COMPACT_SPILL_MAX. Its distance is the nearest of the measures', each
     counting all of its criteria. A pair `stopped` at the first stage of a staged inversion (its sizes estimated)
     is a reference for the others and never flags: its distance is infinite. (Up to 0.7 a mapping test pooled
     disjoint pairs here; the shared patch finds every mapping that did, and more, and did not flag the adversarially
@@ -230,14 +231,16 @@ def decide_pairs(
     shape = None
     if compact is not None:
         _, by_loose = distance_by(np.asarray(l1, dtype=np.float64), PAIR_COMPACT_MAX_RATIO)
-        shape = compact_distance(np.asarray(compact))
+        by_mask = compact_distance(np.asarray(compact))
+        shape = by_mask
         if window_asr is not None and window_ce is not None:
             shape = np.minimum(shape, window_distance(window_asr, window_ce))
         measures.append(np.maximum(np.maximum(by_loose, certain), shape))
         names.append("compact")
-        _, by_compact_objective = distance_by(objective, PAIR_COMPACT_OBJECTIVE_RATIO)
-        measures.append(np.maximum(np.maximum(by_compact_objective, certain), shape))
-        names.append("compact-objective")
+        if objective_guard > 0:  # compact by its mask only: a window-tested natural edit passed it (docs/results.md)
+            _, by_compact_objective = distance_by(objective, objective_guard)
+            measures.append(np.maximum(np.maximum(by_compact_objective, certain), by_mask))
+            names.append("compact-objective")
     stacked = np.stack(measures)
     distance = stacked.min(0)
     nearest = stacked.argmin(0)
