@@ -12,7 +12,7 @@ The public API returns dataclasses and is usable from a notebook:
     print(screened.flagged, "of", screened.total)
 """
 
-__version__ = "0.22.1"  # bumped with every change of behaviour (figures, verdicts, formats): see CHANGELOG.md
+__version__ = "0.23.0"  # bumped with every change of behaviour (figures, verdicts, formats): see CHANGELOG.md
 
 from importlib import import_module  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402

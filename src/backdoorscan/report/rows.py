@@ -19,7 +19,6 @@ MEASURE_WORDS = {
     "objective": "the inversion's objective",
     "support": "the pixels it needs",
     "compact": "its L1, a compact patch (by its mask, or working from one small window)",
-    "compact-objective": "the inversion's objective, a compact patch (by its mask, or working from one small window)",
 }
 
 

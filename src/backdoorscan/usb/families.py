@@ -316,12 +316,11 @@ def _decide_measured(
 
     measure(named)
     decision = decide(spill=found.spill, reliance=found.reliance, compact=found.compact)
-    # the pairs that only their mask's spread holds back from the compact route get the window test (0.16.0); the
-    # compact-objective route reads the mask alone, so it chooses no pair for the test (0.22.1)
-    spread = decide(spill=found.spill, reliance=found.reliance, compact=np.ones(len(pairs)), objective_guard=0)
+    # the pairs that only their mask's spread holds back from the compact route get the window test (0.16.0)
+    spread = decide(spill=found.spill, reliance=found.reliance, compact=np.ones(len(pairs)))
     candidates = [i for i in spread.flagged if i not in decision.flagged]
     measure(candidates)
-    spread = decide(spill=found.spill, reliance=found.reliance, compact=np.ones(len(pairs)), objective_guard=0)
+    spread = decide(spill=found.spill, reliance=found.reliance, compact=np.ones(len(pairs)))
     untested = [i for i in spread.flagged if i not in decision.flagged]
     window_test(
         model,

@@ -50,16 +50,9 @@ WINDOW_CE_MAX = 0.12
 # a compact patch (by its mask or its window) may spill up to this share instead of PAIR_SPILL_MAX: on CIFAR-10's
 # small CNNs a planted patch leaks to other classes (the zoo's cover samples keep only 52-69 % of their labels), and
 # its inversion spills 0.44-0.47 where it is compact; replayed on the 773 stored pair tables it names two planted
-# CIFAR-10 pairs more and changes no other decision, nor any clean model's margin (0.19.0). 0.6 since 0.22.0: three
-# compact planted CIFAR-10 pairs of batches 24-25 spilled 0.51-0.55; no compact natural pair of a clean model's
-# stored table spills more than 0.44
-PAIR_COMPACT_SPILL_MAX = 0.6
-# a compact, certain patch may also flag by its *objective's* index (cross-entropy plus the weighted L1), under this
-# size guard on the objective: on a weak CIFAR-10 CNN a planted 3x3 or 4x4 patch drives its source to the target with
-# near-zero cross-entropy but its L1 is not an outlier among the many small natural pairs, while its objective is
-# (the top pair of 8 of the 12 missed planted models of batches 22-25, index 3.4-8.5). The objective's guard is
-# stricter than the L1's compact one (0.65): at 0.65 a clean CIFAR-10 model came within 0.05 of flagging (0.22.0)
-PAIR_COMPACT_OBJECTIVE_RATIO = 0.5
+# CIFAR-10 pairs more and changes no other decision, nor any clean model's margin (0.19.0). 0.6 in 0.22: held out
+# (CIFAR-10 batch 26) it named no planted pair and flagged a clean model's window-compact frog -> dog (spill 0.51)
+PAIR_COMPACT_SPILL_MAX = 0.5
 
 
 def spill_distance(spill: np.ndarray, shape: np.ndarray | None = None) -> np.ndarray:
@@ -123,14 +116,13 @@ class PairDecision:
             "objective": self.objective_index,
             "support": self.support_index,
             "compact": self.index,
-            "compact-objective": self.objective_index,
         }
         values = by[self.measure[i]]
         assert values is not None
         return float(values[i])
 
 
-PAIR_MEASURES = ("l1", "objective", "support", "compact", "compact-objective")
+PAIR_MEASURES = ("l1", "objective", "support", "compact")
 
 
 def confidence_distance(ce: np.ndarray) -> np.ndarray:
@@ -178,7 +170,6 @@ def decide_pairs(
     compact: np.ndarray | None = None,
     window_asr: np.ndarray | None = None,
     window_ce: np.ndarray | None = None,
-    objective_guard: float = PAIR_COMPACT_OBJECTIVE_RATIO,
 ) -> PairDecision:
     """Flag pairs one by one, not to a universal target (an all-to-all mapping is the shared patch's, alltoall.py).
 
@@ -189,9 +180,8 @@ def decide_pairs(
     and its measured `spill` (NaN: not measured) is at most PAIR_SPILL_MAX and its measured `reliance` at most
     PAIR_RELIANCE_MAX; or, where `compact` was measured, the L1 under the looser PAIR_COMPACT_MAX_RATIO for a patch
     at least PAIR_COMPACT_MIN compact or, where it was measured, working from one small window (`window_asr`,
-    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX), and, compact by its mask and certain, the objective
-    under `objective_guard` (PAIR_COMPACT_OBJECTIVE_RATIO; 0: that route off). A patch compact either way may spill
-    up to PAIR_COMPACT_SPILL_MAX. Its distance is the nearest of the measures', each
+    `window_ce`: at least PAIR_ASR, at most WINDOW_CE_MAX). A patch compact either way may spill up to
+    PAIR_COMPACT_SPILL_MAX. Its distance is the nearest of the measures', each
     counting all of its criteria. A pair `stopped` at the first stage of a staged inversion (its sizes estimated)
     is a reference for the others and never flags: its distance is infinite. (Up to 0.7 a mapping test pooled
     disjoint pairs here; the shared patch finds every mapping that did, and more, and did not flag the adversarially
@@ -220,8 +210,7 @@ def decide_pairs(
     certain = confidence_distance(ce)  # the cross-entropy criterion of the L1 and the support
     index, by_l1 = distance_by(np.asarray(l1, dtype=np.float64))
     by_l1 = np.maximum(by_l1, certain)
-    objective = np.asarray(ce) + settings.pair_cost * np.asarray(l1)
-    objective_index, by_objective = distance_by(objective)
+    objective_index, by_objective = distance_by(np.asarray(ce) + settings.pair_cost * np.asarray(l1))
     measures, names = [by_l1, by_objective], ["l1", "objective"]
     support_index = None
     if support is not None and settings.pair_support_ratio > 0:
@@ -231,16 +220,11 @@ def decide_pairs(
     shape = None
     if compact is not None:
         _, by_loose = distance_by(np.asarray(l1, dtype=np.float64), PAIR_COMPACT_MAX_RATIO)
-        by_mask = compact_distance(np.asarray(compact))
-        shape = by_mask
+        shape = compact_distance(np.asarray(compact))
         if window_asr is not None and window_ce is not None:
             shape = np.minimum(shape, window_distance(window_asr, window_ce))
         measures.append(np.maximum(np.maximum(by_loose, certain), shape))
         names.append("compact")
-        if objective_guard > 0:  # compact by its mask only: a window-tested natural edit passed it (docs/results.md)
-            _, by_compact_objective = distance_by(objective, objective_guard)
-            measures.append(np.maximum(np.maximum(by_compact_objective, certain), by_mask))
-            names.append("compact-objective")
     stacked = np.stack(measures)
     distance = stacked.min(0)
     nearest = stacked.argmin(0)
