@@ -163,7 +163,9 @@ def main() -> None:
     zoo, out = Path(args.zoo), Path(args.out)
     meta = json.loads((zoo / "zoo.json").read_text())
     models = meta["models"] if "models" in meta else list(meta.values())  # the families zoo: name -> record
-    data = clean_samples(zoo, meta) if "models" in meta else str(BUNDLED_TEST)
+    # the families zoo's CIFAR-10 batches carry their clean draw as ZOO/clean.npz (as detection_families.py reads it)
+    own = zoo / "clean.npz"
+    data = clean_samples(zoo, meta) if "models" in meta else str(own if own.exists() else BUNDLED_TEST)
     dev = resolve_device(args.device)
     tables = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
     settings = ScanSettings(
