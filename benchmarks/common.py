@@ -8,7 +8,7 @@ import torch
 
 from backdoorlab.data import BUNDLED_MNIST, ROOT, SHARED
 
-__all__ = ["BUNDLED_TEST", "ROOT", "SHARED", "clean_samples", "device_name"]
+__all__ = ["BUNDLED_TEST", "ROOT", "SHARED", "clean_samples", "device_name", "zoo_model"]
 
 BUNDLED_TEST = BUNDLED_MNIST["test"]  # the bundled clean digits (demo, tests, fallback)
 
@@ -25,3 +25,20 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def zoo_model(path: Path, settings) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, int]:
+    """A families-zoo model file (PATH.pt2) on its zoo's clean.npz, drawn as a default scan draws (`settings`'
+    samples and seed), on the CPU: the wrapped model, the samples, the model's predictions, the number of classes."""
+    from backdoorscan import ModelSource
+    from backdoorscan.loading import prepare
+
+    ready = prepare(
+        ModelSource(path.with_suffix(".pt2")),
+        str(path.parent / "clean.npz"),
+        samples=settings.samples,
+        seed=settings.seed,
+        device=torch.device("cpu"),
+    )
+    assert ready.samples is not None and ready.predictions is not None
+    return ready.model, ready.samples.x, ready.predictions, ready.num_classes

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backdoorscan import ModelSource, ScanSettings
-from backdoorscan.loading import prepare
+from backdoorscan import ScanSettings
 from backdoorscan.report.writer import write_text_atomic
 from backdoorscan.usb.pairs import _Run, blend, invert_pairs, pair_compactness, pair_success
 
+from common import zoo_model
 from pair_tables import planted
 
 OTHERS = 60  # other-class samples in each pair's cover batch
@@ -72,15 +72,7 @@ def figures(model, x, y, pairs, mask, pattern) -> list[dict]:
 
 def study(path: Path, pairs: list[tuple[int, int]], weight: float, settings: ScanSettings) -> list[dict]:
     """Both inversions of `pairs` on one zoo model."""
-    ready = prepare(
-        ModelSource(path.with_suffix(".pt2")),
-        str(path.parent / "clean.npz"),
-        samples=settings.samples,
-        seed=settings.seed,
-        device=torch.device("cpu"),
-    )
-    assert ready.samples is not None and ready.predictions is not None
-    model, x, y = ready.model, ready.samples.x, ready.predictions
+    model, x, y, _ = zoo_model(path, settings)
     common = {"lr": settings.lr, "per_source": settings.pair_samples}
     found = invert_pairs(
         model, x, y, pairs, steps=settings.pair_steps, cost=settings.pair_cost, group=len(pairs), batch=256, **common

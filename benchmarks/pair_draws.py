@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backdoorscan import ModelSource, ScanSettings
-from backdoorscan.loading import prepare
+from backdoorscan import ScanSettings
 from backdoorscan.report.writer import write_text_atomic
 from backdoorscan.usb.pairs import PAIR_ASR, invert_pairs
+
+from common import zoo_model
 
 
 def study(path: Path, source: int | None, draws: int, settings: ScanSettings) -> dict:
@@ -33,16 +34,8 @@ def study(path: Path, source: int | None, draws: int, settings: ScanSettings) ->
     planted = (record["source"], record["target"]) if record.get("family") == "source_specific" else None
     s = planted[0] if planted else source
     assert s is not None, f"{path.name}: a clean model needs its source after a colon"
-    ready = prepare(
-        ModelSource(path.with_suffix(".pt2")),
-        str(path.parent / "clean.npz"),
-        samples=settings.samples,
-        seed=settings.seed,
-        device=torch.device("cpu"),
-    )
-    assert ready.samples is not None and ready.predictions is not None
-    model, x, y = ready.model, ready.samples.x, ready.predictions
-    pairs = [(s, t) for t in range(ready.num_classes) if t != s]
+    model, x, y, num_classes = zoo_model(path, settings)
+    pairs = [(s, t) for t in range(num_classes) if t != s]
     objective = []
     for draw in range(draws):
         found = invert_pairs(

@@ -21,25 +21,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backdoorscan import ModelSource, ScanSettings
-from backdoorscan.loading import prepare
+from backdoorscan import ScanSettings
 from backdoorscan.usb.pairs import PAIR_ASR
 
+from common import zoo_model
 from zoo_families import attack_of
 
 
 @torch.no_grad()
 def measure(zoo: Path, name: str, record: dict, row: dict | None, settings: ScanSettings) -> dict:
     """The planted patch's figures on the scan's samples, and the stage's for the same pair."""
-    ready = prepare(
-        ModelSource(zoo / record["path"]),
-        str(zoo / "clean.npz"),
-        samples=settings.samples,
-        seed=settings.seed,
-        device=torch.device("cpu"),
-    )
-    assert ready.samples is not None and ready.predictions is not None
-    model, x, y = ready.model, ready.samples.x, ready.predictions
+    model, x, y, _ = zoo_model((zoo / record["path"]).with_suffix(""), settings)
     attack = attack_of(record)
     s, t = record["source"], record["target"]
     source = x[y == s]
