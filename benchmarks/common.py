@@ -8,7 +8,7 @@ import torch
 
 from backdoorlab.data import BUNDLED_MNIST, ROOT, SHARED
 
-__all__ = ["BUNDLED_TEST", "ROOT", "SHARED", "clean_samples", "device_name", "zoo_model"]
+__all__ = ["BUNDLED_TEST", "ROOT", "SHARED", "clean_data", "clean_samples", "device_name", "zoo_model"]
 
 BUNDLED_TEST = BUNDLED_MNIST["test"]  # the bundled clean digits (demo, tests, fallback)
 
@@ -20,6 +20,12 @@ def clean_samples(zoo: Path, meta: dict) -> str:
     return str(BUNDLED_TEST)
 
 
+def clean_data(zoo: Path) -> Path:
+    """The clean samples a families zoo's models are scanned with: ZOO/clean.npz where the builder wrote one
+    (CIFAR-10), else the bundled MNIST test digits."""
+    return zoo / "clean.npz" if (zoo / "clean.npz").exists() else BUNDLED_TEST
+
+
 def device_name(device: torch.device) -> str:
     """A human name for the device the figures were taken on."""
     if device.type == "cuda":
@@ -28,14 +34,14 @@ def device_name(device: torch.device) -> str:
 
 
 def zoo_model(path: Path, settings) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, int]:
-    """A families-zoo model file (PATH.pt2) on its zoo's clean.npz, drawn as a default scan draws (`settings`'
-    samples and seed), on the CPU: the wrapped model, the samples, the model's predictions, the number of classes."""
+    """A families-zoo model file (PATH.pt2) on its zoo's clean samples (`clean_data`), drawn as a default scan draws
+    (`settings`' samples and seed), on the CPU: the wrapped model, the samples, the predictions, the classes."""
     from backdoorscan import ModelSource
     from backdoorscan.loading import prepare
 
     ready = prepare(
         ModelSource(path.with_suffix(".pt2")),
-        str(path.parent / "clean.npz"),
+        str(clean_data(path.parent)),
         samples=settings.samples,
         seed=settings.seed,
         device=torch.device("cpu"),

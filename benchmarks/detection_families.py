@@ -33,17 +33,9 @@ from backdoorscan.usb.alltoall import shared_test
 from backdoorscan.usb.families import PAIR_ASR
 from backdoorscan.usb.pair_rule import pair_family
 
+from common import clean_data
 from pair_tables import decide_table, planted
 from zoo_families import FAMILIES
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data/mnist/test_2000.npz"  # the MNIST zoo's clean samples; another dataset's zoo has its own
-
-
-def clean_data(zoo: Path) -> Path:
-    """The clean samples a zoo's models are scanned with: ZOO/clean.npz where the builder wrote one (CIFAR-10),
-    else the bundled MNIST test digits."""
-    return zoo / "clean.npz" if (zoo / "clean.npz").exists() else DATA
 
 
 def hit(entry: dict, universal: list[int], findings: list[tuple[str, int | None, int]]) -> bool:

@@ -30,7 +30,7 @@ from backdoorscan.usb.families import FamilyScan, scan_pairs
 from backdoorscan.usb.pair_rule import PairDecision, decide_pairs
 from backdoorscan.usb.pipeline import class_group
 
-from common import BUNDLED_TEST, clean_samples, device_name
+from common import clean_data, clean_samples, device_name
 
 
 def planted(attack: dict | None) -> set[tuple[int, int]]:
@@ -163,9 +163,7 @@ def main() -> None:
     zoo, out = Path(args.zoo), Path(args.out)
     meta = json.loads((zoo / "zoo.json").read_text())
     models = meta["models"] if "models" in meta else list(meta.values())  # the families zoo: name -> record
-    # the families zoo's CIFAR-10 batches carry their clean draw as ZOO/clean.npz (as detection_families.py reads it)
-    own = zoo / "clean.npz"
-    data = clean_samples(zoo, meta) if "models" in meta else str(own if own.exists() else BUNDLED_TEST)
+    data = clean_samples(zoo, meta) if "models" in meta else str(clean_data(zoo))
     dev = resolve_device(args.device)
     tables = json.loads(out.read_text()) if out.exists() else {"device": device_name(dev), "models": {}}
     settings = ScanSettings(
