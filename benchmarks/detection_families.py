@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument(
         "--pair-recheck", type=int, default=ScanSettings.pair_recheck, help="pairs: sources inverted again"
     )
+    parser.add_argument("--seed", type=int, default=ScanSettings.seed, help="the scan's seed (its samples and draws)")
     parser.add_argument(
         "--redecide",
         help="a stored NAME.json: decide its pairs again from the stored tables (no scan), write NAME-redecided.json",
@@ -211,6 +212,7 @@ def main() -> None:
             families=args.families,
             pair_restarts=args.pair_restarts,
             pair_recheck=args.pair_recheck,
+            seed=args.seed,
         )
         scan = scan_model(zoo_dir / entry["path"], clean_data(zoo_dir), settings=settings, device="cpu")
         ok, lost = exact(entry, scan)
